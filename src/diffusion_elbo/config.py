@@ -1,0 +1,78 @@
+"""Checks on a composed config, run at start so a bad value fails before any work is done.
+
+Hydra composes the config; this module checks the values that Hydra cannot (choices, ranges) and
+turns them into one :class:`ConfigError` that names the key, the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_elbo.core import LossType, Parametrization, ReverseVariance, ScheduleName, TimestepSampling
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and what to use instead."""
+
+
+def _choices(enum: type[Enum]) -> str:
+    return " | ".join(member.value for member in enum)
+
+
+def _check_choice(cfg: DictConfig, key: str, enum: type[Enum], problems: list[str]) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return
+    if value not in {m.value for m in enum}:
+        problems.append(
+            f"{key}={value!r} is not an option; choose one of {_choices(enum)} (e.g. {key}={next(iter(enum)).value})"
+        )
+
+
+def _check_range(
+    cfg: DictConfig,
+    key: str,
+    problems: list[str],
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    integer: bool = False,
+) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        problems.append(f"{key}={value!r} must be an integer")
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        problems.append(f"{key}={value!r} must be a number")
+        return
+    if positive and not value > 0:
+        problems.append(f"{key}={value!r} must be > 0")
+    if minimum is not None and value < minimum:
+        problems.append(f"{key}={value!r} must be >= {minimum}")
+
+
+def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
+    """Raise :class:`ConfigError` listing every invalid value found in ``cfg``."""
+    problems: list[str] = list(extra)
+    _check_choice(cfg, "parametrization", Parametrization, problems)
+    _check_choice(cfg, "variance", ReverseVariance, problems)
+    _check_choice(cfg, "schedule.name", ScheduleName, problems)
+    _check_choice(cfg, "loss.name", LossType, problems)
+    _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
+    if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
+        _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
+    for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
+        _check_range(cfg, key, problems, minimum=1, integer=True)
+    _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
+    for key in ("optimizer.lr", "data.std"):
+        _check_range(cfg, key, problems, positive=True)
+    split = OmegaConf.select(cfg, "split", default=None)
+    if split is not None and split not in ("train", "val", "test"):
+        problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

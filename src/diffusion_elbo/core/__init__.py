@@ -1,0 +1,80 @@
+"""The math of diffusion-elbo: pure torch, no Lightning, Hydra or W&B.
+
+Timestep convention: t is a LongTensor (B,) in 1..T (t = 1 is the decoder p(x_0 | x_1)); schedule tables
+have T + 1 entries indexed by t. Losses and ELBO terms are in nats unless a name says bits (``_bpd``).
+"""
+
+from diffusion_elbo.core.distributions import (
+    discretized_gaussian_log_likelihood,
+    gaussian_log_prob,
+    nats_to_bits_per_dim,
+    normal_kl,
+    quantize,
+)
+from diffusion_elbo.core.elbo import (
+    ELBOResult,
+    MCEstimate,
+    consistency_mc_elbo,
+    decoder_nll_nats,
+    denoising_kl_nats,
+    exact_elbo,
+    mc_elbo,
+    prior_kl_nats,
+    standard_error,
+    term_nats,
+)
+from diffusion_elbo.core.forward import q_mean_variance, q_posterior_mean_variance, q_sample, q_step_sample
+from diffusion_elbo.core.losses import LossType, weighted_mse, x0_weight
+from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0, training_target
+from diffusion_elbo.core.reverse import ReverseVariance, p_mean_variance
+from diffusion_elbo.core.samplers import ancestral_sample, ddim_sample
+from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule, ScheduleName, make_schedule
+from diffusion_elbo.core.timesteps import (
+    ImportanceSampler,
+    TimestepSampler,
+    TimestepSampling,
+    UniformSampler,
+    make_timestep_sampler,
+)
+
+__all__ = [
+    "ELBOResult",
+    "ImportanceSampler",
+    "InvalidScheduleError",
+    "LossType",
+    "MCEstimate",
+    "NoiseSchedule",
+    "Parametrization",
+    "ReverseVariance",
+    "ScheduleName",
+    "TimestepSampler",
+    "TimestepSampling",
+    "UniformSampler",
+    "ancestral_sample",
+    "consistency_mc_elbo",
+    "ddim_sample",
+    "decoder_nll_nats",
+    "denoising_kl_nats",
+    "discretized_gaussian_log_likelihood",
+    "exact_elbo",
+    "gaussian_log_prob",
+    "make_schedule",
+    "make_timestep_sampler",
+    "mc_elbo",
+    "nats_to_bits_per_dim",
+    "normal_kl",
+    "p_mean_variance",
+    "predict_eps",
+    "predict_x0",
+    "prior_kl_nats",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "q_step_sample",
+    "quantize",
+    "standard_error",
+    "term_nats",
+    "training_target",
+    "weighted_mse",
+    "x0_weight",
+]

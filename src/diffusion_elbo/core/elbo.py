@@ -1,0 +1,325 @@
+"""The diffusion ELBO of the lecture, its three terms, and estimators of it.
+
+-ELBO(x0) = L_prior + L_1 + sum_{t=2..T} L_t, all in nats (losses, so they add up to -ELBO):
+- prior matching   L_prior = KL(q(x_T | x_0) || N(0, I))                         (closed form)
+- reconstruction   L_1     = E_{q(x_1 | x_0)}[-log p_theta(x_0 | x_1)]
+- denoising        L_t     = E_{q(x_t | x_0)}[KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))],  t >= 2
+
+(Ho et al. 2020 eq. 5; the lecture's second derivation.) The lecture's first derivation gives the
+"consistency" form with the same expectation and a higher variance, in :func:`consistency_mc_elbo`.
+
+A model is any callable ``model(x_t, t) -> out`` with x_t (B, *D) and t a LongTensor (B,) in 1..T; ``out``
+is interpreted through a :class:`Parametrization`. Data with ``num_bins`` = K levels in [-1, 1] uses the
+discretized decoder (honest bits/dim); ``num_bins=None`` means continuous data (a density).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion_elbo.core.distributions import (
+    discretized_gaussian_log_likelihood,
+    gaussian_log_prob,
+    nats_to_bits_per_dim,
+    normal_kl,
+    sum_flat,
+)
+from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
+from diffusion_elbo.core.parametrization import Parametrization
+from diffusion_elbo.core.reverse import ReverseStep, ReverseVariance, p_mean_variance
+from diffusion_elbo.core.schedules import NoiseSchedule
+from diffusion_elbo.core.timesteps import TimestepSampler
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+def prior_kl_nats(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
+    """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats."""
+    t = torch.full((x0.shape[0],), schedule.T, dtype=torch.long, device=x0.device)
+    alpha_bar = schedule.gather("alpha_bar", t, x0)
+    mean, var = alpha_bar.sqrt() * x0, 1.0 - alpha_bar
+    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    return sum_flat(normal_kl(mean, torch.log(var).expand_as(x0), zero, zero))
+
+
+def decoder_nll_nats(x0: Tensor, mean: Tensor, logvar: Tensor, num_bins: int | None) -> Tensor:
+    """-log p_theta(x_0 | x_1) summed over dims, (B,) nats: discretized Gaussian for K-level data
+    (Ho et al. 2020 eq. 13), a Gaussian density for continuous data."""
+    if num_bins is None:
+        return -sum_flat(gaussian_log_prob(x0, mean, logvar.expand_as(x0)))
+    log_scale = 0.5 * logvar.expand_as(x0)
+    return -sum_flat(discretized_gaussian_log_likelihood(x0, mean, log_scale, num_bins))
+
+
+def denoising_kl_nats(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, step: ReverseStep) -> Tensor:
+    """KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) summed over dims, (B,) nats; valid for t >= 2.
+
+    With the ``small`` variance this is alpha_bar_{t-1}(1 - alpha_t)^2 / (2 sigma_q^2 (1 - alpha_bar_t)^2)
+    ||x0_hat - x0||^2 = (SNR(t-1) - SNR(t)) / 2 ||x0_hat - x0||^2 (lecture; Kingma et al. 2021 eq. 13).
+    """
+    mean_q, var_q = q_posterior_mean_variance(schedule, x0, x_t, t)
+    # var_q is 0 at t = 1; keep the log finite there (callers mask t = 1 out).
+    logvar_q = torch.log(var_q.clamp(min=torch.finfo(var_q.dtype).tiny))
+    return sum_flat(normal_kl(mean_q, logvar_q.expand_as(x0), step.mean, step.logvar.expand_as(x0)))
+
+
+def term_nats(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    t: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str,
+    num_bins: int | None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One-sample estimate of L_t for each example at its own t: the decoder NLL where t = 1, the
+    denoising KL where t >= 2. x0 (B, *D), t (B,) in 1..T. Returns (L_t (B,) nats, network output)."""
+    x_t = q_sample(schedule, x0, t, noise=noise, generator=generator)
+    out = model(x_t, t)
+    step = p_mean_variance(schedule, out, x_t, t, parametrization, variance)
+    kl = denoising_kl_nats(schedule, x0, x_t, t, step)
+    nll = decoder_nll_nats(x0, step.mean, step.logvar, num_bins)
+    return torch.where(t == 1, nll, kl), out
+
+
+@dataclass
+class ELBOResult:
+    """-ELBO per example and its terms, in nats summed over the ``num_dims`` data dimensions.
+
+    ``per_t`` (B, T) holds L_t for t = 1..T (column 0 is the reconstruction term).
+    """
+
+    reconstruction: Tensor  # (B,)
+    prior: Tensor  # (B,)
+    denoising: Tensor  # (B,)
+    per_t: Tensor  # (B, T)
+    num_dims: int
+
+    @property
+    def total(self) -> Tensor:
+        """-ELBO per example, (B,) nats."""
+        return self.reconstruction + self.prior + self.denoising
+
+    @property
+    def nats_per_dim(self) -> Tensor:
+        return self.total / self.num_dims
+
+    @property
+    def bits_per_dim(self) -> Tensor:
+        return nats_to_bits_per_dim(self.nats_per_dim)
+
+
+@torch.no_grad()
+def exact_elbo(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    num_bins: int | None = None,
+    max_batch: int = 4096,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ELBOResult:
+    """Every term of -ELBO for a batch x0 (B, *D): all T terms, one x_t draw per (example, t).
+
+    The T network evaluations per example are batched: each call stacks a chunk of timesteps for all
+    B examples, about ``max_batch`` rows, so memory stays bounded and the network runs at full batch.
+    """
+    batch, num_dims, T = x0.shape[0], x0[0].numel(), schedule.T
+    per_t = torch.empty(batch, T, dtype=torch.float64, device=x0.device)
+    chunk = max(1, max_batch // batch)
+    for start in range(1, T + 1, chunk):
+        ts = torch.arange(start, min(start + chunk, T + 1), device=x0.device)  # (C,)
+        t = ts.repeat_interleave(batch)  # (C * B,): t-major, examples within
+        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
+        values, _ = term_nats(
+            model,
+            schedule,
+            x0_rep,
+            t,
+            parametrization=parametrization,
+            variance=variance,
+            num_bins=num_bins,
+            generator=generator,
+        )
+        per_t[:, start - 1 : start - 1 + len(ts)] = values.view(len(ts), batch).T.double()
+        if progress is not None:
+            progress(int(ts[-1]), T)
+    return ELBOResult(
+        reconstruction=per_t[:, 0],
+        prior=prior_kl_nats(schedule, x0).double(),
+        denoising=per_t[:, 1:].sum(dim=1),
+        per_t=per_t,
+        num_dims=num_dims,
+    )
+
+
+@dataclass
+class MCEstimate:
+    """An unbiased one-timestep estimate of -ELBO per example (nats summed over dims).
+
+    ``total`` = prior + L_t / p(t); ``reconstruction`` and ``denoising`` split the L_t / p(t) part by
+    whether t = 1, so each is an unbiased estimate of its own term. ``term`` is L_t itself (for the
+    importance sampler's history) and ``out`` the network output (for the training loss).
+    """
+
+    t: Tensor  # (B,)
+    term: Tensor  # (B,) L_t, differentiable
+    weight: Tensor  # (B,) 1 / p(t)
+    prior: Tensor  # (B,)
+    out: Tensor
+    num_dims: int
+
+    @property
+    def reconstruction(self) -> Tensor:
+        return torch.where(self.t == 1, self.term * self.weight, torch.zeros_like(self.term))
+
+    @property
+    def denoising(self) -> Tensor:
+        return torch.where(self.t >= 2, self.term * self.weight, torch.zeros_like(self.term))
+
+    @property
+    def total(self) -> Tensor:
+        return self.prior + self.term * self.weight
+
+
+def mc_elbo(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    sampler: TimestepSampler,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    num_bins: int | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> MCEstimate:
+    """-ELBO estimated with one t per example drawn from ``sampler`` (uniform or importance-sampled,
+    Nichol & Dhariwal 2021 sec. 3.3): E_{t ~ p}[L_t / p(t)] = sum_t L_t, so the estimate is unbiased."""
+    t, weight = sampler.sample(x0.shape[0], device=x0.device, generator=generator)
+    term, out = term_nats(
+        model,
+        schedule,
+        x0,
+        t,
+        parametrization=parametrization,
+        variance=variance,
+        num_bins=num_bins,
+        noise=noise,
+        generator=generator,
+    )
+    return MCEstimate(
+        t=t,
+        term=term,
+        weight=weight.to(term.dtype),
+        prior=prior_kl_nats(schedule, x0),
+        out=out,
+        num_dims=x0[0].numel(),
+    )
+
+
+def standard_error(values: Tensor) -> float:
+    """Standard error of the mean of a (N,) sample: std / sqrt(N) (0 for N < 2)."""
+    n = values.numel()
+    return float(values.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+
+
+def consistency_term_nats(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    t: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One sample of the lecture's consistency term for t in 1..T-1, (B,) nats summed over dims:
+
+        log q(x_t | x_{t-1}) - log p_theta(x_t | x_{t+1}),  x_{t-1} ~ q(. | x_0), x_t ~ q(. | x_{t-1}), x_{t+1} ~ q(. | x_t).
+
+    The lecture writes it as E_{q(x_{t-1}, x_{t+1} | x_0)}[KL(q(x_t | x_{t-1}) || p(x_t | x_{t+1}))]; since
+    x_{t+1} is drawn after x_t, the term is an expectation over the joint (x_{t-1}, x_t, x_{t+1}),
+    which is what is sampled here. Summed with the reconstruction and the first form's prior term,
+    it telescopes to the same -ELBO as :func:`term_nats`, in expectation.
+    """
+    prev_t = t - 1
+    x_prev = torch.where(
+        (prev_t == 0).view(-1, *([1] * (x0.ndim - 1))),
+        x0,
+        q_sample(schedule, x0, prev_t.clamp(min=1), generator=generator),
+    )
+    x_t = q_step_sample(schedule, x_prev, t, generator=generator)
+    x_next = q_step_sample(schedule, x_t, t + 1, generator=generator)
+    alpha = schedule.gather("alphas", t, x0)
+    log_q = gaussian_log_prob(x_t, alpha.sqrt() * x_prev, torch.log(1.0 - alpha).expand_as(x0))
+    step = p_mean_variance(schedule, model(x_next, t + 1), x_next, t + 1, parametrization, variance)
+    log_p = gaussian_log_prob(x_t, step.mean, step.logvar.expand_as(x0))
+    return sum_flat(log_q - log_p)
+
+
+def consistency_prior_nats(schedule: NoiseSchedule, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One sample of the first form's prior term E_{q(x_{T-1} | x_0)}[KL(q(x_T | x_{T-1}) || N(0, I))], (B,) nats."""
+    T = schedule.T
+    if T == 1:
+        return prior_kl_nats(schedule, x0)
+    t_prev = torch.full((x0.shape[0],), T - 1, dtype=torch.long, device=x0.device)
+    x_prev = q_sample(schedule, x0, t_prev, generator=generator)
+    alpha = schedule.gather("alphas", t_prev + 1, x0)
+    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    return sum_flat(normal_kl(alpha.sqrt() * x_prev, torch.log(1.0 - alpha).expand_as(x0), zero, zero))
+
+
+@torch.no_grad()
+def consistency_mc_elbo(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    num_bins: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """-ELBO per example from the lecture's first form, with one term sampled uniformly, (B,) nats:
+
+    k ~ U{1..T}: k = 1 the reconstruction term, k >= 2 the consistency term at t = k - 1; scaled by T,
+    plus one sample of the first form's prior term. Same expectation as :func:`mc_elbo` with uniform t.
+    """
+    batch, T = x0.shape[0], schedule.T
+    k = torch.randint(1, T + 1, (batch,), device=x0.device, generator=generator)
+    recon, _ = term_nats(
+        model,
+        schedule,
+        x0,
+        torch.ones_like(k),
+        parametrization=parametrization,
+        variance=variance,
+        num_bins=num_bins,
+        generator=generator,
+    )
+    if T > 1:
+        consistency = consistency_term_nats(
+            model,
+            schedule,
+            x0,
+            (k - 1).clamp(min=1, max=T - 1),
+            parametrization=parametrization,
+            variance=variance,
+            generator=generator,
+        )
+        term = torch.where(k == 1, recon, consistency)
+    else:
+        term = recon
+    return consistency_prior_nats(schedule, x0, generator) + T * term

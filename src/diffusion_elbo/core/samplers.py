@@ -1,0 +1,111 @@
+"""Samplers for any denoiser model(x_t, t): ancestral DDPM and DDIM.
+
+Both run under ``torch.no_grad``, draw all randomness from the given generator, and report progress
+through ``progress(step, num_steps)``. ``shape`` is (N, *D) of the samples to draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from diffusion_elbo.core.elbo import Denoiser
+from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0
+from diffusion_elbo.core.reverse import ReverseVariance, p_mean_variance
+from diffusion_elbo.core.schedules import NoiseSchedule
+
+Progress = Callable[[int, int], None]
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype) -> Tensor:
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def ancestral_sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    x_T: Tensor | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Ho et al. 2020, Alg. 2).
+
+    The last step returns the decoder mean mu_theta(x_1, 1) = x0_hat without noise, as in Ho et al.
+    """
+    x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+    T = schedule.T
+    for i, step_t in enumerate(range(T, 0, -1)):
+        t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)
+        step = p_mean_variance(schedule, model(x, t), x, t, parametrization, variance, clip_denoised)
+        if step_t > 1:
+            x = step.mean + torch.exp(0.5 * step.logvar) * _randn(x.shape, generator, x.device, x.dtype)
+        else:
+            x = step.mean
+        if progress is not None:
+            progress(i + 1, T)
+    return x
+
+
+def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly spaced in 1..T, descending, always including T (DDIM sec. 4.2)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampler.steps must be in 1..T={num_timesteps}; got {steps}")
+    grid = torch.linspace(1, num_timesteps, steps, dtype=torch.float64).round().long()
+    return sorted(set(grid.tolist()), reverse=True)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    *,
+    parametrization: Parametrization | str,
+    steps: int = 50,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    x_T: Tensor | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on ``steps`` respaced timesteps; eta = 0 is deterministic, eta = 1
+    matches the ancestral sampler's variance on the respaced grid.
+
+    x_{s} = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z, with
+    sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s), s the next
+    (smaller) timestep or 0 (alpha_bar_0 = 1, which returns x0_hat).
+    """
+    p = Parametrization(parametrization)
+    x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+    ts = respaced_timesteps(schedule.T, steps)
+    for i, step_t in enumerate(ts):
+        next_t = ts[i + 1] if i + 1 < len(ts) else 0
+        t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)
+        out = model(x, t)
+        x0_hat = predict_x0(p, schedule, x, t, out)
+        if clip_denoised:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            eps_hat = predict_eps(Parametrization.X0, schedule, x, t, x0_hat)
+        else:
+            eps_hat = predict_eps(p, schedule, x, t, out)
+        ab_t = float(schedule.alpha_bar[step_t])
+        ab_s = float(schedule.alpha_bar[next_t])
+        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)) ** 0.5
+        x = ab_s**0.5 * x0_hat + max(1 - ab_s - sigma**2, 0.0) ** 0.5 * eps_hat
+        if sigma > 0 and next_t > 0:
+            x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+        if progress is not None:
+            progress(i + 1, len(ts))
+    return x

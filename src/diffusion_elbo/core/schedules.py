@@ -1,0 +1,214 @@
+"""Noise schedules beta_1..beta_T and every table derived from them.
+
+Timestep convention (used throughout the package): ``t`` is an integer in 1..T as in the lecture,
+``t = 1`` is the decoder step p(x_0 | x_1) and ``t = 0`` is the data. Every table here has T + 1
+entries so it can be indexed by ``t`` directly; entry 0 is the data (alpha_bar_0 = 1, beta_0 = 0).
+
+Tables are computed in float64: 1 - alpha_bar_t near t = 1 and the SNR ratios used by the ELBO weights
+lose several digits in float32. Callers gather what they need with :func:`NoiseSchedule.gather` and
+cast to their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+
+class ScheduleName(str, Enum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    QUADRATIC = "quadratic"
+    SIGMOID = "sigmoid"
+    CUSTOM = "custom"
+
+
+class InvalidScheduleError(ValueError):
+    """A beta schedule that does not define a valid forward process."""
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear betas of Ho et al. 2020 (Sec. 4): 1e-4 to 0.02 over T = 1000 steps.
+
+    For other T the endpoints are scaled by 1000 / T so the total noise added stays about the same
+    (Nichol & Dhariwal 2021, ``get_named_beta_schedule`` in improved-diffusion). Returns (T,) float64.
+    """
+    scale = 1000.0 / timesteps
+    return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+
+
+def quadratic_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas linear in sqrt(beta) (the "quad" schedule of the DDPM/DDIM code), scaled by 1000 / T.
+
+    Returns (T,) float64.
+    """
+    scale = 1000.0 / timesteps
+    root = torch.linspace(math.sqrt(scale * beta_start), math.sqrt(scale * beta_end), timesteps, dtype=torch.float64)
+    return root**2
+
+
+def betas_from_alpha_bar(alpha_bar: Tensor, max_beta: float) -> Tensor:
+    """beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at ``max_beta`` (Nichol & Dhariwal 2021, eq. 17).
+
+    ``alpha_bar``: (T + 1,) float64 with alpha_bar[0] the value at t = 0. Returns (T,) float64.
+    """
+    betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule of Nichol & Dhariwal 2021 (eq. 17): alpha_bar(t) = f(t) / f(0),
+    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), betas clipped at 0.999. Returns (T,) float64."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return betas_from_alpha_bar(f / f[0], max_beta)
+
+
+def sigmoid_betas(
+    timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
+    """Sigmoid schedule of Jabri et al. 2023 (RIN, Alg. 1): alpha_bar(t) follows a rescaled sigmoid
+    of (t / T) * (end - start) + start with temperature tau; betas clipped at 0.999. Returns (T,) float64.
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    alpha_bar = (v_end - torch.sigmoid((steps * (end - start) + start) / tau)) / (v_end - v_start)
+    return betas_from_alpha_bar(alpha_bar, max_beta)
+
+
+def validate_betas(betas: Tensor, name: str = "custom") -> None:
+    """Refuse a schedule that does not define a forward process: T >= 1, finite, 0 < beta_t < 1.
+
+    Raises :class:`InvalidScheduleError` naming the offending steps (1-based t) and their values.
+    """
+    if betas.ndim != 1 or betas.numel() < 1:
+        raise InvalidScheduleError(
+            f"schedule '{name}' must have at least one step (T >= 1); got betas of shape {tuple(betas.shape)}"
+        )
+    bad = ~torch.isfinite(betas) | (betas <= 0) | (betas >= 1)
+    if bad.any():
+        steps = (torch.nonzero(bad).flatten() + 1).tolist()
+        shown = ", ".join(f"t={t}: beta={betas[t - 1].item():.4g}" for t in steps[:5])
+        more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+        hint = ""
+        if name in (ScheduleName.LINEAR.value, ScheduleName.QUADRATIC.value):
+            hint = (
+                f" The {name} schedule scales beta_start and beta_end by 1000/T, so small T pushes them "
+                "past 1: use more timesteps (schedule.timesteps) or a smaller schedule.beta_end, "
+                "or schedule=cosine."
+            )
+        raise InvalidScheduleError(
+            f"schedule '{name}' with T={betas.numel()} has {len(steps)} beta(s) outside (0, 1) or "
+            f"non-finite: {shown}{more}.{hint}"
+        )
+
+
+class NoiseSchedule(nn.Module):
+    """Betas and derived tables of the forward process q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I).
+
+    Buffers (all float64, shape (T + 1,), indexed by t in 0..T; non-persistent so checkpoints stay
+    independent of T and the tables are rebuilt from the config):
+
+    - ``betas``, ``alphas`` = 1 - beta_t, ``alpha_bar`` = prod_{i<=t} alpha_i, ``alpha_bar_prev`` = alpha_bar_{t-1}
+    - ``posterior_variance`` sigma_q^2(t) = (1 - alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+      (lecture, q(x_{t-1} | x_t, x_0); Ho et al. 2020 eq. 7); 0 at t = 1
+    - ``posterior_mean_coef_x0`` sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+    - ``posterior_mean_coef_xt`` sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    - ``snr`` alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021); +inf at t = 0
+    """
+
+    def __init__(self, betas: Tensor | Sequence[float], name: str = ScheduleName.CUSTOM.value) -> None:
+        super().__init__()
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone()
+        validate_betas(betas, name)
+        self.name = name
+        self.num_timesteps = betas.numel()
+
+        zero = torch.zeros(1, dtype=torch.float64)
+        betas = torch.cat([zero, betas])  # (T + 1,), beta_0 = 0 so alpha_bar_0 = 1
+        alphas = 1.0 - betas
+        alpha_bar = torch.cumprod(alphas, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        one_minus = 1.0 - alpha_bar
+        # t = 0 has 1 - alpha_bar = 0: the posterior is undefined there; store 0 rather than nan.
+        safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
+        posterior_variance = torch.where(one_minus > 0, betas * (1.0 - alpha_bar_prev) / safe, zero)
+        coef_x0 = torch.where(one_minus > 0, alpha_bar_prev.sqrt() * betas / safe, zero)
+        coef_xt = torch.where(one_minus > 0, alphas.sqrt() * (1.0 - alpha_bar_prev) / safe, zero)
+
+        for key, value in {
+            "betas": betas,
+            "alphas": alphas,
+            "alpha_bar": alpha_bar,
+            "alpha_bar_prev": alpha_bar_prev,
+            "posterior_variance": posterior_variance,
+            "posterior_mean_coef_x0": coef_x0,
+            "posterior_mean_coef_xt": coef_xt,
+            "snr": alpha_bar / one_minus,  # +inf at t = 0 by design
+        }.items():
+            self.register_buffer(key, value, persistent=False)
+
+    @property
+    def T(self) -> int:
+        return self.num_timesteps
+
+    def gather(self, name: str, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """Table ``name`` at timesteps ``t`` (LongTensor (B,)), shaped (B, 1, ..., 1) to broadcast
+        against ``like`` (B, *D) and cast to its dtype; without ``like`` returns (B,) float64."""
+        values = getattr(self, name)[t]  # (B,)
+        if like is None:
+            return values
+        return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def log_snr(self) -> Tensor:
+        """log SNR(t) for t = 1..T, shape (T,) float64."""
+        return torch.log(self.snr[1:])
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, T={self.num_timesteps}"
+
+
+def make_schedule(
+    name: str | ScheduleName,
+    timesteps: int = 1000,
+    *,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    s: float = 0.008,
+    start: float = -3.0,
+    end: float = 3.0,
+    tau: float = 1.0,
+    max_beta: float = 0.999,
+    betas: Sequence[float] | None = None,
+) -> NoiseSchedule:
+    """Build a named schedule (the Hydra target of ``conf/schedule/*.yaml``).
+
+    ``custom`` takes explicit ``betas`` (T is then their length and ``timesteps`` is ignored).
+    """
+    try:
+        kind = ScheduleName(name)
+    except ValueError:
+        options = ", ".join(s.value for s in ScheduleName)
+        raise InvalidScheduleError(f"unknown schedule '{name}'; choose one of: {options}") from None
+    if kind is ScheduleName.CUSTOM:
+        if betas is None:
+            raise InvalidScheduleError("schedule=custom needs explicit betas: schedule.betas=[0.1,0.2,...]")
+        return NoiseSchedule(list(betas), name=kind.value)
+    if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
+        raise InvalidScheduleError(
+            f"schedule.timesteps must be an integer >= 1 (T, the number of diffusion steps); got {timesteps!r}"
+        )
+    if kind is ScheduleName.LINEAR:
+        values = linear_betas(timesteps, beta_start, beta_end)
+    elif kind is ScheduleName.QUADRATIC:
+        values = quadratic_betas(timesteps, beta_start, beta_end)
+    elif kind is ScheduleName.COSINE:
+        values = cosine_betas(timesteps, s, max_beta)
+    else:
+        values = sigmoid_betas(timesteps, start, end, tau, max_beta)
+    return NoiseSchedule(values, name=kind.value)

@@ -1,0 +1,221 @@
+"""Exact -ELBO evaluation of a model on a data split, and the ``src/eval.py`` job around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from diffusion_elbo.core import (
+    NoiseSchedule,
+    Parametrization,
+    ReverseVariance,
+    exact_elbo,
+    nats_to_bits_per_dim,
+    standard_error,
+)
+from diffusion_elbo.core.elbo import Denoiser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ELBOSummary:
+    """-ELBO over a set of examples: per-example totals and terms, in nats summed over dims."""
+
+    total: Tensor  # (N,)
+    reconstruction: Tensor  # (N,)
+    prior: Tensor  # (N,)
+    denoising: Tensor  # (N,)
+    per_t: Tensor  # (T,) mean over examples of L_t
+    num_dims: int
+    true_nll: Tensor | None = None  # (N,) where the data density is known
+
+    def metrics(self) -> dict:
+        """The metrics.json dictionary: bits/dim with its standard error over examples, terms as losses."""
+        d = self.num_dims
+        nats_per_dim = self.total / d
+        out = {
+            "bpd": float(nats_to_bits_per_dim(nats_per_dim.mean())),
+            "bpd_se": standard_error(nats_per_dim) / math.log(2.0),
+            "nats_per_dim": float(nats_per_dim.mean()),
+            "terms_nats_per_dim": {
+                "reconstruction": float(self.reconstruction.mean() / d),
+                "prior": float(self.prior.mean() / d),
+                "denoising": float(self.denoising.mean() / d),
+            },
+            "per_t_nats_per_dim": [float(v) / d for v in self.per_t],
+            "num_examples": int(self.total.numel()),
+            "num_dims": d,
+        }
+        if self.true_nll is not None:
+            true_per_dim = self.true_nll / d
+            out["true_nll_bpd"] = float(nats_to_bits_per_dim(true_per_dim.mean()))
+            out["true_nll_bpd_se"] = standard_error(true_per_dim) / math.log(2.0)
+            # paired difference: its SE is much smaller than either SE alone
+            out["gap_bpd"] = out["bpd"] - out["true_nll_bpd"]
+            out["gap_bpd_se"] = standard_error(nats_per_dim - true_per_dim) / math.log(2.0)
+        return out
+
+
+def evaluate_elbo(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    batches: Iterable[Tensor],
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str,
+    num_bins: int | None,
+    generator: torch.Generator,
+    device: torch.device,
+    max_batch: int = 4096,
+    true_nll=None,
+    progress=None,
+) -> ELBOSummary:
+    """Run :func:`~diffusion_elbo.core.exact_elbo` over ``batches`` of x0 (B, *D) and collect the results.
+
+    ``true_nll``: optional callable x0 -> (B,) nats, the data's exact NLL where it is known.
+    """
+    parts: dict[str, list[Tensor]] = {
+        "total": [],
+        "reconstruction": [],
+        "prior": [],
+        "denoising": [],
+        "true": [],
+    }
+    per_t_sum, count, num_dims = None, 0, None
+    for x0 in batches:
+        x0 = x0.to(device)
+        result = exact_elbo(
+            model,
+            schedule,
+            x0,
+            parametrization=parametrization,
+            variance=variance,
+            num_bins=num_bins,
+            max_batch=max_batch,
+            generator=generator,
+            progress=progress,
+        )
+        parts["total"].append(result.total.cpu())
+        parts["reconstruction"].append(result.reconstruction.cpu())
+        parts["prior"].append(result.prior.cpu())
+        parts["denoising"].append(result.denoising.cpu())
+        if true_nll is not None:
+            parts["true"].append(true_nll(x0).double().cpu())
+        batch_sum = result.per_t.sum(dim=0).cpu()
+        per_t_sum = batch_sum if per_t_sum is None else per_t_sum + batch_sum
+        count += x0.shape[0]
+        num_dims = result.num_dims
+    if count == 0:
+        raise ValueError("no examples to evaluate: the data split is empty (check split= and num_examples=)")
+    return ELBOSummary(
+        total=torch.cat(parts["total"]),
+        reconstruction=torch.cat(parts["reconstruction"]),
+        prior=torch.cat(parts["prior"]),
+        denoising=torch.cat(parts["denoising"]),
+        per_t=per_t_sum / count,
+        num_dims=num_dims,
+        true_nll=torch.cat(parts["true"]) if parts["true"] else None,
+    )
+
+
+def write_metrics(metrics: dict, output_dir: str | Path, name: str = "metrics.json") -> Path:
+    """Write ``metrics`` as JSON atomically (a crash never leaves a half-written file)."""
+    path = Path(output_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile, saved to metrics.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diffusion_elbo.builders import build_datamodule, build_model, build_schedule, resolve_device
+    from diffusion_elbo.config import validate_config
+
+    validate_config(cfg)
+    device = resolve_device(cfg.device)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    if cfg.ckpt_path is not None:
+        from diffusion_elbo.checkpoints import load_for_eval
+
+        loaded = load_for_eval(cfg.ckpt_path, device)
+        model, schedule, datamodule = loaded.model, loaded.schedule, loaded.datamodule
+        parametrization, variance = loaded.parametrization, loaded.variance
+    else:
+        schedule = build_schedule(cfg)
+        datamodule = build_datamodule(cfg)
+        model = build_model(cfg)
+        parametrization, variance = cfg.parametrization, cfg.variance
+    model = model.to(device).eval()
+    schedule = schedule.to(device)
+    datamodule.setup("test" if cfg.split == "test" else "fit")
+    dataset = datamodule.split(cfg.split)
+    if cfg.num_examples is not None:
+        dataset = Subset(dataset, range(min(int(cfg.num_examples), len(dataset))))
+    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=False)
+    true_nll = getattr(datamodule, "true_nll_nats", None)
+
+    total_steps = math.ceil(len(dataset) / int(cfg.batch_size)) * schedule.T
+    columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not _interactive()) as bar:
+        task = bar.add_task("eval", total=total_steps)
+        last = {"t": 0}
+
+        def progress(t: int, T: int) -> None:
+            # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
+            bar.advance(task, t - last["t"])
+            last["t"] = t % T
+
+        summary = evaluate_elbo(
+            model,
+            schedule,
+            (batch[0] for batch in loader),
+            parametrization=parametrization,
+            variance=variance,
+            num_bins=datamodule.num_bins,
+            generator=generator,
+            device=device,
+            max_batch=int(cfg.max_batch),
+            true_nll=true_nll,
+            progress=progress,
+        )
+    metrics = summary.metrics()
+    metrics.update(
+        {
+            "split": cfg.split,
+            "schedule": schedule.name,
+            "timesteps": schedule.T,
+            "parametrization": str(Parametrization(parametrization).value),
+            "variance": str(ReverseVariance(variance).value),
+            "ckpt_path": cfg.ckpt_path,
+        }
+    )
+    path = write_metrics(metrics, output_dir)
+    line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f}"
+    if "true_nll_bpd" in metrics:
+        line += (
+            f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
+        )
+    log.info(line)
+    log.info("metrics written to %s", path)
+    print(f"metrics: {path}")
+    return metrics
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

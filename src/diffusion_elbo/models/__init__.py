@@ -1,0 +1,13 @@
+"""Denoising networks: (x_t, t) -> output whose meaning (eps, x0 or v) the parametrization decides."""
+
+from diffusion_elbo.models.embeddings import sinusoidal_embedding
+from diffusion_elbo.models.mlp import MLPDenoiser
+from diffusion_elbo.models.oracle import GaussianOracle
+from diffusion_elbo.models.unet import UNet
+
+__all__ = [
+    "GaussianOracle",
+    "MLPDenoiser",
+    "UNet",
+    "sinusoidal_embedding",
+]

@@ -1,0 +1,153 @@
+"""The ELBO machinery checked against exact numbers: Gaussian data and its Bayes-optimal denoiser."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from diffusion_elbo.core import (
+    Parametrization,
+    UniformSampler,
+    consistency_mc_elbo,
+    denoising_kl_nats,
+    exact_elbo,
+    make_schedule,
+    mc_elbo,
+    p_mean_variance,
+    prior_kl_nats,
+    q_sample,
+)
+from diffusion_elbo.core.gaussian_data import gaussian_nll_nats, oracle_expected_terms
+from diffusion_elbo.core.timesteps import ImportanceSampler
+from diffusion_elbo.models import GaussianOracle
+
+MEAN, STD, DIM = 0.5, 0.8, 8
+
+
+def gaussian_batch(gen, n=2000, dim=DIM):
+    return MEAN + STD * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+
+
+def se(x):
+    return x.std() / math.sqrt(x.numel())
+
+
+@pytest.mark.parametrize("name, T", [("linear", 50), ("linear", 200), ("cosine", 20), ("cosine", 200)])
+def test_exact_evaluator_matches_closed_form_oracle_terms(gen, name, T):
+    s = make_schedule(name, T)
+    x0 = gaussian_batch(gen)
+    r = exact_elbo(GaussianOracle(s, MEAN, STD, "eps"), s, x0, parametrization="eps", generator=gen)
+    closed = oracle_expected_terms(s, MEAN, STD)
+    for got, want in [
+        (r.reconstruction / DIM, closed.reconstruction),
+        (r.prior / DIM, closed.prior),
+        (r.denoising / DIM, closed.denoising),
+        (r.total / DIM, closed.total),
+    ]:
+        assert abs(got.mean().item() - want) < 4 * se(got).item() + 1e-12
+    # The per-t profile, pooled over examples, follows the closed form at every t within 5 SE.
+    per_t = r.per_t / DIM  # (N, T)
+    z = (per_t.mean(0) - closed.per_t) / (per_t.std(0) / math.sqrt(per_t.shape[0]))
+    assert z.abs().max() < 5
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_negative_elbo_bounds_true_nll_and_gap_shrinks_with_T(name):
+    gaps = []
+    for T in [50, 100, 1000, 4000]:
+        closed = oracle_expected_terms(make_schedule(name, T), MEAN, STD)
+        gaps.append(closed.total - closed.true_nll)
+    assert all(g > 0 for g in gaps)
+    assert all(a > b for a, b in itertools.pairwise(gaps))
+
+
+def test_exact_evaluator_bounds_the_sampled_true_nll(gen):
+    s = make_schedule("cosine", 100)
+    x0 = gaussian_batch(gen, n=1000)
+    r = exact_elbo(GaussianOracle(s, MEAN, STD), s, x0, parametrization="eps", generator=gen)
+    gap = r.total - gaussian_nll_nats(x0, MEAN, STD)
+    assert gap.mean() > 5 * se(gap)
+
+
+def test_eps_x0_v_give_same_elbo(gen):
+    s = make_schedule("linear", 100)
+    x0 = gaussian_batch(gen, n=64)
+    results = []
+    for p in Parametrization:
+        g = torch.Generator().manual_seed(7)  # same x_t draws for each parametrization
+        results.append(exact_elbo(GaussianOracle(s, MEAN, STD, p), s, x0, parametrization=p, generator=g))
+    for r in results[1:]:
+        torch.testing.assert_close(r.total, results[0].total, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r.per_t, results[0].per_t, rtol=1e-8, atol=1e-8)
+
+
+def test_prior_term_matches_its_closed_form(gen):
+    s = make_schedule("linear", 1000)
+    x0 = gaussian_batch(gen, n=10)
+    ab = s.alpha_bar[-1]
+    closed = 0.5 * (ab * x0**2 + (1 - ab) - 1 - torch.log(1 - ab)).sum(1)
+    torch.testing.assert_close(prior_kl_nats(s, x0), closed)
+
+
+def test_denoising_kl_is_the_lecture_weighted_x0_error(gen):
+    """KL = alpha_bar_{t-1}(1-alpha_t)^2 / (2 sigma_q^2 (1-alpha_bar_t)^2) ||x0_hat - x0||^2 = (SNR(t-1)-SNR(t))/2 ||.||^2."""
+    s = make_schedule("cosine", 1000)
+    b = 32
+    t = torch.randint(2, 1001, (b,), generator=gen)
+    x0 = torch.randn(b, 6, generator=gen, dtype=torch.float64)
+    x_t = q_sample(s, x0, t, generator=gen)
+    x0_hat = x0 + 0.3 * torch.randn(b, 6, generator=gen, dtype=torch.float64)
+    step = p_mean_variance(s, x0_hat, x_t, t, "x0", "small")
+    kl = denoising_kl_nats(s, x0, x_t, t, step)
+    err = (x0_hat - x0).pow(2).sum(1)
+    a, ab, ab_prev = s.alphas[t], s.alpha_bar[t], s.alpha_bar[t - 1]
+    lecture = ab_prev * (1 - a) ** 2 / (2 * s.posterior_variance[t] * (1 - ab) ** 2) * err
+    torch.testing.assert_close(kl, lecture, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kl, 0.5 * (s.snr[t - 1] - s.snr[t]) * err, rtol=1e-8, atol=1e-10)
+
+
+def test_discrete_data_gives_nonnegative_negative_elbo(gen):
+    # For data on a K-level grid the decoder is a probability mass, so -ELBO >= -log P >= 0.
+    s = make_schedule("linear", 100)
+    x0 = torch.randint(0, 17, (50, 1, 4, 4), generator=gen).double() / 8 - 1
+
+    def model(x_t, t):  # a crude denoiser: predicts eps = 0
+        return torch.zeros_like(x_t)
+
+    r = exact_elbo(model, s, x0, parametrization="eps", num_bins=17, generator=gen)
+    assert (r.total >= 0).all() and (r.reconstruction >= 0).all()
+
+
+@pytest.mark.parametrize("sampler_kind", ["uniform", "importance"])
+def test_mc_estimator_mean_matches_exact_within_standard_error(gen, sampler_kind):
+    s = make_schedule("cosine", 100)
+    oracle = GaussianOracle(s, MEAN, STD)
+    x0 = gaussian_batch(gen, n=20_000, dim=4)
+    exact = exact_elbo(oracle, s, x0[:2000], parametrization="eps", generator=gen)
+    sampler = UniformSampler(s.T) if sampler_kind == "uniform" else ImportanceSampler(s.T)
+    if sampler_kind == "importance":
+        # fill the history with observed L_t (10 per t) so p(t) is far from uniform
+        sampler.update(torch.arange(1, s.T + 1).repeat(10), exact.per_t[:10].T.reshape(-1))
+        assert sampler.warmed_up() and sampler.probs().max() > 5 / s.T
+    est = mc_elbo(oracle, s, x0, sampler, parametrization="eps", generator=gen)
+    mc_mean, mc_se = est.total.mean().item(), se(est.total).item()
+    ex_mean, ex_se = exact.total.mean().item(), se(exact.total).item()
+    assert abs(mc_mean - ex_mean) < 4 * math.hypot(mc_se, ex_se)
+    # the split into terms is unbiased too
+    assert abs(est.reconstruction.mean() - exact.reconstruction.mean()) < 4 * math.hypot(
+        se(est.reconstruction), se(exact.reconstruction)
+    )
+
+
+def test_consistency_form_agrees_in_expectation_with_larger_variance(gen, record_property):
+    s = make_schedule("cosine", 50)
+    oracle = GaussianOracle(s, MEAN, STD)
+    x0 = gaussian_batch(gen, n=40_000, dim=2)
+    first = consistency_mc_elbo(oracle, s, x0, parametrization="eps", generator=gen)
+    second = mc_elbo(oracle, s, x0, UniformSampler(s.T), parametrization="eps", generator=gen).total
+    assert abs(first.mean() - second.mean()) < 4 * math.hypot(se(first), se(second))
+    ratio = (first.var() / second.var()).item()
+    record_property("consistency_over_denoising_variance_ratio", ratio)
+    print(f"variance of the first (consistency) form / second (denoising) form: {ratio:.1f}x")
+    assert ratio > 2

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from diffusion_elbo.core import (
+    ImportanceSampler,
+    LossType,
+    Parametrization,
+    UniformSampler,
+    ancestral_sample,
+    ddim_sample,
+    denoising_kl_nats,
+    make_schedule,
+    p_mean_variance,
+    q_sample,
+    training_target,
+    weighted_mse,
+)
+from diffusion_elbo.core.parametrization import output_from_x0
+from diffusion_elbo.core.samplers import respaced_timesteps
+from diffusion_elbo.models import GaussianOracle
+
+
+def _setup(gen, b=64, d=5, T=1000):
+    s = make_schedule("cosine", T)
+    t = torch.randint(1, T + 1, (b,), generator=gen)
+    x0, eps = (torch.randn(b, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    x_t = q_sample(s, x0, t, noise=eps)
+    x0_hat = x0 + 0.2 * torch.randn(b, d, generator=gen, dtype=torch.float64)
+    return s, t, x0, eps, x_t, x0_hat
+
+
+@pytest.mark.parametrize("loss", [m for m in LossType if m is not LossType.ELBO])
+def test_mse_losses_do_not_depend_on_the_parametrization(gen, loss):
+    s, t, x0, eps, x_t, x0_hat = _setup(gen)
+    values = []
+    for p in Parametrization:
+        out = output_from_x0(p, s, x_t, t, x0_hat)  # the same prediction, written as eps, x0 or v
+        values.append(weighted_mse(loss, p, s, t, out, training_target(p, s, x0, t, eps)))
+    for v in values[1:]:
+        torch.testing.assert_close(v, values[0], rtol=1e-7, atol=1e-9)
+
+
+def test_simple_loss_is_unweighted_eps_mse(gen):
+    s, t, x0, eps, x_t, x0_hat = _setup(gen)
+    eps_hat = output_from_x0("eps", s, x_t, t, x0_hat)
+    torch.testing.assert_close(weighted_mse("simple", "eps", s, t, eps_hat, eps), (eps_hat - eps).pow(2).mean(1))
+    torch.testing.assert_close(weighted_mse("x0_mse", "x0", s, t, x0_hat, x0), (x0_hat - x0).pow(2).mean(1))
+
+
+def test_weighted_x0_mse_equals_the_elbo_denoising_term(gen):
+    s, t, x0, eps, x_t, x0_hat = _setup(gen)
+    t = t.clamp(min=2)
+    x_t = q_sample(s, x0, t, noise=eps)
+    kl = denoising_kl_nats(s, x0, x_t, t, p_mean_variance(s, x0_hat, x_t, t, "x0", "small"))
+    loss = weighted_mse("x0_mse_weighted", "x0", s, t, x0_hat, x0) * x0.shape[1]  # per dim -> summed
+    torch.testing.assert_close(loss, kl, rtol=1e-8, atol=1e-10)
+
+
+def test_importance_sampler_follows_root_mean_square_loss_and_stays_unbiased():
+    T = 5
+    sampler = ImportanceSampler(T, history=4, uniform_prob=0.0)
+    assert torch.allclose(sampler.probs(), torch.full((T,), 0.2, dtype=torch.float64))
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], dtype=torch.float64)
+    for _ in range(5):  # more than the history: old values roll out
+        sampler.update(torch.arange(1, T + 1), losses)
+    assert sampler.warmed_up()
+    torch.testing.assert_close(sampler.probs(), losses / losses.sum())
+    g = torch.Generator().manual_seed(0)
+    t, w = sampler.sample(200_000, generator=g)
+    estimate = (losses[t - 1] * w).mean()
+    assert estimate.item() == pytest.approx(losses.sum().item(), rel=0.01)
+
+
+def test_uniform_sampler_weights_are_T():
+    t, w = UniformSampler(10).sample(1000, generator=torch.Generator().manual_seed(0))
+    assert t.min() == 1 and t.max() == 10 and (w == 10).all()
+
+
+def test_respaced_timesteps_are_descending_and_include_T():
+    ts = respaced_timesteps(1000, 50)
+    assert ts[0] == 1000 and ts[-1] == 1 and len(ts) == 50 and ts == sorted(ts, reverse=True)
+    with pytest.raises(ValueError, match="sampler.steps"):
+        respaced_timesteps(100, 101)
+
+
+MEAN, STD = 0.5, 0.8
+
+
+@pytest.mark.parametrize(
+    "sampler, kwargs",
+    [
+        (ancestral_sample, {"variance": "small"}),
+        (ancestral_sample, {"variance": "large"}),
+        (ddim_sample, {"steps": 50, "eta": 0.0}),
+        (ddim_sample, {"steps": 200, "eta": 1.0}),
+    ],
+)
+def test_samplers_with_the_oracle_reproduce_the_data_distribution(sampler, kwargs):
+    s = make_schedule("cosine", 200)
+    oracle = GaussianOracle(s, MEAN, STD, "v")
+    g = torch.Generator().manual_seed(3)
+    x = sampler(oracle, s, (4000, 4), parametrization="v", generator=g, dtype=torch.float64, **kwargs)
+    n = x.numel()
+    assert abs(x.mean().item() - MEAN) < 4 * STD / math.sqrt(n) + 0.01
+    assert x.std().item() == pytest.approx(STD, rel=0.03)
+
+
+def test_sampling_is_reproducible_and_reports_progress():
+    s = make_schedule("cosine", 30)
+    oracle = GaussianOracle(s, 0.0, 1.0)
+    calls = []
+    a = ancestral_sample(
+        oracle,
+        s,
+        (8, 2),
+        parametrization="eps",
+        generator=torch.Generator().manual_seed(1),
+        progress=lambda i, n: calls.append((i, n)),
+    )
+    b = ancestral_sample(oracle, s, (8, 2), parametrization="eps", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert calls[-1] == (30, 30) and len(calls) == 30
+    c = ddim_sample(oracle, s, (8, 2), parametrization="eps", steps=10, generator=torch.Generator().manual_seed(1))
+    d = ddim_sample(oracle, s, (8, 2), parametrization="eps", steps=10, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(c, d)
