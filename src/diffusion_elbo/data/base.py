@@ -1,0 +1,83 @@
+"""What every data module of the framework provides on top of a LightningDataModule.
+
+Batches are tuples ``(x0, y)``: x0 (B, *data_shape) float32 (images in [-1, 1], quantized to
+``num_bins`` levels), y (B,) int64 labels (-1 where the data has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """Base class: subclasses fill ``train_set``, ``val_set``, ``test_set`` in :meth:`setup`.
+
+    Attributes the rest of the framework reads:
+    - ``data_shape``: shape of one example, e.g. (1, 8, 8) or (2,)
+    - ``num_bins``: K for data quantized to K levels in [-1, 1] (the discretized decoder is used and
+      bits/dim are honest), or None for continuous data (the ELBO is a density bound)
+    """
+
+    data_shape: tuple[int, ...]
+    num_bins: int | None = None
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1; got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0; got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_dims(self) -> int:
+        return int(torch.tensor(self.data_shape).prod())
+
+    def _loader(self, dataset: Dataset | None, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not created the {split} split")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)
+
+    def split(self, split: str) -> Dataset:
+        """The dataset of ``split`` (train, val or test), after :meth:`setup`."""
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}.get(split)
+        if dataset is None:
+            raise ValueError(f"unknown or empty split '{split}'; use train, val or test (after setup())")
+        return dataset
+
+
+def unlabelled(x: Tensor) -> TensorDataset:
+    """A dataset of (x0, -1) pairs."""
+    return TensorDataset(x, torch.full((x.shape[0],), -1, dtype=torch.long))
+
+
+def split_sizes(total: int, fractions: Sequence[float]) -> list[int]:
+    """Integer sizes for a split by fractions that add up to ``total``."""
+    sizes = [int(total * f) for f in fractions[:-1]]
+    return [*sizes, total - sum(sizes)]
