@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import netrc
+import os
+from pathlib import Path
+
+import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.core import NoiseSchedule
 from diffusion_elbo.data.base import DiffusionDataModule
+
+log = logging.getLogger(__name__)
 
 
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:
@@ -22,11 +30,87 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     return instantiate(cfg.model)
 
 
+def build_module(cfg: DictConfig):
+    """The :class:`DiffusionModule` and its data module; the resolved config rides along in checkpoints."""
+    from diffusion_elbo.lightning.module import DiffusionModule
+
+    datamodule = build_datamodule(cfg)
+    schedule = build_schedule(cfg)
+    net = build_model(cfg)
+    optimizer = instantiate(cfg.optimizer) if OmegaConf.select(cfg, "optimizer") else None
+    lr_scheduler = instantiate(cfg.lr_scheduler) if OmegaConf.select(cfg, "lr_scheduler") else None
+    module = DiffusionModule(
+        net=net,
+        schedule=schedule,
+        data_shape=datamodule.data_shape,
+        num_bins=datamodule.num_bins,
+        parametrization=cfg.parametrization,
+        variance=cfg.variance,
+        loss=OmegaConf.select(cfg, "loss.name", default="simple"),
+        timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="uniform"),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        val_strata=OmegaConf.select(cfg, "val_strata", default=32),
+        clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return module, datamodule
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks in config order (sample_grid before ema, so samples use the EMA weights)."""
+    callbacks_cfg = OmegaConf.select(cfg, "callbacks") or {}
+    return [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+
+
+def wandb_credentials_present() -> bool:
+    """True when W&B can log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto``: WANDB_MODE if set, else online with credentials, else offline (runs sync later)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if wandb_credentials_present():
+        return "online"
+    log.warning(
+        "no W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline. Upload later with "
+        "`wandb sync <run dir>/wandb/offline-run-*`"
+    )
+    return "offline"
+
+
+def build_loggers(cfg: DictConfig, output_dir: str, group: str | None = None, name: str | None = None) -> list:
+    """Loggers of the ``logger`` config group; W&B gets its mode resolved and, in a sweep, a shared group."""
+    loggers = []
+    for key, logger_cfg in (OmegaConf.select(cfg, "logger") or {}).items():
+        if logger_cfg is None or "_target_" not in logger_cfg:
+            continue
+        overrides = {}
+        if key == "wandb":
+            overrides["mode"] = resolve_wandb_mode(logger_cfg.get("mode", "auto"))
+            if logger_cfg.get("group") is None and group is not None:
+                overrides["group"] = group
+            if logger_cfg.get("name") is None and name is not None:
+                overrides["name"] = name
+            Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate(logger_cfg, **overrides))
+    return loggers
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks the first CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} asked for CUDA but torch sees no GPU here; use device=cpu or device=auto")
+        raise ValueError(f"device={name} asked for CUDA but torch sees no GPU here; use device=cpu or device=auto")
     return device

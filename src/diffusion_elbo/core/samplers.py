@@ -36,17 +36,23 @@ def ancestral_sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
+    steps: int | None = None,
     progress: Progress | None = None,
 ) -> Tensor:
     """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Ho et al. 2020, Alg. 2).
 
     The last step returns the decoder mean mu_theta(x_1, 1) = x0_hat without noise, as in Ho et al.
+    With ``steps`` < T the chain runs on a respaced subsequence of timesteps, whose betas are
+    1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (Nichol & Dhariwal 2021, sec. 4).
     """
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+    schedule, model_t = respace(schedule, steps or schedule.T)
+    model_t = model_t.to(x.device)
     T = schedule.T
     for i, step_t in enumerate(range(T, 0, -1)):
         t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)
-        step = p_mean_variance(schedule, model(x, t), x, t, parametrization, variance, clip_denoised)
+        out = model(x, model_t[t])
+        step = p_mean_variance(schedule, out, x, t, parametrization, variance, clip_denoised)
         if step_t > 1:
             x = step.mean + torch.exp(0.5 * step.logvar) * _randn(x.shape, generator, x.device, x.dtype)
         else:
@@ -54,6 +60,18 @@ def ancestral_sample(
         if progress is not None:
             progress(i + 1, T)
     return x
+
+
+def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]:
+    """A schedule over ``steps`` of the original timesteps, and the map from its t (0..steps) to the
+    original t the model was trained on, (steps + 1,) long. With steps = T it is the schedule itself."""
+    if steps == schedule.T:
+        return schedule, torch.arange(schedule.T + 1)
+    kept = torch.tensor(sorted(respaced_timesteps(schedule.T, steps)))  # ascending original timesteps
+    alpha_bar = schedule.alpha_bar.cpu()[kept]
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    sub = NoiseSchedule(1.0 - alpha_bar / alpha_bar_prev, name=f"{schedule.name}-respaced{steps}")
+    return sub.to(schedule.betas.device), torch.cat([torch.zeros(1, dtype=torch.long), kept])
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:

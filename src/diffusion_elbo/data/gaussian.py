@@ -46,8 +46,7 @@ class GaussianDataModule(DiffusionDataModule):
             return
         generator = torch.Generator().manual_seed(self.seed)
         splits = {
-            name: self.mean + self.std * torch.randn(n, self.dim, generator=generator)
-            for name, n in self.sizes.items()
+            name: self.mean + self.std * torch.randn(n, self.dim, generator=generator) for name, n in self.sizes.items()
         }
         self.train_set, self.val_set, self.test_set = (unlabelled(splits[k]) for k in ("train", "val", "test"))
 

@@ -1,0 +1,87 @@
+"""Loading trained runs back: checkpoints carry their resolved config, so eval and sample rebuild
+the schedule, network and data exactly as they were trained."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from diffusion_elbo.core import NoiseSchedule, Parametrization, ReverseVariance
+from diffusion_elbo.data.base import DiffusionDataModule
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load a checkpoint with errors that name the problem: missing, truncated or corrupt, or not ours.
+
+    Checkpoints hold pickled Python objects (Lightning's loop state): load only files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"ckpt_path={path} does not exist; point ckpt_path at a .ckpt file of a training run "
+            "(they are in <run dir>/checkpoints/)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}); it was probably cut off "
+            "while being written. Use an earlier checkpoint from the same checkpoints/ folder."
+        ) from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by src/train.py"
+        )
+    if checkpoint.get("diffusion_elbo_config") is None:
+        raise CheckpointError(
+            f"{path} has no diffusion_elbo_config: it was not written by src/train.py, so its model cannot be rebuilt"
+        )
+    return checkpoint
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module  # the denoiser net(x_t, t), with EMA weights when the run used EMA
+    module: torch.nn.Module  # the DiffusionModule around it (for sampling)
+    schedule: NoiseSchedule
+    datamodule: DiffusionDataModule
+    parametrization: Parametrization
+    variance: ReverseVariance
+    config: dict
+    global_step: int
+
+
+def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Rebuild a trained run from its checkpoint. The ``state_dict`` holds the EMA weights when EMA was on
+    (Lightning's weight averaging stores the raw ones under ``current_model_state``)."""
+    from diffusion_elbo.builders import build_module
+
+    checkpoint = read_checkpoint(path)
+    cfg = OmegaConf.create(checkpoint["diffusion_elbo_config"])
+    module, datamodule = build_module(cfg)
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model its config describes: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}. Was the file edited or written by another version?"
+        )
+    module = module.to(device).eval()
+    return LoadedRun(
+        model=module.net,
+        module=module,
+        schedule=module.schedule,
+        datamodule=datamodule,
+        parametrization=module.parametrization,
+        variance=module.variance,
+        config=checkpoint["diffusion_elbo_config"],
+        global_step=int(checkpoint.get("global_step", 0)),
+    )

@@ -1,0 +1,215 @@
+"""Helpers shared by the image data modules: integer grey levels -> [-1, 1], flips, splits, downloads.
+
+Every image data module stores its pixels as integer levels k in {0, ..., L} (uint8) and maps them
+to x = 2k/L - 1, the K = L + 1 level grid in [-1, 1] that the discretized Gaussian decoder of Ho et
+al. 2020 (Sec. 3.3) assumes. When ``num_bins`` differs from the natural K of the data, the values
+are rounded to the ``num_bins``-level grid with :func:`diffusion_elbo.core.distributions.quantize`,
+so a batch always lies exactly on the grid the model's bits/dim are computed for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+
+from diffusion_elbo.core.distributions import quantize
+
+
+def levels_to_unit(levels: Tensor, max_level: int, num_bins: int | None = None) -> Tensor:
+    """Integer levels k in {0..max_level} -> float32 x = 2k/max_level - 1 in [-1, 1], same shape.
+
+    With ``num_bins`` other than ``max_level + 1`` the result is re-rounded to the ``num_bins``-level
+    grid x = 2j/(num_bins - 1) - 1 (e.g. num_bins=2 binarizes).
+    """
+    if max_level < 1:
+        raise ValueError(f"max_level must be >= 1; got {max_level}")
+    x = levels.to(torch.float32) * (2.0 / max_level) - 1.0
+    if num_bins is not None and num_bins != max_level + 1:
+        x = quantize(x, num_bins)
+    return x
+
+
+def check_num_bins(num_bins: int, dataset: str) -> int:
+    """Validate ``data.num_bins`` (K >= 2 levels)."""
+    if int(num_bins) < 2:
+        raise ValueError(
+            f"data={dataset}: data.num_bins is the number of grey levels K and must be >= 2; got {num_bins}"
+        )
+    return int(num_bins)
+
+
+def check_image_format(
+    dataset: str, channels: int, image_size: int, allowed_channels: Sequence[int], allowed_sizes: Sequence[int]
+) -> None:
+    """Raise ValueError when ``channels``/``image_size`` do not match what ``dataset`` provides."""
+    if channels not in allowed_channels:
+        expected = " or ".join(str(c) for c in allowed_channels)
+        raise ValueError(f"data={dataset} has channels {expected}; got data.channels={channels}")
+    if image_size not in allowed_sizes:
+        expected = " or ".join(str(s) for s in allowed_sizes)
+        raise ValueError(f"data={dataset} has image_size {expected}; got data.image_size={image_size}")
+
+
+def seeded_permutation(n: int, seed: int) -> np.ndarray:
+    """A permutation of range(n) that depends only on ``seed``: the same split on every machine.
+
+    numpy's legacy RandomState is used on purpose: its stream is frozen across numpy versions and
+    platforms (NEP 19), which torch.randperm does not promise. It is a local object: no global state.
+    """
+    return np.random.RandomState(seed).permutation(n)
+
+
+def split_indices(
+    n: int, num_val: int, num_test: int, seed: int, labels: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Disjoint sorted (train, val, test) int64 index tensors covering range(n): a seeded random split.
+
+    With ``labels`` (n,) the split is stratified: after a seeded shuffle, each example is keyed by its
+    relative rank (r + 1/2) / n_c within its class c and the examples are taken in key order, so
+    every class enters val and test in proportion to its size (up to one example).
+    """
+    if num_val < 0 or num_test < 0 or num_val + num_test >= n:
+        raise ValueError(
+            f"cannot split {n} examples into num_val={num_val}, num_test={num_test} and a non-empty train "
+            f"split; choose data.num_val + data.num_test < {n}"
+        )
+    perm = seeded_permutation(n, seed)
+    if labels is not None:
+        shuffled = labels.numpy()[perm]  # (n,) labels in shuffled order
+        key = np.empty(n, dtype=np.float64)
+        for c in np.unique(shuffled):
+            members = np.flatnonzero(shuffled == c)
+            key[members] = (np.arange(len(members)) + 0.5) / len(members)
+        perm = perm[np.argsort(key, kind="stable")]
+    val, test, train = perm[:num_val], perm[num_val : num_val + num_test], perm[num_val + num_test :]
+    return tuple(torch.from_numpy(np.sort(part)).to(torch.long) for part in (train, val, test))
+
+
+class RandomHorizontalFlip:
+    """Flip (..., W) tensors left-right with probability 1/2 (the CIFAR-10 augmentation of Ho et al. 2020).
+
+    The coin comes from ``generator`` in the main process; inside a DataLoader worker it comes from
+    the worker's default generator, which PyTorch seeds with base_seed + worker_id, so workers do not
+    repeat each other's flips (a forked copy of ``generator`` would be the same in every worker).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    # A DataLoader with the "spawn" start method pickles the dataset; torch ships a pickled Generator's
+    # state through shared memory, which fails in some containers, so pickle the state as plain bytes.
+    def __getstate__(self) -> dict:
+        state = None if self.generator is None else self.generator.get_state().numpy().tobytes()
+        return {"generator_state": state}
+
+    def __setstate__(self, state: dict) -> None:
+        self.generator = None
+        if state["generator_state"] is not None:
+            self.generator = torch.Generator()
+            self.generator.set_state(torch.frombuffer(bytearray(state["generator_state"]), dtype=torch.uint8))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        generator = self.generator if get_worker_info() is None else None
+        if bool(torch.rand((), generator=generator) < 0.5):
+            return x.flip(-1)
+        return x
+
+
+class LevelImageDataset(Dataset):
+    """Images held as integer levels in memory, served as (x0, y) with x0 float32 (C, H, W) in [-1, 1].
+
+    images: (N, C, H, W) uint8 levels in {0..max_level}; labels: (N,) int64 (-1 for none). Keeping
+    uint8 costs a quarter of float32 memory (CIFAR-10 train: 150 MB instead of 600 MB); the
+    conversion per item is one multiply-add.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | None,
+        max_level: int,
+        num_bins: int,
+        flip: RandomHorizontalFlip | None = None,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}")
+        if labels is None:
+            labels = torch.full((images.shape[0],), -1, dtype=torch.long)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be ({images.shape[0]},); got shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.long)
+        self.max_level = max_level
+        self.num_bins = num_bins
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x0 = levels_to_unit(self.images[index], self.max_level, self.num_bins)  # (C, H, W)
+        if self.flip is not None:
+            x0 = self.flip(x0)
+        return x0, self.labels[index]
+
+
+def flip_for(random_flip: bool, seed: int) -> RandomHorizontalFlip | None:
+    """The training-split flip of a data module: a generator seeded from ``data.seed``, or None."""
+    # seed + 1: a stream distinct from the one that drew the split, so the two are not coupled
+    return RandomHorizontalFlip(torch.Generator().manual_seed(seed + 1)) if random_flip else None
+
+
+def download_file(url: str, path: Path, timeout_s: float = 10.0) -> None:
+    """Download ``url`` to ``path`` through a temporary ``.part`` file, so a failure leaves no partial file.
+
+    Raises whatever urllib raises (URLError, TimeoutError, OSError) when the network is unreachable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, partial.open("wb") as out:
+            shutil.copyfileobj(response, out)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def md5_of(path: Path) -> str:
+    """Hex MD5 of a file: the checksums published for MNIST and CIFAR-10 are MD5 (integrity, not security)."""
+    digest = hashlib.md5()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(name: str, urls: Sequence[str], dest_dir: Path, md5: str | None = None, timeout_s: float = 10.0) -> Path:
+    """Download ``name`` into ``dest_dir`` from the first of ``urls`` (mirror prefixes) that works.
+
+    The MD5 is checked when given; a mismatching file is deleted. Raises OSError naming every
+    mirror tried and why it failed.
+    """
+    path = Path(dest_dir) / name
+    failures = []
+    for base in urls:
+        url = base.rstrip("/") + "/" + name
+        try:
+            download_file(url, path, timeout_s)
+        except Exception as error:  # URLError, TimeoutError, HTTP errors, SSL errors: try the next mirror
+            failures.append(f"{url}: {error}")
+            continue
+        if md5 is not None and md5_of(path) != md5:
+            path.unlink(missing_ok=True)
+            failures.append(f"{url}: MD5 mismatch (expected {md5})")
+            continue
+        return path
+    raise OSError("could not download " + name + " (" + "; ".join(failures) + ")")

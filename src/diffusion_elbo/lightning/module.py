@@ -1,0 +1,229 @@
+"""The LightningModule: holds the schedule and the network, orchestrates the core, logs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from diffusion_elbo.core import (
+    LossType,
+    NoiseSchedule,
+    Parametrization,
+    ReverseVariance,
+    TimestepSampling,
+    ancestral_sample,
+    ddim_sample,
+    make_timestep_sampler,
+    prior_kl_nats,
+    q_sample,
+    training_target,
+    weighted_mse,
+)
+from diffusion_elbo.core.elbo import stratified_elbo, term_from_output
+from diffusion_elbo.core.timesteps import ImportanceSampler
+from diffusion_elbo.lightning.metrics import ELBOMetric
+
+LN2 = math.log(2.0)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss or one of the ELBO terms became NaN or inf."""
+
+
+class DiffusionModule(L.LightningModule):
+    """A DDPM-family model trained on a loss from :mod:`diffusion_elbo.core.losses`.
+
+    Args:
+        net: denoiser ``net(x_t, t) -> out`` whose output is read through ``parametrization``.
+        schedule: the noise schedule (its tables are buffers, so they move with the module).
+        data_shape: shape of one example; ``num_bins``: K for K-level data, None for continuous data.
+        loss: ``simple | elbo | x0_mse | x0_mse_weighted | v_mse``; ``timestep_sampling``: uniform | importance.
+        optimizer, lr_scheduler: partials finished in :meth:`configure_optimizers` (lr_scheduler may be None).
+        val_strata: timesteps per example of the stratified validation ELBO (plus t = 1).
+        clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
+        config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        data_shape: Sequence[int],
+        num_bins: int | None,
+        parametrization: str = Parametrization.EPS.value,
+        variance: str = ReverseVariance.SMALL.value,
+        loss: str = LossType.SIMPLE.value,
+        timestep_sampling: str = TimestepSampling.UNIFORM.value,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        val_strata: int = 32,
+        clip_denoised: bool = True,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler", "config"])
+        self.net = net
+        self.schedule = schedule
+        self.data_shape = tuple(data_shape)
+        self.num_bins = num_bins
+        self.parametrization = Parametrization(parametrization)
+        self.variance = ReverseVariance(variance)
+        self.loss_type = LossType(loss)
+        self.timestep_sampler = make_timestep_sampler(timestep_sampling, schedule.T)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.val_strata = val_strata
+        self.clip_denoised = clip_denoised
+        self.config = config
+        self.num_dims = math.prod(self.data_shape)
+        self.val_elbo = ELBOMetric(self.num_dims)
+
+    # ----------------------------------------------------------------------------------------- model
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(x_t, t)
+
+    def _terms(self, x0: Tensor, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        # The ELBO terms stay in float32 under mixed precision: log-CDFs and small-variance KLs need it.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return term_from_output(
+                self.schedule,
+                x0.float(),
+                x_t.float(),
+                t,
+                out.float(),
+                parametrization=self.parametrization,
+                variance=self.variance,
+                num_bins=self.num_bins,
+            )
+
+    # -------------------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0 = batch[0]
+        t, weight = self.timestep_sampler.sample(x0.shape[0], device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = q_sample(self.schedule, x0, t, noise=eps)
+        out = self.net(x_t, t)
+        term = self._terms(x0, x_t, t, out)  # (B,) nats: L_t, differentiable
+        weight = weight.to(term.dtype)
+        prior = prior_kl_nats(self.schedule, x0.float())
+        if self.loss_type is LossType.ELBO:
+            per_example = (prior + term * weight) / self.num_dims
+        else:
+            target = training_target(self.parametrization, self.schedule, x0, t, eps)
+            mse = weighted_mse(self.loss_type, self.parametrization, self.schedule, t, out.float(), target.float())
+            per_example = mse * weight / self.schedule.T  # weight/T = 1 for uniform t
+        loss = per_example.mean()
+        self._check_finite(loss, term, t)
+
+        if isinstance(self.timestep_sampler, ImportanceSampler):
+            t_all, term_all = self.all_gather(t), self.all_gather(term.detach())
+            self.timestep_sampler.update(t_all.reshape(-1), term_all.reshape(-1))
+
+        # Unbiased Monte Carlo estimates of the three -ELBO terms from this batch's timesteps.
+        with torch.no_grad():
+            scaled = term.detach() * weight
+            to_bpd = 1.0 / (self.num_dims * LN2)
+            recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
+            denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
+            total = prior + scaled
+            metrics = {
+                "train/loss": loss.detach(),
+                "train/elbo_bpd": total.mean() * to_bpd,
+                "train/elbo_bpd_se": total.std() / math.sqrt(total.numel()) * to_bpd,
+                "train/reconstruction_bpd": recon.mean() * to_bpd,
+                "train/prior_bpd": prior.mean() * to_bpd,
+                "train/denoising_bpd": denoise.mean() * to_bpd,
+            }
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict({k: v for k, v in metrics.items() if k != "train/loss"}, on_step=True, on_epoch=False)
+        return loss
+
+    def _check_finite(self, loss: Tensor, term: Tensor, t: Tensor) -> None:
+        if torch.isfinite(loss):
+            return
+        bad_t = t[~torch.isfinite(term)].tolist()
+        which = "reconstruction (t = 1)" if bad_t and all(v == 1 for v in bad_t) else "denoising matching"
+        detail = f"non-finite {which} term at t = {sorted(set(bad_t))[:10]}" if bad_t else "non-finite loss weighting"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at global step {self.global_step} ({detail}; batch timesteps "
+            f"{sorted(set(t.tolist()))[:10]}...). Lower optimizer.lr, keep trainer.gradient_clip_val, or use "
+            "trainer.precision=32-true; checkpoints written so far are kept."
+        )
+
+    # ------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        # The same timesteps and noise every validation, so successive numbers are comparable.
+        self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        result = stratified_elbo(
+            self.net,
+            self.schedule,
+            batch[0],
+            parametrization=self.parametrization,
+            variance=self.variance,
+            num_bins=self.num_bins,
+            strata=self.val_strata,
+            generator=self._val_generator,
+        )
+        self.val_elbo.update(result)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_elbo.compute()
+        # Already reduced across ranks by the metric's sum states: no sync_dist here.
+        self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)
+        self.log_dict({f"val/{k}": v.float() for k, v in values.items()})
+        self.val_elbo.reset()
+
+    # -------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``."""
+        shape = (num_samples, *self.data_shape)
+        common = {
+            "parametrization": self.parametrization,
+            "clip_denoised": self.clip_denoised and self.num_bins is not None,
+            "generator": generator,
+            "device": self.device,
+            "progress": progress,
+        }
+        if sampler == "ddpm":
+            return ancestral_sample(self.net, self.schedule, shape, variance=self.variance, steps=steps, **common)
+        if sampler == "ddim":
+            return ddim_sample(self.net, self.schedule, shape, steps=steps or 50, eta=eta, **common)
+        raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
+
+    # ------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: set optimizer=adamw (or another optimizer config)")
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        # Diffusion runs count steps, not epochs: the LR schedule steps every optimizer step.
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffusion_elbo_config"] = self.config
+        if isinstance(self.timestep_sampler, ImportanceSampler):
+            checkpoint["importance_sampler"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(self.timestep_sampler, ImportanceSampler) and "importance_sampler" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["importance_sampler"])

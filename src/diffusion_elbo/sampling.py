@@ -1,0 +1,65 @@
+"""The ``src/sample.py`` job: draw samples from a trained checkpoint into a PNG grid and an .npz."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from diffusion_elbo.builders import resolve_device
+from diffusion_elbo.checkpoints import load_for_eval
+from diffusion_elbo.config import validate_config
+from diffusion_elbo.visualize import save_samples
+
+log = logging.getLogger(__name__)
+
+
+def run_sample(cfg: DictConfig, output_dir: str) -> Path:
+    validate_config(cfg)
+    device = resolve_device(cfg.device)
+    run = load_for_eval(cfg.ckpt_path, device)
+    module = run.module
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    sampler = cfg.sampler
+    batches, remaining = [], int(cfg.num_samples)
+    num_batches = math.ceil(remaining / int(cfg.batch_size))
+    steps_per_batch = sampler.steps or run.schedule.T
+
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"sampling ({sampler.name}, {steps_per_batch} steps)", total=num_batches * steps_per_batch)
+        while remaining > 0:
+            n = min(remaining, int(cfg.batch_size))
+            batches.append(
+                module.sample(
+                    n,
+                    sampler=sampler.name,
+                    steps=sampler.steps,
+                    eta=sampler.get("eta", 0.0),
+                    generator=generator,
+                    progress=lambda i, total: bar.advance(task, 1),
+                ).cpu()
+            )
+            remaining -= n
+    samples = torch.cat(batches)
+    out = Path(output_dir)
+    npz = out / "samples.npz"
+    np.savez_compressed(
+        npz,
+        samples=samples.numpy(),
+        sampler=sampler.name,
+        steps=steps_per_batch,
+        ckpt_path=str(cfg.ckpt_path),
+        global_step=run.global_step,
+    )
+    png = save_samples(
+        samples[: int(cfg.grid_size)], out / "samples.png", title=f"{sampler.name}, {steps_per_batch} steps"
+    )
+    log.info("wrote %d samples to %s%s", samples.shape[0], npz, f" and {png}" if png else "")
+    print(f"samples: {npz}")
+    return npz

@@ -1,0 +1,71 @@
+"""Pictures of samples without torchvision: image grids and 2-D scatter plots, as PNG files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def image_grid(images: Tensor, nrow: int | None = None, padding: int = 1) -> np.ndarray:
+    """Tile images (N, C, H, W) with values in [-1, 1] into one uint8 array (H', W', C) or (H', W')."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros(c, ncol * (h + padding) + padding, nrow * (w + padding) + padding, dtype=torch.uint8)
+    for i in range(n):
+        row, col = divmod(i, nrow)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = pixels[i]
+    array = grid.permute(1, 2, 0).numpy()  # (H', W', C)
+    return array[..., 0] if c == 1 else array
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save an image grid as PNG; ``scale`` enlarges small images (8x8 digits) with nearest neighbours."""
+    array = image_grid(images, nrow)
+    picture = Image.fromarray(array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
+
+
+def save_scatter(samples: Tensor, path: str | Path, reference: Tensor | None = None, title: str = "") -> Path:
+    """Scatter plot of 2-D samples (N, 2), over ``reference`` data when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if reference is not None:
+        ref = reference.detach().cpu().numpy()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, alpha=0.3, color="grey", label="data")
+    pts = samples.detach().cpu().numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6, color="tab:blue", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=4)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_samples(samples: Tensor, path: str | Path, title: str = "") -> Path | None:
+    """A PNG of samples for image data (grid) or 2-D data (scatter); None for other shapes."""
+    if samples.ndim == 4:
+        scale = max(1, 128 // samples.shape[-1])
+        return save_image_grid(samples, path, scale=min(scale, 8))
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        return save_scatter(samples, path, title=title)
+    return None

@@ -1,0 +1,19 @@
+"""Draw samples from a trained checkpoint: a PNG grid and an .npz in the run directory.
+
+python src/sample.py ckpt_path=.../checkpoints/last.ckpt sampler=ddim sampler.steps=50 num_samples=64
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from diffusion_elbo.cli import CONFIG_PATH, run_job
+from diffusion_elbo.sampling import run_sample
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run_job(run_sample, cfg)
+
+
+if __name__ == "__main__":
+    main()

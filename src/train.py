@@ -1,0 +1,21 @@
+"""Train a diffusion model: python src/train.py [model=unet schedule=linear trainer.devices=4 ...]
+
+Sweeps: python src/train.py -m schedule=linear,cosine,sigmoid
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from diffusion_elbo.cli import CONFIG_PATH, run_job
+from diffusion_elbo.training import train
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_job(train, cfg)
+    # returned for Hydra sweepers that optimise a value
+    return metrics.get("val/elbo_bpd") if metrics else None
+
+
+if __name__ == "__main__":
+    main()
