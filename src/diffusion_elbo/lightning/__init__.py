@@ -1,0 +1,1 @@
+"""Lightning pieces that orchestrate the core: the module, metrics, callbacks, LR schedules."""
