@@ -7,7 +7,7 @@ python src/eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, run_job
+from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
 from diffusion_elbo.evaluation import run_eval
 
 
@@ -17,4 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

@@ -6,7 +6,7 @@ python src/sample.py ckpt_path=.../checkpoints/last.ckpt sampler=ddim sampler.st
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, run_job
+from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
 from diffusion_elbo.sampling import run_sample
 
 
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

@@ -6,7 +6,7 @@ Sweeps: python src/train.py -m schedule=linear,cosine,sigmoid
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, run_job
+from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
 from diffusion_elbo.training import train
 
 
@@ -18,4 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

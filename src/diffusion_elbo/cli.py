@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # conf/ at the repository root, next to src/
@@ -35,6 +35,27 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     OmegaConfBaseException,
     UserError,
 )
+
+
+def swept_dirname(task_overrides: list[str], job_num: int | str) -> str:
+    """Readable sweep subdirectory: only the swept overrides of this job (``schedule=cosine``), parsed with
+    Hydra's own override grammar from the command line; the job number when nothing was swept by hand."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+        )
+    except Exception:  # an argv this parser cannot read: fall back to the job number
+        return str(job_num)
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(parts).replace("/", "_") if parts else str(job_num)
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the configs use; called by the src/*.py entry points before Hydra starts."""
+    OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
 
 
 def run_job(job: Callable[[DictConfig, str], Any], cfg: DictConfig) -> Any:

@@ -28,7 +28,7 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     if hc.mode != RunMode.MULTIRUN:
         return None, None
     group = f"{hc.job.name}-{Path(hc.sweep.dir).name}"
-    return group, hc.job.override_dirname or f"job{hc.job.num}"
+    return group, Path(hc.runtime.output_dir).name  # the sweep subdirectory: its swept overrides
 
 
 def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,6 +83,19 @@ class DiffusionModule(L.LightningModule):
         self.config = config
         self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
+
+    def setup(self, stage: str) -> None:
+        # CPU DDP: each rank's OpenMP threads spin on every core unless split; oversubscribed, a step can run
+        # 30x slower. Give each local rank its share of the cores unless the user set OMP_NUM_THREADS.
+        trainer = self._trainer
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and self.device.type == "cpu"
+            and "OMP_NUM_THREADS" not in os.environ
+        ):
+            local = max(1, trainer.world_size // max(1, trainer.num_nodes))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
     # ----------------------------------------------------------------------------------------- model
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:

@@ -1,0 +1,169 @@
+"""The entry points as users run them: src/eval.py, src/train.py (single, multirun, DDP), src/sample.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_elbo.core import make_schedule
+from diffusion_elbo.core.gaussian_data import oracle_expected_terms
+
+from .helpers import FAST, run_cli
+
+LN2 = math.log(2.0)
+
+
+def metrics_path(stdout: str) -> Path:
+    line = next(line for line in stdout.splitlines() if line.startswith("metrics: "))
+    return Path(line.removeprefix("metrics: "))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name):
+    result = run_cli(
+        "eval.py",
+        "data=gaussian",
+        "model=gaussian_oracle",
+        f"schedule={name}",
+        "schedule.timesteps=100",
+        "data.mean=0.5",
+        "data.std=0.8",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    path = metrics_path(result.stdout)
+    assert path == tmp_path / "metrics.json"
+    m = json.loads(path.read_text())
+    assert {"bpd", "bpd_se", "nats_per_dim", "terms_nats_per_dim", "num_examples", "true_nll_bpd"} <= set(m)
+    terms = m["terms_nats_per_dim"]
+    assert terms["reconstruction"] + terms["prior"] + terms["denoising"] == pytest.approx(m["nats_per_dim"])
+    assert m["num_examples"] == 1000 and len(m["per_t_nats_per_dim"]) == 100
+    closed = oracle_expected_terms(make_schedule(name, 100), 0.5, 0.8)
+    assert abs(m["bpd"] - closed.total / LN2) < 4 * m["bpd_se"]
+    assert m["true_nll_bpd"] == pytest.approx(closed.true_nll / LN2, abs=4 * m["true_nll_bpd_se"])
+    assert m["gap_bpd"] > 5 * m["gap_bpd_se"]  # -ELBO >= true NLL, resolved well beyond noise
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["parametrization=eps2"], ["parametrization='eps2' is not an option", "eps | x0 | v"]),
+        (["schedule.timesteps=0"], ["schedule.timesteps=0 must be >= 1"]),
+        (["schedule=linear", "schedule.timesteps=10"], ["beta(s) outside (0, 1)", "t=10"]),
+        (["data.std=-1"], ["data.std=-1"]),
+        (["variance=tiny", "batch_size=0"], ["variance='tiny'", "batch_size=0 must be >= 1"]),
+    ],
+)
+def test_eval_cli_bad_values_fail_at_start_with_clear_message(tmp_path, args, fragments):
+    result = run_cli("eval.py", *args, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_unknown_config_group_option_names_the_choices(tmp_path):
+    result = run_cli("train.py", "model=unet_huge", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "Could not find 'model/unet_huge'" in result.stderr and "unet_cifar10" in result.stderr
+
+
+def test_missing_mnist_files_fail_at_once_saying_where_to_put_them(tmp_path):
+    result = run_cli(
+        "train.py",
+        "data=mnist",
+        "model=unet_mnist",
+        f"data.root={tmp_path / 'nothing'}",
+        "data.download=false",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 2
+    assert "train-images-idx3-ubyte" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+@pytest.mark.slow
+def test_train_then_eval_and_sample_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", *FAST, "schedule.timesteps=100", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and ckpt.is_file()
+
+    result = run_cli("eval.py", f"ckpt_path={ckpt}", "num_examples=32", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["num_examples"] == 32 and len(m["per_t_nats_per_dim"]) == 100 and m["split"] == "test"
+    assert m["bpd"] > 0 and "true_nll_bpd" not in m
+
+    for sampler in (["sampler=ddpm", "sampler.steps=10"], ["sampler=ddim", "sampler.steps=5"]):
+        out = tmp_path / sampler[0].replace("=", "-")
+        result = run_cli("sample.py", f"ckpt_path={ckpt}", *sampler, "num_samples=10", f"hydra.run.dir={out}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples = np.load(out / "samples.npz")["samples"]
+        assert samples.shape == (10, 1, 8, 8) and np.isfinite(samples).all()
+        assert np.abs(samples).max() <= 1.0  # clipped x0 on image data
+        assert Image.open(out / "samples.png").size[0] > 8
+
+
+def test_sample_cli_without_checkpoint_says_what_is_missing(tmp_path):
+    result = run_cli("sample.py", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "ckpt_path" in result.stderr
+
+
+def test_truncated_checkpoint_is_named_with_the_fix(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    result = run_cli("eval.py", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 2
+    assert "truncated or corrupt" in result.stderr and str(bad) in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
+    result = run_cli(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine,sigmoid",
+        *FAST,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=100",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["schedule=cosine", "schedule=linear", "schedule=sigmoid"]
+    for run in runs:
+        m = json.loads((tmp_path / run / "train_metrics.json").read_text())
+        assert m["global_step"] == 2 and math.isfinite(m["val/elbo_bpd"])
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
+    result = run_cli(
+        "train.py",
+        *FAST,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1.0",
+        "schedule.timesteps=100",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert m["global_step"] == 4 and math.isfinite(m["val/elbo_bpd"])
+    rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "val/elbo_bpd" in rows
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -1,0 +1,187 @@
+"""The training ladder: fast runs per model x data pair, resume, EMA, outputs, loggers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict
+from PIL import Image
+
+from diffusion_elbo.builders import resolve_wandb_mode
+from diffusion_elbo.checkpoints import load_for_eval
+from diffusion_elbo.training import sweep_group_and_name, train
+
+from .helpers import CONF_DIR, compose_train, write_fake_mnist
+
+
+def read_csv_metrics(output_dir: Path) -> list[dict]:
+    (path,) = output_dir.glob("csv/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=digits", "model=unet"],
+        ["data=toy2d", "model=mlp", "data.name=moons"],
+        ["data=gaussian", "model=mlp", "data.dim=4", "parametrization=v", "loss=elbo"],
+        ["data=digits", "model=unet", "parametrization=x0", "loss=x0_mse_weighted", "schedule=cosine"],
+    ],
+    ids=["unet-digits", "mlp-toy2d", "mlp-gaussian-elbo", "unet-digits-x0"],
+)
+def test_short_run_logs_finite_loss_and_all_elbo_terms(tmp_path, overrides):
+    cfg = compose_train(tmp_path, [*overrides, "schedule.timesteps=200"])
+    metrics = train(cfg, str(tmp_path))
+    assert metrics["global_step"] == 6
+    for key in (
+        "train/loss",
+        "train/elbo_bpd",
+        "train/prior_bpd",
+        "val/elbo_bpd",
+        "val/reconstruction_bpd",
+        "val/prior_bpd",
+        "val/denoising_bpd",
+        "val/elbo_bpd_se",
+    ):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    terms = metrics["val/reconstruction_bpd"] + metrics["val/prior_bpd"] + metrics["val/denoising_bpd"]
+    assert terms == pytest.approx(metrics["val/elbo_bpd"], rel=1e-5)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "train_metrics.json").read_text())["global_step"] == 6
+
+
+def test_image_runs_write_sample_grids_and_eval_reloads_ema_weights(tmp_path):
+    cfg = compose_train(tmp_path, ["schedule.timesteps=100", "callbacks.ema.decay=0.5"])
+    train(cfg, str(tmp_path))
+    grids = sorted((tmp_path / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000003.png", "step_0000006.png"]
+    assert Image.open(grids[-1]).size[0] >= 16  # a grid of 4 digits, enlarged
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    # Lightning's weight averaging: state_dict holds the EMA weights, current_model_state the raw ones.
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    diffs = [not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("net.")]
+    assert any(diffs)
+    run = load_for_eval(tmp_path / "checkpoints" / "last.ckpt")
+    key = next(k for k, d in zip([k for k in ema if k.startswith("net.")], diffs, strict=True) if d)
+    torch.testing.assert_close(run.module.state_dict()[key], ema[key])
+    assert run.global_step == 6 and run.datamodule.num_bins == 17
+
+
+def test_resume_continues_at_saved_step_with_lr_schedule_and_ema(tmp_path):
+    common = [
+        "schedule.timesteps=100",
+        "lr_scheduler.warmup_steps=10",
+        "trainer.val_check_interval=5",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+    ]
+    straight = tmp_path / "straight"
+    train(compose_train(straight, [*common, "trainer.max_steps=10"]), str(straight))
+
+    resumed = tmp_path / "resumed"
+    train(compose_train(resumed, [*common, "trainer.max_steps=5"]), str(resumed))
+    first = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 5
+    metrics = train(compose_train(resumed, [*common, "trainer.max_steps=10", "ckpt_path=last"]), str(resumed))
+    assert metrics["global_step"] == 10
+    # The LR warm-up continued from step 5 rather than restarting: same LR per step as the straight run.
+    lr_straight = dict(column(read_csv_metrics(straight), "lr-AdamW"))
+    lr_resumed = {}
+    for version in sorted(resumed.glob("csv/version_*/metrics.csv")):
+        with open(version) as f:
+            lr_resumed.update({int(r["step"]): float(r["lr-AdamW"]) for r in csv.DictReader(f) if r.get("lr-AdamW")})
+    assert max(lr_resumed) == 9 and lr_resumed == pytest.approx(lr_straight)
+    # EMA kept averaging across the restart: 10 updates in all.
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert int(last["averaging_state"]["n_averaged"]) == 10
+
+
+def test_importance_sampler_history_survives_checkpoints(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=gaussian",
+            "model=mlp",
+            "data.dim=4",
+            "loss=elbo",
+            "schedule=cosine",
+            "schedule.timesteps=10",
+            "trainer.max_steps=12",
+        ],
+    )
+    train(cfg, str(tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["importance_sampler"]
+    assert int(state["counts"].sum()) == 100  # full history: 10 timesteps x 10 values
+    assert torch.isfinite(state["losses"]).all()
+
+
+def test_fake_mnist_trains_with_the_mnist_unet(tmp_path):
+    root = tmp_path / "mnist"
+    write_fake_mnist(root)
+    cfg = compose_train(
+        tmp_path / "run",
+        [
+            "data=mnist",
+            f"data.root={root}",
+            "data.num_val=16",
+            "model=unet_mnist",
+            "model.model_channels=32",
+            "model.num_groups=8",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.batch_size=8",
+            "schedule.timesteps=100",
+        ],
+    )
+    metrics = train(cfg, str(tmp_path / "run"))
+    assert metrics["global_step"] == 2 and metrics["val/elbo_bpd"] > 0
+
+
+def test_wandb_offline_run_files_are_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+    cfg = compose_train(tmp_path / "run", ["logger=wandb", "trainer.max_steps=3", "schedule.timesteps=100"])
+    train(cfg, str(tmp_path / "run"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))  # the real client's run file, which `wandb sync` uploads
+
+
+def test_wandb_mode_is_online_only_with_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"
+
+
+def test_multirun_jobs_share_a_wandb_group_named_after_the_sweep(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["schedule=cosine"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2026-01-01_00-00-00")
+        cfg.hydra.runtime.output_dir = str(tmp_path / "multiruns" / "2026-01-01_00-00-00" / "schedule=cosine")
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert sweep_group_and_name() == ("train-2026-01-01_00-00-00", "schedule=cosine")
+    finally:
+        HydraConfig.instance().cfg = None
