@@ -12,11 +12,24 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from diffusion_elbo.visualize import save_samples
 
 log = logging.getLogger(__name__)
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool = True):
+    """EMA update for all parameters in one fused ``foreach`` lerp. With ``warmup`` the decay after n updates is
+    min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random initial weights
+    (the warm-up used by tensorflow's ExponentialMovingAverage with num_updates, and many diffusion codebases)."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        effective = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1.0 - effective)
+
+    return update
 
 
 class EMA(WeightAveraging):
@@ -24,14 +37,16 @@ class EMA(WeightAveraging):
     :class:`WeightAveraging`: validation, sampling and checkpoints' ``state_dict`` use the EMA weights,
     and the raw weights are kept in the checkpoint to resume training.
 
-    Differences from Lightning's ``EMAWeightAveraging``: one fused ``foreach`` update for all parameters,
-    and buffers are not averaged (our buffers are constant schedule tables).
+    Differences from Lightning's ``EMAWeightAveraging``: one fused ``foreach`` update for all parameters, a
+    warm-up of the decay, and buffers are not averaged (our buffers are constant schedule tables).
     """
 
-    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1, start_step: int = 0
+    ) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema.decay must be in (0, 1); got {decay}")
-        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
+            raise ValueError(f"callbacks.ema.decay must be in (0, 1); got {decay}")
+        super().__init__(use_buffers=False, multi_avg_fn=ema_multi_avg_fn(decay, warmup))
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
