@@ -151,3 +151,18 @@ def test_consistency_form_agrees_in_expectation_with_larger_variance(gen, record
     record_property("consistency_over_denoising_variance_ratio", ratio)
     print(f"variance of the first (consistency) form / second (denoising) form: {ratio:.1f}x")
     assert ratio > 2
+
+
+def test_stratified_estimator_is_unbiased_and_evaluates_small_t_exactly(gen):
+    from diffusion_elbo.core.elbo import stratified_elbo, stratified_timesteps
+
+    t, sizes = stratified_timesteps(1000, 32, gen)
+    assert int(sizes.sum()) == 1000 and t[0] == 1 and (sizes[:6] == 1).all()  # t = 1..6 exactly
+    s = make_schedule("linear", 1000)
+    oracle = GaussianOracle(s, MEAN, STD)
+    x0 = gaussian_batch(gen, n=400, dim=4)
+    exact = exact_elbo(oracle, s, x0, parametrization="eps", generator=gen).total
+    strat = torch.stack(
+        [stratified_elbo(oracle, s, x0, parametrization="eps", strata=16, generator=gen).total for _ in range(10)]
+    ).mean(0)
+    assert abs(strat.mean() - exact.mean()) < 4 * math.hypot(se(strat), se(exact))

@@ -183,18 +183,23 @@ def exact_elbo(
     )
 
 
-def stratified_timesteps(
-    num_timesteps: int, strata: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """t = 1 plus one t drawn uniformly in each of ``strata`` equal-width strata of 2..T, and each stratum's
-    size n_k: sum_k n_k L_{t_k} is an unbiased, low-variance estimate of sum_{t>=2} L_t. Returns (K + 1,) each."""
+def stratified_timesteps(num_timesteps: int, strata: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """t = 1 plus one t drawn uniformly in each stratum of 2..T, and each stratum's size n_k:
+    sum_k n_k L_{t_k} is an unbiased estimate of sum_{t>=2} L_t. Returns (K' + 1,) each.
+
+    Strata are geometrically spaced (about ``strata`` of them): L_t falls steeply with t (on quantized data
+    the first few t can hold half of the bound), so the smallest t get strata of width one and are evaluated
+    exactly, while the flat tail is sampled. Equal-width strata would be unbiased too but heavy-tailed.
+    """
     if num_timesteps - 1 <= strata:  # few steps: every t is its own stratum (the exact sum)
         t = torch.arange(1, num_timesteps + 1)
         return t, torch.ones_like(t)
-    edges = torch.linspace(2, num_timesteps + 1, strata + 1, dtype=torch.float64).floor().long()  # (K + 1,)
-    sizes = edges[1:] - edges[:-1]  # (K,)
+    grid = torch.logspace(math.log10(2), math.log10(num_timesteps + 1), strata + 1, dtype=torch.float64)
+    edges = torch.unique(grid.floor().long())  # ascending, starts at 2
+    edges[-1] = num_timesteps + 1
+    sizes = edges[1:] - edges[:-1]  # (K',)
     device = generator.device if generator is not None else "cpu"
-    u = torch.rand(strata, generator=generator, dtype=torch.float64, device=device).cpu()
+    u = torch.rand(sizes.numel(), generator=generator, dtype=torch.float64, device=device).cpu()
     offsets = (u * sizes).floor().long()
     t = torch.cat([torch.ones(1, dtype=torch.long), edges[:-1] + offsets])
     return t, torch.cat([torch.ones(1, dtype=torch.long), sizes])
