@@ -174,13 +174,23 @@ def test_short_digits_run_beats_the_uniform_distribution(tmp_path):
     """After 600 steps the exact test-set -ELBO is below log2(17) = 4.09 bits/dim (uniform over 17 levels)."""
     run_dir = tmp_path / "run"
     result = run_cli(
-        "train.py", *FAST, "trainer.max_steps=600", "trainer.val_check_interval=600", "optimizer.lr=1e-3",
-        "lr_scheduler.warmup_steps=50", "callbacks.model_checkpoint.every_n_train_steps=600",
-        f"hydra.run.dir={run_dir}", timeout=900,
+        "train.py",
+        *FAST,
+        "trainer.max_steps=600",
+        "trainer.val_check_interval=600",
+        "optimizer.lr=1e-3",
+        "lr_scheduler.warmup_steps=50",
+        "callbacks.model_checkpoint.every_n_train_steps=600",
+        f"hydra.run.dir={run_dir}",
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=64",
-                     f"hydra.run.dir={tmp_path / 'eval'}")
+    result = run_cli(
+        "eval.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "num_examples=64",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["timesteps"] == 1000 and m["num_examples"] == 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,80 @@ def test_multirun_jobs_share_a_wandb_group_named_after_the_sweep(tmp_path):
         assert sweep_group_and_name() == ("train-2026-01-01_00-00-00", "schedule=cosine")
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_fake_cifar10_and_image_folder_train_with_a_small_unet(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(batches / name, "wb") as f:
+            pickle.dump({b"data": rng.randint(0, 256, (8, 3072), dtype=np.uint8), b"labels": list(range(8))}, f)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.randint(0, 256, (20 + i, 18, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    small_unet = [
+        "model.model_channels=16",
+        "model.channel_mult=[1,2]",
+        "model.num_groups=8",
+        "data.batch_size=4",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "schedule.timesteps=50",
+    ]
+    for name, data in [
+        (
+            "cifar",
+            [
+                "data=cifar10",
+                f"data.root={tmp_path / 'cifar'}",
+                "data.num_val=8",
+                "data.download=false",
+                "model.attention_resolutions=[16]",
+            ],
+        ),
+        (
+            "folder",
+            [
+                "data=image_folder",
+                f"data.root={folder}",
+                "data.image_size=16",
+                "data.val_fraction=0.25",
+                "data.test_fraction=0.25",
+                "model.attention_resolutions=[8]",
+            ],
+        ),
+    ]:
+        metrics = train(compose_train(tmp_path / name, [*data, *small_unet]), str(tmp_path / name))
+        assert metrics["global_step"] == 2 and math.isfinite(metrics["val/elbo_bpd"])
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    train(
+        compose_train(tmp_path, ["logger=tensorboard", "trainer.max_steps=3", "schedule.timesteps=100"]), str(tmp_path)
+    )
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind

@@ -183,7 +183,9 @@ def exact_elbo(
     )
 
 
-def stratified_timesteps(num_timesteps: int, strata: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def stratified_timesteps(
+    num_timesteps: int, strata: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """t = 1 plus one t drawn uniformly in each stratum of 2..T, and each stratum's size n_k:
     sum_k n_k L_{t_k} is an unbiased estimate of sum_{t>=2} L_t. Returns (K' + 1,) each.
 

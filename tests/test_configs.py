@@ -1,0 +1,65 @@
+"""Every config group option and experiment preset composes and builds; bad values are caught at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from diffusion_elbo.builders import build_module
+from diffusion_elbo.config import ConfigError, validate_config
+
+from .helpers import CONF_DIR
+
+
+def compose_with(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=hydra)
+    if not hydra:
+        with open_dict(cfg):
+            cfg.paths.output_dir = "/tmp/unused"
+    return cfg
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_presets_compose_and_build(experiment):
+    cfg = compose_with([f"experiment={experiment}"])
+    validate_config(cfg)
+    module, datamodule = build_module(cfg)
+    assert module.data_shape == tuple(datamodule.data_shape)
+    if experiment == "cifar10_ddpm":
+        assert sum(p.numel() for p in module.net.parameters()) == pytest.approx(35.7e6, rel=0.01)
+        assert cfg.callbacks.ema.decay == 0.9999 and cfg.lr_scheduler.warmup_steps == 5000
+
+
+@pytest.mark.parametrize(
+    "group", ["schedule", "loss", "optimizer", "lr_scheduler", "sampler", "trainer", "logger", "callbacks"]
+)
+def test_every_option_of_a_group_composes(group):
+    for option in options(group):
+        if group == "schedule" and option == "custom":
+            cfg = compose_with(["schedule=custom", "schedule.betas=[0.1,0.2,0.3]"])
+        else:
+            cfg = compose_with([f"{group}={option}"])
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local", "submitit_slurm"])
+def test_launchers_are_available(launcher):
+    cfg = compose_with([f"hydra/launcher={launcher}"], hydra=True)
+    assert "hydra_plugins" in cfg.hydra.launcher._target_
+
+
+def test_validate_config_lists_every_problem():
+    cfg = compose_with(["parametrization=eps3", "loss.name=l1", "optimizer.lr=-1", "data.batch_size=0"])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    msg = str(err.value)
+    for fragment in ("parametrization='eps3'", "loss.name='l1'", "optimizer.lr=-1 must be > 0", "data.batch_size=0"):
+        assert fragment in msg
