@@ -263,3 +263,20 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_ranks_draw_different_noise_and_resume_restores_the_generator(tmp_path, monkeypatch):
+    from diffusion_elbo.builders import build_module
+    from diffusion_elbo.lightning.module import DiffusionModule
+
+    module, _ = build_module(compose_train(tmp_path, ["schedule.timesteps=100"]))
+    rank0 = torch.randn(8, generator=module.generator)
+    monkeypatch.setattr(DiffusionModule, "global_rank", property(lambda self: 1))
+    module._generator = None
+    rank1 = torch.randn(8, generator=module.generator)
+    assert not torch.equal(rank0, rank1)
+    # a checkpoint carries the generator state: loading it continues the same stream
+    state = {"generator_state": module.generator.get_state()}
+    expected = torch.randn(8, generator=module.generator)
+    module.on_load_checkpoint(state)
+    assert torch.equal(torch.randn(8, generator=module.generator), expected)

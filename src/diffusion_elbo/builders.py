@@ -52,6 +52,7 @@ def build_module(cfg: DictConfig):
         lr_scheduler=lr_scheduler,
         val_strata=OmegaConf.select(cfg, "val_strata", default=32),
         clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
+        seed=int(OmegaConf.select(cfg, "seed", default=0)),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule

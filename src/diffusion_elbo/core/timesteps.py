@@ -28,7 +28,9 @@ class TimestepSampler:
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        p = self.probs()
+        # draw where the generator lives (a CUDA generator needs CUDA tensors), then move to ``device``
+        where = generator.device if generator is not None else torch.device(device)
+        p = self.probs().to(where)
         idx = torch.multinomial(p, batch_size, replacement=True, generator=generator)  # (B,) in 0..T-1
         return (idx + 1).to(device), (1.0 / p[idx]).to(device)
 
@@ -45,8 +47,9 @@ class UniformSampler(TimestepSampler):
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        # Cheaper than multinomial and keeps generator draws on the target device.
-        t = torch.randint(1, self.num_timesteps + 1, (batch_size,), generator=generator, device=device)
+        # Cheaper than multinomial; drawn where the generator lives.
+        where = generator.device if generator is not None else torch.device(device)
+        t = torch.randint(1, self.num_timesteps + 1, (batch_size,), generator=generator, device=where).to(device)
         return t, torch.full((batch_size,), float(self.num_timesteps), dtype=torch.float64, device=device)
 
 

@@ -47,6 +47,8 @@ class DiffusionModule(L.LightningModule):
         optimizer, lr_scheduler: partials finished in :meth:`configure_optimizers` (lr_scheduler may be None).
         val_strata: timesteps per example of the stratified validation ELBO (plus t = 1).
         clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
+        seed: seeds the module's own generator for t and noise, offset by the DDP rank so ranks draw different
+            noise (seed_everything gives every rank the same global seed); its state is saved in checkpoints.
         config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
     """
 
@@ -64,6 +66,7 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
         clip_denoised: bool = True,
+        seed: int = 0,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -80,9 +83,22 @@ class DiffusionModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.val_strata = val_strata
         self.clip_denoised = clip_denoised
+        self.seed = seed
         self.config = config
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
         self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The module's generator on its device: seed + 100003 * rank, restored from a checkpoint if resuming."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self._generator
 
     def setup(self, stage: str) -> None:
         # CPU DDP: each rank's OpenMP threads spin on every core unless split; oversubscribed, a step can run
@@ -118,8 +134,8 @@ class DiffusionModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0 = batch[0]
-        t, weight = self.timestep_sampler.sample(x0.shape[0], device=x0.device)
-        eps = torch.randn_like(x0)
+        t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
+        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, noise=eps)
         out = self.net(x_t, t)
         term = self._terms(x0, x_t, t, out)  # (B,) nats: L_t, differentiable
@@ -206,7 +222,11 @@ class DiffusionModule(L.LightningModule):
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Tensor:
-        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``."""
+        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
+
+        Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples."""
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
         shape = (num_samples, *self.data_shape)
         common = {
             "parametrization": self.parametrization,
@@ -235,9 +255,12 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_elbo_config"] = self.config
+        checkpoint["generator_state"] = self.generator.get_state()
         if isinstance(self.timestep_sampler, ImportanceSampler):
             checkpoint["importance_sampler"] = self.timestep_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "generator_state" in checkpoint:
+            self._generator, self._generator_state = None, checkpoint["generator_state"]
         if isinstance(self.timestep_sampler, ImportanceSampler) and "importance_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["importance_sampler"])
