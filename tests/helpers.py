@@ -27,6 +27,9 @@ FAST = [
     "callbacks.sample_grid.num_samples=4",
     "callbacks.sample_grid.steps=5",
     "callbacks.model_checkpoint.every_n_train_steps=3",
+    "callbacks.fid.num_samples=0",
+    "callbacks.toy2d_metrics.num_samples=200",
+    "callbacks.toy2d_metrics.steps=5",
     "val_strata=4",
     "logger=csv",
 ]

@@ -96,11 +96,20 @@ def test_train_then_eval_and_sample_checkpoint(tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert (run_dir / ".hydra" / "config.yaml").is_file() and ckpt.is_file()
 
-    result = run_cli("eval.py", f"ckpt_path={ckpt}", "num_examples=32", f"hydra.run.dir={tmp_path / 'eval'}")
+    result = run_cli(
+        "eval.py",
+        f"ckpt_path={ckpt}",
+        "num_examples=32",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        "fid.num_samples=20",
+        "fid.classifier_steps=50",
+        f"fid.cache_dir={tmp_path / 'cache'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["num_examples"] == 32 and len(m["per_t_nats_per_dim"]) == 100 and m["split"] == "test"
     assert m["bpd"] > 0 and "true_nll_bpd" not in m
+    assert m["fid"] > 0 and m["fid_num_samples"] == 20 and 0 <= m["fid_classifier_accuracy"] <= 1
 
     for sampler in (["sampler=ddpm", "sampler.steps=10"], ["sampler=ddim", "sampler.steps=5"]):
         out = tmp_path / sampler[0].replace("=", "-")

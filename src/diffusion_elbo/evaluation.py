@@ -203,6 +203,8 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             "ckpt_path": cfg.ckpt_path,
         }
     )
+    if cfg.ckpt_path is not None and _wants_fid(cfg, datamodule):
+        metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
     path = write_metrics(metrics, output_dir)
     line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f}"
     if "true_nll_bpd" in metrics:
@@ -213,6 +215,50 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
+
+
+def _wants_fid(cfg: DictConfig, datamodule) -> bool:
+    fid_cfg = cfg.get("fid")
+    if fid_cfg is None or int(fid_cfg.num_samples) < 1 or len(datamodule.data_shape) != 3:
+        return False
+    if fid_cfg.features == "classifier" and not datamodule.has_labels:
+        log.info("FID skipped: %s has no labels for the feature classifier", type(datamodule).__name__)
+        return False
+    return True
+
+
+def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device) -> dict:
+    from diffusion_elbo.fid import make_fid
+    from diffusion_elbo.lightning.callbacks import compute_fid
+
+    f = cfg.fid
+    fid = make_fid(
+        datamodule,
+        features=f.features,
+        cache_dir=f.cache_dir,
+        weights_path=f.weights_path,
+        classifier_steps=int(f.classifier_steps),
+        device=device,
+    )
+    value = compute_fid(
+        module,
+        fid,
+        int(f.num_samples),
+        0,
+        1,
+        sampler=f.sampler,
+        steps=f.steps,
+        eta=float(f.eta),
+        batch_size=int(f.batch_size),
+        seed=int(cfg.seed),
+    )
+    return {
+        "fid": value,
+        "fid_features": f.features,
+        "fid_num_samples": int(f.num_samples),
+        "fid_sampler": f"{f.sampler}-{f.steps or 'T'}",
+        "fid_classifier_accuracy": fid.classifier_accuracy,
+    }
 
 
 def _interactive() -> bool:

@@ -69,3 +69,67 @@ def save_samples(samples: Tensor, path: str | Path, title: str = "") -> Path | N
     if samples.ndim == 2 and samples.shape[1] == 2:
         return save_scatter(samples, path, title=title)
     return None
+
+
+def _figure(ncols: int, width: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.4), dpi=100)
+    return plt, fig, axes
+
+
+def save_profile_plot(profile: dict, path: str | Path, title: str = "") -> Path:
+    """Two panels: L_t in bits/dim against t (log axes), and Ho et al.'s rate-distortion curve."""
+    from diffusion_elbo.lightning.metrics import rate_distortion
+
+    rd = rate_distortion(
+        profile["t"], profile["t_weights"], profile["term_bpd"], profile["x0_mse"], profile["prior_bpd"]
+    )
+    plt, fig, (ax1, ax2) = _figure(2)
+    t = profile["t"].cpu().numpy()
+    ax1.loglog(t, profile["term_bpd"].cpu().numpy().clip(min=1e-12), marker="o", ms=3)
+    ax1.set_xlabel("t")
+    ax1.set_ylabel("L_t (bits/dim)")
+    ax1.set_title("per-timestep -ELBO terms" + (f" ({title})" if title else ""))
+    ax2.plot(rd["rate_bpd"].cpu().numpy(), rd["distortion_rmse"].cpu().numpy(), marker="o", ms=3)
+    ax2.set_xlabel("rate: bits/dim to send x_T..x_t")
+    ax2.set_ylabel("distortion: RMSE of x0_hat (0..255)")
+    ax2.set_title("rate vs distortion")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_schedule_plot(schedule, path: str | Path) -> Path:
+    """alpha_bar(t), log SNR(t) and beta_t of a schedule."""
+    plt, fig, (ax1, ax2, ax3) = _figure(3, width=3.4)
+    t = range(1, schedule.T + 1)
+    ax1.plot(t, schedule.alpha_bar[1:].cpu().numpy())
+    ax1.set_title("alpha_bar(t)")
+    ax2.plot(t, schedule.log_snr().cpu().numpy())
+    ax2.set_title("log SNR(t)")
+    ax3.semilogy(t, schedule.betas[1:].cpu().numpy())
+    ax3.set_title("beta_t")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel("t")
+    fig.suptitle(f"schedule: {schedule.name}, T = {schedule.T}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def log_image(trainer, key: str, path: Path) -> None:
+    """Log a PNG to every logger that takes images (W&B, TensorBoard)."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # W&B
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            array = np.asarray(Image.open(path).convert("RGB"))
+            logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")

@@ -25,12 +25,13 @@ from torch import Tensor
 from diffusion_elbo.core.distributions import (
     discretized_gaussian_log_likelihood,
     gaussian_log_prob,
+    mean_flat,
     nats_to_bits_per_dim,
     normal_kl,
     sum_flat,
 )
 from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
-from diffusion_elbo.core.parametrization import Parametrization
+from diffusion_elbo.core.parametrization import Parametrization, predict_x0
 from diffusion_elbo.core.reverse import ReverseStep, ReverseVariance, p_mean_variance
 from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import TimestepSampler
@@ -121,6 +122,10 @@ class ELBOResult:
     denoising: Tensor  # (B,)
     per_t: Tensor  # (B, T)
     num_dims: int
+    # stratified estimates only: the timesteps used, their weights n_k, and ||x0_hat - x0||^2 / D at each
+    t_values: Tensor | None = None  # (K,)
+    t_weights: Tensor | None = None  # (K,)
+    x0_mse: Tensor | None = None  # (B, K)
 
     @property
     def total(self) -> Tensor:
@@ -219,33 +224,34 @@ def stratified_elbo(
     strata: int = 32,
     max_batch: int = 4096,
     generator: torch.Generator | None = None,
+    timesteps: tuple[Tensor, Tensor] | None = None,
 ) -> ELBOResult:
     """-ELBO per example from K + 1 network evaluations instead of T: the reconstruction term exactly at
     t = 1 and the denoising sum by stratified sampling over 2..T (one t per stratum, weighted by its size).
 
     Unbiased for the same quantity as :func:`exact_elbo`; used for cheap validation. ``per_t`` holds the
-    K + 1 weighted terms n_k L_{t_k} (column 0 the reconstruction).
+    K + 1 weighted terms n_k L_{t_k} (column 0 the reconstruction); ``x0_mse`` the reconstruction error of
+    x0_hat(x_t) at each t_k (the distortion of Ho et al.'s progressive coding). ``timesteps`` = (t_k, n_k)
+    fixes the draw, e.g. once per validation so all batches share it.
     """
-    t_values, sizes = stratified_timesteps(schedule.T, strata, generator)
+    t_values, sizes = timesteps if timesteps is not None else stratified_timesteps(schedule.T, strata, generator)
     t_values, sizes = t_values.to(x0.device), sizes.to(x0.device)
     batch, k = x0.shape[0], t_values.numel()
     per_t = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
+    x0_mse = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
     chunk = max(1, max_batch // batch)
     for start in range(0, k, chunk):
         ts = t_values[start : start + chunk]  # (C,)
         t = ts.repeat_interleave(batch)  # (C * B,)
         x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
-        values, _ = term_nats(
-            model,
-            schedule,
-            x0_rep,
-            t,
-            parametrization=parametrization,
-            variance=variance,
-            num_bins=num_bins,
-            generator=generator,
+        x_t = q_sample(schedule, x0_rep, t, generator=generator)
+        out = model(x_t, t)
+        values = term_from_output(
+            schedule, x0_rep, x_t, t, out, parametrization=parametrization, variance=variance, num_bins=num_bins
         )
+        x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, out)
         per_t[:, start : start + len(ts)] = values.view(len(ts), batch).T.double()
+        x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
     per_t = per_t * sizes.double()
     return ELBOResult(
         reconstruction=per_t[:, 0],
@@ -253,6 +259,9 @@ def stratified_elbo(
         denoising=per_t[:, 1:].sum(dim=1),
         per_t=per_t,
         num_dims=x0[0].numel(),
+        t_values=t_values,
+        t_weights=sizes,
+        x0_mse=x0_mse,
     )
 
 

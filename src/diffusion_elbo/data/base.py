@@ -21,10 +21,12 @@ class DiffusionDataModule(L.LightningDataModule):
     - ``data_shape``: shape of one example, e.g. (1, 8, 8) or (2,)
     - ``num_bins``: K for data quantized to K levels in [-1, 1] (the discretized decoder is used and
       bits/dim are honest), or None for continuous data (the ELBO is a density bound)
+    - ``has_labels``: whether batches carry class labels
     """
 
     data_shape: tuple[int, ...]
     num_bins: int | None = None
+    has_labels: bool = False  # class labels y >= 0 (needed by the FID feature classifier)
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
         super().__init__()

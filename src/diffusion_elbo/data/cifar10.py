@@ -93,6 +93,8 @@ class CIFAR10DataModule(DiffusionDataModule):
     are flipped left-right at random by default, as Ho et al. 2020 (Appendix B) do for CIFAR-10.
     """
 
+    has_labels = True
+
     num_bins = 256
 
     def __init__(

@@ -31,6 +31,8 @@ class DigitsDataModule(DiffusionDataModule):
     The split is stratified by digit, so val and test hold each digit about equally often (17-19 times).
     """
 
+    has_labels = True
+
     def __init__(
         self,
         num_val: int = 180,

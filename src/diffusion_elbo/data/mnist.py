@@ -99,6 +99,8 @@ class MNISTDataModule(DiffusionDataModule):
     LeNet input, for models that need a power of two.
     """
 
+    has_labels = True
+
     num_bins = 256
 
     def __init__(

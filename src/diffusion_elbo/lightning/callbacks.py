@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_elbo.visualize import save_samples
+from diffusion_elbo.visualize import log_image, save_profile_plot, save_samples, save_schedule_plot
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,211 @@ class SampleGrid(L.Callback):
 
                 array = np.asarray(Image.open(path).convert("RGB"))
                 logger.experiment.add_image("samples", array, trainer.global_step, dataformats="HWC")
+
+
+class ELBOProfile(L.Callback):
+    """After each validation: the per-t -ELBO terms and Ho et al.'s rate-distortion curve as a PNG and a CSV in
+    ``<run dir>/profiles/``, logged as an image."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        profile = getattr(pl_module, "last_profile", None)
+        if trainer.sanity_checking or profile is None:
+            return
+        from diffusion_elbo.lightning.metrics import rate_distortion
+
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "profiles")
+        stem = dirpath / f"step_{trainer.global_step:07d}"
+        rd = rate_distortion(
+            profile["t"], profile["t_weights"], profile["term_bpd"], profile["x0_mse"], profile["prior_bpd"]
+        )
+        dirpath.mkdir(parents=True, exist_ok=True)
+        with open(stem.with_suffix(".csv"), "w") as f:
+            f.write("t,stratum_size,term_bpd,rate_bpd,distortion_rmse\n")
+            for row in zip(
+                rd["t"].tolist(),
+                profile["t_weights"].tolist(),
+                profile["term_bpd"].tolist(),
+                rd["rate_bpd"].tolist(),
+                rd["distortion_rmse"].tolist(),
+                strict=True,
+            ):
+                f.write(",".join(f"{v:.6g}" for v in row) + "\n")
+        path = save_profile_plot(profile, stem.with_suffix(".png"), title=f"step {trainer.global_step}")
+        log_image(trainer, "elbo_profile", path)
+
+
+class ScheduleSummary(L.Callback):
+    """At the start of training: alpha_bar(t), log SNR(t) and beta_t plotted, and the SNR endpoints logged,
+    so a sweep over schedules shows why their bounds differ."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        schedule = pl_module.schedule
+        path = save_schedule_plot(schedule, Path(trainer.default_root_dir) / "schedule.png")
+        log_image(trainer, "schedule", path)
+        log_snr = schedule.log_snr()
+        summary = {
+            "schedule/log_snr_1": float(log_snr[0]),
+            "schedule/log_snr_T": float(log_snr[-1]),
+            "schedule/alpha_bar_T": float(schedule.alpha_bar[-1]),
+            "schedule/timesteps": schedule.T,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=0)
+
+
+class FIDMetric(L.Callback):
+    """FID every ``every_n_val`` validations on EMA weights (keep it before :class:`EMA` in the list).
+
+    The ``num_samples`` are split across DDP ranks, each drawing with its own seed; the metric's sum states
+    are gathered, so N GPUs each do 1/N of the work and report the same value. Skipped (with a log line)
+    when the data has no labels for the feature classifier or is not images.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        every_n_val: int = 5,
+        features: str = "classifier",
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        eta: float = 0.0,
+        batch_size: int = 256,
+        cache_dir: str = "data/cache",
+        weights_path: str | None = None,
+        seed: int = 0,
+        classifier_steps: int = 3000,
+    ) -> None:
+        self.num_samples = num_samples
+        self.every_n_val = every_n_val
+        self.classifier_steps = classifier_steps
+        self.features = features
+        self.sampler, self.steps, self.eta = sampler, steps, eta
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.weights_path = weights_path
+        self.seed = seed
+        self.fid = None
+        self._count = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from diffusion_elbo.fid import make_fid
+
+        datamodule = trainer.datamodule
+        if self.num_samples < 1 or len(datamodule.data_shape) != 3:
+            return
+        if self.features == "classifier" and not getattr(datamodule, "has_labels", True):
+            log.info("FID skipped: %s has no labels for the feature classifier", type(datamodule).__name__)
+            return
+        # rank 0 trains and caches the classifier and reference statistics; the others then load them
+        kwargs = {
+            "features": self.features,
+            "cache_dir": self.cache_dir,
+            "weights_path": self.weights_path,
+            "classifier_steps": self.classifier_steps,
+            "device": pl_module.device,
+        }
+        if trainer.is_global_zero:
+            self.fid = make_fid(datamodule, **kwargs)
+        trainer.strategy.barrier("fid_cache")
+        if not trainer.is_global_zero:
+            self.fid = make_fid(datamodule, rank=trainer.global_rank, **kwargs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fid is None or trainer.sanity_checking:
+            return
+        self._count += 1
+        if self._count % self.every_n_val:
+            return
+        value = compute_fid(
+            pl_module,
+            self.fid,
+            self.num_samples,
+            trainer.global_rank,
+            trainer.world_size,
+            sampler=self.sampler,
+            steps=self.steps,
+            eta=self.eta,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        pl_module.log("val/fid", value)
+        if self.fid.classifier_accuracy is not None:
+            pl_module.log("val/fid_classifier_accuracy", self.fid.classifier_accuracy)
+
+
+def compute_fid(
+    module,
+    fid,
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    *,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+    batch_size: int,
+    seed: int,
+    progress=None,
+) -> float:
+    """Sample this rank's share of ``num_samples`` (seed + rank) into the metric and return the gathered FID."""
+    share = num_samples // world_size + (1 if rank < num_samples % world_size else 0)
+    generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
+    fid.reset_fake()
+    done = 0
+    while done < share:
+        n = min(batch_size, share - done)
+        fid.update(module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress))
+        done += n
+    return fid.compute()
+
+
+class Toy2DMetrics(L.Callback):
+    """For 2-D data after each validation: energy distance and sliced Wasserstein-2 between samples and the
+    validation split, each with its standard error, and a scatter of samples over data (EMA weights: keep it
+    before :class:`EMA` in the list)."""
+
+    def __init__(
+        self, num_samples: int = 2000, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, seed: int = 0
+    ) -> None:
+        self.num_samples, self.sampler, self.steps, self.eta, self.seed = num_samples, sampler, steps, eta, seed
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or tuple(pl_module.data_shape) != (2,) or self.num_samples < 20:
+            return
+        from diffusion_elbo.sample_metrics import energy_distance_with_se, sliced_wasserstein_with_se
+        from diffusion_elbo.visualize import save_scatter
+
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        samples = pl_module.sample(
+            self.num_samples, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generator
+        ).cpu()
+        val = torch.stack(
+            [trainer.datamodule.val_set[i][0] for i in range(min(len(trainer.datamodule.val_set), self.num_samples))]
+        )
+        ed, ed_se = energy_distance_with_se(samples, val)
+        sw, sw_se = sliced_wasserstein_with_se(samples, val, generator=torch.Generator().manual_seed(self.seed))
+        pl_module.log_dict(
+            {
+                "val/energy_distance": ed,
+                "val/energy_distance_se": ed_se,
+                "val/sliced_w2": sw,
+                "val/sliced_w2_se": sw_se,
+            },
+            rank_zero_only=True,
+        )
+        if trainer.is_global_zero:
+            path = save_scatter(
+                samples,
+                Path(trainer.default_root_dir) / "samples" / f"scatter_{trainer.global_step:07d}.png",
+                reference=val,
+                title=f"step {trainer.global_step}: energy distance {ed:.4f} ± {ed_se:.4f}",
+            )
+            log_image(trainer, "samples_vs_data", path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

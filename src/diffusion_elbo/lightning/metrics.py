@@ -49,3 +49,43 @@ class ELBOMetric(Metric):
             "prior_bpd": self.prior / n * to_bpd,
             "denoising_bpd": self.denoising / n * to_bpd,
         }
+
+
+class ProfileMetric(Metric):
+    """Per-timestep means of L_t and of the x0 reconstruction error over a validation pass, at the K fixed
+    timesteps of a stratified estimate (the same on every rank, so the sum states add up across DDP)."""
+
+    full_state_update = False
+
+    def __init__(self, num_points: int, num_dims: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_dims = num_dims
+        self.add_state("term_sum", default=torch.zeros(num_points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("x0_mse_sum", default=torch.zeros(num_points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("prior_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, result: ELBOResult) -> None:
+        # per_t holds n_k L_{t_k}; divide the stratum size back out to get L_{t_k} itself
+        self.term_sum += (result.per_t / result.t_weights.double()).sum(dim=0)
+        self.x0_mse_sum += result.x0_mse.sum(dim=0)
+        self.prior_sum += result.prior.double().sum()
+        self.count += result.per_t.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        to_bpd = 1.0 / (self.num_dims * math.log(2.0))
+        return {
+            "term_bpd": self.term_sum / self.count * to_bpd,  # (K,) L_t in bits/dim
+            "x0_mse": self.x0_mse_sum / self.count,  # (K,) per dim, data in [-1, 1]
+            "prior_bpd": self.prior_sum / self.count * to_bpd,
+        }
+
+
+def rate_distortion(
+    t_values: Tensor, t_weights: Tensor, term_bpd: Tensor, x0_mse: Tensor, prior_bpd: Tensor
+) -> dict[str, Tensor]:
+    """Ho et al. 2020's progressive-coding view (Fig. 5): the rate to send x_T, ..., x_t is the prior term
+    plus the L_s for s >= t (stratum sizes n_k weight the sampled L_{t_k}); the distortion is the RMSE of
+    x0_hat(x_t) on the 0..255 scale."""
+    weighted = (term_bpd * t_weights.double()).flip(0).cumsum(0).flip(0)  # sum over strata j >= k
+    return {"t": t_values, "rate_bpd": prior_bpd + weighted, "distortion_rmse": x0_mse.sqrt() * 127.5}

@@ -25,9 +25,9 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
-from diffusion_elbo.core.elbo import stratified_elbo, term_from_output
+from diffusion_elbo.core.elbo import stratified_elbo, stratified_timesteps, term_from_output
 from diffusion_elbo.core.timesteps import ImportanceSampler
-from diffusion_elbo.lightning.metrics import ELBOMetric
+from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
 LN2 = math.log(2.0)
 
@@ -89,6 +89,8 @@ class DiffusionModule(L.LightningModule):
         self._generator_state: Tensor | None = None
         self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
+        self.val_profile = ProfileMetric(len(stratified_timesteps(schedule.T, val_strata)[0]), self.num_dims)
+        self.last_profile: dict[str, Tensor] | None = None  # per-t view of the last validation, for callbacks
 
     @property
     def generator(self) -> torch.Generator:
@@ -187,7 +189,11 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        # The same timesteps and noise every validation, so successive numbers are comparable.
+        # The same timesteps and noise every validation, so successive numbers are comparable; the
+        # timesteps are shared by all ranks (per-t sums add up), the noise differs per rank.
+        self._val_timesteps = stratified_timesteps(
+            self.schedule.T, self.val_strata, torch.Generator().manual_seed(12345)
+        )
         self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -198,12 +204,17 @@ class DiffusionModule(L.LightningModule):
             parametrization=self.parametrization,
             variance=self.variance,
             num_bins=self.num_bins,
-            strata=self.val_strata,
             generator=self._val_generator,
+            timesteps=self._val_timesteps,
         )
         self.val_elbo.update(result)
+        self.val_profile.update(result)
 
     def on_validation_epoch_end(self) -> None:
+        profile = self.val_profile.compute()
+        t_values, t_weights = self._val_timesteps
+        self.last_profile = {"t": t_values, "t_weights": t_weights, **{k: v.cpu() for k, v in profile.items()}}
+        self.val_profile.reset()
         values = self.val_elbo.compute()
         # Already reduced across ranks by the metric's sum states: no sync_dist here.
         self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)

@@ -1,0 +1,122 @@
+"""Classifier FID (identical ~ 0, shifted > 0, same on 1 and 2 DDP ranks), Inception FID where available,
+and the 2-D sample metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diffusion_elbo.data import DigitsDataModule
+from diffusion_elbo.fid import load_or_train_classifier, make_fid
+from diffusion_elbo.sample_metrics import energy_distance_with_se, sliced_wasserstein_with_se
+
+STEPS = 300  # a quick classifier for the property tests; the default (3000 steps) is checked below
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fid_cache")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def train_images(dm) -> torch.Tensor:
+    return torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
+
+
+def test_identical_sets_give_near_zero_and_shifted_sets_more(cache_dir, digits):
+    fid = make_fid(digits, cache_dir=cache_dir, classifier_steps=STEPS)
+    x = train_images(digits)
+    fid.update(x)
+    same = fid.compute()
+    fid.reset_fake()
+    fid.update((x + 0.5).clamp(-1, 1))
+    shifted = fid.compute()
+    assert abs(same) < 1e-3
+    assert shifted > 1.0 and shifted > 1000 * abs(same)
+
+
+def test_reference_statistics_and_classifier_are_cached(cache_dir, digits):
+    make_fid(digits, cache_dir=cache_dir, classifier_steps=STEPS)
+    names = sorted(p.name.split("-")[0] for p in cache_dir.iterdir())
+    assert names == ["classifier", "reference"]
+    again = load_or_train_classifier(digits, cache_dir, steps=STEPS)  # loads, does not retrain
+    assert again.path.parent == cache_dir and 0 <= again.test_accuracy <= 1
+
+
+def _worker(rank: int, init_file: str, cache_dir: str, fake: torch.Tensor, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    fid = make_fid(DigitsDataModule(), cache_dir=cache_dir, classifier_steps=STEPS, rank=rank)
+    fid.update(fake[:500] if rank == 0 else fake[500:])  # uneven shards
+    value = fid.compute()
+    if rank == 0:
+        torch.save(value, out)
+    dist.destroy_process_group()
+
+
+def test_same_samples_on_one_and_two_ranks_give_the_same_fid(cache_dir, digits, tmp_path):
+    fid = make_fid(digits, cache_dir=cache_dir, classifier_steps=STEPS)
+    # more samples than the 128 features, so the covariance (and its square root) is well conditioned
+    x = train_images(digits)
+    fake = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    fid.update(fake)
+    single = fid.compute()
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(cache_dir), fake, str(tmp_path / "out.pt")), nprocs=2)
+    assert torch.load(tmp_path / "out.pt") == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_default_digits_classifier_is_accurate(tmp_path, digits):
+    trained = load_or_train_classifier(digits, tmp_path)
+    assert trained.test_accuracy > 0.97
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch_fidelity") is None,
+    reason="torch-fidelity not installed (GPU extra: pip install .[fid])",
+)
+def test_inception_fid_builds_from_a_weights_file(tmp_path):
+    from diffusion_elbo.fid import inception_fid_metric
+
+    with pytest.raises(FileNotFoundError, match="fid.weights_path"):
+        inception_fid_metric(str(tmp_path / "missing.pth"))
+
+
+def test_inception_fid_without_torch_fidelity_says_how_to_install(monkeypatch):
+    import builtins
+
+    from diffusion_elbo.fid import inception_fid_metric
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "torch_fidelity":
+            raise ImportError("No module named 'torch_fidelity'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install \.\[fid\]"):
+        inception_fid_metric()
+
+
+def test_two_d_metrics_are_near_zero_for_the_same_law_and_grow_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, 2, generator=g), torch.randn(2000, 2, generator=g)
+    ed_same, ed_se = energy_distance_with_se(a, b)
+    ed_shift, _ = energy_distance_with_se(a, b + 1.0)
+    sw_same, sw_se = sliced_wasserstein_with_se(a, b, generator=g)
+    sw_shift, _ = sliced_wasserstein_with_se(a, b + 1.0, generator=g)
+    assert ed_se > 0 and sw_se > 0
+    assert abs(ed_same) < 4 * ed_se + 0.02 and ed_shift > 10 * abs(ed_same) + 0.2
+    assert sw_same < 0.05 and sw_shift == pytest.approx(1.0, abs=0.1)  # E[(u.s)^2] = |s|^2 / D = 1 for s = (1, 1)
