@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -154,6 +155,19 @@ def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
     for run in runs:
         m = json.loads((tmp_path / run / "train_metrics.json").read_text())
         assert m["global_step"] == 2 and math.isfinite(m["val/elbo_bpd"])
+
+    # the sweep report lists every run with its schedule and bound, next to the sweep
+    result = run_cli(
+        "report.py", f"sweep_dir={tmp_path}", "wandb.mode=offline", f"hydra.run.dir={tmp_path / 'report_job'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == runs
+    assert sorted(r["schedule"] for r in rows) == ["cosine", "linear", "sigmoid"]
+    assert all(float(r["val/elbo_bpd"]) > 0 for r in rows)
+    assert (tmp_path / "report.png").is_file() and "schedule=cosine" in (tmp_path / "report.md").read_text()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 @pytest.mark.slow
