@@ -25,30 +25,29 @@ class ELBOMetric(Metric):
     def __init__(self, num_dims: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_dims = num_dims
-        for name in ("total", "total_sq", "reconstruction", "prior", "denoising"):
+        for name in ("total", "reconstruction", "prior", "denoising"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{name}_sq", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, result: ELBOResult) -> None:
-        total = result.total.double()
-        self.total += total.sum()
-        self.total_sq += (total**2).sum()
-        self.reconstruction += result.reconstruction.double().sum()
-        self.prior += result.prior.double().sum()
-        self.denoising += result.denoising.double().sum()
-        self.count += total.numel()
+        for name, values in (("total", result.total), ("reconstruction", result.reconstruction),
+                             ("prior", result.prior), ("denoising", result.denoising)):
+            values = values.double()
+            setattr(self, name, getattr(self, name) + values.sum())
+            setattr(self, f"{name}_sq", getattr(self, f"{name}_sq") + (values**2).sum())
+        self.count += result.total.numel()
 
     def compute(self) -> dict[str, Tensor]:
         n, to_bpd = self.count, 1.0 / (self.num_dims * math.log(2.0))
-        mean = self.total / n
-        var = (self.total_sq / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
-        return {
-            "elbo_bpd": mean * to_bpd,
-            "elbo_bpd_se": (var / n).sqrt() * to_bpd,
-            "reconstruction_bpd": self.reconstruction / n * to_bpd,
-            "prior_bpd": self.prior / n * to_bpd,
-            "denoising_bpd": self.denoising / n * to_bpd,
-        }
+        out = {}
+        for name, key in (("total", "elbo"), ("reconstruction", "reconstruction"), ("prior", "prior"),
+                          ("denoising", "denoising")):
+            mean = getattr(self, name) / n
+            var = (getattr(self, f"{name}_sq") / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
+            out[f"{key}_bpd"] = mean * to_bpd
+            out[f"{key}_bpd_se"] = (var / n).sqrt() * to_bpd  # standard error over examples
+        return out
 
 
 class ProfileMetric(Metric):

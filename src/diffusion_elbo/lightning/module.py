@@ -163,14 +163,11 @@ class DiffusionModule(L.LightningModule):
             recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
             denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
             total = prior + scaled
-            metrics = {
-                "train/loss": loss.detach(),
-                "train/elbo_bpd": total.mean() * to_bpd,
-                "train/elbo_bpd_se": total.std() / math.sqrt(total.numel()) * to_bpd,
-                "train/reconstruction_bpd": recon.mean() * to_bpd,
-                "train/prior_bpd": prior.mean() * to_bpd,
-                "train/denoising_bpd": denoise.mean() * to_bpd,
-            }
+            root_n = math.sqrt(total.numel())
+            metrics = {"train/loss": loss.detach()}
+            for name, values in (("elbo", total), ("reconstruction", recon), ("prior", prior), ("denoising", denoise)):
+                metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
+                metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict({k: v for k, v in metrics.items() if k != "train/loss"}, on_step=True, on_epoch=False)
         return loss
