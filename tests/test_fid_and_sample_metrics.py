@@ -120,3 +120,14 @@ def test_two_d_metrics_are_near_zero_for_the_same_law_and_grow_with_a_shift():
     assert ed_se > 0 and sw_se > 0
     assert abs(ed_same) < 4 * ed_se + 0.02 and ed_shift > 10 * abs(ed_same) + 0.2
     assert sw_same < 0.05 and sw_shift == pytest.approx(1.0, abs=0.1)  # E[(u.s)^2] = |s|^2 / D = 1 for s = (1, 1)
+
+
+def test_energy_distance_is_unbiased_for_equal_laws():
+    g = torch.Generator().manual_seed(1)
+    values = torch.tensor(
+        [
+            energy_distance_with_se(torch.randn(400, 2, generator=g), torch.randn(400, 2, generator=g))[0]
+            for _ in range(20)
+        ]
+    )
+    assert abs(values.mean()) < 3 * values.std() / 20**0.5  # centred on zero, not biased upwards

@@ -53,6 +53,7 @@ def build_module(cfg: DictConfig):
         val_strata=OmegaConf.select(cfg, "val_strata", default=32),
         clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
         seed=int(OmegaConf.select(cfg, "seed", default=0)),
+        nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule
@@ -89,6 +90,19 @@ def resolve_wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def wandb_run_id(output_dir: str | Path) -> str:
+    """The W&B run id of this run directory: created once, read back when the run is resumed in place."""
+    path = Path(output_dir) / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def build_loggers(cfg: DictConfig, output_dir: str, group: str | None = None, name: str | None = None) -> list:
     """Loggers of the ``logger`` config group; W&B gets its mode resolved and, in a sweep, a shared group."""
     loggers = []
@@ -98,6 +112,8 @@ def build_loggers(cfg: DictConfig, output_dir: str, group: str | None = None, na
         overrides = {}
         if key == "wandb":
             overrides["mode"] = resolve_wandb_mode(logger_cfg.get("mode", "auto"))
+            # a resumed run (same run directory) continues the same W&B run
+            overrides["id"], overrides["resume"] = wandb_run_id(output_dir), "allow"
             if logger_cfg.get("group") is None and group is not None:
                 overrides["group"] = group
             if logger_cfg.get("name") is None and name is not None:

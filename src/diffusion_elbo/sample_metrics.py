@@ -1,6 +1,7 @@
 """Sample-quality numbers for low-dimensional data, each with a standard error.
 
-- energy distance (Szekely & Rizzo 2013): 2 E|X - Y| - E|X - X'| - E|Y - Y'| >= 0, zero iff the laws match
+- energy distance (Szekely & Rizzo 2013): 2 E|X - Y| - E|X - X'| - E|Y - Y'| >= 0, zero iff the laws match;
+  estimated without bias (U-statistics: the within-sample means leave out the zero diagonal)
 - sliced Wasserstein-2 (Rabin et al. 2011): mean over random directions of the squared 1-D W2 distance
 """
 
@@ -13,10 +14,12 @@ from torch import Tensor
 
 
 def energy_distance(x: Tensor, y: Tensor) -> Tensor:
-    """The (V-statistic) energy distance between samples x (N, D) and y (M, D)."""
+    """Unbiased estimate of the energy distance between samples x (N, D) and y (M, D); can be slightly
+    negative when the laws are equal (the V-statistic, dividing by N^2, is biased upwards by ~E|X - X'| / N)."""
+    n, m = x.shape[0], y.shape[0]
     xy = torch.cdist(x, y).mean()
-    xx = torch.cdist(x, x).mean()
-    yy = torch.cdist(y, y).mean()
+    xx = torch.cdist(x, x).sum() / (n * (n - 1))
+    yy = torch.cdist(y, y).sum() / (m * (m - 1))
     return 2 * xy - xx - yy
 
 

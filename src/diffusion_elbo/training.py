@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
+from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
+from diffusion_elbo.cli import UserError
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
@@ -31,14 +33,53 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     return group, Path(hc.runtime.output_dir).name  # the sweep subdirectory: its swept overrides
 
 
+def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
+    """Refuse to start a new run in a directory that already holds one: it would overwrite its checkpoints."""
+    out = Path(output_dir)
+    previous = sorted((out / "checkpoints").glob("*.ckpt")) + [p for p in [out / "train_metrics.json"] if p.exists()]
+    if previous and ckpt_path is None:
+        raise UserError(
+            f"{out} already holds a training run ({previous[0].name}); it is not overwritten. Resume it with "
+            f"ckpt_path=last, or start a new run in another directory (drop hydra.run.dir=... or pick a new one)."
+        )
+
+
+def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """Resolve ``last`` and check a checkpoint's tensors fit the configured model, naming the keys that do not."""
+    if ckpt_path is None:
+        return None
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last" and not path.is_file():
+        log.warning("ckpt_path=last but %s does not exist yet: starting from scratch", path)
+        return None
+    state = read_checkpoint(path)["state_dict"]
+    own = module.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a model of another shape than model={module.net.__class__.__name__} "
+            f"as configured: mismatched {mismatched[:6]}, missing {missing[:6]}, unexpected {unexpected[:6]}. "
+            "Resume with the same model/data config as the run that wrote it (see its .hydra/config.yaml)."
+        )
+    return str(path)
+
+
 def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
     """Train the configured model; returns the last logged metrics (also saved to train_metrics.json)."""
     validate_config(cfg)
+    check_output_dir(output_dir, cfg.ckpt_path)
     L.seed_everything(int(cfg.seed), workers=True)
     if OmegaConf.select(cfg, "matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     module, datamodule = build_module(cfg)
+    ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir)
     callbacks = build_callbacks(cfg)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
@@ -47,7 +88,7 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=output_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[instantiate(cfg.checkpoint_io) if OmegaConf.select(cfg, "checkpoint_io") else AtomicCheckpointIO()],
     )
     for logger in trainer.loggers:  # the resolved config, once per run
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -58,7 +99,7 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
         sum(p.numel() for p in module.net.parameters()) / 1e6,
         type(datamodule).__name__,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step

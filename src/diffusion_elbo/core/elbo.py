@@ -188,6 +188,21 @@ def exact_elbo(
     )
 
 
+def stratum_edges(num_timesteps: int, strata: int) -> Tensor:
+    """Edges e_0 = 2 < e_1 < ... = T + 1 of about ``strata`` geometrically spaced strata [e_k, e_{k+1}) of 2..T."""
+    grid = torch.logspace(math.log10(2), math.log10(num_timesteps + 1), strata + 1, dtype=torch.float64)
+    edges = torch.unique(grid.floor().long())  # ascending, starts at 2
+    edges[-1] = num_timesteps + 1
+    return edges
+
+
+def num_stratified_timesteps(num_timesteps: int, strata: int) -> int:
+    """How many timesteps :func:`stratified_timesteps` returns (t = 1 plus one per stratum); draws nothing."""
+    if num_timesteps - 1 <= strata:
+        return num_timesteps
+    return stratum_edges(num_timesteps, strata).numel()  # (K' strata) + t = 1
+
+
 def stratified_timesteps(
     num_timesteps: int, strata: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -201,9 +216,7 @@ def stratified_timesteps(
     if num_timesteps - 1 <= strata:  # few steps: every t is its own stratum (the exact sum)
         t = torch.arange(1, num_timesteps + 1)
         return t, torch.ones_like(t)
-    grid = torch.logspace(math.log10(2), math.log10(num_timesteps + 1), strata + 1, dtype=torch.float64)
-    edges = torch.unique(grid.floor().long())  # ascending, starts at 2
-    edges[-1] = num_timesteps + 1
+    edges = stratum_edges(num_timesteps, strata)
     sizes = edges[1:] - edges[:-1]  # (K',)
     device = generator.device if generator is not None else "cpu"
     u = torch.rand(sizes.numel(), generator=generator, dtype=torch.float64, device=device).cpu()

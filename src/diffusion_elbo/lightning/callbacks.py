@@ -314,6 +314,53 @@ class Toy2DMetrics(L.Callback):
             log_image(trainer, "samples_vs_data", path)
 
 
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM (what SLURM and most schedulers send before preemption) Lightning stops at the next batch
+    boundary with a ``SIGTERMException``; this callback then writes ``last.ckpt`` so ``ckpt_path=last`` resumes
+    from that exact step, and the process exits cleanly (status 0)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = Path(self.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+
+
+class LossJournal(L.Callback):
+    """``loss_curve.csv`` in the run directory: the training loss of every step, exactly once. On resume the
+    steps the interrupted run logged after its last checkpoint are dropped before the run goes on, so the
+    curve has neither gaps nor repeats however often the run was killed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        keep = []
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()[1:]
+            keep = [line for line in lines if line and int(line.split(",")[0]) < trainer.global_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("step,loss\n" + "".join(f"{line}\n" for line in keep))
+        tmp.replace(self.path)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:  # a skipped batch
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step - 1},{float(loss):.8g}\n")
+            f.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, fsyncs it, then renames it over the target: a crash
     mid-write leaves the previous checkpoint intact (rename is atomic on POSIX file systems)."""

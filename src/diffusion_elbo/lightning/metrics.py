@@ -31,8 +31,12 @@ class ELBOMetric(Metric):
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, result: ELBOResult) -> None:
-        for name, values in (("total", result.total), ("reconstruction", result.reconstruction),
-                             ("prior", result.prior), ("denoising", result.denoising)):
+        for name, values in (
+            ("total", result.total),
+            ("reconstruction", result.reconstruction),
+            ("prior", result.prior),
+            ("denoising", result.denoising),
+        ):
             values = values.double()
             setattr(self, name, getattr(self, name) + values.sum())
             setattr(self, f"{name}_sq", getattr(self, f"{name}_sq") + (values**2).sum())
@@ -41,8 +45,12 @@ class ELBOMetric(Metric):
     def compute(self) -> dict[str, Tensor]:
         n, to_bpd = self.count, 1.0 / (self.num_dims * math.log(2.0))
         out = {}
-        for name, key in (("total", "elbo"), ("reconstruction", "reconstruction"), ("prior", "prior"),
-                          ("denoising", "denoising")):
+        for name, key in (
+            ("total", "elbo"),
+            ("reconstruction", "reconstruction"),
+            ("prior", "prior"),
+            ("denoising", "denoising"),
+        ):
             mean = getattr(self, name) / n
             var = (getattr(self, f"{name}_sq") / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
             out[f"{key}_bpd"] = mean * to_bpd

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_elbo.core import (
@@ -25,7 +26,7 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
-from diffusion_elbo.core.elbo import stratified_elbo, stratified_timesteps, term_from_output
+from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
@@ -49,6 +50,9 @@ class DiffusionModule(L.LightningModule):
         clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
         seed: seeds the module's own generator for t and noise, offset by the DDP rank so ranks draw different
             noise (seed_everything gives every rank the same global seed); its state is saved in checkpoints.
+        nonfinite: what a non-finite loss does: ``error`` stops at that step with the step, its timesteps and the
+            ELBO term that went non-finite; ``skip`` warns the same and skips the batch. A non-finite gradient
+            always stops. Either way the checkpoints already written are kept.
         config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
     """
 
@@ -67,6 +71,7 @@ class DiffusionModule(L.LightningModule):
         val_strata: int = 32,
         clip_denoised: bool = True,
         seed: int = 0,
+        nonfinite: str = "error",
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -84,12 +89,16 @@ class DiffusionModule(L.LightningModule):
         self.val_strata = val_strata
         self.clip_denoised = clip_denoised
         self.seed = seed
+        if nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r} is not an option; choose error or skip")
+        self.nonfinite = nonfinite
         self.config = config
+        self._last_t: Tensor | None = None
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
-        self.val_profile = ProfileMetric(len(stratified_timesteps(schedule.T, val_strata)[0]), self.num_dims)
+        self.val_profile = ProfileMetric(num_stratified_timesteps(schedule.T, val_strata), self.num_dims)
         self.last_profile: dict[str, Tensor] | None = None  # per-t view of the last validation, for callbacks
 
     @property
@@ -134,7 +143,7 @@ class DiffusionModule(L.LightningModule):
             )
 
     # -------------------------------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x0 = batch[0]
         t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
@@ -150,7 +159,13 @@ class DiffusionModule(L.LightningModule):
             mse = weighted_mse(self.loss_type, self.parametrization, self.schedule, t, out.float(), target.float())
             per_example = mse * weight / self.schedule.T  # weight/T = 1 for uniform t
         loss = per_example.mean()
-        self._check_finite(loss, term, t)
+        self._last_t = t
+        if not torch.isfinite(loss):
+            message = self._nonfinite_message(loss, term, prior, t)
+            if self.nonfinite == "skip":
+                rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
+                return None  # Lightning skips backward and the optimizer step
+            raise NonFiniteLossError(message)
 
         if isinstance(self.timestep_sampler, ImportanceSampler):
             t_all, term_all = self.all_gather(t), self.all_gather(term.detach())
@@ -172,17 +187,32 @@ class DiffusionModule(L.LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k != "train/loss"}, on_step=True, on_epoch=False)
         return loss
 
-    def _check_finite(self, loss: Tensor, term: Tensor, t: Tensor) -> None:
-        if torch.isfinite(loss):
-            return
-        bad_t = t[~torch.isfinite(term)].tolist()
-        which = "reconstruction (t = 1)" if bad_t and all(v == 1 for v in bad_t) else "denoising matching"
-        detail = f"non-finite {which} term at t = {sorted(set(bad_t))[:10]}" if bad_t else "non-finite loss weighting"
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at global step {self.global_step} ({detail}; batch timesteps "
-            f"{sorted(set(t.tolist()))[:10]}...). Lower optimizer.lr, keep trainer.gradient_clip_val, or use "
-            "trainer.precision=32-true; checkpoints written so far are kept."
+    def _nonfinite_message(self, loss: Tensor, term: Tensor, prior: Tensor, t: Tensor) -> str:
+        bad = ~torch.isfinite(term)
+        parts = []
+        if (bad & (t == 1)).any():
+            parts.append("reconstruction (t = 1)")
+        if (bad & (t >= 2)).any():
+            parts.append(f"denoising matching at t = {sorted(set(t[bad & (t >= 2)].tolist()))[:10]}")
+        if not torch.isfinite(prior).all():
+            parts.append("prior matching")
+        which = ", ".join(parts) or "the loss weighting (the ELBO terms are finite)"
+        return (
+            f"non-finite loss ({loss.item()}) at global step {self.global_step}: {which} went non-finite; batch "
+            f"timesteps {sorted(set(t.tolist()))[:12]}{'...' if t.unique().numel() > 12 else ''}. Try a lower "
+            "optimizer.lr, trainer.gradient_clip_val=1.0, or trainer.precision=32-true; checkpoints already "
+            "written are kept."
         )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bad = [name for name, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            t = sorted(set(self._last_t.tolist()))[:12] if self._last_t is not None else "?"
+            raise NonFiniteLossError(
+                f"non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), first {bad[:4]}; "
+                f"batch timesteps {t}. Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already "
+                "written are kept."
+            )
 
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
