@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -95,9 +96,7 @@ def wandb_run_id(output_dir: str | Path) -> str:
     path = Path(output_dir) / "wandb_run_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id

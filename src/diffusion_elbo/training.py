@@ -44,14 +44,38 @@ def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
         )
 
 
+def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``checkpoint_dir`` (``last.ckpt`` normally): a file cut
+    off by a crash is skipped with a warning, and temporary files of interrupted writes are removed."""
+    for stale in checkpoint_dir.glob(".*.tmp-*"):
+        log.warning("removing %s, left by a checkpoint write that was interrupted", stale)
+        stale.unlink(missing_ok=True)
+    best, best_step = None, -1
+    for path in sorted(checkpoint_dir.glob("*.ckpt")):
+        try:
+            step = int(read_checkpoint(path).get("global_step", -1))
+        except CheckpointError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        if step > best_step or (step == best_step and path.name == "last.ckpt"):
+            best, best_step = path, step
+    return best
+
+
 def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, output_dir: str | Path) -> str | None:
     """Resolve ``last`` and check a checkpoint's tensors fit the configured model, naming the keys that do not."""
     if ckpt_path is None:
         return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if ckpt_path == "last" and not path.is_file():
-        log.warning("ckpt_path=last but %s does not exist yet: starting from scratch", path)
-        return None
+    if ckpt_path == "last":
+        path = find_resume_checkpoint(Path(output_dir) / "checkpoints")
+        if path is None:
+            log.warning(
+                "ckpt_path=last but %s/checkpoints has no complete checkpoint: starting from scratch", output_dir
+            )
+            return None
+        log.info("resuming from %s", path)
+    else:
+        path = Path(ckpt_path)
     state = read_checkpoint(path)["state_dict"]
     own = module.state_dict()
     mismatched = [
@@ -99,7 +123,17 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
         sum(p.numel() for p in module.net.parameters()) / 1e6,
         type(datamodule).__name__,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as exc:
+        peer_died = any(m in str(exc) for m in ("Connection closed by peer", "remote worker", "NCCL communicator"))
+        if trainer.world_size > 1 and peer_died:
+            raise UserError(
+                f"another process of this {trainer.world_size}-process run died near step {trainer.global_step}, so "
+                f"the run was stopped ({str(exc).splitlines()[0][:200]}). Its own log above says why; the checkpoints "
+                "are intact: resume with ckpt_path=last."
+            ) from exc
+        raise
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step

@@ -59,6 +59,13 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     return arr[top : top + image_size, left : left + image_size]
 
 
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class WrongImageModeError(ValueError):
+    """An image whose pixel format cannot be turned into 8-bit levels without losing data."""
+
+
 def load_image(path: Path, channels: int, image_size: int) -> Tensor:
     """One image file -> (channels, image_size, image_size) uint8 levels; errors name the file.
 
@@ -66,8 +73,16 @@ def load_image(path: Path, channels: int, image_size: int) -> Tensor:
     """
     try:
         with Image.open(path) as image:
+            if image.mode in HIGH_DEPTH_MODES:
+                raise WrongImageModeError(
+                    f"image {path} has mode {image.mode} (16-bit or floating-point pixels), which this 8-bit "
+                    "pipeline would clip; convert it to 8 bits first (e.g. with Pillow: "
+                    "Image.fromarray((np.asarray(im) / 257).astype('uint8'))) or remove it from data.root"
+                )
             image = image.convert(PIL_MODES[channels])
             arr = center_crop_arr(image, image_size)
+    except WrongImageModeError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path} ({error}); delete or replace the file") from error
     x = torch.from_numpy(np.array(arr))  # a writable, contiguous copy of the crop

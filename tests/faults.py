@@ -1,0 +1,66 @@
+"""Fault injection for the reliability tests: objects a config can name with _target_ (tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import torch
+
+from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
+from diffusion_elbo.models import MLPDenoiser
+
+
+class KillMidWrite(AtomicCheckpointIO):
+    """Dies by SIGKILL in the middle of writing its ``kill_on_save``-th checkpoint (half a file on disk)."""
+
+    def __init__(self, kill_on_save: int = 2) -> None:
+        super().__init__()
+        self.kill_on_save = kill_on_save
+        self.saves = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.saves += 1
+        if self.saves == self.kill_on_save:
+            original = torch.save
+
+            def partial_then_die(obj, f, *args, **kwargs):
+                f.write(b"PK\x03\x04 half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            torch.save = partial_then_die
+            try:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            finally:
+                torch.save = original
+        return super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class SignalAtStep(L.Callback):
+    """Sends ``signum`` to its own process after training step ``step`` (a scheduler's SIGTERM, a crash)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM, rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and (self.rank is None or trainer.global_rank == self.rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNAfter(torch.nn.Module):
+    """A denoiser whose output turns NaN after ``calls`` training-mode forward passes."""
+
+    def __init__(self, calls: int, **mlp_kwargs) -> None:
+        super().__init__()
+        self.net = MLPDenoiser(**mlp_kwargs)
+        self.calls, self.seen = calls, 0
+
+    def forward(self, x_t, t):
+        out = self.net(x_t, t)
+        if self.training:
+            self.seen += 1
+            if self.seen > self.calls:
+                return out * float("nan")
+        return out

@@ -1,0 +1,266 @@
+"""Faults: killed and preempted runs resume exactly; a dying DDP rank stops the run; non-finite losses are
+caught at their step; bad inputs get clear errors and overwrite nothing; same seed, same loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_elbo.builders import wandb_run_id
+from diffusion_elbo.checkpoints import CheckpointError
+from diffusion_elbo.cli import UserError
+from diffusion_elbo.lightning.module import NonFiniteLossError
+from diffusion_elbo.training import train
+
+from .helpers import FAST, REPO_ROOT, compose_train, run_cli
+
+# A small, quick digits run: checkpoint every 5 steps, rare validation.
+RUN = [
+    *FAST,
+    "schedule.timesteps=100",
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=20",
+    "callbacks.model_checkpoint.every_n_train_steps=5",
+    "callbacks.sample_grid.num_samples=0",
+    "lr_scheduler.warmup_steps=30",
+]
+
+
+def fault_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def start_train(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "src" / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *args],
+        cwd=REPO_ROOT,
+        env=fault_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def loss_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "loss_curve.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_and_mid_checkpoint_write_then_resume_exactly(tmp_path):
+    run_dir = tmp_path / "run"
+    rng = random.Random(0)
+    # 1: killed while writing its second checkpoint (a half-written temporary file is left behind)
+    proc = start_train(run_dir, "checkpoint_io._target_=tests.faults.KillMidWrite", "+checkpoint_io.kill_on_save=2")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # the write of last.ckpt was cut off ...
+    assert list((run_dir / "checkpoints").glob(".last.ckpt.tmp-*"))  # ... leaving half a temporary file
+    assert torch.load(run_dir / "checkpoints" / "step_0000005.ckpt", weights_only=False)["global_step"] == 5
+    # 2-4: SIGKILL at random moments, resuming each time from the last complete checkpoint
+    kills = 0
+    for _ in range(3):
+        proc = start_train(run_dir, "ckpt_path=last")
+        deadline = time.time() + 60
+        while not (run_dir / "loss_curve.csv").exists() or len(loss_steps(run_dir)) < 3:
+            assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.communicate(timeout=60)
+    assert kills >= 2
+    # last: run to the end
+    proc = start_train(run_dir, "ckpt_path=last")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 40
+    assert loss_steps(run_dir) == list(range(40))  # the curve has no gap and no repeat
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 40
+    assert last["lr_schedulers"][0]["last_epoch"] == 40  # the LR schedule continued exactly
+    assert int(last["averaging_state"]["n_averaged"]) == 40  # EMA restored and updated every step
+    assert not list((run_dir / "checkpoints").glob(".*tmp-*"))  # stale temporary files are cleaned on resume
+    for ckpt in (run_dir / "checkpoints").glob("step_*.ckpt"):
+        torch.load(ckpt, weights_only=False)  # every checkpoint on disk is complete
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, "+callbacks.sigterm._target_=tests.faults.SignalAtStep", "+callbacks.sigterm.step=7")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    proc = start_train(run_dir, "ckpt_path=last")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert loss_steps(run_dir) == list(range(40))
+
+
+@pytest.mark.slow
+def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
+    started = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "src" / "train.py"),
+            *RUN,
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "+callbacks.die._target_=tests.faults.SignalAtStep",
+            "+callbacks.die.step=3",
+            "+callbacks.die.rank=1",
+            "+callbacks.die.signum=9",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO_ROOT,
+        env=fault_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    elapsed = time.time() - started
+    assert proc.returncode != 0
+    assert "another process of this 2-process run died" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert elapsed < 120
+
+
+def test_nonfinite_loss_stops_at_its_step_naming_term_and_timesteps_keeping_checkpoints(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=gaussian",
+            "data.dim=2",
+            "model=mlp",
+            "model._target_=tests.faults.NaNAfter",
+            "model.hidden_dim=32",
+            "+model.calls=4",
+            "trainer.max_steps=10",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "schedule.timesteps=50",
+        ],
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert "global step 4" in msg and "timesteps" in msg and "went non-finite" in msg
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert kept["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_can_skip_batches_with_a_warning(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=gaussian",
+            "data.dim=2",
+            "model=mlp",
+            "model._target_=tests.faults.NaNAfter",
+            "model.hidden_dim=32",
+            "+model.calls=4",
+            "trainer.max_steps=6",
+            "nonfinite=skip",
+            "schedule.timesteps=50",
+            "trainer.val_check_interval=100",
+        ],
+    )
+    with pytest.warns(UserWarning, match="Skipping this batch"):
+        train(cfg, str(tmp_path))
+    assert loss_steps(tmp_path) == [0, 1, 2, 3]  # the skipped batches left no loss behind
+
+
+def test_bf16_mixed_precision_keeps_elbo_terms_finite(tmp_path):
+    metrics = train(compose_train(tmp_path, ["trainer.precision=bf16-mixed", "schedule.timesteps=100"]), str(tmp_path))
+    for key in ("train/loss", "val/elbo_bpd", "val/reconstruction_bpd"):
+        assert np.isfinite(metrics[key])
+
+
+def test_same_seed_on_cpu_gives_the_same_loss_curve(tmp_path):
+    curves = []
+    for name in ("a", "b"):
+        train(compose_train(tmp_path / name, ["schedule.timesteps=100", "trainer.max_steps=8"]), str(tmp_path / name))
+        curves.append((tmp_path / name / "loss_curve.csv").read_text())
+    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 9
+    train(
+        compose_train(tmp_path / "c", ["schedule.timesteps=100", "trainer.max_steps=8", "seed=7"]), str(tmp_path / "c")
+    )
+    assert (tmp_path / "c" / "loss_curve.csv").read_text() != curves[0]
+
+
+def test_a_run_directory_that_holds_a_run_is_never_overwritten(tmp_path):
+    train(compose_train(tmp_path, ["schedule.timesteps=100", "trainer.max_steps=3"]), str(tmp_path))
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match="already holds a training run.*ckpt_path=last"):
+        train(compose_train(tmp_path, ["schedule.timesteps=100", "trainer.max_steps=3"]), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_checkpoint_from_another_model_shape_names_the_mismatched_keys(tmp_path):
+    train(compose_train(tmp_path / "a", ["schedule.timesteps=100", "trainer.max_steps=2"]), str(tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    cfg = compose_train(tmp_path / "b", ["schedule.timesteps=100", "model.model_channels=16", f"ckpt_path={ckpt}"])
+    with pytest.raises(CheckpointError, match=r"mismatched \['net\..*checkpoint \(\d+"):
+        train(cfg, str(tmp_path / "b"))
+
+
+def test_resumed_runs_keep_their_wandb_run_id(tmp_path):
+    first = wandb_run_id(tmp_path)
+    assert wandb_run_id(tmp_path) == first and len(first) >= 8
+    assert wandb_run_id(tmp_path / "other") != first
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["optimizer.lr=-0.1"], ["optimizer.lr=-0.1 must be > 0"]),
+        (["data.batch_size=0"], ["data.batch_size=0 must be >= 1"]),
+        (["schedule=custom", "schedule.betas=[0.1,1.5]"], ["t=2: beta=1.5"]),
+        (["data=image_folder", "data.root=/nonexistent/images", "data.image_size=8"], ["/nonexistent/images"]),
+        (["data=image_folder", "data.root=.", "data.image_size=10"], ["image_size=10", "multiple of 4"]),
+    ],
+    ids=["negative-lr", "batch-size-0", "beta-above-1", "missing-folder", "bad-image-size"],
+)
+def test_bad_training_inputs_fail_with_clear_messages(tmp_path, args, fragments):
+    result = run_cli("train.py", *args, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_empty_image_folder_and_sixteen_bit_images_are_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(
+        "train.py",
+        "data=image_folder",
+        f"data.root={empty}",
+        "data.image_size=8",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'r1'}",
+    )
+    assert result.returncode == 2 and str(empty) in result.stderr
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(deep / "a.png")
+    from diffusion_elbo.data.image_folder import load_image
+
+    with pytest.raises(ValueError, match="mode I;16.*convert it to 8 bits"):
+        load_image(deep / "a.png", 1, 8)
