@@ -149,9 +149,12 @@ class DiffusionModule(L.LightningModule):
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, noise=eps)
         out = self.net(x_t, t)
-        term = self._terms(x0, x_t, t, out)  # (B,) nats: L_t, differentiable
-        weight = weight.to(term.dtype)
-        prior = prior_kl_nats(self.schedule, x0.float())
+        weight = weight.to(torch.float32)
+        logging = self._logging_this_step()
+        # L_t is what loss=elbo trains on; otherwise it is only needed for the logs and the importance sampler
+        needs_term = self.loss_type is LossType.ELBO or isinstance(self.timestep_sampler, ImportanceSampler) or logging
+        term = self._terms(x0, x_t, t, out) if needs_term else None  # (B,) nats: L_t
+        prior = prior_kl_nats(self.schedule, x0.float()) if needs_term else None
         if self.loss_type is LossType.ELBO:
             per_example = (prior + term * weight) / self.num_dims
         else:
@@ -161,6 +164,9 @@ class DiffusionModule(L.LightningModule):
         loss = per_example.mean()
         self._last_t = t
         if not torch.isfinite(loss):
+            with torch.no_grad():
+                term = self._terms(x0, x_t, t, out) if term is None else term
+                prior = prior_kl_nats(self.schedule, x0.float()) if prior is None else prior
             message = self._nonfinite_message(loss, term, prior, t)
             if self.nonfinite == "skip":
                 rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
@@ -171,21 +177,29 @@ class DiffusionModule(L.LightningModule):
             t_all, term_all = self.all_gather(t), self.all_gather(term.detach())
             self.timestep_sampler.update(t_all.reshape(-1), term_all.reshape(-1))
 
-        # Unbiased Monte Carlo estimates of the three -ELBO terms from this batch's timesteps.
-        with torch.no_grad():
-            scaled = term.detach() * weight
-            to_bpd = 1.0 / (self.num_dims * LN2)
-            recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
-            denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
-            total = prior + scaled
-            root_n = math.sqrt(total.numel())
-            metrics = {"train/loss": loss.detach()}
-            for name, values in (("elbo", total), ("reconstruction", recon), ("prior", prior), ("denoising", denoise)):
-                metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
-                metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self.log_dict({k: v for k, v in metrics.items() if k != "train/loss"}, on_step=True, on_epoch=False)
+        if logging:
+            self._log_mc_terms(term.detach() * weight, prior, t)
         return loss
+
+    def _logging_this_step(self) -> bool:
+        # The batch statistics below cost a few small kernels; compute them only on steps that are logged.
+        trainer = self._trainer
+        return trainer is None or trainer._logger_connector.should_update_logs
+
+    @torch.no_grad()
+    def _log_mc_terms(self, scaled: Tensor, prior: Tensor, t: Tensor) -> None:
+        """Unbiased Monte Carlo estimates of -ELBO and its three terms from this batch's timesteps, in bits/dim,
+        each with its standard error over the batch. ``scaled`` = L_t / p(t) per example."""
+        to_bpd = 1.0 / (self.num_dims * LN2)
+        recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
+        denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
+        root_n = math.sqrt(scaled.numel())
+        metrics = {}
+        for name, values in (("elbo", prior + scaled), ("reconstruction", recon), ("prior", prior), ("denoising", denoise)):
+            metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
+            metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
+        self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def _nonfinite_message(self, loss: Tensor, term: Tensor, prior: Tensor, t: Tensor) -> str:
         bad = ~torch.isfinite(term)
