@@ -280,3 +280,30 @@ def test_ranks_draw_different_noise_and_resume_restores_the_generator(tmp_path, 
     expected = torch.randn(8, generator=module.generator)
     module.on_load_checkpoint(state)
     assert torch.equal(torch.randn(8, generator=module.generator), expected)
+
+
+def test_fast_path_options_train_and_keep_checkpoints_plain(tmp_path):
+    cfg = compose_train(tmp_path, ["channels_last=true", "optimizer.fused=true", "schedule.timesteps=100"])
+    metrics = train(cfg, str(tmp_path))
+    assert math.isfinite(metrics["train/loss"])
+    keys = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].keys()
+    assert all(k.startswith("net.") for k in keys) and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_weights_layout(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "compile=true",
+            "data=toy2d",
+            "model=mlp",
+            "model.hidden_dim=32",
+            "schedule.timesteps=50",
+            "trainer.max_steps=3",
+        ],
+    )
+    metrics = train(cfg, str(tmp_path))
+    assert math.isfinite(metrics["train/loss"])
+    keys = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].keys()
+    assert not any("_orig_mod" in k for k in keys)

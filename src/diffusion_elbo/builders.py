@@ -55,6 +55,8 @@ def build_module(cfg: DictConfig):
         clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
         seed=int(OmegaConf.select(cfg, "seed", default=0)),
         nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
+        compile=bool(OmegaConf.select(cfg, "compile", default=False)),
+        channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule

@@ -53,6 +53,8 @@ class DiffusionModule(L.LightningModule):
         nonfinite: what a non-finite loss does: ``error`` stops at that step with the step, its timesteps and the
             ELBO term that went non-finite; ``skip`` warns the same and skips the batch. A non-finite gradient
             always stops. Either way the checkpoints already written are kept.
+        compile: run the network through ``torch.compile`` (the weights and checkpoints stay those of ``net``).
+        channels_last: keep image tensors and conv weights in NHWC layout (faster convolutions on GPUs).
         config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
     """
 
@@ -72,6 +74,8 @@ class DiffusionModule(L.LightningModule):
         clip_denoised: bool = True,
         seed: int = 0,
         nonfinite: str = "error",
+        compile: bool = False,
+        channels_last: bool = False,
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -92,6 +96,9 @@ class DiffusionModule(L.LightningModule):
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} is not an option; choose error or skip")
         self.nonfinite = nonfinite
+        self.compile = compile
+        self.channels_last = channels_last and len(self.data_shape) == 3
+        self._compiled: nn.Module | None = None  # not a submodule: the state dict stays that of ``net``
         self.config = config
         self._last_t: Tensor | None = None
         self._generator: torch.Generator | None = None
@@ -125,8 +132,21 @@ class DiffusionModule(L.LightningModule):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
     # ----------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile and self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+
+    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network on (x_t, t), compiled and in channels-last layout when configured."""
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        net = self._compiled if self._compiled is not None else self.net
+        return net(x_t, t)
+
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t, t)
+        return self.denoise(x_t, t)
 
     def _terms(self, x0: Tensor, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
         # The ELBO terms stay in float32 under mixed precision: log-CDFs and small-variance KLs need it.
@@ -148,7 +168,7 @@ class DiffusionModule(L.LightningModule):
         t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, noise=eps)
-        out = self.net(x_t, t)
+        out = self.denoise(x_t, t)
         weight = weight.to(torch.float32)
         logging = self._logging_this_step()
         # L_t is what loss=elbo trains on; otherwise it is only needed for the logs and the importance sampler
@@ -196,7 +216,12 @@ class DiffusionModule(L.LightningModule):
         denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
         root_n = math.sqrt(scaled.numel())
         metrics = {}
-        for name, values in (("elbo", prior + scaled), ("reconstruction", recon), ("prior", prior), ("denoising", denoise)):
+        for name, values in (
+            ("elbo", prior + scaled),
+            ("reconstruction", recon),
+            ("prior", prior),
+            ("denoising", denoise),
+        ):
             metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
             metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -239,7 +264,7 @@ class DiffusionModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         result = stratified_elbo(
-            self.net,
+            self.denoise,
             self.schedule,
             batch[0],
             parametrization=self.parametrization,
@@ -288,9 +313,9 @@ class DiffusionModule(L.LightningModule):
             "progress": progress,
         }
         if sampler == "ddpm":
-            return ancestral_sample(self.net, self.schedule, shape, variance=self.variance, steps=steps, **common)
+            return ancestral_sample(self.denoise, self.schedule, shape, variance=self.variance, steps=steps, **common)
         if sampler == "ddim":
-            return ddim_sample(self.net, self.schedule, shape, steps=steps or 50, eta=eta, **common)
+            return ddim_sample(self.denoise, self.schedule, shape, steps=steps or 50, eta=eta, **common)
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
 
     # ------------------------------------------------------------------------------------ optimizers
