@@ -465,7 +465,7 @@ def main() -> None:
         options = {
             "bf16-mixed": ["trainer.precision=bf16-mixed"],
             "channels_last": ["channels_last=true"],
-            "fused AdamW": ["optimizer.fused=true"],
+            "fused AdamW": ["optimizer.fused=true", "optimizer.foreach=null"],
             "torch.compile": ["compile=true"],
         }
         results["options"] = bench_options(120, [*overrides, "schedule.timesteps=1000"], options)

@@ -244,6 +244,10 @@ class DiffusionModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        # one fused norm and one device sync per step; the per-parameter search only runs after a failure
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
+            return
         bad = [name for name, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             t = sorted(set(self._last_t.tolist()))[:12] if self._last_t is not None else "?"
