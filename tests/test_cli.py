@@ -175,18 +175,25 @@ def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
     result = run_cli(
         "train.py",
         *FAST,
+        "trainer=ddp",
         "trainer.devices=2",
-        "trainer.strategy=ddp",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1.0",
         "schedule.timesteps=100",
+        # FID with its samples split over the two ranks (rank 0 trains the classifier, rank 1 waits for it)
+        "callbacks.fid.num_samples=40",
+        "callbacks.fid.every_n_val=2",
+        "callbacks.fid.classifier_steps=30",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+        "callbacks.fid.steps=5",
         f"hydra.run.dir={tmp_path / 'run'}",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert m["global_step"] == 4 and math.isfinite(m["val/elbo_bpd"])
+    assert m["val/fid"] > 0 and 0 <= m["val/fid_classifier_accuracy"] <= 1
     rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "val/elbo_bpd" in rows
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -212,6 +219,7 @@ def test_short_digits_run_beats_the_uniform_distribution(tmp_path):
         "eval.py",
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         "num_examples=64",
+        "fid.num_samples=0",
         f"hydra.run.dir={tmp_path / 'eval'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -283,7 +283,9 @@ def test_ranks_draw_different_noise_and_resume_restores_the_generator(tmp_path, 
 
 
 def test_fast_path_options_train_and_keep_checkpoints_plain(tmp_path):
-    cfg = compose_train(tmp_path, ["channels_last=true", "optimizer.fused=true", "optimizer.foreach=null", "schedule.timesteps=100"])
+    cfg = compose_train(
+        tmp_path, ["channels_last=true", "optimizer.fused=true", "optimizer.foreach=null", "schedule.timesteps=100"]
+    )
     metrics = train(cfg, str(tmp_path))
     assert math.isfinite(metrics["train/loss"])
     keys = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].keys()
