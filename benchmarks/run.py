@@ -374,7 +374,8 @@ def write_results(results: dict, path: Path) -> None:
             f"| naive loop, one t at a time ({e['examples']} rows per call) | {e['naive_loop_rows_per_s']:.0f} | {e['naive_vs_raw']:.2f} |",
             "",
             "Raw forward rows/s by network batch size (the evaluator uses the fastest): "
-            + ", ".join(f"{k}: {v:.0f}" for k, v in e["raw_rows_per_s_by_batch"].items()) + ".",
+            + ", ".join(f"{k}: {v:.0f}" for k, v in e["raw_rows_per_s_by_batch"].items())
+            + ".",
             "",
         ]
     if "sampling" in results:

@@ -189,7 +189,9 @@ def test_nonfinite_loss_can_skip_batches_with_a_warning(tmp_path):
 def test_mixed_precision_keeps_elbo_terms_in_float32_and_finite(tmp_path, precision):
     """On CPU Lightning runs 16-mixed as bf16 (its fp16 GradScaler path needs a GPU); the float16 autocast check
     below is direct."""
-    metrics = train(compose_train(tmp_path, [f"trainer.precision={precision}", "schedule.timesteps=100"]), str(tmp_path))
+    metrics = train(
+        compose_train(tmp_path, [f"trainer.precision={precision}", "schedule.timesteps=100"]), str(tmp_path)
+    )
     for key in ("train/loss", "val/elbo_bpd", "val/reconstruction_bpd"):
         assert np.isfinite(metrics[key])
     from diffusion_elbo.builders import build_module
