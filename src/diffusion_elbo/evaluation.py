@@ -211,6 +211,10 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         line += (
             f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
         )
+    if "fid" in metrics:
+        line += f"; FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
+        if metrics.get("fid_classifier_accuracy") is not None:
+            line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
     log.info(line)
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
