@@ -76,7 +76,7 @@ def evaluate_elbo(
     num_bins: int | None,
     generator: torch.Generator,
     device: torch.device,
-    max_batch: int = 1024,
+    max_batch: int = 512,
     true_nll=None,
     progress=None,
 ) -> ELBOSummary:

@@ -150,7 +150,7 @@ def exact_elbo(
     parametrization: Parametrization | str,
     variance: ReverseVariance | str = ReverseVariance.SMALL,
     num_bins: int | None = None,
-    max_batch: int = 1024,
+    max_batch: int = 512,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ELBOResult:
@@ -235,7 +235,7 @@ def stratified_elbo(
     variance: ReverseVariance | str = ReverseVariance.SMALL,
     num_bins: int | None = None,
     strata: int = 32,
-    max_batch: int = 1024,
+    max_batch: int = 512,
     generator: torch.Generator | None = None,
     timesteps: tuple[Tensor, Tensor] | None = None,
 ) -> ELBOResult:
