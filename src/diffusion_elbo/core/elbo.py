@@ -159,33 +159,65 @@ def exact_elbo(
     The T network evaluations per example are batched: each call stacks a chunk of timesteps for all
     B examples, about ``max_batch`` rows, so memory stays bounded and the network runs at full batch.
     """
-    batch, num_dims, T = x0.shape[0], x0[0].numel(), schedule.T
-    per_t = torch.empty(batch, T, dtype=torch.float64, device=x0.device)
-    chunk = max(1, max_batch // batch)
-    for start in range(1, T + 1, chunk):
-        ts = torch.arange(start, min(start + chunk, T + 1), device=x0.device)  # (C,)
-        t = ts.repeat_interleave(batch)  # (C * B,): t-major, examples within
-        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
-        values, _ = term_nats(
-            model,
-            schedule,
-            x0_rep,
-            t,
-            parametrization=parametrization,
-            variance=variance,
-            num_bins=num_bins,
-            generator=generator,
-        )
-        per_t[:, start - 1 : start - 1 + len(ts)] = values.view(len(ts), batch).T.double()
-        if progress is not None:
-            progress(int(ts[-1]), T)
+    T = schedule.T
+    per_t, _ = _terms_at_timesteps(
+        model,
+        schedule,
+        x0,
+        torch.arange(1, T + 1, device=x0.device),
+        parametrization=parametrization,
+        variance=variance,
+        num_bins=num_bins,
+        max_batch=max_batch,
+        generator=generator,
+        progress=progress,
+    )
     return ELBOResult(
         reconstruction=per_t[:, 0],
         prior=prior_kl_nats(schedule, x0).double(),
         denoising=per_t[:, 1:].sum(dim=1),
         per_t=per_t,
-        num_dims=num_dims,
+        num_dims=x0[0].numel(),
     )
+
+
+def _terms_at_timesteps(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    t_values: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    variance: ReverseVariance | str,
+    num_bins: int | None,
+    max_batch: int,
+    generator: torch.Generator | None,
+    progress: Callable[[int, int], None] | None = None,
+    with_x0_mse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), one x_t draw each: (B, K) float64,
+    and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K). Each network call stacks a chunk of
+    timesteps for all B examples, about ``max_batch`` rows, so memory stays bounded at full batch."""
+    batch, k = x0.shape[0], t_values.numel()
+    per_t = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
+    x0_mse = torch.empty(batch, k, dtype=torch.float64, device=x0.device) if with_x0_mse else None
+    chunk = max(1, max_batch // batch)
+    for start in range(0, k, chunk):
+        ts = t_values[start : start + chunk]  # (C,)
+        t = ts.repeat_interleave(batch)  # (C * B,): t-major, examples within
+        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
+        x_t = q_sample(schedule, x0_rep, t, generator=generator)
+        out = model(x_t, t)
+        values = term_from_output(
+            schedule, x0_rep, x_t, t, out, parametrization=parametrization, variance=variance, num_bins=num_bins
+        )
+        per_t[:, start : start + len(ts)] = values.view(len(ts), batch).T.double()
+        if x0_mse is not None:
+            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, out)
+            x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
+        if progress is not None:
+            progress(int(ts[-1]), int(t_values[-1]))
+    return per_t, x0_mse
 
 
 def stratum_edges(num_timesteps: int, strata: int) -> Tensor:
@@ -249,22 +281,18 @@ def stratified_elbo(
     """
     t_values, sizes = timesteps if timesteps is not None else stratified_timesteps(schedule.T, strata, generator)
     t_values, sizes = t_values.to(x0.device), sizes.to(x0.device)
-    batch, k = x0.shape[0], t_values.numel()
-    per_t = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
-    x0_mse = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
-    chunk = max(1, max_batch // batch)
-    for start in range(0, k, chunk):
-        ts = t_values[start : start + chunk]  # (C,)
-        t = ts.repeat_interleave(batch)  # (C * B,)
-        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
-        x_t = q_sample(schedule, x0_rep, t, generator=generator)
-        out = model(x_t, t)
-        values = term_from_output(
-            schedule, x0_rep, x_t, t, out, parametrization=parametrization, variance=variance, num_bins=num_bins
-        )
-        x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, out)
-        per_t[:, start : start + len(ts)] = values.view(len(ts), batch).T.double()
-        x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
+    per_t, x0_mse = _terms_at_timesteps(
+        model,
+        schedule,
+        x0,
+        t_values,
+        parametrization=parametrization,
+        variance=variance,
+        num_bins=num_bins,
+        max_batch=max_batch,
+        generator=generator,
+        with_x0_mse=True,
+    )
     per_t = per_t * sizes.double()
     return ELBOResult(
         reconstruction=per_t[:, 0],
