@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.core.distributions import LOG_2PI
-from diffusion_elbo.core.reverse import ReverseVariance, reverse_variance_table
+from diffusion_elbo.core.reverse import ReverseVariance, VarianceSpec, reverse_variance_table
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 
@@ -35,6 +35,14 @@ def oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, mean: float, std:
     a = alpha_bar.sqrt()
     gain = a * std**2 / (alpha_bar * std**2 + (1.0 - alpha_bar))
     return mean + gain * (x_t - a * mean)
+
+
+def marginal_prior_kl(schedule: NoiseSchedule, mean: float, std: float) -> float:
+    """KL(q(x_T) || N(0, 1)) per dim for Gaussian data: q(x_T) = N(sqrt(alpha_bar_T) m, alpha_bar_T s^2 + 1 - alpha_bar_T).
+    With the true reverse kernels, -ELBO exceeds the NLL by exactly this (in expectation over the data)."""
+    ab = float(schedule.alpha_bar[-1])
+    var, mu = ab * std**2 + 1.0 - ab, math.sqrt(ab) * mean
+    return 0.5 * (var + mu**2 - 1.0 - math.log(var))
 
 
 def oracle_posterior_variance(schedule: NoiseSchedule, std: float) -> Tensor:
@@ -62,14 +70,15 @@ class OracleTerms:
 
 
 def oracle_expected_terms(
-    schedule: NoiseSchedule, mean: float, std: float, variance: ReverseVariance | str = ReverseVariance.SMALL
+    schedule: NoiseSchedule, mean: float, std: float, variance: VarianceSpec = ReverseVariance.SMALL
 ) -> OracleTerms:
     """E_{x0}[-ELBO terms] per dim for continuous Gaussian data and the oracle denoiser.
 
     - prior: E KL(N(a_T x0, 1 - alpha_bar_T) || N(0, 1)) = (alpha_bar_T (m^2 + s^2 - 1) - log(1 - alpha_bar_T)) / 2
     - t >= 2: mu_q - mu_theta = c_t (x0 - x0_hat) with c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t), so
       E KL = (log(sigma_t^2 / sigma_q^2) + sigma_q^2 / sigma_t^2 - 1 + c_t^2 V_t / sigma_t^2) / 2, V_t = Var[x0 | x_t]
-    - reconstruction: E[-log N(x0; x0_hat(x_1), beta_1)] = (log(2 pi beta_1) + V_1 / beta_1) / 2
+    - reconstruction: E[-log N(x0; x0_hat(x_1), sigma_1^2)] = (log(2 pi sigma_1^2) + V_1 / sigma_1^2) / 2 (sigma_1^2 = beta_1
+      for the fixed variances)
     - true NLL: (log(2 pi s^2) + 1) / 2
     """
     T = schedule.T
@@ -80,8 +89,8 @@ def oracle_expected_terms(
     var_q = schedule.posterior_variance
     c = schedule.posterior_mean_coef_x0
     per_t = torch.empty(T, dtype=torch.float64)
-    beta1 = float(schedule.betas[1])
-    per_t[0] = 0.5 * (math.log(2 * math.pi * beta1) + float(v[1]) / beta1)
+    var1 = float(var_p[1])  # the decoder's variance
+    per_t[0] = 0.5 * (math.log(2 * math.pi * var1) + float(v[1]) / var1)
     if T > 1:
         s = slice(2, T + 1)
         per_t[1:] = 0.5 * (torch.log(var_p[s] / var_q[s]) + var_q[s] / var_p[s] - 1.0 + c[s] ** 2 * v[s] / var_p[s])

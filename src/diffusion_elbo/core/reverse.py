@@ -18,17 +18,26 @@ from diffusion_elbo.core.schedules import NoiseSchedule
 
 
 class ReverseVariance(str, Enum):
-    """Fixed reverse variances of Ho et al. 2020 (Sec. 3.2)."""
+    """Fixed reverse variances of Ho et al. 2020 (Sec. 3.2). Any other variance, e.g. the KL-optimal one of
+    Bao et al. 2022 (:mod:`core.analytic`), is passed as a table sigma_t^2 for t = 0..T."""
 
     SMALL = "small"  # sigma_t^2 = sigma_q^2(t), the posterior variance: optimal for deterministic x0
     LARGE = "large"  # sigma_t^2 = beta_t: optimal for x0 ~ N(0, I)
 
 
-def reverse_variance_table(schedule: NoiseSchedule, variance: ReverseVariance | str) -> Tensor:
+VarianceSpec = ReverseVariance | str | Tensor  # a named fixed variance, or a table sigma_t^2 for t = 0..T
+
+
+def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> Tensor:
     """sigma_t^2 for t = 0..T, shape (T + 1,) float64 (entry 0 unused).
 
-    At t = 1 (the decoder p(x_0 | x_1)) both choices use beta_1: sigma_q^2(1) is 0.
+    At t = 1 (the decoder p(x_0 | x_1)) both fixed choices use beta_1: sigma_q^2(1) is 0. A tensor is taken as
+    the table itself (e.g. an analytic variance estimated for a trained model).
     """
+    if isinstance(variance, Tensor):
+        if variance.shape != (schedule.T + 1,) or not (variance[1:] > 0).all():
+            raise ValueError(f"a variance table must have T + 1 = {schedule.T + 1} entries, positive for t >= 1")
+        return variance.to(schedule.betas.device, torch.float64)
     kind = ReverseVariance(variance)
     table = schedule.posterior_variance.clone() if kind is ReverseVariance.SMALL else schedule.betas.clone()
     table[1] = schedule.betas[1]
@@ -51,7 +60,7 @@ def p_mean_variance(
     x_t: Tensor,
     t: Tensor,
     parametrization: Parametrization | str,
-    variance: ReverseVariance | str,
+    variance: VarianceSpec,
     clip_denoised: bool = False,
 ) -> ReverseStep:
     """mu_theta and sigma_t^2 of p_theta(x_{t-1} | x_t) from the network output ``out``.

@@ -1,0 +1,61 @@
+"""The analytic (KL-optimal) reverse variance of Bao et al. 2022 for the Gaussian oracle: with it the reverse
+process is the true one, so -ELBO equals the true NLL up to KL(q(x_T) || N(0, I))."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_elbo.core import exact_elbo, make_schedule
+from diffusion_elbo.core.analytic import analytic_variance_table, oracle_analytic_variance_table
+from diffusion_elbo.core.gaussian_data import gaussian_nll_nats, marginal_prior_kl, oracle_expected_terms
+from diffusion_elbo.models import GaussianOracle
+
+MEAN, STD, LN2 = 0.5, 0.8, math.log(2.0)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [100, 1000])
+def test_analytic_variance_closes_the_oracle_gap_to_the_prior_term(name, T):
+    s = make_schedule(name, T)
+    table = oracle_analytic_variance_table(s, STD)
+    closed = oracle_expected_terms(s, MEAN, STD, variance=table)
+    gap_bpd = (closed.total - closed.true_nll - marginal_prior_kl(s, MEAN, STD)) / LN2
+    assert abs(gap_bpd) < 1e-3
+    # ... while the fixed `small` variance leaves a gap of tenths of a bit per dim
+    small = oracle_expected_terms(s, MEAN, STD, variance="small")
+    assert (small.total - small.true_nll) / LN2 > 0.4
+    assert (table[2:] >= s.posterior_variance[2:]).all() and (table[2:] <= s.betas[2:] * (1 + 1e-9)).all()
+
+
+def test_exact_evaluator_with_the_analytic_table_matches_the_true_nll_within_standard_error(gen):
+    s = make_schedule("cosine", 100)
+    x0 = MEAN + STD * torch.randn(2000, 4, generator=gen, dtype=torch.float64)
+    r = exact_elbo(
+        GaussianOracle(s, MEAN, STD),
+        s,
+        x0,
+        parametrization="eps",
+        variance=oracle_analytic_variance_table(s, STD),
+        generator=gen,
+    )
+    gap = (r.total - gaussian_nll_nats(x0, MEAN, STD)) / 4
+    assert abs(gap.mean()) < 4 * gap.std() / math.sqrt(gap.numel())
+
+
+def test_estimated_table_converges_to_the_closed_form(gen):
+    s = make_schedule("linear", 200)
+    x0 = MEAN + STD * torch.randn(1000, 4, generator=gen, dtype=torch.float64)
+    estimated, e = analytic_variance_table(
+        GaussianOracle(s, MEAN, STD), s, [x0[:500], x0[500:]], parametrization="v", generator=gen
+    )
+    exact = oracle_analytic_variance_table(s, STD)
+    assert e.shape == (201,) and ((estimated[1:] / exact[1:]) - 1).abs().max() < 0.1
+
+
+def test_a_table_of_the_wrong_length_is_refused():
+    from diffusion_elbo.core.reverse import reverse_variance_table
+
+    s = make_schedule("cosine", 10)
+    with pytest.raises(ValueError, match="T \\+ 1 = 11 entries"):
+        reverse_variance_table(s, torch.ones(5, dtype=torch.float64))
