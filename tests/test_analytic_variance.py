@@ -59,3 +59,55 @@ def test_a_table_of_the_wrong_length_is_refused():
     s = make_schedule("cosine", 10)
     with pytest.raises(ValueError, match="T \\+ 1 = 11 entries"):
         reverse_variance_table(s, torch.ones(5, dtype=torch.float64))
+
+
+def test_eval_cli_analytic_variance_closes_the_oracle_gap(tmp_path):
+    import json
+
+    from .helpers import run_cli
+
+    result = run_cli(
+        "eval.py",
+        "data=gaussian",
+        "model=gaussian_oracle",
+        "schedule=cosine",
+        "schedule.timesteps=100",
+        "data.mean=0.5",
+        "data.std=0.8",
+        "variance=analytic",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["variance"] == "analytic" and abs(m["gap_bpd"]) < 4 * m["gap_bpd_se"]
+
+
+def test_training_with_analytic_variance_is_refused_with_the_fix(tmp_path):
+    from .helpers import run_cli
+
+    result = run_cli("train.py", "variance=analytic", "logger=csv", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "src/eval.py ckpt_path=... variance=analytic" in result.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
+    import json
+
+    from .helpers import FAST, run_cli
+
+    run = tmp_path / "run"
+    assert run_cli("train.py", *FAST, "schedule.timesteps=50", f"hydra.run.dir={run}").returncode == 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    args = [f"ckpt_path={ckpt}", "num_examples=16", "fid.num_samples=0", "analytic.num_examples=32"]
+    first = run_cli("eval.py", *args, "variance=analytic", f"hydra.run.dir={tmp_path / 'e1'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    cache = ckpt.parent / "last.ckpt.analytic-32.pt"
+    table = torch.load(cache, weights_only=True)["table"]
+    assert table.shape == (51,) and (table[1:] > 0).all()
+    small = run_cli("eval.py", *args, "variance=small", f"hydra.run.dir={tmp_path / 'e2'}")
+    assert small.returncode == 0
+    m_analytic = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    m_small = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert m_analytic["variance"] == "analytic" and m_small["variance"] == "small"
+    # the KL-optimal variance can only tighten the bound of the same mean model (same draws: same seed)
+    assert m_analytic["bpd"] < m_small["bpd"]

@@ -71,6 +71,11 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
     for key in ("optimizer.lr", "data.std"):
         _check_range(cfg, key, problems, positive=True)
+    if OmegaConf.select(cfg, "task_name") == "train" and OmegaConf.select(cfg, "variance") == "analytic":
+        problems.append(
+            "variance=analytic is chosen after training (it is estimated for the trained mean, Bao et al. 2022): "
+            "train with variance=small and run src/eval.py ckpt_path=... variance=analytic"
+        )
     split = OmegaConf.select(cfg, "split", default=None)
     if split is not None and split not in ("train", "val", "test"):
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")

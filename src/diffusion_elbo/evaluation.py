@@ -153,14 +153,17 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
 
         loaded = load_for_eval(cfg.ckpt_path, device)
         model, schedule, datamodule = loaded.model, loaded.schedule, loaded.datamodule
-        parametrization, variance = loaded.parametrization, loaded.variance
+        parametrization, variance = loaded.parametrization, cfg.variance or loaded.variance
     else:
         schedule = build_schedule(cfg)
         datamodule = build_datamodule(cfg)
         model = build_model(cfg)
-        parametrization, variance = cfg.parametrization, cfg.variance
+        parametrization, variance = cfg.parametrization, cfg.variance or "small"
     model = model.to(device).eval()
     schedule = schedule.to(device)
+    variance_name = str(ReverseVariance(variance).value)
+    if variance_name == ReverseVariance.ANALYTIC.value:
+        variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, generator)
     datamodule.setup("test" if cfg.split == "test" else "fit")
     dataset = datamodule.split(cfg.split)
     if cfg.num_examples is not None:
@@ -199,7 +202,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             "schedule": schedule.name,
             "timesteps": schedule.T,
             "parametrization": str(Parametrization(parametrization).value),
-            "variance": str(ReverseVariance(variance).value),
+            "variance": variance_name,
             "ckpt_path": cfg.ckpt_path,
         }
     )
@@ -219,6 +222,32 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
+
+
+def analytic_table(cfg: DictConfig, model, schedule, datamodule, parametrization, device, generator) -> Tensor:
+    """The analytic variance table: closed form for the Gaussian oracle; for a checkpoint a Monte Carlo estimate
+    over ``analytic.num_examples`` training examples, cached next to the checkpoint."""
+    from diffusion_elbo.core.analytic import analytic_variance_table, oracle_analytic_variance_table
+    from diffusion_elbo.models import GaussianOracle
+
+    if isinstance(model, GaussianOracle):
+        return oracle_analytic_variance_table(schedule, model.std)
+    n = int(cfg.analytic.num_examples)
+    cache = Path(f"{cfg.ckpt_path}.analytic-{n}.pt") if cfg.ckpt_path is not None else None
+    if cache is not None and cache.is_file():
+        return torch.load(cache, map_location=device, weights_only=True)["table"].to(device)
+    datamodule.setup("fit")
+    train = Subset(datamodule.split("train"), range(min(n, len(datamodule.split("train")))))
+    batches = (x.to(device) for x, _ in DataLoader(train, batch_size=int(cfg.batch_size)))
+    log.info("estimating the analytic variance from %d training examples (all %d timesteps)", len(train), schedule.T)
+    table, e = analytic_variance_table(
+        model, schedule, batches, parametrization=parametrization, max_batch=int(cfg.max_batch), generator=generator
+    )
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save({"table": table.cpu(), "x0_mse": e.cpu(), "num_examples": len(train)}, tmp)
+        tmp.replace(cache)
+    return table.to(device)
 
 
 def _wants_fid(cfg: DictConfig, datamodule) -> bool:

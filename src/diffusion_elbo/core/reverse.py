@@ -23,6 +23,7 @@ class ReverseVariance(str, Enum):
 
     SMALL = "small"  # sigma_t^2 = sigma_q^2(t), the posterior variance: optimal for deterministic x0
     LARGE = "large"  # sigma_t^2 = beta_t: optimal for x0 ~ N(0, I)
+    ANALYTIC = "analytic"  # KL-optimal for the trained mean (Bao et al. 2022): estimated, then passed as a table
 
 
 VarianceSpec = ReverseVariance | str | Tensor  # a named fixed variance, or a table sigma_t^2 for t = 0..T
@@ -39,6 +40,11 @@ def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> T
             raise ValueError(f"a variance table must have T + 1 = {schedule.T + 1} entries, positive for t >= 1")
         return variance.to(schedule.betas.device, torch.float64)
     kind = ReverseVariance(variance)
+    if kind is ReverseVariance.ANALYTIC:
+        raise ValueError(
+            "variance=analytic is estimated for a trained mean predictor: build its table with "
+            "core.analytic.analytic_variance_table (src/eval.py does this) and pass the table as the variance"
+        )
     table = schedule.posterior_variance.clone() if kind is ReverseVariance.SMALL else schedule.betas.clone()
     table[1] = schedule.betas[1]
     table[0] = schedule.betas[1]  # never used; kept positive so log() stays finite
