@@ -24,6 +24,14 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     run = load_for_eval(cfg.ckpt_path, device)
     module = run.module
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    variance_name = cfg.variance or run.variance.value
+    variance = variance_name
+    if variance_name == "analytic":
+        if cfg.sampler.name != "ddpm":
+            raise ValueError("variance=analytic applies to ancestral sampling: use sampler=ddpm (DDIM has its own eta)")
+        from diffusion_elbo.evaluation import analytic_table
+
+        variance = analytic_table(cfg, run.model, run.schedule, run.datamodule, run.parametrization, device, generator)
     sampler = cfg.sampler
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))
@@ -43,6 +51,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
                     eta=sampler.get("eta", 0.0),
                     generator=generator,
                     progress=lambda i, total: bar.advance(task, 1),
+                    variance=variance,
                 ).cpu()
             )
             remaining -= n
@@ -54,6 +63,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         samples=samples.numpy(),
         sampler=sampler.name,
         steps=steps_per_batch,
+        variance=variance_name,
         ckpt_path=str(cfg.ckpt_path),
         global_step=run.global_step,
     )

@@ -33,6 +33,22 @@ def variance_from_x0_error(schedule: NoiseSchedule, x0_mse: Tensor, floor: float
     return table
 
 
+def x0_error_from_variance(schedule: NoiseSchedule, table: Tensor) -> Tensor:
+    """Invert :func:`variance_from_x0_error`: e_t = (sigma_t^2 - sigma_q^2(t)) / c_t^2 for t >= 2, e_1 = sigma_1^2."""
+    e = (table.to(torch.float64) - schedule.posterior_variance) / schedule.posterior_mean_coef_x0.clamp(min=1e-300) ** 2
+    e[1] = table[1]
+    e[0] = 0.0
+    return e.clamp(min=0.0)
+
+
+def respaced_variance_table(schedule: NoiseSchedule, table: Tensor, sub: NoiseSchedule, kept: Tensor) -> Tensor:
+    """The analytic table of a respaced chain ``sub`` over the original timesteps ``kept`` (steps + 1,): the x0
+    error e_t does not depend on the chain, so it is read off the full table and re-weighted with sub's c and
+    sigma_q^2 (Bao et al. 2022 use the same e_t for every trajectory)."""
+    e = x0_error_from_variance(schedule, table).to(kept.device)[kept]
+    return variance_from_x0_error(sub, e)
+
+
 def oracle_analytic_variance_table(schedule: NoiseSchedule, std: float) -> Tensor:
     """The analytic variance of the Bayes-optimal denoiser for x0 ~ N(m, s^2 I): e_t = Var[x0 | x_t] exactly.
     With it the reverse kernels are the true q(x_{t-1} | x_t), so -ELBO exceeds the NLL only by

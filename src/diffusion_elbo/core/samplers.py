@@ -13,7 +13,7 @@ from torch import Tensor
 
 from diffusion_elbo.core.elbo import Denoiser
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0
-from diffusion_elbo.core.reverse import ReverseVariance, p_mean_variance
+from diffusion_elbo.core.reverse import ReverseVariance, VarianceSpec, p_mean_variance
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 Progress = Callable[[int, int], None]
@@ -30,7 +30,7 @@ def ancestral_sample(
     shape: Sequence[int],
     *,
     parametrization: Parametrization | str,
-    variance: ReverseVariance | str = ReverseVariance.SMALL,
+    variance: VarianceSpec = ReverseVariance.SMALL,
     clip_denoised: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -46,7 +46,12 @@ def ancestral_sample(
     1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (Nichol & Dhariwal 2021, sec. 4).
     """
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+    full = schedule
     schedule, model_t = respace(schedule, steps or schedule.T)
+    if isinstance(variance, torch.Tensor) and schedule is not full:  # a table for the full chain: re-weight it
+        from diffusion_elbo.core.analytic import respaced_variance_table
+
+        variance = respaced_variance_table(full, variance, schedule, model_t)
     model_t = model_t.to(x.device)
     T = schedule.T
     for i, step_t in enumerate(range(T, 0, -1)):

@@ -302,10 +302,12 @@ class DiffusionModule(L.LightningModule):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
+        variance: Tensor | str | None = None,
     ) -> Tensor:
         """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
 
-        Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples."""
+        Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples. ``variance``
+        overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one)."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
         shape = (num_samples, *self.data_shape)
@@ -317,7 +319,8 @@ class DiffusionModule(L.LightningModule):
             "progress": progress,
         }
         if sampler == "ddpm":
-            return ancestral_sample(self.denoise, self.schedule, shape, variance=self.variance, steps=steps, **common)
+            chosen = self.variance if variance is None else variance
+            return ancestral_sample(self.denoise, self.schedule, shape, variance=chosen, steps=steps, **common)
         if sampler == "ddim":
             return ddim_sample(self.denoise, self.schedule, shape, steps=steps or 50, eta=eta, **common)
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
