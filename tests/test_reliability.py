@@ -140,20 +140,22 @@ def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
     assert elapsed < 120
 
 
+# a 2-D MLP whose output turns NaN after 4 training forward passes
+NAN_AFTER_4 = [
+    "data=gaussian",
+    "data.dim=2",
+    "model=mlp",
+    "model._target_=tests.faults.NaNAfter",
+    "model.hidden_dim=32",
+    "+model.calls=4",
+    "schedule.timesteps=50",
+]
+
+
 def test_nonfinite_loss_stops_at_its_step_naming_term_and_timesteps_keeping_checkpoints(tmp_path):
     cfg = compose_train(
         tmp_path,
-        [
-            "data=gaussian",
-            "data.dim=2",
-            "model=mlp",
-            "model._target_=tests.faults.NaNAfter",
-            "model.hidden_dim=32",
-            "+model.calls=4",
-            "trainer.max_steps=10",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
-            "schedule.timesteps=50",
-        ],
+        [*NAN_AFTER_4, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2"],
     )
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg, str(tmp_path))
@@ -168,15 +170,9 @@ def test_nonfinite_loss_can_skip_batches_with_a_warning(tmp_path):
     cfg = compose_train(
         tmp_path,
         [
-            "data=gaussian",
-            "data.dim=2",
-            "model=mlp",
-            "model._target_=tests.faults.NaNAfter",
-            "model.hidden_dim=32",
-            "+model.calls=4",
+            *NAN_AFTER_4,
             "trainer.max_steps=6",
             "nonfinite=skip",
-            "schedule.timesteps=50",
             "trainer.val_check_interval=100",
         ],
     )

@@ -15,11 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from diffusion_elbo.core.distributions import mean_flat
-from diffusion_elbo.core.elbo import Denoiser
-from diffusion_elbo.core.forward import q_sample
+from diffusion_elbo.core.elbo import Denoiser, _terms_at_timesteps
 from diffusion_elbo.core.gaussian_data import oracle_posterior_variance
-from diffusion_elbo.core.parametrization import Parametrization, predict_x0
+from diffusion_elbo.core.parametrization import Parametrization
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 
@@ -72,17 +70,20 @@ def analytic_variance_table(
     sums = torch.zeros(T + 1, dtype=torch.float64)
     count = 0
     for x0 in batches:
-        batch = x0.shape[0]
-        chunk = max(1, max_batch // batch)
-        for start in range(1, T + 1, chunk):
-            ts = torch.arange(start, min(start + chunk, T + 1), device=x0.device)  # (C,)
-            t = ts.repeat_interleave(batch)  # (C * B,)
-            x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
-            x_t = q_sample(schedule, x0_rep, t, generator=generator)
-            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, model(x_t, t))
-            err = mean_flat((x0_hat - x0_rep) ** 2).double().view(len(ts), batch)  # (C, B)
-            sums[start : start + len(ts)] += err.sum(dim=1).cpu()
-        count += batch
+        _, x0_mse = _terms_at_timesteps(
+            model,
+            schedule,
+            x0,
+            torch.arange(1, T + 1, device=x0.device),
+            parametrization=parametrization,
+            variance="small",
+            num_bins=None,
+            max_batch=max_batch,
+            generator=generator,
+            with_x0_mse=True,
+        )  # (B, T): the loop over chunks of (t, example) rows is the exact evaluator's
+        sums[1:] += x0_mse.sum(dim=0).cpu()
+        count += x0.shape[0]
     if count == 0:
         raise ValueError("no training examples to estimate the analytic variance from")
     e = sums / count
