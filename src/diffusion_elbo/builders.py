@@ -28,7 +28,25 @@ def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg.model)
+    """The network of ``cfg.model``; with ``variance=learned_range`` it outputs twice the data's channels (the
+    mean, then v of Nichol & Dhariwal's interpolated variance): the UNet's ``out_channels`` and the MLP's
+    ``out_dim`` are set to twice their inputs when left null."""
+    if OmegaConf.select(cfg, "variance") != "learned_range":
+        return instantiate(cfg.model)
+    for out_key, in_key in (("out_channels", "in_channels"), ("out_dim", "dim")):
+        if out_key in cfg.model:
+            doubled = 2 * int(cfg.model[in_key])
+            chosen = cfg.model[out_key]
+            if chosen is not None and int(chosen) != doubled:
+                raise ValueError(
+                    f"variance=learned_range needs model.{out_key}={doubled} (mean and variance); it is set to "
+                    f"{chosen}: leave model.{out_key}=null"
+                )
+            return instantiate(cfg.model, **{out_key: doubled})
+    raise ValueError(
+        f"variance=learned_range needs a network that outputs a variance, and {cfg.model._target_} cannot: use "
+        "model=unet (images) or model=mlp (vectors), or a fixed variance (small | large)"
+    )
 
 
 def build_module(cfg: DictConfig):
@@ -48,6 +66,8 @@ def build_module(cfg: DictConfig):
         parametrization=cfg.parametrization,
         variance=cfg.variance,
         loss=OmegaConf.select(cfg, "loss.name", default="simple"),
+        mean_loss=OmegaConf.select(cfg, "loss.mean_loss", default="simple"),
+        vlb_weight=float(OmegaConf.select(cfg, "loss.vlb_weight", default=0.001)),
         timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="uniform"),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,

@@ -12,6 +12,7 @@ from enum import Enum
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.core import LossType, Parametrization, ReverseVariance, ScheduleName, TimestepSampling
+from diffusion_elbo.core.losses import MSE_LOSSES
 
 
 class ConfigError(ValueError):
@@ -76,8 +77,34 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
             "variance=analytic is chosen after training (it is estimated for the trained mean, Bao et al. 2022): "
             "train with variance=small and run src/eval.py ckpt_path=... variance=analytic"
         )
+    if OmegaConf.select(cfg, "task_name") == "train":
+        problems.extend(_variance_loss_problems(cfg))
     split = OmegaConf.select(cfg, "split", default=None)
     if split is not None and split not in ("train", "val", "test"):
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _variance_loss_problems(cfg: DictConfig) -> list[str]:
+    """A learned variance is trained only through the ELBO terms, and the hybrid loss only trains a learned one."""
+    variance, loss = OmegaConf.select(cfg, "variance"), OmegaConf.select(cfg, "loss.name")
+    learned = variance == ReverseVariance.LEARNED_RANGE.value
+    problems = []
+    if learned and loss not in (LossType.HYBRID.value, LossType.ELBO.value):
+        problems.append(
+            f"variance=learned_range is trained through the ELBO terms, which loss={loss} leaves out: "
+            "use loss=hybrid (Nichol & Dhariwal 2021) or loss=elbo"
+        )
+    if loss == LossType.HYBRID.value and not learned:
+        problems.append(
+            f"loss=hybrid trains a learned variance; with variance={variance} its ELBO half has no gradient: "
+            "set variance=learned_range (or use loss=simple)"
+        )
+    mean_loss = OmegaConf.select(cfg, "loss.mean_loss", default=None)
+    if mean_loss is not None and mean_loss not in {m.value for m in MSE_LOSSES}:
+        problems.append(
+            f"loss.mean_loss={mean_loss!r} is not an MSE loss; choose one of {' | '.join(m.value for m in MSE_LOSSES)}"
+        )
+    _check_range(cfg, "loss.vlb_weight", problems, minimum=0.0)
+    return problems

@@ -23,6 +23,7 @@ from diffusion_elbo.core import (
     standard_error,
 )
 from diffusion_elbo.core.elbo import Denoiser
+from diffusion_elbo.core.reverse import learns_variance, mean_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,25 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
 
         loaded = load_for_eval(cfg.ckpt_path, device)
         model, schedule, datamodule = loaded.model, loaded.schedule, loaded.datamodule
-        parametrization, variance = loaded.parametrization, cfg.variance or loaded.variance
+        parametrization, trained_variance = loaded.parametrization, loaded.variance.value
     else:
         schedule = build_schedule(cfg)
         datamodule = build_datamodule(cfg)
+        trained_variance = cfg.variance if cfg.variance == ReverseVariance.LEARNED_RANGE.value else "small"
         model = build_model(cfg)
-        parametrization, variance = cfg.parametrization, cfg.variance or "small"
-    model = model.to(device).eval()
-    schedule = schedule.to(device)
+        parametrization = cfg.parametrization
+    variance = cfg.variance or trained_variance
     variance_name = str(ReverseVariance(variance).value)
+    if learns_variance(variance_name) and not learns_variance(trained_variance):
+        raise ValueError(
+            f"variance=learned_range needs a model trained with it (its network outputs the variance); "
+            f"{cfg.ckpt_path or cfg.model._target_} was trained with variance={trained_variance}: choose "
+            "small | large | analytic"
+        )
+    model = model.to(device).eval()
+    if learns_variance(trained_variance) and not learns_variance(variance_name):
+        model = mean_denoiser(model, trained_variance)  # under another variance, only its mean counts
+    schedule = schedule.to(device)
     if variance_name == ReverseVariance.ANALYTIC.value:
         variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, generator)
     datamodule.setup("test" if cfg.split == "test" else "fit")
@@ -203,6 +214,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             "timesteps": schedule.T,
             "parametrization": str(Parametrization(parametrization).value),
             "variance": variance_name,
+            "trained_variance": trained_variance,
             "ckpt_path": cfg.ckpt_path,
         }
     )

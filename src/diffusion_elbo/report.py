@@ -36,6 +36,7 @@ COLUMNS = [
     "val/energy_distance_se",
     "test/bpd",
     "test/bpd_se",
+    "test/variance",
     "test/fid",
 ]
 
@@ -62,7 +63,14 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         eval_metrics = run_dir / "metrics.json"
         if eval_metrics.is_file():
             m = json.loads(eval_metrics.read_text())
-            row.update({"test/bpd": m.get("bpd"), "test/bpd_se": m.get("bpd_se"), "test/fid": m.get("fid")})
+            row.update(
+                {
+                    "test/bpd": m.get("bpd"),
+                    "test/bpd_se": m.get("bpd_se"),
+                    "test/variance": m.get("variance"),  # src/eval.py may use another variance than training
+                    "test/fid": m.get("fid"),
+                }
+            )
         profiles = sorted((run_dir / "profiles").glob("step_*.csv"))
         row["_profile"] = profiles[-1] if profiles else None
         rows.append(row)

@@ -29,9 +29,11 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     if variance_name == "analytic":
         if cfg.sampler.name != "ddpm":
             raise ValueError("variance=analytic applies to ancestral sampling: use sampler=ddpm (DDIM has its own eta)")
+        from diffusion_elbo.core.reverse import mean_denoiser
         from diffusion_elbo.evaluation import analytic_table
 
-        variance = analytic_table(cfg, run.model, run.schedule, run.datamodule, run.parametrization, device, generator)
+        mean_model = mean_denoiser(run.model, run.variance)  # a learned-range network contributes its mean
+        variance = analytic_table(cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator)
     sampler = cfg.sampler
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))

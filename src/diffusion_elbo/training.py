@@ -94,7 +94,7 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, outp
     return str(path)
 
 
-def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
+def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     """Train the configured model; returns the last logged metrics (also saved to train_metrics.json)."""
     validate_config(cfg)
     check_output_dir(output_dir, cfg.ckpt_path)
@@ -118,10 +118,14 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     log.info(
-        "training %s (%.2fM parameters) on %s",
+        "training %s (%.2fM parameters) on %s: loss=%s, parametrization=%s, reverse variance=%s (the val/ ELBO "
+        "terms and ancestral samples use it)",
         type(module.net).__name__,
         sum(p.numel() for p in module.net.parameters()) / 1e6,
         type(datamodule).__name__,
+        module.loss_type.value,
+        module.parametrization.value,
+        module.variance.value,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -137,6 +141,7 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step
+    metrics["variance"] = module.variance.value  # which reverse variance the val/ numbers are under
     if trainer.is_global_zero:
         path = write_metrics(metrics, output_dir, "train_metrics.json")
         log.info("final metrics written to %s", path)

@@ -32,7 +32,7 @@ from diffusion_elbo.core.distributions import (
 )
 from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
 from diffusion_elbo.core.parametrization import Parametrization, predict_x0
-from diffusion_elbo.core.reverse import ReverseStep, ReverseVariance, p_mean_variance
+from diffusion_elbo.core.reverse import ReverseStep, ReverseVariance, p_mean_variance, split_output
 from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import TimestepSampler
 
@@ -213,7 +213,8 @@ def _terms_at_timesteps(
         )
         per_t[:, start : start + len(ts)] = values.view(len(ts), batch).T.double()
         if x0_mse is not None:
-            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, out)
+            mean_out, _ = split_output(out, variance)
+            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
             x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
         if progress is not None:
             progress(int(ts[-1]), int(t_values[-1]))

@@ -14,11 +14,14 @@ loss               w(t) on ||x0_hat - x0||^2 per dim          source
 ``x0_mse_weighted`` (SNR(t-1) - SNR(t)) / 2 for t >= 2;       the lecture's weighted x0 form
                    1 / (2 beta_1) at t = 1 (continuous decoder)
 ``v_mse``          SNR(t) + 1        (= unweighted v-MSE)     Salimans & Ho 2022
+``hybrid``         a mean loss above + lambda L_vlb, where    Nichol & Dhariwal 2021 sec. 3.1
+                   L_vlb trains only a learned variance
 =================  =========================================  =====================================
 """
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import torch
@@ -34,6 +37,10 @@ class LossType(str, Enum):
     X0_MSE = "x0_mse"
     X0_MSE_WEIGHTED = "x0_mse_weighted"
     V_MSE = "v_mse"
+    HYBRID = "hybrid"
+
+
+MSE_LOSSES = (LossType.SIMPLE, LossType.X0_MSE, LossType.X0_MSE_WEIGHTED, LossType.V_MSE)
 
 
 def x0_weight(loss: LossType | str, schedule: NoiseSchedule, t: Tensor) -> Tensor:
@@ -51,6 +58,14 @@ def x0_weight(loss: LossType | str, schedule: NoiseSchedule, t: Tensor) -> Tenso
         decoder = 1.0 / (2.0 * schedule.gather("betas", torch.ones_like(t)))
         return torch.where(t == 1, decoder, 0.5 * (snr_prev - snr))
     raise ValueError(f"loss '{kind.value}' is not an MSE weighting; it is evaluated by core.elbo")
+
+
+def hybrid_vlb_weight(vlb_weight: float, num_timesteps: int, num_dims: int) -> float:
+    """The factor that turns the sampled ELBO term L_t / p(t) (nats summed over D dims) into lambda L_vlb of
+    Nichol & Dhariwal (2021, sec. 3.1 and their code): the term in bits per dim, scaled by 1 / 1000 so that
+    lambda = 0.001 means the same at any T (for uniform t, L_t / p(t) = T L_t, and T L_t / 1000 is their
+    L_t (T / 1000))."""
+    return vlb_weight / (1000.0 * num_dims * math.log(2.0))
 
 
 def weighted_mse(

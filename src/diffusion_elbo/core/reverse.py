@@ -1,11 +1,14 @@
-"""The reverse step p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) with a fixed variance.
+"""The reverse step p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2) and its variance choices.
 
 mu_theta is the posterior mean of q(x_{t-1} | x_t, x_0) with x_0 replaced by the model's x0_hat
-(Ho et al. 2020 eq. 11, written for any parametrization). Shapes: x_t, out (B, *D); t (B,) in 1..T.
+(Ho et al. 2020 eq. 11, written for any parametrization). sigma_t^2 is fixed (``small``, ``large``), a table
+(``analytic``), or predicted per dimension by the network (``learned_range``, Nichol & Dhariwal 2021 eq. 15).
+Shapes: x_t (B, *D); t (B,) in 1..T; out (B, *D), or (B, 2 C, ...) with ``learned_range`` (channels on dim 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -18,12 +21,14 @@ from diffusion_elbo.core.schedules import NoiseSchedule
 
 
 class ReverseVariance(str, Enum):
-    """Fixed reverse variances of Ho et al. 2020 (Sec. 3.2). Any other variance, e.g. the KL-optimal one of
-    Bao et al. 2022 (:mod:`core.analytic`), is passed as a table sigma_t^2 for t = 0..T."""
+    """The reverse variance. ``small`` and ``large`` are the fixed choices of Ho et al. 2020 (Sec. 3.2); the
+    KL-optimal ``analytic`` one of Bao et al. 2022 (:mod:`core.analytic`) is estimated for a trained mean and
+    passed as a table sigma_t^2 for t = 0..T; ``learned_range`` is read from extra network outputs."""
 
     SMALL = "small"  # sigma_t^2 = sigma_q^2(t), the posterior variance: optimal for deterministic x0
     LARGE = "large"  # sigma_t^2 = beta_t: optimal for x0 ~ N(0, I)
     ANALYTIC = "analytic"  # KL-optimal for the trained mean (Bao et al. 2022): estimated, then passed as a table
+    LEARNED_RANGE = "learned_range"  # log sigma^2 = v log beta_t + (1 - v) log sigma_q^2(t), v from the network
 
 
 VarianceSpec = ReverseVariance | str | Tensor  # a named fixed variance, or a table sigma_t^2 for t = 0..T
@@ -40,6 +45,11 @@ def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> T
             raise ValueError(f"a variance table must have T + 1 = {schedule.T + 1} entries, positive for t >= 1")
         return variance.to(schedule.betas.device, torch.float64)
     kind = ReverseVariance(variance)
+    if kind is ReverseVariance.LEARNED_RANGE:
+        raise ValueError(
+            "variance=learned_range is predicted by the network for each x_t, not a table: pass the network output "
+            "(mean and variance channels) to p_mean_variance"
+        )
     if kind is ReverseVariance.ANALYTIC:
         raise ValueError(
             "variance=analytic is estimated for a trained mean predictor: build its table with "
@@ -51,9 +61,64 @@ def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> T
     return table
 
 
+def learns_variance(variance: VarianceSpec) -> bool:
+    """True when the network itself outputs the variance (extra output channels)."""
+    return isinstance(variance, str) and variance == ReverseVariance.LEARNED_RANGE.value
+
+
+def split_output(out: Tensor, variance: VarianceSpec) -> tuple[Tensor, Tensor | None]:
+    """(mean part, variance part) of a network output. With ``learned_range`` the network outputs 2 C channels
+    along dim 1 (2 D features for vector data): the first half is read through the parametrization, the second
+    half are the logits of v. Otherwise the output is all mean and the variance part is None."""
+    if not learns_variance(variance):
+        return out, None
+    if out.shape[1] % 2:
+        raise ValueError(
+            f"variance=learned_range needs a network with twice the data's channels (mean and variance); its output "
+            f"has {out.shape[1]} on dim 1. Build the model with the variance chosen (builders.build_model does this)."
+        )
+    mean_out, v_logits = out.chunk(2, dim=1)
+    return mean_out, v_logits
+
+
+def stop_mean_gradient(out: Tensor, variance: VarianceSpec) -> Tensor:
+    """The output with its mean part detached: the ELBO terms of it train only the variance channels
+    (the L_vlb half of Nichol & Dhariwal's L_hybrid, sec. 3.1)."""
+    mean_out, v_logits = split_output(out, variance)
+    return out if v_logits is None else torch.cat([mean_out.detach(), v_logits], dim=1)
+
+
+def mean_denoiser(
+    model: Callable[[Tensor, Tensor], Tensor], variance: VarianceSpec
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``model`` restricted to its mean output, for a ``learned_range`` network used with another variance (e.g.
+    DDIM, or eval with variance=analytic); any other model is returned as is."""
+    if not learns_variance(variance):
+        return model
+
+    def mean_only(x_t: Tensor, t: Tensor) -> Tensor:
+        return split_output(model(x_t, t), variance)[0]
+
+    return mean_only
+
+
+def learned_range_logvar(schedule: NoiseSchedule, t: Tensor, v_logits: Tensor) -> Tensor:
+    """log sigma_t^2 = v log beta_t + (1 - v) log sigma_q^2(t) per dimension (Nichol & Dhariwal 2021 eq. 15), with
+    v = sigmoid(v_logits) in (0, 1), so sigma_t^2 lies between the ``small`` and ``large`` variances. At t = 1,
+    where sigma_q^2 = 0, the lower end is sigma_q^2(2) (their clipped posterior log-variance).
+    v_logits (B, *D), t (B,) -> (B, *D) in v_logits' dtype."""
+    small = schedule.posterior_variance.clone()
+    small[1] = schedule.posterior_variance[2] if schedule.T >= 2 else schedule.betas[1]
+    lo = torch.log(small[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
+    hi = torch.log(schedule.betas[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
+    v = torch.sigmoid(v_logits)
+    return v * hi + (1.0 - v) * lo
+
+
 @dataclass
 class ReverseStep:
-    """Moments of p_theta(x_{t-1} | x_t): ``mean`` (B, *D), ``logvar`` (B, 1, ..., 1), and ``x0_hat``."""
+    """Moments of p_theta(x_{t-1} | x_t): ``mean`` (B, *D), ``logvar`` (B, 1, ..., 1) or (B, *D) when learned,
+    and ``x0_hat``."""
 
     mean: Tensor
     logvar: Tensor
@@ -74,10 +139,14 @@ def p_mean_variance(
     ``clip_denoised`` clamps x0_hat to [-1, 1] (image data) before forming the mean; the ELBO is
     evaluated without clipping so it stays a bound on the model that was trained.
     """
-    x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, out)
+    mean_out, v_logits = split_output(out, variance)
+    x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     mean, _ = q_posterior_mean_variance(schedule, x0_hat, x_t, t)
-    var = reverse_variance_table(schedule, variance).to(x_t.device)[t]  # (B,)
-    logvar = torch.log(var).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    if v_logits is not None:
+        logvar = learned_range_logvar(schedule, t, v_logits)
+    else:
+        var = reverse_variance_table(schedule, variance).to(x_t.device)[t]  # (B,)
+        logvar = torch.log(var).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
     return ReverseStep(mean=mean, logvar=logvar, x0_hat=x0_hat)

@@ -27,6 +27,8 @@ from diffusion_elbo.core import (
     weighted_mse,
 )
 from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
+from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
+from diffusion_elbo.core.reverse import learns_variance, mean_denoiser, split_output, stop_mean_gradient
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
@@ -44,7 +46,11 @@ class DiffusionModule(L.LightningModule):
         net: denoiser ``net(x_t, t) -> out`` whose output is read through ``parametrization``.
         schedule: the noise schedule (its tables are buffers, so they move with the module).
         data_shape: shape of one example; ``num_bins``: K for K-level data, None for continuous data.
-        loss: ``simple | elbo | x0_mse | x0_mse_weighted | v_mse``; ``timestep_sampling``: uniform | importance.
+        variance: the reverse variance used for the ELBO terms and ancestral sampling: ``small | large`` (fixed) or
+            ``learned_range`` (the network outputs twice the data's channels: the mean, then v).
+        loss: ``simple | elbo | x0_mse | x0_mse_weighted | v_mse | hybrid``; ``timestep_sampling``: uniform | importance.
+        mean_loss, vlb_weight: for ``hybrid``, the MSE loss of the mean and lambda of lambda L_vlb (Nichol & Dhariwal
+            2021): the ELBO terms with the mean's gradient stopped, so they train only the learned variance.
         optimizer, lr_scheduler: partials finished in :meth:`configure_optimizers` (lr_scheduler may be None).
         val_strata: timesteps per example of the stratified validation ELBO (plus t = 1).
         clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
@@ -67,6 +73,8 @@ class DiffusionModule(L.LightningModule):
         parametrization: str = Parametrization.EPS.value,
         variance: str = ReverseVariance.SMALL.value,
         loss: str = LossType.SIMPLE.value,
+        mean_loss: str = LossType.SIMPLE.value,
+        vlb_weight: float = 0.001,
         timestep_sampling: str = TimestepSampling.UNIFORM.value,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
@@ -87,6 +95,10 @@ class DiffusionModule(L.LightningModule):
         self.parametrization = Parametrization(parametrization)
         self.variance = ReverseVariance(variance)
         self.loss_type = LossType(loss)
+        self.mean_loss = LossType(mean_loss)
+        if self.mean_loss not in MSE_LOSSES:
+            raise ValueError(f"mean_loss={mean_loss!r} must be an MSE loss: {' | '.join(m.value for m in MSE_LOSSES)}")
+        self.vlb_weight = float(vlb_weight)
         self.timestep_sampler = make_timestep_sampler(timestep_sampling, schedule.T)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -171,16 +183,26 @@ class DiffusionModule(L.LightningModule):
         out = self.denoise(x_t, t)
         weight = weight.to(torch.float32)
         logging = self._logging_this_step()
-        # L_t is what loss=elbo trains on; otherwise it is only needed for the logs and the importance sampler
-        needs_term = self.loss_type is LossType.ELBO or isinstance(self.timestep_sampler, ImportanceSampler) or logging
-        term = self._terms(x0, x_t, t, out) if needs_term else None  # (B,) nats: L_t
+        hybrid = self.loss_type is LossType.HYBRID
+        # L_t is what loss=elbo and hybrid train on; otherwise it is only needed for the logs and importance sampling
+        needs_term = (
+            self.loss_type is LossType.ELBO or hybrid or isinstance(self.timestep_sampler, ImportanceSampler) or logging
+        )
+        # hybrid: the terms see the mean detached, so L_vlb trains only the variance (same value, other gradient)
+        term_out = stop_mean_gradient(out, self.variance) if hybrid else out
+        term = self._terms(x0, x_t, t, term_out) if needs_term else None  # (B,) nats: L_t
         prior = prior_kl_nats(self.schedule, x0.float()) if needs_term else None
         if self.loss_type is LossType.ELBO:
             per_example = (prior + term * weight) / self.num_dims
         else:
+            mean_out, _ = split_output(out, self.variance)
             target = training_target(self.parametrization, self.schedule, x0, t, eps)
-            mse = weighted_mse(self.loss_type, self.parametrization, self.schedule, t, out.float(), target.float())
+            mse_loss = self.mean_loss if hybrid else self.loss_type
+            mse = weighted_mse(mse_loss, self.parametrization, self.schedule, t, mean_out.float(), target.float())
             per_example = mse * weight / self.schedule.T  # weight/T = 1 for uniform t
+            if hybrid:
+                scale = hybrid_vlb_weight(self.vlb_weight, self.schedule.T, self.num_dims)
+                per_example = per_example + scale * term * weight
         loss = per_example.mean()
         self._last_t = t
         if not torch.isfinite(loss):
@@ -319,10 +341,18 @@ class DiffusionModule(L.LightningModule):
             "progress": progress,
         }
         if sampler == "ddpm":
-            chosen = self.variance if variance is None else variance
-            return ancestral_sample(self.denoise, self.schedule, shape, variance=chosen, steps=steps, **common)
+            chosen = self.variance.value if variance is None else variance
+            if learns_variance(chosen) and not learns_variance(self.variance):
+                raise ValueError(
+                    f"variance=learned_range needs a model trained with it; this one was trained with "
+                    f"variance={self.variance.value}: choose small, large or analytic"
+                )
+            # a learned-range network sampled with another variance contributes only its mean
+            model = self.denoise if learns_variance(chosen) else mean_denoiser(self.denoise, self.variance)
+            return ancestral_sample(model, self.schedule, shape, variance=chosen, steps=steps, **common)
         if sampler == "ddim":
-            return ddim_sample(self.denoise, self.schedule, shape, steps=steps or 50, eta=eta, **common)
+            model = mean_denoiser(self.denoise, self.variance)
+            return ddim_sample(model, self.schedule, shape, steps=steps or 50, eta=eta, **common)
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
 
     # ------------------------------------------------------------------------------------ optimizers
