@@ -165,6 +165,7 @@ def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r["run"] for r in rows) == runs
     assert sorted(r["schedule"] for r in rows) == ["cosine", "linear", "sigmoid"]
+    assert {r["variance"] for r in rows} == {"small"}  # the variance the val/ numbers are under
     assert all(float(r["val/elbo_bpd"]) > 0 for r in rows)
     assert (tmp_path / "report.png").is_file() and "schedule=cosine" in (tmp_path / "report.md").read_text()
     assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -27,8 +27,6 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     variance_name = cfg.variance or run.variance.value
     variance = variance_name
     if variance_name == "analytic":
-        if cfg.sampler.name != "ddpm":
-            raise ValueError("variance=analytic applies to ancestral sampling: use sampler=ddpm (DDIM has its own eta)")
         from diffusion_elbo.core.reverse import mean_denoiser
         from diffusion_elbo.evaluation import analytic_table
 

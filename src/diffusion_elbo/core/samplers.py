@@ -102,13 +102,18 @@ def ddim_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     progress: Progress | None = None,
+    x0_error: Tensor | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) on ``steps`` respaced timesteps; eta = 0 is deterministic, eta = 1
     matches the ancestral sampler's variance on the respaced grid.
 
-    x_{s} = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z, with
-    sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s), s the next
-    (smaller) timestep or 0 (alpha_bar_0 = 1, which returns x0_hat).
+    x_{s} = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - lambda^2) eps_hat + sigma z, with
+    lambda = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s), s the next
+    (smaller) timestep or 0 (alpha_bar_0 = 1, which returns x0_hat), and sigma = lambda.
+
+    ``x0_error`` (T + 1,): e_t = E||x0 - x0_hat(x_t, t)||^2 / D of the analytic variance (:mod:`core.analytic`).
+    With it sigma^2 is the KL-optimal lambda^2 + c^2 e_t, c = sqrt(alpha_bar_s) - sqrt(1 - alpha_bar_s - lambda^2)
+    sqrt(alpha_bar_t / (1 - alpha_bar_t)) the mean's coefficient on x0_hat (Bao et al. 2022, Analytic-DDIM).
     """
     p = Parametrization(parametrization)
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
@@ -125,8 +130,13 @@ def ddim_sample(
             eps_hat = predict_eps(p, schedule, x, t, out)
         ab_t = float(schedule.alpha_bar[step_t])
         ab_s = float(schedule.alpha_bar[next_t])
-        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)) ** 0.5
-        x = ab_s**0.5 * x0_hat + max(1 - ab_s - sigma**2, 0.0) ** 0.5 * eps_hat
+        lam2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+        direction = max(1 - ab_s - lam2, 0.0) ** 0.5
+        x = ab_s**0.5 * x0_hat + direction * eps_hat
+        sigma = lam2**0.5
+        if x0_error is not None:
+            c = ab_s**0.5 - direction * (ab_t / (1 - ab_t)) ** 0.5
+            sigma = (lam2 + c**2 * float(x0_error[step_t])) ** 0.5
         if sigma > 0 and next_t > 0:
             x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
         if progress is not None:

@@ -26,6 +26,7 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
+from diffusion_elbo.core.analytic import x0_error_from_variance
 from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
 from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
 from diffusion_elbo.core.reverse import learns_variance, mean_denoiser, split_output, stop_mean_gradient
@@ -329,7 +330,8 @@ class DiffusionModule(L.LightningModule):
         """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
 
         Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples. ``variance``
-        overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one)."""
+        overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one);
+        DDIM takes an analytic table as Analytic-DDIM's KL-optimal noise (Bao et al. 2022) and ignores names."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
         shape = (num_samples, *self.data_shape)
@@ -352,7 +354,11 @@ class DiffusionModule(L.LightningModule):
             return ancestral_sample(model, self.schedule, shape, variance=chosen, steps=steps, **common)
         if sampler == "ddim":
             model = mean_denoiser(self.denoise, self.variance)
-            return ddim_sample(model, self.schedule, shape, steps=steps or 50, eta=eta, **common)
+            # DDIM's noise comes from eta; an analytic table adds the KL-optimal variance (Analytic-DDIM)
+            x0_error = x0_error_from_variance(self.schedule, variance) if isinstance(variance, Tensor) else None
+            return ddim_sample(
+                model, self.schedule, shape, steps=steps or 50, eta=eta, x0_error=x0_error, **common
+            )
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
 
     # ------------------------------------------------------------------------------------ optimizers
