@@ -257,15 +257,20 @@ def compute_fid(
     batch_size: int,
     seed: int,
     progress=None,
+    variance=None,
 ) -> float:
-    """Sample this rank's share of ``num_samples`` (seed + rank) into the metric and return the gathered FID."""
+    """Sample this rank's share of ``num_samples`` (seed + rank) into the metric and return the gathered FID.
+    ``variance`` overrides the module's reverse variance (see :meth:`DiffusionModule.sample`)."""
     share = num_samples // world_size + (1 if rank < num_samples % world_size else 0)
     generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
     fid.reset_fake()
     done = 0
     while done < share:
         n = min(batch_size, share - done)
-        fid.update(module.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress))
+        samples = module.sample(
+            n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress, variance=variance
+        )
+        fid.update(samples)
         done += n
     return fid.compute()
 

@@ -1,0 +1,150 @@
+"""Sample quality against the number of sampling steps under each reverse variance (issue 8's table).
+
+    python benchmarks/sampling_quality.py --ckpt small=outputs/.../last.ckpt --ckpt learned=outputs/.../last.ckpt
+
+For every checkpoint: ancestral sampling on respaced chains under ``small``, ``large``, ``analytic`` (and
+``learned_range`` when the model learned its variance), and DDIM with eta = 0, deterministic and with the analytic
+variance's noise (Analytic-DDIM), at each of ``--steps``. Every cell is the classifier FID of ``--num-samples``
+samples against the training split, drawn from the same seed (the same x_T for every cell, so differences between
+cells are not sampling noise in x_T), with the time per sample. Writes benchmarks/SAMPLING.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import machine, sync  # noqa: E402  (benchmarks/run.py: the machine description and device sync)
+
+
+def cells(learns_variance: bool) -> list[tuple[str, str, str]]:
+    """(sampler, variance, label) rows of one checkpoint's table."""
+    rows = [("ddpm", "small", "ancestral"), ("ddpm", "large", "ancestral"), ("ddpm", "analytic", "ancestral")]
+    if learns_variance:
+        rows.append(("ddpm", "learned_range", "ancestral"))
+    rows += [("ddim", "none", "DDIM eta=0"), ("ddim", "analytic", "Analytic-DDIM eta=0")]
+    return rows
+
+
+def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_examples: int, cache_dir: str) -> dict:
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.reverse import learns_variance, mean_denoiser
+    from diffusion_elbo.evaluation import analytic_table
+    from diffusion_elbo.fid import make_fid
+    from diffusion_elbo.lightning.callbacks import compute_fid
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_for_eval(ckpt, device)
+    fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
+    cfg = OmegaConf.create(
+        {"ckpt_path": ckpt, "analytic": {"num_examples": analytic_examples}, "batch_size": 256, "max_batch": 512}
+    )
+    generator = torch.Generator(device=device).manual_seed(0)
+    table = analytic_table(
+        cfg,
+        mean_denoiser(run.model, run.variance),
+        run.schedule,
+        run.datamodule,
+        run.parametrization,
+        device,
+        generator,
+    )
+    out = {
+        "label": label,
+        "ckpt": ckpt,
+        "global_step": run.global_step,
+        "trained_variance": run.variance.value,
+        "loss": OmegaConf.select(OmegaConf.create(run.config), "loss.name"),
+        "classifier_accuracy": fid.classifier_accuracy,
+        "rows": [],
+    }
+    for sampler, variance, kind in cells(learns_variance(run.variance)):
+        row = {"sampler": kind, "variance": variance, "fid": {}, "ms_per_sample": {}}
+        for n in steps:
+            chosen = table if variance == "analytic" else (None if variance == "none" else variance)
+            sync(device)
+            start = time.perf_counter()
+            value = compute_fid(
+                run.module, fid, num_samples, 0, 1, sampler=sampler, steps=n, eta=0.0, batch_size=500, seed=0,
+                variance=chosen,
+            )  # fmt: skip
+            sync(device)
+            row["fid"][n] = value
+            row["ms_per_sample"][n] = 1e3 * (time.perf_counter() - start) / num_samples
+            print(f"{label} {kind} {variance} {n} steps: FID {value:.3f}", flush=True)
+        out["rows"].append(row)
+    return out
+
+
+def write(results: dict, path: Path) -> None:
+    m = results["machine"]
+    lines = [
+        "# Sample quality against sampling steps, under each reverse variance",
+        "",
+        f"Machine: {m.get('gpu', 'no GPU')}, {m['threads']} CPU threads; torch {m['torch']}; {m['date']}. "
+        f"Classifier FID of {results['num_samples']} samples against the training split (lower is better); every "
+        "cell starts from the same x_T. `python benchmarks/sampling_quality.py` "
+        + " ".join(f"--ckpt {c['label']}=..." for c in results["checkpoints"]),
+        "",
+    ]
+    for c in results["checkpoints"]:
+        lines += [
+            f"## {c['label']}: trained with loss={c['loss']}, variance={c['trained_variance']}, "
+            f"step {c['global_step']} (feature classifier test accuracy {c['classifier_accuracy']:.4f})",
+            "",
+            "| sampler | variance | " + " | ".join(f"{n} steps" for n in results["steps"]) + " |",
+            "|---|---|" + "---|" * len(results["steps"]),
+        ]
+        for row in c["rows"]:
+            fids = " | ".join(f"{row['fid'][n]:.2f}" for n in results["steps"])
+            lines.append(f"| {row['sampler']} | {row['variance']} | {fids} |")
+        times = c["rows"][0]["ms_per_sample"]
+        lines += ["", "Time per sample: " + ", ".join(f"{n} steps {times[n]:.1f} ms" for n in results["steps"]), ""]
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", required=True, help="label=path of a trained digits checkpoint")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--analytic-examples", type=int, default=256)
+    parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "SAMPLING.md"))
+    parser.add_argument("--append", action="store_true", help="keep the checkpoints already in --out's .json")
+    args = parser.parse_args()
+    results = {"machine": machine(), "num_samples": args.num_samples, "steps": args.steps, "checkpoints": []}
+    previous = Path(args.out).with_suffix(".json")
+    if args.append and previous.is_file():
+        kept = json.loads(previous.read_text())
+        if kept["num_samples"] != args.num_samples or kept["steps"] != args.steps:
+            parser.error(f"--append: {previous} used other --num-samples/--steps; rerun without --append")
+        for c in kept["checkpoints"]:  # JSON keys are strings: back to step counts
+            for row in c["rows"]:
+                row["fid"] = {int(k): v for k, v in row["fid"].items()}
+                row["ms_per_sample"] = {int(k): v for k, v in row["ms_per_sample"].items()}
+        results["checkpoints"] = kept["checkpoints"]
+    for spec in args.ckpt:
+        label, _, path = spec.partition("=")
+        if not path:
+            parser.error(f"--ckpt {spec!r}: write it as label=path")
+        results["checkpoints"] = [c for c in results["checkpoints"] if c["label"] != label]
+        results["checkpoints"].append(
+            measure(label, path, args.steps, args.num_samples, args.analytic_examples, args.cache_dir)
+        )
+        write(results, Path(args.out))  # after each checkpoint, so a long run leaves its finished part
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
