@@ -45,6 +45,8 @@ def test_every_option_of_a_group_composes(group):
     for option in options(group):
         if group == "schedule" and option == "custom":
             cfg = compose_with(["schedule=custom", "schedule.betas=[0.1,0.2,0.3]"])
+        elif group == "loss" and option == "hybrid":  # it trains a learned variance (tested in test_learned_variance)
+            cfg = compose_with(["loss=hybrid", "variance=learned_range"])
         else:
             cfg = compose_with([f"{group}={option}"])
         validate_config(cfg)
