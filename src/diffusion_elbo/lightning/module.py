@@ -356,9 +356,7 @@ class DiffusionModule(L.LightningModule):
             model = mean_denoiser(self.denoise, self.variance)
             # DDIM's noise comes from eta; an analytic table adds the KL-optimal variance (Analytic-DDIM)
             x0_error = x0_error_from_variance(self.schedule, variance) if isinstance(variance, Tensor) else None
-            return ddim_sample(
-                model, self.schedule, shape, steps=steps or 50, eta=eta, x0_error=x0_error, **common
-            )
+            return ddim_sample(model, self.schedule, shape, steps=steps or 50, eta=eta, x0_error=x0_error, **common)
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
 
     # ------------------------------------------------------------------------------------ optimizers
