@@ -49,14 +49,10 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
         {"ckpt_path": ckpt, "analytic": {"num_examples": analytic_examples}, "batch_size": 256, "max_batch": 512}
     )
     generator = torch.Generator(device=device).manual_seed(0)
+    clipped = run.module.clip_denoised and run.datamodule.num_bins is not None  # as src/sample.py does
+    mean_model = mean_denoiser(run.model, run.variance)
     table = analytic_table(
-        cfg,
-        mean_denoiser(run.model, run.variance),
-        run.schedule,
-        run.datamodule,
-        run.parametrization,
-        device,
-        generator,
+        cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator, clipped
     )
     out = {
         "label": label,

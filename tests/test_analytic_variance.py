@@ -113,6 +113,30 @@ def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
     assert m_analytic["bpd"] < m_small["bpd"]
 
 
+def test_clipped_x0_error_is_below_the_unclipped_and_within_the_data_range():
+    """For data in [-1, 1] clamping x0_hat to [-1, 1] can only shrink each coordinate's error. With eps_hat = 0,
+    x0_hat = x_t / a, whose error (1 - alpha_bar_t) / alpha_bar_t per dim blows up near t = T; clamped it is <= 4."""
+    s = make_schedule("linear", 200)
+    x0 = torch.rand(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+
+    def estimate(clip):
+        _, e = analytic_variance_table(
+            lambda x_t, t: torch.zeros_like(x_t),
+            s,
+            [x0],
+            parametrization="eps",
+            generator=torch.Generator().manual_seed(1),
+            clip_denoised=clip,
+        )
+        return e[1:]
+
+    unclipped, clipped = estimate(False), estimate(True)
+    expected = (1 - s.alpha_bar[1:]) / s.alpha_bar[1:]
+    torch.testing.assert_close(unclipped / expected, torch.ones_like(expected), atol=0.25, rtol=0)
+    assert (clipped <= unclipped + 1e-12).all() and clipped.max() <= 4.0
+    assert unclipped[-1] > 100 and clipped[-1] < 2
+
+
 @pytest.mark.parametrize("steps", [10, 25])
 def test_analytic_variance_keeps_the_sample_spread_on_short_respaced_chains(steps):
     """With few ancestral steps the fixed `small` variance shrinks the samples (std 0.63 at 10 steps for 0.8);
@@ -193,7 +217,8 @@ def test_sample_cli_with_analytic_variance_writes_samples_and_records_the_varian
     assert result.returncode == 0, result.stderr[-2000:]
     npz = np.load(out / "samples.npz")
     assert npz["samples"].shape == (8, 1, 8, 8) and str(npz["variance"]) == "analytic"
-    assert (run / "checkpoints" / "last.ckpt.analytic-32.pt").is_file()
+    # the sampler clamps x0_hat to [-1, 1] on image data, so its table is estimated from the clamped x0_hat
+    assert (run / "checkpoints" / "last.ckpt.analytic-32-clipped.pt").is_file()
     # DDIM takes the same cached table as Analytic-DDIM's noise
     ddim = tmp_path / "ddim"
     result = run_cli(

@@ -236,24 +236,39 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     return metrics
 
 
-def analytic_table(cfg: DictConfig, model, schedule, datamodule, parametrization, device, generator) -> Tensor:
+def analytic_table(
+    cfg: DictConfig, model, schedule, datamodule, parametrization, device, generator, clip_denoised: bool = False
+) -> Tensor:
     """The analytic variance table: closed form for the Gaussian oracle; for a checkpoint a Monte Carlo estimate
-    over ``analytic.num_examples`` training examples, cached next to the checkpoint."""
+    over ``analytic.num_examples`` training examples, cached next to the checkpoint. ``clip_denoised``: for a
+    sampler that clamps x0_hat to [-1, 1], estimated from the clamped x0_hat (cached separately)."""
     from diffusion_elbo.core.analytic import analytic_variance_table, oracle_analytic_variance_table
     from diffusion_elbo.models import GaussianOracle
 
     if isinstance(model, GaussianOracle):
         return oracle_analytic_variance_table(schedule, model.std)
     n = int(cfg.analytic.num_examples)
-    cache = Path(f"{cfg.ckpt_path}.analytic-{n}.pt") if cfg.ckpt_path is not None else None
+    suffix = "-clipped" if clip_denoised else ""
+    cache = Path(f"{cfg.ckpt_path}.analytic-{n}{suffix}.pt") if cfg.ckpt_path is not None else None
     if cache is not None and cache.is_file():
         return torch.load(cache, map_location=device, weights_only=True)["table"].to(device)
     datamodule.setup("fit")
     train = Subset(datamodule.split("train"), range(min(n, len(datamodule.split("train")))))
     batches = (x.to(device) for x, _ in DataLoader(train, batch_size=int(cfg.batch_size)))
-    log.info("estimating the analytic variance from %d training examples (all %d timesteps)", len(train), schedule.T)
+    log.info(
+        "estimating the analytic variance from %d training examples (all %d timesteps%s)",
+        len(train),
+        schedule.T,
+        ", x0_hat clamped to [-1, 1] as the sampler does" if clip_denoised else "",
+    )
     table, e = analytic_variance_table(
-        model, schedule, batches, parametrization=parametrization, max_batch=int(cfg.max_batch), generator=generator
+        model,
+        schedule,
+        batches,
+        parametrization=parametrization,
+        max_batch=int(cfg.max_batch),
+        generator=generator,
+        clip_denoised=clip_denoised,
     )
     if cache is not None:
         tmp = cache.with_name(cache.name + ".tmp")

@@ -31,7 +31,10 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         from diffusion_elbo.evaluation import analytic_table
 
         mean_model = mean_denoiser(run.model, run.variance)  # a learned-range network contributes its mean
-        variance = analytic_table(cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator)
+        clipped = module.clip_denoised and run.datamodule.num_bins is not None  # as module.sample clamps x0_hat
+        variance = analytic_table(
+            cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator, clipped
+        )
     sampler = cfg.sampler
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))

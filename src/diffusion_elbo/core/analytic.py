@@ -63,9 +63,16 @@ def analytic_variance_table(
     parametrization: Parametrization | str,
     max_batch: int = 512,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Monte Carlo estimate of e_t for every t = 1..T from training batches x0 (B, *D) (one x_t draw per example
-    and t), and the variance table built from it. Returns (table (T + 1,), e (T + 1,)), both float64."""
+    and t), and the variance table built from it. Returns (table (T + 1,), e (T + 1,)), both float64.
+
+    ``clip_denoised``: e_t of x0_hat clamped to [-1, 1], the mean that image samplers use. The ELBO is evaluated
+    without clipping, so its table is estimated without; for a sampler that clips, the clipped error is the one
+    that makes the variance KL-optimal (it is also never above Bao et al.'s bound (b - a)^2 / 4 = 1 for [-1, 1]
+    data, which the unclipped error of an eps-predictor exceeds near t = T, where x0_hat = (x_t - s eps_hat) / a
+    divides by a small a)."""
     T = schedule.T
     sums = torch.zeros(T + 1, dtype=torch.float64)
     count = 0
@@ -81,6 +88,7 @@ def analytic_variance_table(
             max_batch=max_batch,
             generator=generator,
             with_x0_mse=True,
+            clip_x0=clip_denoised,
         )  # (B, T): the loop over chunks of (t, example) rows is the exact evaluator's
         sums[1:] += x0_mse.sum(dim=0).cpu()
         count += x0.shape[0]

@@ -194,9 +194,11 @@ def _terms_at_timesteps(
     generator: torch.Generator | None,
     progress: Callable[[int, int], None] | None = None,
     with_x0_mse: bool = False,
+    clip_x0: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), one x_t draw each: (B, K) float64,
-    and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K). Each network call stacks a chunk of
+    and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K), of x0_hat clamped to [-1, 1] with
+    ``clip_x0`` (as image samplers use it). Each network call stacks a chunk of
     timesteps for all B examples, about ``max_batch`` rows, so memory stays bounded at full batch."""
     batch, k = x0.shape[0], t_values.numel()
     per_t = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
@@ -215,6 +217,8 @@ def _terms_at_timesteps(
         if x0_mse is not None:
             mean_out, _ = split_output(out, variance)
             x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
+            if clip_x0:
+                x0_hat = x0_hat.clamp(-1.0, 1.0)
             x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
         if progress is not None:
             progress(int(ts[-1]), int(t_values[-1]))
