@@ -6,7 +6,8 @@ For every checkpoint: ancestral sampling on respaced chains under ``small``, ``l
 ``learned_range`` when the model learned its variance), and DDIM with eta = 0, deterministic and with the analytic
 variance's noise (Analytic-DDIM), at each of ``--steps``. Every cell is the classifier FID of ``--num-samples``
 samples against the training split, drawn from the same seed (the same x_T for every cell, so differences between
-cells are not sampling noise in x_T), with the time per sample. Writes benchmarks/SAMPLING.md and .json.
+cells are not sampling noise in x_T), with the time per sample. "capped x_1 noise" rows cap the noise of the step
+that produces x_1 at half a grey level (``sampler.cap_final_noise``). Writes benchmarks/SAMPLING.md and .json.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import machine, sync  # noqa: E402  (benchmarks/run.py: the machine description and device sync)
 
 
-def cells(learns_variance: bool) -> list[tuple[str, str, str]]:
-    """(sampler, variance, label) rows of one checkpoint's table."""
-    rows = [("ddpm", "small", "ancestral"), ("ddpm", "large", "ancestral"), ("ddpm", "analytic", "ancestral")]
-    if learns_variance:
-        rows.append(("ddpm", "learned_range", "ancestral"))
-    rows += [("ddim", "none", "DDIM eta=0"), ("ddim", "analytic", "Analytic-DDIM eta=0")]
+def cells(learns_variance: bool) -> list[tuple[str, str, bool, str]]:
+    """(sampler, variance, cap_final_noise, label) rows of one checkpoint's table. ``small`` adds noise of
+    sqrt(beta_1) = 0.01 at the step to x_1 at any step count, below the cap, so it has no capped row."""
+    variances = ["large", "analytic"] + (["learned_range"] if learns_variance else [])
+    rows = [("ddpm", "small", False, "ancestral")]
+    for variance in variances:
+        rows += [("ddpm", variance, False, "ancestral"), ("ddpm", variance, True, "ancestral, capped x_1 noise")]
+    rows += [
+        ("ddim", "none", False, "DDIM eta=0"),
+        ("ddim", "analytic", False, "Analytic-DDIM eta=0"),
+        ("ddim", "analytic", True, "Analytic-DDIM eta=0, capped x_1 noise"),
+    ]
     return rows
 
 
@@ -63,20 +70,20 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
         "classifier_accuracy": fid.classifier_accuracy,
         "rows": [],
     }
-    for sampler, variance, kind in cells(learns_variance(run.variance)):
-        row = {"sampler": kind, "variance": variance, "fid": {}, "ms_per_sample": {}}
+    for sampler, variance, cap, kind in cells(learns_variance(run.variance)):
+        row = {"sampler": kind, "variance": variance, "cap_final_noise": cap, "fid": {}, "ms_per_sample": {}}
         for n in steps:
             chosen = table if variance == "analytic" else (None if variance == "none" else variance)
             sync(device)
             start = time.perf_counter()
             value = compute_fid(
                 run.module, fid, num_samples, 0, 1, sampler=sampler, steps=n, eta=0.0, batch_size=500, seed=0,
-                variance=chosen,
+                variance=chosen, cap_final_noise=cap,
             )  # fmt: skip
             sync(device)
             row["fid"][n] = value
             row["ms_per_sample"][n] = 1e3 * (time.perf_counter() - start) / num_samples
-            print(f"{label} {kind} {variance} {n} steps: FID {value:.3f}", flush=True)
+            print(f"{label} | {kind} | {variance} | {n} steps: FID {value:.3f}", flush=True)
         out["rows"].append(row)
     return out
 
@@ -112,7 +119,7 @@ def write(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", required=True, help="label=path of a trained digits checkpoint")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--analytic-examples", type=int, default=256)
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))

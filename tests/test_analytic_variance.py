@@ -226,6 +226,7 @@ def test_sample_cli_with_analytic_variance_writes_samples_and_records_the_varian
         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
         "sampler=ddim",
         "sampler.steps=10",
+        "sampler.cap_final_noise=true",
         "num_samples=8",
         "variance=analytic",
         "analytic.num_examples=32",
@@ -233,3 +234,32 @@ def test_sample_cli_with_analytic_variance_writes_samples_and_records_the_varian
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(np.load(ddim / "samples.npz")["variance"]) == "analytic"
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_final_noise_cap_bounds_only_the_step_to_x1(sampler):
+    """cap = 0 makes the step to x_1 noiseless, so with every earlier step noiseless too (a chain of two steps, x_T
+    given) the sample is a function of x_T alone; a cap above every std changes nothing."""
+    from diffusion_elbo.core import ancestral_sample, ddim_sample
+    from diffusion_elbo.core.samplers import final_noise_cap
+
+    s = make_schedule("cosine", 100)
+    oracle = GaussianOracle(s, MEAN, STD)
+    x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def draw(seed, cap, steps=2):
+        g = torch.Generator().manual_seed(seed)
+        if sampler == "ddpm":
+            return ancestral_sample(
+                oracle, s, x_T.shape, parametrization="eps", variance="large", steps=steps, generator=g, x_T=x_T,
+                dtype=torch.float64, final_noise_std=cap,
+            )  # fmt: skip
+        return ddim_sample(
+            oracle, s, x_T.shape, parametrization="eps", eta=1.0, steps=steps, generator=g, x_T=x_T,
+            dtype=torch.float64, final_noise_std=cap,
+        )  # fmt: skip
+
+    torch.testing.assert_close(draw(1, 0.0), draw(2, 0.0))
+    assert not torch.allclose(draw(1, None), draw(2, None))
+    torch.testing.assert_close(draw(1, 1e9, steps=10), draw(1, None, steps=10))
+    assert final_noise_cap(17) == pytest.approx((1 / 16) / math.sqrt(2 / math.pi)) and final_noise_cap(None) is None

@@ -55,6 +55,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
                     generator=generator,
                     progress=lambda i, total: bar.advance(task, 1),
                     variance=variance,
+                    cap_final_noise=bool(sampler.get("cap_final_noise", False)),
                 ).cpu()
             )
             remaining -= n

@@ -6,6 +6,7 @@ through ``progress(step, num_steps)``. ``shape`` is (N, *D) of the samples to dr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,12 +39,16 @@ def ancestral_sample(
     x_T: Tensor | None = None,
     steps: int | None = None,
     progress: Progress | None = None,
+    final_noise_std: float | None = None,
 ) -> Tensor:
     """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p_theta(x_{t-1} | x_t) for t = T..1 (Ho et al. 2020, Alg. 2).
 
     The last step returns the decoder mean mu_theta(x_1, 1) = x0_hat without noise, as in Ho et al.
     With ``steps`` < T the chain runs on a respaced subsequence of timesteps, whose betas are
     1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (Nichol & Dhariwal 2021, sec. 4).
+
+    ``final_noise_std`` caps the std of the noise added by the step that produces x_1: the last step returns the
+    mean, so that noise stays in the sample (see :func:`final_noise_cap`).
     """
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
     full = schedule
@@ -59,7 +64,10 @@ def ancestral_sample(
         out = model(x, model_t[t])
         step = p_mean_variance(schedule, out, x, t, parametrization, variance, clip_denoised)
         if step_t > 1:
-            x = step.mean + torch.exp(0.5 * step.logvar) * _randn(x.shape, generator, x.device, x.dtype)
+            std = torch.exp(0.5 * step.logvar)
+            if step_t == 2 and final_noise_std is not None:
+                std = std.clamp(max=final_noise_std)
+            x = step.mean + std * _randn(x.shape, generator, x.device, x.dtype)
         else:
             x = step.mean
         if progress is not None:
@@ -103,6 +111,7 @@ def ddim_sample(
     x_T: Tensor | None = None,
     progress: Progress | None = None,
     x0_error: Tensor | None = None,
+    final_noise_std: float | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) on ``steps`` respaced timesteps; eta = 0 is deterministic, eta = 1
     matches the ancestral sampler's variance on the respaced grid.
@@ -114,6 +123,7 @@ def ddim_sample(
     ``x0_error`` (T + 1,): e_t = E||x0 - x0_hat(x_t, t)||^2 / D of the analytic variance (:mod:`core.analytic`).
     With it sigma^2 is the KL-optimal lambda^2 + c^2 e_t, c = sqrt(alpha_bar_s) - sqrt(1 - alpha_bar_s - lambda^2)
     sqrt(alpha_bar_t / (1 - alpha_bar_t)) the mean's coefficient on x0_hat (Bao et al. 2022, Analytic-DDIM).
+    ``final_noise_std`` caps sigma at the step that produces the last x_t before x0_hat is returned.
     """
     p = Parametrization(parametrization)
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
@@ -137,8 +147,21 @@ def ddim_sample(
         if x0_error is not None:
             c = ab_s**0.5 - direction * (ab_t / (1 - ab_t)) ** 0.5
             sigma = (lam2 + c**2 * float(x0_error[step_t])) ** 0.5
+        if final_noise_std is not None and i == len(ts) - 2:
+            sigma = min(sigma, final_noise_std)
         if sigma > 0 and next_t > 0:
             x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
         if progress is not None:
             progress(i + 1, len(ts))
     return x
+
+
+def final_noise_cap(num_bins: int | None) -> float | None:
+    """The largest std of the noise added by the step that produces x_1, for K-level data in [-1, 1]: E|sigma z| =
+    sigma sqrt(2 / pi) at most half a quantization bin, 1 / (K - 1). The last step returns the decoder mean, which
+    removes only the noise level the model expects at t = 1 (sqrt(beta_1), 0.01 for the linear schedule), so with
+    few steps the ``large`` or ``analytic`` variance would leave noise of several grey levels in the samples.
+    Bao et al. (2022) clip this step's noise the same way for their few-step samples. None for continuous data."""
+    if num_bins is None:
+        return None
+    return (1.0 / (num_bins - 1)) / math.sqrt(2.0 / math.pi)

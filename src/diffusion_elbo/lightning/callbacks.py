@@ -257,10 +257,10 @@ def compute_fid(
     batch_size: int,
     seed: int,
     progress=None,
-    variance=None,
+    **sample_options,
 ) -> float:
     """Sample this rank's share of ``num_samples`` (seed + rank) into the metric and return the gathered FID.
-    ``variance`` overrides the module's reverse variance (see :meth:`DiffusionModule.sample`)."""
+    ``sample_options`` go to :meth:`DiffusionModule.sample` (``variance``, ``cap_final_noise``)."""
     share = num_samples // world_size + (1 if rank < num_samples % world_size else 0)
     generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
     fid.reset_fake()
@@ -268,7 +268,7 @@ def compute_fid(
     while done < share:
         n = min(batch_size, share - done)
         samples = module.sample(
-            n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress, variance=variance
+            n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress, **sample_options
         )
         fid.update(samples)
         done += n

@@ -30,6 +30,7 @@ from diffusion_elbo.core.analytic import x0_error_from_variance
 from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
 from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
 from diffusion_elbo.core.reverse import learns_variance, mean_denoiser, split_output, stop_mean_gradient
+from diffusion_elbo.core.samplers import final_noise_cap
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
@@ -326,12 +327,15 @@ class DiffusionModule(L.LightningModule):
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
         variance: Tensor | str | None = None,
+        cap_final_noise: bool = False,
     ) -> Tensor:
         """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
 
         Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples. ``variance``
         overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one);
-        DDIM takes an analytic table as Analytic-DDIM's KL-optimal noise (Bao et al. 2022) and ignores names."""
+        DDIM takes an analytic table as Analytic-DDIM's KL-optimal noise (Bao et al. 2022) and ignores names.
+        ``cap_final_noise``: on quantized data, cap the noise of the step that produces x_1 at half a grey level
+        (:func:`~diffusion_elbo.core.samplers.final_noise_cap`)."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
         shape = (num_samples, *self.data_shape)
@@ -341,6 +345,7 @@ class DiffusionModule(L.LightningModule):
             "generator": generator,
             "device": self.device,
             "progress": progress,
+            "final_noise_std": final_noise_cap(self.num_bins) if cap_final_noise else None,
         }
         if sampler == "ddpm":
             chosen = self.variance.value if variance is None else variance
