@@ -5,7 +5,6 @@ import torch
 
 from diffusion_elbo.core import (
     ImportanceSampler,
-    LossType,
     Parametrization,
     UniformSampler,
     ancestral_sample,
@@ -17,6 +16,7 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
+from diffusion_elbo.core.losses import MSE_LOSSES
 from diffusion_elbo.core.parametrization import output_from_x0
 from diffusion_elbo.core.samplers import respaced_timesteps
 from diffusion_elbo.models import GaussianOracle
@@ -31,7 +31,7 @@ def _setup(gen, b=64, d=5, T=1000):
     return s, t, x0, eps, x_t, x0_hat
 
 
-@pytest.mark.parametrize("loss", [m for m in LossType if m is not LossType.ELBO])
+@pytest.mark.parametrize("loss", list(MSE_LOSSES))
 def test_mse_losses_do_not_depend_on_the_parametrization(gen, loss):
     s, t, x0, eps, x_t, x0_hat = _setup(gen)
     values = []
@@ -125,3 +125,12 @@ def test_sampling_is_reproducible_and_reports_progress():
     c = ddim_sample(oracle, s, (8, 2), parametrization="eps", steps=10, generator=torch.Generator().manual_seed(1))
     d = ddim_sample(oracle, s, (8, 2), parametrization="eps", steps=10, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(c, d)
+
+
+def test_hybrid_and_elbo_are_not_mse_weightings(gen):
+    from diffusion_elbo.core.losses import x0_weight
+
+    s, t, *_ = _setup(gen)
+    for loss in ("hybrid", "elbo"):
+        with pytest.raises(ValueError, match="not an MSE weighting"):
+            x0_weight(loss, s, t)
