@@ -1,6 +1,7 @@
 """Sample quality against the number of sampling steps under each reverse variance (issue 8's table).
 
-    python benchmarks/sampling_quality.py --ckpt small=outputs/.../last.ckpt --ckpt learned=outputs/.../last.ckpt
+    python benchmarks/sampling_quality.py --ckpt fixed=outputs/.../last.ckpt --ckpt learned=outputs/.../last.ckpt \
+        --seed-spread 4
 
 For every checkpoint: ancestral sampling on respaced chains under ``small``, ``large``, ``analytic`` (and
 ``learned_range`` when the model learned its variance), and DDIM with eta = 0, deterministic and with the analytic
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,6 +90,26 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
     return out
 
 
+def seed_spread(ckpt: str, steps: int, num_samples: int, seeds: int, cache_dir: str) -> dict:
+    """The FID noise floor: DDIM eta=0 at ``steps`` from seeds 0..seeds-1 (other x_T, same model). Differences
+    between cells of one table are smaller than this spread suggests (they share x_T), but not much smaller."""
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.fid import make_fid
+    from diffusion_elbo.lightning.callbacks import compute_fid
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_for_eval(ckpt, device)
+    fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
+    fids = [
+        compute_fid(run.module, fid, num_samples, 0, 1, sampler="ddim", steps=steps, eta=0.0, batch_size=500, seed=seed)
+        for seed in range(seeds)
+    ]
+    print(
+        f"{ckpt}: DDIM eta=0, {steps} steps over {seeds} seeds: {statistics.mean(fids):.3f} ± {statistics.stdev(fids):.3f}"
+    )
+    return {"sampler": "DDIM eta=0", "steps": steps, "fids": fids, "sd": statistics.stdev(fids)}
+
+
 def write(results: dict, path: Path) -> None:
     m = results["machine"]
     lines = [
@@ -112,6 +134,14 @@ def write(results: dict, path: Path) -> None:
             lines.append(f"| {row['sampler']} | {row['variance']} | {fids} |")
         times = c["rows"][0]["ms_per_sample"]
         lines += ["", "Time per sample: " + ", ".join(f"{n} steps {times[n]:.1f} ms" for n in results["steps"]), ""]
+        if c.get("seed_spread"):
+            sp = c["seed_spread"]
+            lines += [
+                f"FID noise: {sp['sampler']} at {sp['steps']} steps from {len(sp['fids'])} seeds (other x_T): "
+                + ", ".join(f"{v:.2f}" for v in sp["fids"])
+                + f" (sd {sp['sd']:.2f})",
+                "",
+            ]
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -125,6 +155,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "SAMPLING.md"))
     parser.add_argument("--append", action="store_true", help="keep the checkpoints already in --out's .json")
+    parser.add_argument("--seed-spread", type=int, default=0, help="FID noise: DDIM at max steps over N seeds")
+    parser.add_argument("--spread-only", action="store_true", help="with --append: add only the seed spread")
     args = parser.parse_args()
     results = {"machine": machine(), "num_samples": args.num_samples, "steps": args.steps, "checkpoints": []}
     previous = Path(args.out).with_suffix(".json")
@@ -141,10 +173,22 @@ def main() -> None:
         label, _, path = spec.partition("=")
         if not path:
             parser.error(f"--ckpt {spec!r}: write it as label=path")
+        if args.spread_only:
+            (entry,) = [c for c in results["checkpoints"] if c["label"] == label] or [None]
+            if entry is None or args.seed_spread < 2:
+                parser.error(f"--spread-only needs --append, --seed-spread >= 2 and {label!r} already in {previous}")
+            entry["seed_spread"] = seed_spread(
+                path, max(args.steps), args.num_samples, args.seed_spread, args.cache_dir
+            )
+            write(results, Path(args.out))
+            continue
         results["checkpoints"] = [c for c in results["checkpoints"] if c["label"] != label]
-        results["checkpoints"].append(
-            measure(label, path, args.steps, args.num_samples, args.analytic_examples, args.cache_dir)
-        )
+        entry = measure(label, path, args.steps, args.num_samples, args.analytic_examples, args.cache_dir)
+        results["checkpoints"].append(entry)
+        if args.seed_spread >= 2:
+            entry["seed_spread"] = seed_spread(
+                path, max(args.steps), args.num_samples, args.seed_spread, args.cache_dir
+            )
         write(results, Path(args.out))  # after each checkpoint, so a long run leaves its finished part
     print(f"results: {args.out}")
 

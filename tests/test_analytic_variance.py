@@ -111,6 +111,12 @@ def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
     assert m_analytic["variance"] == "analytic" and m_small["variance"] == "small"
     # the KL-optimal variance can only tighten the bound of the same mean model (same draws: same seed)
     assert m_analytic["bpd"] < m_small["bpd"]
+    # per-example values pair the two evaluations: their mean difference is the difference of the means
+    from diffusion_elbo.evaluation import paired_difference
+
+    diff, se = paired_difference(tmp_path / "e1" / "per_example.csv", tmp_path / "e2" / "per_example.csv")
+    assert diff == pytest.approx(m_analytic["bpd"] - m_small["bpd"], abs=1e-6)
+    assert se > 0
 
 
 def test_clipped_x0_error_is_below_the_unclipped_and_within_the_data_range():

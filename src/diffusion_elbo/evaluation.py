@@ -139,6 +139,29 @@ def write_metrics(metrics: dict, output_dir: str | Path, name: str = "metrics.js
     return path
 
 
+def write_per_example(summary: ELBOSummary, output_dir: str | Path, name: str = "per_example.csv") -> Path:
+    """-ELBO of every example in bits/dim, in data order: two evaluations of the same split (other variances,
+    checkpoints or models) compare by paired differences, whose standard error is usually well below either
+    bpd_se for trained models (the per-example values move together)."""
+    path = Path(output_dir) / name
+    tmp = path.with_suffix(".csv.tmp")
+    bpd = nats_to_bits_per_dim(summary.total / summary.num_dims)
+    tmp.write_text("index,bpd\n" + "".join(f"{i},{float(v):.8f}\n" for i, v in enumerate(bpd)))
+    tmp.replace(path)
+    return path
+
+
+def paired_difference(a: str | Path, b: str | Path) -> tuple[float, float]:
+    """Mean and standard error of per-example bpd(a) - bpd(b) from two ``per_example.csv`` of the same split."""
+    import numpy as np
+
+    x, y = (np.loadtxt(p, delimiter=",", skiprows=1)[:, 1] for p in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"{a} and {b} hold {x.size} and {y.size} examples: evaluate the same split to pair them")
+    d = x - y
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+
+
 def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile, saved to metrics.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -221,6 +244,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     if cfg.ckpt_path is not None and _wants_fid(cfg, datamodule):
         metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
     path = write_metrics(metrics, output_dir)
+    write_per_example(summary, output_dir)
     line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f}"
     if "true_nll_bpd" in metrics:
         line += (
