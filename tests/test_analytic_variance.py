@@ -117,6 +117,10 @@ def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
     diff, se = paired_difference(tmp_path / "e1" / "per_example.csv", tmp_path / "e2" / "per_example.csv")
     assert diff == pytest.approx(m_analytic["bpd"] - m_small["bpd"], abs=1e-6)
     assert se > 0
+    # from the cache, the same command gives the same number: the estimate draws from its own generator
+    again = run_cli("eval.py", *args, "variance=analytic", f"hydra.run.dir={tmp_path / 'e3'}")
+    assert again.returncode == 0
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["bpd"] == m_analytic["bpd"]
 
 
 def test_clipped_x0_error_is_below_the_unclipped_and_within_the_data_range():

@@ -197,7 +197,9 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         model = mean_denoiser(model, trained_variance)  # under another variance, only its mean counts
     schedule = schedule.to(device)
     if variance_name == ReverseVariance.ANALYTIC.value:
-        variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, generator)
+        # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
+        estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
+        variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
     datamodule.setup("test" if cfg.split == "test" else "fit")
     dataset = datamodule.split(cfg.split)
     if cfg.num_examples is not None:

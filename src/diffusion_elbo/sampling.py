@@ -31,9 +31,11 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         from diffusion_elbo.evaluation import analytic_table
 
         mean_model = mean_denoiser(run.model, run.variance)  # a learned-range network contributes its mean
+        # its own generator: the samples are then the same whether the table was cached or estimated
+        estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
         clipped = module.clip_denoised and run.datamodule.num_bins is not None  # as module.sample clamps x0_hat
         variance = analytic_table(
-            cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator, clipped
+            cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, estimation, clipped
         )
     sampler = cfg.sampler
     batches, remaining = [], int(cfg.num_samples)
