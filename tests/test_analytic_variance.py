@@ -147,59 +147,29 @@ def test_clipped_x0_error_is_below_the_unclipped_and_within_the_data_range():
     assert unclipped[-1] > 100 and clipped[-1] < 2
 
 
-@pytest.mark.parametrize("steps", [10, 25])
-def test_analytic_variance_keeps_the_sample_spread_on_short_respaced_chains(steps):
-    """With few ancestral steps the fixed `small` variance shrinks the samples (std 0.63 at 10 steps for 0.8);
-    the analytic variance, re-weighted for the respaced chain, keeps them on the data distribution."""
-    from diffusion_elbo.core import ancestral_sample
-
-    s = make_schedule("cosine", 1000)
-    oracle = GaussianOracle(s, MEAN, STD)
-
-    def draw(variance):
-        g = torch.Generator().manual_seed(0)
-        return ancestral_sample(
-            oracle,
-            s,
-            (4000, 4),
-            parametrization="eps",
-            variance=variance,
-            steps=steps,
-            generator=g,
-            dtype=torch.float64,
-        )
-
-    analytic, small = draw(oracle_analytic_variance_table(s, STD)), draw("small")
-    assert analytic.std().item() == pytest.approx(STD, rel=0.02)
-    assert abs(analytic.mean().item() - MEAN) < 0.02
-    assert small.std().item() < STD * 0.93
-
-
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 @pytest.mark.parametrize("steps", [10, 25])
-def test_analytic_ddim_keeps_the_sample_spread_that_deterministic_ddim_loses(name, steps):
-    """Deterministic DDIM with the Bayes-optimal mean shrinks the samples on short chains (std 0.64 at 10 linear
-    steps for 0.8); Analytic-DDIM adds the KL-optimal noise c^2 e_t and keeps them on the data distribution."""
-    from diffusion_elbo.core import ddim_sample
+def test_analytic_variance_keeps_the_sample_spread_on_short_chains(sampler, name, steps):
+    """With few steps the samples of the Bayes-optimal mean shrink: ancestral with `small` (std 0.63 at 10 cosine
+    steps for 0.8) and deterministic DDIM (0.64 at 10 linear steps). The analytic variance, re-weighted for the
+    respaced chain, and Analytic-DDIM's KL-optimal noise c^2 e_t keep them on the data distribution."""
+    from diffusion_elbo.core import ancestral_sample, ddim_sample
     from diffusion_elbo.core.gaussian_data import oracle_posterior_variance
 
     s = make_schedule(name, 1000)
     oracle = GaussianOracle(s, MEAN, STD)
+    common = {"parametrization": "eps", "steps": steps, "dtype": torch.float64}
 
-    def draw(x0_error):
+    def draw(analytic: bool):
         g = torch.Generator().manual_seed(0)
-        return ddim_sample(
-            oracle,
-            s,
-            (4000, 4),
-            parametrization="eps",
-            steps=steps,
-            generator=g,
-            dtype=torch.float64,
-            x0_error=x0_error,
-        )
+        if sampler == "ancestral":
+            variance = oracle_analytic_variance_table(s, STD) if analytic else "small"
+            return ancestral_sample(oracle, s, (4000, 4), variance=variance, generator=g, **common)
+        x0_error = oracle_posterior_variance(s, STD) if analytic else None
+        return ddim_sample(oracle, s, (4000, 4), x0_error=x0_error, generator=g, **common)
 
-    analytic, plain = draw(oracle_posterior_variance(s, STD)), draw(None)
+    analytic, plain = draw(True), draw(False)
     assert analytic.std().item() == pytest.approx(STD, rel=0.02)
     assert abs(analytic.mean().item() - MEAN) < 0.025
     assert plain.std().item() < STD * 0.97
