@@ -184,6 +184,9 @@ def test_models_grow_the_variance_channels_only_when_learned():
     from diffusion_elbo.builders import build_model
 
     assert build_model(_compose("variance=learned_range", "loss=hybrid")).out_channels == 2  # digits: 1 channel
+    for experiment, channels in (("mnist_unet", 1), ("cifar10_ddpm", 3)):
+        cfg = _compose(f"experiment={experiment}", "variance=learned_range", "loss=hybrid")
+        assert build_model(cfg).out_channels == 2 * channels
     assert build_model(_compose()).out_channels == 1
     toy = ["data=toy2d", "model=mlp", "variance=learned_range", "loss=elbo"]
     assert build_model(_compose(*toy)).out_dim == 4
