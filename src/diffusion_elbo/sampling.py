@@ -74,8 +74,18 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         global_step=run.global_step,
     )
     png = save_samples(
-        samples[: int(cfg.grid_size)], out / "samples.png", title=f"{sampler.name}, {steps_per_batch} steps"
+        samples[: int(cfg.grid_size)],
+        out / "samples.png",
+        title=f"{sampler.name}, {steps_per_batch} steps, variance={variance_name}",
     )
-    log.info("wrote %d samples to %s%s", samples.shape[0], npz, f" and {png}" if png else "")
+    log.info(
+        "wrote %d samples (%s, %d steps, variance=%s) to %s%s",
+        samples.shape[0],
+        sampler.name,
+        steps_per_batch,
+        variance_name,
+        npz,
+        f" and {png}" if png else "",
+    )
     print(f"samples: {npz}")
     return npz
