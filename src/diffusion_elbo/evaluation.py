@@ -247,7 +247,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
     path = write_metrics(metrics, output_dir)
     write_per_example(summary, output_dir)
-    line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f}"
+    line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f} (reverse variance {variance_name})"
     if "true_nll_bpd" in metrics:
         line += (
             f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
