@@ -478,13 +478,28 @@ def test_data_shape_and_num_bins_are_known_before_setup(tmp_path: Path) -> None:
     ]
 
 
+def constructor_parameters(cls) -> dict[str, inspect.Parameter]:
+    """Every argument ``cls(...)`` takes: its own, and those it forwards through ``**options`` to its bases."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        own = inspect.signature(klass.__init__).parameters
+        for name, param in own.items():
+            if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD:
+                params.setdefault(name, param)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            break
+    return params
+
+
 @pytest.mark.parametrize("name", ["digits", "toy2d", "gaussian", "mnist", "cifar10", "image_folder"])
 def test_yaml_lists_every_constructor_argument_with_its_default(name: str, tmp_path: Path) -> None:
     # data roots interpolate ${paths.data_dir} (conf/paths/default.yaml: data) from the composed config
     root_cfg = OmegaConf.create({"paths": {"data_dir": "data"}, "data": OmegaConf.load(CONF_DATA / f"{name}.yaml")})
     cfg = root_cfg.data
     cls = hydra.utils.get_class(cfg._target_)
-    params = inspect.signature(cls.__init__).parameters
+    params = constructor_parameters(cls)
     keys = set(cfg.keys()) - {"_target_"}
     assert keys == set(params) - {"self"}
     for key in keys:

@@ -19,14 +19,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.data import images as image_utils
-from diffusion_elbo.data.base import DiffusionDataModule
-from diffusion_elbo.data.images import (
-    LevelImageDataset,
-    check_image_format,
-    check_num_bins,
-    flip_for,
-    split_indices,
-)
+from diffusion_elbo.data.images import LevelImageDataModule, split_indices
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -85,7 +78,7 @@ def missing_cifar_message(root: Path, download: bool, reason: str = "") -> str:
     )
 
 
-class CIFAR10DataModule(DiffusionDataModule):
+class CIFAR10DataModule(LevelImageDataModule):
     """x0 (B, 3, 32, 32) on the 256-level grid k/255 * 2 - 1, y (B,) the class 0..9.
 
     Splits: test is the official 10k ``test_batch``; val is ``num_val`` training images picked by a
@@ -93,9 +86,8 @@ class CIFAR10DataModule(DiffusionDataModule):
     are flipped left-right at random by default, as Ho et al. 2020 (Appendix B) do for CIFAR-10.
     """
 
-    has_labels = True
-
     num_bins = 256
+    dataset, allowed_channels, allowed_sizes = "cifar10", (3,), (32,)
 
     def __init__(
         self,
@@ -106,23 +98,17 @@ class CIFAR10DataModule(DiffusionDataModule):
         channels: int = 3,
         image_size: int = 32,
         random_flip: bool = True,
-        seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **options,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        check_image_format("cifar10", channels, image_size, allowed_channels=(3,), allowed_sizes=(32,))
+        """``options``: seed, batch_size, eval_batch_size, num_workers (:class:`LevelImageDataModule`)."""
+        super().__init__(
+            num_bins=num_bins, channels=channels, image_size=image_size, random_flip=random_flip, **options
+        )
         if num_val < 1:
             raise ValueError(f"data.num_val must be >= 1; got {num_val}")
         self.root = Path(root).expanduser()
         self.download = bool(download)
         self.num_val = int(num_val)
-        self.num_bins = check_num_bins(num_bins, "cifar10")
-        self.channels, self.image_size = 3, 32
-        self.random_flip = bool(random_flip)
-        self.seed = int(seed)
-        self.data_shape = (3, 32, 32)
 
     @property
     def folder(self) -> Path:
@@ -192,7 +178,4 @@ class CIFAR10DataModule(DiffusionDataModule):
         train_y = torch.cat([batches[name][1] for name in TRAIN_BATCHES])  # (50000,)
         test_x, test_y = batches[TEST_BATCH]
         train, val, _ = split_indices(len(train_x), self.num_val, 0, self.seed, labels=train_y)
-        flip = flip_for(self.random_flip, self.seed)
-        self.train_set = LevelImageDataset(train_x[train], train_y[train], 255, self.num_bins, flip)
-        self.val_set = LevelImageDataset(train_x[val], train_y[val], 255, self.num_bins)
-        self.test_set = LevelImageDataset(test_x, test_y, 255, self.num_bins)
+        self.set_splits(255, (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y))

@@ -10,20 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_elbo.data.base import DiffusionDataModule
-from diffusion_elbo.data.images import (
-    LevelImageDataset,
-    check_image_format,
-    check_num_bins,
-    flip_for,
-    split_indices,
-)
+from diffusion_elbo.data.images import LevelImageDataModule, split_indices
 
 NUM_DIGITS = 1797
 MAX_LEVEL = 16
 
 
-class DigitsDataModule(DiffusionDataModule):
+class DigitsDataModule(LevelImageDataModule):
     """x0 (B, 1, 8, 8) on the 17-level grid k/16 * 2 - 1, y (B,) the digit 0..9.
 
     Split: a seeded random shuffle (numpy RandomState(seed), identical on every machine) puts
@@ -31,7 +24,7 @@ class DigitsDataModule(DiffusionDataModule):
     The split is stratified by digit, so val and test hold each digit about equally often (17-19 times).
     """
 
-    has_labels = True
+    dataset, allowed_channels, allowed_sizes = "digits", (1,), (8,)
 
     def __init__(
         self,
@@ -40,25 +33,16 @@ class DigitsDataModule(DiffusionDataModule):
         num_bins: int = MAX_LEVEL + 1,
         channels: int = 1,
         image_size: int = 8,
-        random_flip: bool = False,
-        seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **options,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        check_image_format("digits", channels, image_size, allowed_channels=(1,), allowed_sizes=(8,))
+        """``options``: random_flip, seed, batch_size, eval_batch_size, num_workers (:class:`LevelImageDataModule`)."""
+        super().__init__(num_bins=num_bins, channels=channels, image_size=image_size, **options)
         if num_val < 1 or num_test < 1 or num_val + num_test >= NUM_DIGITS:
             raise ValueError(
                 f"data.num_val and data.num_test must be >= 1 and add to less than {NUM_DIGITS}; "
                 f"got {num_val} and {num_test}"
             )
         self.num_val, self.num_test = int(num_val), int(num_test)
-        self.num_bins = check_num_bins(num_bins, "digits")
-        self.channels, self.image_size = 1, 8
-        self.random_flip = bool(random_flip)
-        self.seed = int(seed)
-        self.data_shape = (1, 8, 8)
         self.indices: dict[str, Tensor] = {}  # split -> rows of load_digits(), filled by setup()
 
     def setup(self, stage: str | None = None) -> None:
@@ -71,7 +55,4 @@ class DigitsDataModule(DiffusionDataModule):
         labels = torch.from_numpy(bunch.target).to(torch.long)  # (1797,)
         train, val, test = split_indices(len(images), self.num_val, self.num_test, self.seed, labels=labels)
         self.indices = {"train": train, "val": val, "test": test}
-        flip = flip_for(self.random_flip, self.seed)
-        self.train_set = LevelImageDataset(images[train], labels[train], MAX_LEVEL, self.num_bins, flip)
-        self.val_set = LevelImageDataset(images[val], labels[val], MAX_LEVEL, self.num_bins)
-        self.test_set = LevelImageDataset(images[test], labels[test], MAX_LEVEL, self.num_bins)
+        self.set_splits(MAX_LEVEL, *((images[i], labels[i]) for i in (train, val, test)))

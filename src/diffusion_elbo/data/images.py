@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from diffusion_elbo.core.distributions import quantize
+from diffusion_elbo.data.base import DiffusionDataModule
 
 
 def levels_to_unit(levels: Tensor, max_level: int, num_bins: int | None = None) -> Tensor:
@@ -213,3 +214,48 @@ def fetch(name: str, urls: Sequence[str], dest_dir: Path, md5: str | None = None
             continue
         return path
     raise OSError("could not download " + name + " (" + "; ".join(failures) + ")")
+
+
+class LevelImageDataModule(DiffusionDataModule):
+    """Base of the labelled image sets stored as integer grey levels (digits, MNIST, CIFAR-10): checks the image
+    format and ``num_bins`` against what the set allows (the class attributes ``dataset``, ``allowed_channels``,
+    ``allowed_sizes``), and builds the three :class:`LevelImageDataset` splits (flips on train only).
+    Subclasses load levels and labels in :meth:`setup` and call :meth:`set_splits`.
+
+    Args: ``num_bins`` grey levels K; ``channels``, ``image_size``; ``random_flip`` left-right flips of training
+    images; ``seed`` of the split and the flips; ``batch_size``, ``eval_batch_size``, ``num_workers`` of the loaders.
+    """
+
+    has_labels = True
+    dataset: str
+    allowed_channels: tuple[int, ...]
+    allowed_sizes: tuple[int, ...]
+
+    def __init__(
+        self,
+        *,
+        num_bins: int,
+        channels: int,
+        image_size: int,
+        random_flip: bool = False,
+        seed: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        check_image_format(self.dataset, channels, image_size, self.allowed_channels, self.allowed_sizes)
+        self.num_bins = check_num_bins(num_bins, self.dataset)
+        self.channels, self.image_size = int(channels), int(image_size)
+        self.random_flip = bool(random_flip)
+        self.seed = int(seed)
+        self.data_shape = (self.channels, self.image_size, self.image_size)
+
+    def set_splits(
+        self, max_level: int, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+    ) -> None:
+        """The datasets from (levels (N, C, H, W) uint8, labels (N,)) of each split."""
+        flip = flip_for(self.random_flip, self.seed)
+        self.train_set = LevelImageDataset(*train, max_level, self.num_bins, flip)
+        self.val_set = LevelImageDataset(*val, max_level, self.num_bins)
+        self.test_set = LevelImageDataset(*test, max_level, self.num_bins)

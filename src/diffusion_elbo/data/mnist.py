@@ -16,14 +16,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.data import images as image_utils
-from diffusion_elbo.data.base import DiffusionDataModule
-from diffusion_elbo.data.images import (
-    LevelImageDataset,
-    check_image_format,
-    check_num_bins,
-    flip_for,
-    split_indices,
-)
+from diffusion_elbo.data.images import LevelImageDataModule, split_indices
 
 MNIST_FILES = {  # name -> MD5 of the .gz published on the mirrors (the same checksums torchvision uses)
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -90,7 +83,7 @@ def missing_mnist_message(root: Path, missing: list[str], download: bool, reason
     )
 
 
-class MNISTDataModule(DiffusionDataModule):
+class MNISTDataModule(LevelImageDataModule):
     """x0 (B, 1, 28, 28) on the 256-level grid k/255 * 2 - 1 (or padded to 32x32), y (B,) the digit.
 
     Splits: test is the official 10k t10k set; val is ``num_val`` training images picked by a seeded
@@ -99,9 +92,8 @@ class MNISTDataModule(DiffusionDataModule):
     LeNet input, for models that need a power of two.
     """
 
-    has_labels = True
-
     num_bins = 256
+    dataset, allowed_channels, allowed_sizes = "mnist", (1,), (28, 32)
 
     def __init__(
         self,
@@ -111,24 +103,15 @@ class MNISTDataModule(DiffusionDataModule):
         num_bins: int = 256,
         channels: int = 1,
         image_size: int = 28,
-        random_flip: bool = False,
-        seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **options,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        check_image_format("mnist", channels, image_size, allowed_channels=(1,), allowed_sizes=(28, 32))
+        """``options``: random_flip, seed, batch_size, eval_batch_size, num_workers (:class:`LevelImageDataModule`)."""
+        super().__init__(num_bins=num_bins, channels=channels, image_size=image_size, **options)
         if num_val < 1:
             raise ValueError(f"data.num_val must be >= 1; got {num_val}")
         self.root = Path(root).expanduser()
         self.download = bool(download)
         self.num_val = int(num_val)
-        self.num_bins = check_num_bins(num_bins, "mnist")
-        self.channels, self.image_size = 1, int(image_size)
-        self.random_flip = bool(random_flip)
-        self.seed = int(seed)
-        self.data_shape = (1, self.image_size, self.image_size)
 
     def _missing(self) -> list[str]:
         return [name for name in MNIST_FILES if find_mnist_file(self.root, name) is None]
@@ -173,7 +156,4 @@ class MNISTDataModule(DiffusionDataModule):
         train_x, train_y = self._load("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
         test_x, test_y = self._load("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
         train, val, _ = split_indices(len(train_x), self.num_val, 0, self.seed, labels=train_y)
-        flip = flip_for(self.random_flip, self.seed)
-        self.train_set = LevelImageDataset(train_x[train], train_y[train], 255, self.num_bins, flip)
-        self.val_set = LevelImageDataset(train_x[val], train_y[val], 255, self.num_bins)
-        self.test_set = LevelImageDataset(test_x, test_y, 255, self.num_bins)
+        self.set_splits(255, (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y))
