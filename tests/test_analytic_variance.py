@@ -121,6 +121,9 @@ def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
     again = run_cli("eval.py", *args, "variance=analytic", f"hydra.run.dir={tmp_path / 'e3'}")
     assert again.returncode == 0
     assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["bpd"] == m_analytic["bpd"]
+    # a checkpoint trained with a fixed variance has no variance output to evaluate as learned_range
+    refused = run_cli("eval.py", *args, "variance=learned_range", f"hydra.run.dir={tmp_path / 'e4'}")
+    assert refused.returncode != 0 and "trained with variance=small" in refused.stderr
 
 
 def test_clipped_x0_error_is_below_the_unclipped_and_within_the_data_range():
