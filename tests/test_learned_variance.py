@@ -203,13 +203,13 @@ def test_hybrid_loss_gives_the_mean_head_the_mean_loss_gradient_and_the_variance
 
     from .helpers import compose_train
 
-    def output_grad(vlb_weight):
+    def output_grad(vlb_weight, loss="hybrid"):
         overrides = [
             "data=toy2d",
             "model=mlp",
             "variance=learned_range",
-            "loss=hybrid",
-            f"loss.vlb_weight={vlb_weight}",
+            f"loss={loss}",
+            f"loss.vlb_weight={vlb_weight}" if loss == "hybrid" else "loss.timestep_sampling=uniform",
         ]
         cfg = compose_train(tmp_path, overrides)
         torch.manual_seed(0)
@@ -227,6 +227,9 @@ def test_hybrid_loss_gives_the_mean_head_the_mean_loss_gradient_and_the_variance
     assert zero[2:].abs().max() == 0  # v rows: nothing without the ELBO half ...
     assert hybrid[2:].abs().max() > 0
     torch.testing.assert_close(double[2:], 2 * hybrid[2:])  # ... and linear in lambda
+    elbo = output_grad(None, loss="elbo")  # loss=elbo trains both heads through the terms
+    assert elbo[:2].abs().max() > 0 and elbo[2:].abs().max() > 0
+    assert not torch.allclose(elbo[:2], zero[:2])
 
 
 def test_sampling_a_fixed_variance_model_with_learned_range_is_refused(tmp_path):
