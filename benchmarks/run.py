@@ -337,13 +337,20 @@ def machine() -> dict:
     return info
 
 
+def machine_line(m: dict) -> str:
+    """The results files' one-line description of a :func:`machine`."""
+    return (
+        f"Machine: {m.get('gpu', 'no GPU')}, CPU {m['cpu']} with {m['threads']} threads; torch {m['torch']}, "
+        f"lightning {m['lightning']}, python {m['python']}, diffusion-elbo {m['diffusion_elbo']}; {m['date']}."
+    )
+
+
 def write_results(results: dict, path: Path) -> None:
     m = results["machine"]
     lines = [
         "# Benchmark results",
         "",
-        f"Machine: {m.get('gpu', 'no GPU')}, CPU {m['cpu']} with {m['threads']} threads; torch {m['torch']}, "
-        f"lightning {m['lightning']}, python {m['python']}, diffusion-elbo {m['diffusion_elbo']}; {m['date']}.",
+        machine_line(m),
         "Each item compares two things measured in the same run, alternating; numbers are medians.",
         "",
     ]

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import machine, sync  # noqa: E402  (benchmarks/run.py: the machine description and device sync)
+from run import machine, machine_line, sync  # noqa: E402  (benchmarks/run.py: machine description, device sync)
 
 
 def cells(learns_variance: bool) -> list[tuple[str, str, bool, str]]:
@@ -46,23 +46,16 @@ def cells(learns_variance: bool) -> list[tuple[str, str, bool, str]]:
 
 def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_examples: int, cache_dir: str) -> dict:
     from diffusion_elbo.checkpoints import load_for_eval
-    from diffusion_elbo.core.reverse import learns_variance, mean_denoiser
-    from diffusion_elbo.evaluation import analytic_table
+    from diffusion_elbo.core.reverse import learns_variance
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.sampling import sampling_analytic_table
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_for_eval(ckpt, device)
     fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
-    cfg = OmegaConf.create(
-        {"ckpt_path": ckpt, "analytic": {"num_examples": analytic_examples}, "batch_size": 256, "max_batch": 512}
-    )
-    generator = torch.Generator(device=device).manual_seed(0)
-    clipped = run.module.clip_denoised and run.datamodule.num_bins is not None  # as src/sample.py does
-    mean_model = mean_denoiser(run.model, run.variance)
-    table = analytic_table(
-        cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, generator, clipped
-    )
+    cfg = {"ckpt_path": ckpt, "seed": 0, "analytic": {"num_examples": analytic_examples}, "batch_size": 256}
+    table = sampling_analytic_table(OmegaConf.create({**cfg, "max_batch": 512}), run, device)  # as src/sample.py
     out = {
         "label": label,
         "ckpt": ckpt,
@@ -115,7 +108,7 @@ def write(results: dict, path: Path) -> None:
     lines = [
         "# Sample quality against sampling steps, under each reverse variance",
         "",
-        f"Machine: {m.get('gpu', 'no GPU')}, {m['threads']} CPU threads; torch {m['torch']}; {m['date']}. "
+        machine_line(m) + " "
         f"Classifier FID of {results['num_samples']} samples against the training split (lower is better); every "
         "cell starts from the same x_T. `python benchmarks/sampling_quality.py` "
         + " ".join(f"--ckpt {c['label']}=..." for c in results["checkpoints"]),

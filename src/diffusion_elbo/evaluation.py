@@ -23,7 +23,7 @@ from diffusion_elbo.core import (
     standard_error,
 )
 from diffusion_elbo.core.elbo import Denoiser
-from diffusion_elbo.core.reverse import learns_variance, mean_denoiser
+from diffusion_elbo.core.reverse import denoiser_for
 
 log = logging.getLogger(__name__)
 
@@ -181,20 +181,13 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     else:
         schedule = build_schedule(cfg)
         datamodule = build_datamodule(cfg)
+        # a model built here has variance outputs only when learned_range is asked for (build_model)
         trained_variance = cfg.variance if cfg.variance == ReverseVariance.LEARNED_RANGE.value else "small"
         model = build_model(cfg)
         parametrization = cfg.parametrization
     variance = cfg.variance or trained_variance
     variance_name = str(ReverseVariance(variance).value)
-    if learns_variance(variance_name) and not learns_variance(trained_variance):
-        raise ValueError(
-            f"variance=learned_range needs a model trained with it (its network outputs the variance); "
-            f"{cfg.ckpt_path or cfg.model._target_} was trained with variance={trained_variance}: choose "
-            "small | large | analytic"
-        )
-    model = model.to(device).eval()
-    if learns_variance(trained_variance) and not learns_variance(variance_name):
-        model = mean_denoiser(model, trained_variance)  # under another variance, only its mean counts
+    model = denoiser_for(model.to(device).eval(), trained_variance, variance_name)
     schedule = schedule.to(device)
     if variance_name == ReverseVariance.ANALYTIC.value:
         # its own generator: the evaluation's draws are then the same whether the table was cached or estimated

@@ -11,11 +11,34 @@ import torch
 from omegaconf import DictConfig
 
 from diffusion_elbo.builders import resolve_device
-from diffusion_elbo.checkpoints import load_for_eval
+from diffusion_elbo.checkpoints import LoadedRun, load_for_eval
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.visualize import save_samples
 
 log = logging.getLogger(__name__)
+
+
+def sampling_analytic_table(cfg: DictConfig, run: LoadedRun, device: torch.device) -> torch.Tensor:
+    """The analytic variance table for sampling a loaded run: e_t of its mean (a learned-range network contributes
+    its mean half) with x0_hat clamped as its sampler clamps it, read from the checkpoint's cache or estimated from
+    ``analytic.num_examples`` training examples. The estimate has its own generator (seed + 1), so the samples are
+    the same whether the table was cached or estimated. ``cfg`` needs ckpt_path, seed, analytic.num_examples,
+    batch_size and max_batch."""
+    from diffusion_elbo.core.reverse import mean_denoiser
+    from diffusion_elbo.evaluation import analytic_table
+
+    estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
+    mean_model = mean_denoiser(run.model, run.variance)
+    return analytic_table(
+        cfg,
+        mean_model,
+        run.schedule,
+        run.datamodule,
+        run.parametrization,
+        device,
+        estimation,
+        run.module.sampling_clips,
+    )
 
 
 def run_sample(cfg: DictConfig, output_dir: str) -> Path:
@@ -27,16 +50,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     variance_name = cfg.variance or run.variance.value
     variance = variance_name
     if variance_name == "analytic":
-        from diffusion_elbo.core.reverse import mean_denoiser
-        from diffusion_elbo.evaluation import analytic_table
-
-        mean_model = mean_denoiser(run.model, run.variance)  # a learned-range network contributes its mean
-        # its own generator: the samples are then the same whether the table was cached or estimated
-        estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
-        clipped = module.clip_denoised and run.datamodule.num_bins is not None  # as module.sample clamps x0_hat
-        variance = analytic_table(
-            cfg, mean_model, run.schedule, run.datamodule, run.parametrization, device, estimation, clipped
-        )
+        variance = sampling_analytic_table(cfg, run, device)
     sampler = cfg.sampler
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))

@@ -172,12 +172,19 @@ def exact_elbo(
         generator=generator,
         progress=progress,
     )
+    return _result(schedule, x0, per_t)
+
+
+def _result(schedule: NoiseSchedule, x0: Tensor, per_t: Tensor, **extra) -> ELBOResult:
+    """The ELBOResult of per-t terms (B, K) whose column 0 is the reconstruction term and the rest (weighted)
+    denoising terms, with the closed-form prior of x0."""
     return ELBOResult(
         reconstruction=per_t[:, 0],
         prior=prior_kl_nats(schedule, x0).double(),
         denoising=per_t[:, 1:].sum(dim=1),
         per_t=per_t,
         num_dims=x0[0].numel(),
+        **extra,
     )
 
 
@@ -298,17 +305,7 @@ def stratified_elbo(
         generator=generator,
         with_x0_mse=True,
     )
-    per_t = per_t * sizes.double()
-    return ELBOResult(
-        reconstruction=per_t[:, 0],
-        prior=prior_kl_nats(schedule, x0).double(),
-        denoising=per_t[:, 1:].sum(dim=1),
-        per_t=per_t,
-        num_dims=x0[0].numel(),
-        t_values=t_values,
-        t_weights=sizes,
-        x0_mse=x0_mse,
-    )
+    return _result(schedule, x0, per_t * sizes.double(), t_values=t_values, t_weights=sizes, x0_mse=x0_mse)
 
 
 @dataclass

@@ -102,6 +102,21 @@ def mean_denoiser(
     return mean_only
 
 
+def denoiser_for(
+    model: Callable[[Tensor, Tensor], Tensor], trained: VarianceSpec, requested: VarianceSpec
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The network to use under the ``requested`` variance for a model trained with ``trained``: the model itself,
+    or its mean half when it learned a variance that is not asked for. ``learned_range`` for a model without
+    variance outputs is refused (ValueError naming its variance and the choices it has)."""
+    if learns_variance(requested) and not learns_variance(trained):
+        name = trained.value if isinstance(trained, ReverseVariance) else trained
+        raise ValueError(
+            f"variance=learned_range needs a model trained with it (its network outputs the variance); this one was "
+            f"trained with variance={name}: choose small, large or analytic"
+        )
+    return model if learns_variance(requested) else mean_denoiser(model, trained)
+
+
 def learned_range_logvar(schedule: NoiseSchedule, t: Tensor, v_logits: Tensor) -> Tensor:
     """log sigma_t^2 = v log beta_t + (1 - v) log sigma_q^2(t) per dimension (Nichol & Dhariwal 2021 eq. 15), with
     v = sigmoid(v_logits) in (0, 1), so sigma_t^2 lies between the ``small`` and ``large`` variances. At t = 1,

@@ -29,7 +29,7 @@ from diffusion_elbo.core import (
 from diffusion_elbo.core.analytic import x0_error_from_variance
 from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
 from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
-from diffusion_elbo.core.reverse import learns_variance, mean_denoiser, split_output, stop_mean_gradient
+from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser, split_output, stop_mean_gradient
 from diffusion_elbo.core.samplers import final_noise_cap
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
@@ -341,7 +341,7 @@ class DiffusionModule(L.LightningModule):
         shape = (num_samples, *self.data_shape)
         common = {
             "parametrization": self.parametrization,
-            "clip_denoised": self.clip_denoised and self.num_bins is not None,
+            "clip_denoised": self.sampling_clips,
             "generator": generator,
             "device": self.device,
             "progress": progress,
@@ -349,13 +349,7 @@ class DiffusionModule(L.LightningModule):
         }
         if sampler == "ddpm":
             chosen = self.variance.value if variance is None else variance
-            if learns_variance(chosen) and not learns_variance(self.variance):
-                raise ValueError(
-                    f"variance=learned_range needs a model trained with it; this one was trained with "
-                    f"variance={self.variance.value}: choose small, large or analytic"
-                )
-            # a learned-range network sampled with another variance contributes only its mean
-            model = self.denoise if learns_variance(chosen) else mean_denoiser(self.denoise, self.variance)
+            model = denoiser_for(self.denoise, self.variance, chosen)
             return ancestral_sample(model, self.schedule, shape, variance=chosen, steps=steps, **common)
         if sampler == "ddim":
             model = mean_denoiser(self.denoise, self.variance)
@@ -363,6 +357,11 @@ class DiffusionModule(L.LightningModule):
             x0_error = x0_error_from_variance(self.schedule, variance) if isinstance(variance, Tensor) else None
             return ddim_sample(model, self.schedule, shape, steps=steps or 50, eta=eta, x0_error=x0_error, **common)
         raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
+
+    @property
+    def sampling_clips(self) -> bool:
+        """Whether sampling clamps x0_hat to [-1, 1]: ``clip_denoised`` on image (quantized) data."""
+        return self.clip_denoised and self.num_bins is not None
 
     # ------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
