@@ -18,6 +18,7 @@ from diffusion_elbo.core import (
     prior_kl_nats,
     q_sample,
 )
+from diffusion_elbo.core.elbo import term_nats
 from diffusion_elbo.core.gaussian_data import gaussian_nll_nats, oracle_expected_terms
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.models import GaussianOracle
@@ -166,3 +167,35 @@ def test_stratified_estimator_is_unbiased_and_evaluates_small_t_exactly(gen):
         [stratified_elbo(oracle, s, x0, parametrization="eps", strata=16, generator=gen).total for _ in range(10)]
     ).mean(0)
     assert abs(strat.mean() - exact.mean()) < 4 * math.hypot(se(strat), se(exact))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_float32_evaluation_matches_float64_on_the_same_noise(name):
+    """Every coefficient is formed in float64 and cast once: float32 and float64 evaluations of the same draws
+    agree to 1e-5 bits/dim at T = 1000 (casting alpha_bar first gave +4.9e-4 at cosine, almost all of it at t = 1)."""
+    T, n, dim = 1000, 32, 16
+    s = make_schedule(name, T)
+    g = torch.Generator().manual_seed(0)
+    x0 = (MEAN + STD * torch.randn(n, dim, generator=g, dtype=torch.float64)).repeat(T, 1)  # (T * n, D), t-major
+    noise = torch.randn(T * n, dim, generator=g, dtype=torch.float64)
+    t = torch.arange(1, T + 1).repeat_interleave(n)
+    bpd = {}
+    for dtype in (torch.float32, torch.float64):
+        for parametrization in ("eps", "x0", "v"):
+            oracle = GaussianOracle(s, MEAN, STD, parametrization)
+            term, _ = term_nats(
+                oracle,
+                s,
+                x0.to(dtype),
+                t,
+                parametrization=parametrization,
+                variance="small",
+                num_bins=None,
+                noise=noise.to(dtype),
+            )
+            total = term.double().sum() / n + prior_kl_nats(s, x0[:n].to(dtype)).double().mean()
+            bpd[dtype, parametrization] = total.item() / dim / math.log(2)
+    for parametrization in ("eps", "x0", "v"):
+        assert abs(bpd[torch.float32, parametrization] - bpd[torch.float64, parametrization]) < 1e-5
+    # and the three parametrizations give one bound (same draws, same oracle x0_hat)
+    assert abs(bpd[torch.float64, "eps"] - bpd[torch.float64, "v"]) < 1e-9

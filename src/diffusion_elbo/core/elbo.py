@@ -42,10 +42,10 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 def prior_kl_nats(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
     """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats."""
     t = torch.full((x0.shape[0],), schedule.T, dtype=torch.long, device=x0.device)
-    alpha_bar = schedule.gather("alpha_bar", t, x0)
-    mean, var = alpha_bar.sqrt() * x0, 1.0 - alpha_bar
+    mean = schedule.gather("sqrt_alpha_bar", t, x0) * x0
+    logvar = schedule.gather("log_one_minus_alpha_bar", t, x0)
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
-    return sum_flat(normal_kl(mean, torch.log(var).expand_as(x0), zero, zero))
+    return sum_flat(normal_kl(mean, logvar.expand_as(x0), zero, zero))
 
 
 def decoder_nll_nats(x0: Tensor, mean: Tensor, logvar: Tensor, num_bins: int | None) -> Tensor:
@@ -63,9 +63,9 @@ def denoising_kl_nats(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tenso
     With the ``small`` variance this is alpha_bar_{t-1}(1 - alpha_t)^2 / (2 sigma_q^2 (1 - alpha_bar_t)^2)
     ||x0_hat - x0||^2 = (SNR(t-1) - SNR(t)) / 2 ||x0_hat - x0||^2 (lecture; Kingma et al. 2021 eq. 13).
     """
-    mean_q, var_q = q_posterior_mean_variance(schedule, x0, x_t, t)
-    # var_q is 0 at t = 1; keep the log finite there (callers mask t = 1 out).
-    logvar_q = torch.log(var_q.clamp(min=torch.finfo(var_q.dtype).tiny))
+    mean_q, _ = q_posterior_mean_variance(schedule, x0, x_t, t)
+    # log sigma_q^2 from the float64 table (finite placeholder at t = 1, which callers mask out)
+    logvar_q = schedule.gather("posterior_log_variance", t, x0)
     return sum_flat(normal_kl(mean_q, logvar_q.expand_as(x0), step.mean, step.logvar.expand_as(x0)))
 
 
@@ -406,8 +406,8 @@ def consistency_term_nats(
     )
     x_t = q_step_sample(schedule, x_prev, t, generator=generator)
     x_next = q_step_sample(schedule, x_t, t + 1, generator=generator)
-    alpha = schedule.gather("alphas", t, x0)
-    log_q = gaussian_log_prob(x_t, alpha.sqrt() * x_prev, torch.log(1.0 - alpha).expand_as(x0))
+    log_beta = schedule.broadcast(torch.log(schedule.betas[t]), x0)
+    log_q = gaussian_log_prob(x_t, schedule.gather("sqrt_alphas", t, x0) * x_prev, log_beta.expand_as(x0))
     step = p_mean_variance(schedule, model(x_next, t + 1), x_next, t + 1, parametrization, variance)
     log_p = gaussian_log_prob(x_t, step.mean, step.logvar.expand_as(x0))
     return sum_flat(log_q - log_p)
@@ -420,9 +420,10 @@ def consistency_prior_nats(schedule: NoiseSchedule, x0: Tensor, generator: torch
         return prior_kl_nats(schedule, x0)
     t_prev = torch.full((x0.shape[0],), T - 1, dtype=torch.long, device=x0.device)
     x_prev = q_sample(schedule, x0, t_prev, generator=generator)
-    alpha = schedule.gather("alphas", t_prev + 1, x0)
+    t_last = t_prev + 1
+    log_beta = schedule.broadcast(torch.log(schedule.betas[t_last]), x0)
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
-    return sum_flat(normal_kl(alpha.sqrt() * x_prev, torch.log(1.0 - alpha).expand_as(x0), zero, zero))
+    return sum_flat(normal_kl(schedule.gather("sqrt_alphas", t_last, x0) * x_prev, log_beta.expand_as(x0), zero, zero))
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ def q_mean_variance(schedule: NoiseSchedule, x0: Tensor, t: Tensor) -> tuple[Ten
 
     Returns mean (B, *D) and variance (B, 1, ..., 1).
     """
-    alpha_bar = schedule.gather("alpha_bar", t, x0)  # (B, 1, ..., 1)
-    return alpha_bar.sqrt() * x0, 1.0 - alpha_bar
+    mean = schedule.gather("sqrt_alpha_bar", t, x0) * x0  # coefficients (B, 1, ..., 1), float64 until cast
+    return mean, schedule.gather("sqrt_one_minus_alpha_bar", t, x0) ** 2
 
 
 def q_sample(
@@ -33,8 +33,7 @@ def q_sample(
     """
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    alpha_bar = schedule.gather("alpha_bar", t, x0)
-    return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+    return schedule.gather("sqrt_alpha_bar", t, x0) * x0 + schedule.gather("sqrt_one_minus_alpha_bar", t, x0) * noise
 
 
 def q_step_sample(
@@ -47,8 +46,7 @@ def q_step_sample(
     """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I) (lecture, sec. 4)."""
     if noise is None:
         noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device, dtype=x_prev.dtype)
-    alpha = schedule.gather("alphas", t, x_prev)
-    return alpha.sqrt() * x_prev + (1.0 - alpha).sqrt() * noise
+    return schedule.gather("sqrt_alphas", t, x_prev) * x_prev + schedule.gather("sqrt_betas", t, x_prev) * noise
 
 
 def q_posterior_mean_variance(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,10 +31,10 @@ def gaussian_nll_nats(x0: Tensor, mean: float, std: float) -> Tensor:
 
 def oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, mean: float, std: float) -> Tensor:
     """E[x0 | x_t] for x0 ~ N(m, s^2 I): the Bayes-optimal (MSE) x0 prediction, (B, *D)."""
-    alpha_bar = schedule.gather("alpha_bar", t, x_t)
-    a = alpha_bar.sqrt()
-    gain = a * std**2 / (alpha_bar * std**2 + (1.0 - alpha_bar))
-    return mean + gain * (x_t - a * mean)
+    ab, a = schedule.gather("alpha_bar", t), schedule.gather("sqrt_alpha_bar", t)  # (B,) float64
+    gain = a * std**2 / (ab * std**2 + schedule.gather("sqrt_one_minus_alpha_bar", t) ** 2)
+    # mean + gain (x_t - a m), with the float64 coefficients combined before the cast
+    return schedule.broadcast(gain, x_t) * x_t + schedule.broadcast(mean * (1.0 - gain * a), x_t)
 
 
 def marginal_prior_kl(schedule: NoiseSchedule, mean: float, std: float) -> float:

@@ -22,8 +22,8 @@ class Parametrization(str, Enum):
 
 
 def _coefs(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    alpha_bar = schedule.gather("alpha_bar", t, like)  # (B, 1, ..., 1)
-    return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    # float64 tables cast once: 1 - alpha_bar formed in float32 loses digits near t = 1
+    return schedule.gather("sqrt_alpha_bar", t, like), schedule.gather("sqrt_one_minus_alpha_bar", t, like)
 
 
 def eps_to_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:

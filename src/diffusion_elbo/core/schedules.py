@@ -120,6 +120,8 @@ class NoiseSchedule(nn.Module):
     - ``posterior_mean_coef_x0`` sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
     - ``posterior_mean_coef_xt`` sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     - ``snr`` alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021); +inf at t = 0
+    - ``sqrt_alpha_bar``, ``sqrt_one_minus_alpha_bar``, ``log_one_minus_alpha_bar``, ``sqrt_alphas``, ``sqrt_betas``,
+      ``posterior_log_variance``: every coefficient the core needs, in float64, so callers cast once
     """
 
     def __init__(self, betas: Tensor | Sequence[float], name: str = ScheduleName.CUSTOM.value) -> None:
@@ -134,7 +136,8 @@ class NoiseSchedule(nn.Module):
         alphas = 1.0 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        one_minus = 1.0 - alpha_bar
+        # 1 - alpha_bar by expm1 of the summed log1p: exact to float64 rounding even where alpha_bar is near 1
+        one_minus = -torch.expm1(torch.cumsum(torch.log1p(-betas), dim=0))
         # t = 0 has 1 - alpha_bar = 0: the posterior is undefined there; store 0 rather than nan.
         safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
         posterior_variance = torch.where(one_minus > 0, betas * (1.0 - alpha_bar_prev) / safe, zero)
@@ -150,6 +153,17 @@ class NoiseSchedule(nn.Module):
             "posterior_mean_coef_x0": coef_x0,
             "posterior_mean_coef_xt": coef_xt,
             "snr": alpha_bar / one_minus,  # +inf at t = 0 by design
+            # Square roots and logs of the tables, in float64 before any cast: in float32 alpha_bar_1 = 0.99996 (cosine)
+            # keeps only ~3 digits of 1 - alpha_bar_1 and biases the bound by +5e-4 bits/dim (benchmarks/precision.py).
+            "sqrt_alpha_bar": alpha_bar.sqrt(),
+            "sqrt_one_minus_alpha_bar": one_minus.sqrt(),
+            "log_one_minus_alpha_bar": torch.log(one_minus),  # -inf at t = 0
+            "sqrt_alphas": alphas.sqrt(),
+            "sqrt_betas": betas.sqrt(),
+            # log sigma_q^2(t); at t <= 1, where sigma_q^2 = 0, the value at t = 2 (never used by the ELBO there)
+            "posterior_log_variance": torch.log(
+                torch.where(posterior_variance > 0, posterior_variance, posterior_variance[min(2, self.num_timesteps)])
+            ),
         }.items():
             self.register_buffer(key, value, persistent=False)
 
@@ -160,7 +174,12 @@ class NoiseSchedule(nn.Module):
     def gather(self, name: str, t: Tensor, like: Tensor | None = None) -> Tensor:
         """Table ``name`` at timesteps ``t`` (LongTensor (B,)), shaped (B, 1, ..., 1) to broadcast
         against ``like`` (B, *D) and cast to its dtype; without ``like`` returns (B,) float64."""
-        values = getattr(self, name)[t]  # (B,)
+        return self.broadcast(getattr(self, name)[t], like)  # (B,) float64 -> (B, 1, ..., 1)
+
+    @staticmethod
+    def broadcast(values: Tensor, like: Tensor | None) -> Tensor:
+        """Coefficients ``values`` (B,) float64, cast once to ``like``'s dtype and shaped (B, 1, ..., 1) to broadcast
+        against it; without ``like`` returned as they are. Combine float64 coefficients before this cast."""
         if like is None:
             return values
         return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
