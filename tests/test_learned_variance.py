@@ -68,16 +68,27 @@ def test_saturated_learned_range_reproduces_the_fixed_variance_elbo(logit, fixed
     model = OracleWithVariance(s, logit)
     x0 = MEAN + STD * torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def elbo(net, variance):
+    def elbo(net, variance, decoder_variance="clipped"):
         return exact_elbo(
-            net, s, x0, parametrization="eps", variance=variance, generator=torch.Generator().manual_seed(1)
+            net,
+            s,
+            x0,
+            parametrization="eps",
+            variance=variance,
+            decoder_variance=decoder_variance,
+            generator=torch.Generator().manual_seed(1),
         )
 
     learned, reference = elbo(model, "learned_range"), elbo(model.oracle, fixed)
-    # all denoising terms agree; the decoder (t = 1) too for `large`, whose t = 1 variance is beta_1 in both
+    # all denoising terms agree
     torch.testing.assert_close(learned.per_t[:, 1:], reference.per_t[:, 1:])
-    if fixed == "large":
+    # and the decoder (t = 1): v = 0 gives sigma_q^2(2), the published `small` (and `large`) at t = 1; v = 1 gives
+    # beta_1, which the fixed variances use with decoder_variance=beta (N&D's interpolation keeps beta_1 as its top)
+    if fixed == "small":
         torch.testing.assert_close(learned.total, reference.total)
+        assert not torch.allclose(learned.total, elbo(model.oracle, fixed, "beta").total)
+    else:
+        torch.testing.assert_close(learned.total, elbo(model.oracle, fixed, "beta").total)
 
 
 @pytest.mark.parametrize("steps", [None, 10])

@@ -61,10 +61,19 @@ def test_posterior_variance_matches_closed_form_and_precision_sum():
     assert s.posterior_variance[1] == 0
 
 
-def test_snr_definition():
-    s = make_schedule("cosine", 50)
-    torch.testing.assert_close(s.snr[1:], s.alpha_bar[1:] / (1 - s.alpha_bar[1:]))
-    assert math.isinf(s.snr[0])
+def test_snr_known_values():
+    """Ho et al.'s linear schedule ends at alpha_bar_T = 4.036e-5 (SNR(T) = 4.04e-5, log SNR = -10.12); the cosine
+    schedule's SNR is cos^2(theta_t) / (cos^2(theta_0) - cos^2(theta_t)), theta_t = (t / T + s) / (1 + s) pi / 2, where
+    no beta is clipped (Nichol & Dhariwal 2021 eq. 17); t = 0 is noiseless (SNR = inf)."""
+    linear = make_schedule("linear", 1000)
+    assert float(linear.snr[-1]) == pytest.approx(4.0358e-5 / (1 - 4.0358e-5), rel=1e-3)
+    assert math.isinf(linear.snr[0]) and torch.all(torch.diff(linear.snr[1:]) < 0)
+    T, offset = 50, 0.008
+    cosine = make_schedule("cosine", T)
+    theta = (torch.arange(T + 1, dtype=torch.float64) / T + offset) / (1 + offset) * math.pi / 2
+    closed = theta.cos() ** 2 / (theta[0].cos() ** 2 - theta.cos() ** 2)
+    unclipped = slice(1, T - 1)  # the last betas are clipped at 0.999
+    torch.testing.assert_close(cosine.snr[unclipped], closed[unclipped], rtol=1e-9, atol=0)
 
 
 def test_linear_with_small_T_is_refused_naming_the_steps():

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 from PIL import Image
 
-from diffusion_elbo.builders import resolve_wandb_mode
+from diffusion_elbo.builders import build_datamodule, build_schedule, resolve_wandb_mode
 from diffusion_elbo.checkpoints import load_for_eval
 from diffusion_elbo.training import sweep_group_and_name, train
 
@@ -57,8 +57,15 @@ def test_short_run_logs_finite_loss_and_all_elbo_terms(tmp_path, overrides):
         "val/elbo_bpd_se",
     ):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
-    terms = metrics["val/reconstruction_bpd"] + metrics["val/prior_bpd"] + metrics["val/denoising_bpd"]
-    assert terms == pytest.approx(metrics["val/elbo_bpd"], rel=1e-5)
+    # KL terms are non-negative; the prior term depends only on the data: check it against its closed form on the
+    # examples the validation saw (limit_val_batches=1: the first validation batch)
+    assert metrics["val/prior_bpd"] >= 0 and metrics["val/denoising_bpd"] >= 0
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    x0 = next(iter(datamodule.val_dataloader()))[0].double().flatten(1)
+    ab = float(build_schedule(cfg).alpha_bar[-1])
+    prior = 0.5 * (ab * x0**2 - ab - math.log1p(-ab))  # KL(N(sqrt(ab) x0, 1 - ab) || N(0, 1)) per dim
+    assert metrics["val/prior_bpd"] == pytest.approx(prior.mean().item() / math.log(2), rel=1e-4)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((tmp_path / "train_metrics.json").read_text())["global_step"] == 6
 

@@ -65,6 +65,7 @@ def build_module(cfg: DictConfig):
         num_bins=datamodule.num_bins,
         parametrization=cfg.parametrization,
         variance=cfg.variance,
+        decoder_variance=OmegaConf.select(cfg, "decoder_variance", default="clipped"),
         loss=OmegaConf.select(cfg, "loss.name", default="simple"),
         mean_loss=OmegaConf.select(cfg, "loss.mean_loss", default="simple"),
         vlb_weight=float(OmegaConf.select(cfg, "loss.vlb_weight", default=0.001)),

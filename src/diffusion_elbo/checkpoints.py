@@ -56,6 +56,7 @@ class LoadedRun:
     datamodule: DiffusionDataModule
     parametrization: Parametrization
     variance: ReverseVariance
+    decoder_variance: str  # sigma_1^2 convention the run was trained and validated with
     config: dict
     global_step: int
 
@@ -82,6 +83,7 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
         datamodule=datamodule,
         parametrization=module.parametrization,
         variance=module.variance,
+        decoder_variance=module.decoder_variance.value,
         config=checkpoint["diffusion_elbo_config"],
         global_step=int(checkpoint.get("global_step", 0)),
     )

@@ -11,7 +11,14 @@ from enum import Enum
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_elbo.core import LossType, Parametrization, ReverseVariance, ScheduleName, TimestepSampling
+from diffusion_elbo.core import (
+    DecoderVariance,
+    LossType,
+    Parametrization,
+    ReverseVariance,
+    ScheduleName,
+    TimestepSampling,
+)
 from diffusion_elbo.core.losses import MSE_LOSSES
 
 
@@ -62,6 +69,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     problems: list[str] = list(extra)
     _check_choice(cfg, "parametrization", Parametrization, problems)
     _check_choice(cfg, "variance", ReverseVariance, problems)
+    _check_choice(cfg, "decoder_variance", DecoderVariance, problems)
     _check_choice(cfg, "schedule.name", ScheduleName, problems)
     _check_choice(cfg, "loss.name", LossType, problems)
     _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)

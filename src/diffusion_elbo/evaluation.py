@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from diffusion_elbo.core import (
+    DecoderVariance,
     NoiseSchedule,
     Parametrization,
     ReverseVariance,
@@ -76,6 +77,7 @@ def evaluate_elbo(
     variance: ReverseVariance | str,
     num_bins: int | None,
     generator: torch.Generator,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     device: torch.device,
     max_batch: int = 512,
     true_nll=None,
@@ -101,6 +103,7 @@ def evaluate_elbo(
             x0,
             parametrization=parametrization,
             variance=variance,
+            decoder_variance=decoder_variance,
             num_bins=num_bins,
             max_batch=max_batch,
             generator=generator,
@@ -178,6 +181,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         loaded = load_for_eval(cfg.ckpt_path, device)
         model, schedule, datamodule = loaded.model, loaded.schedule, loaded.datamodule
         parametrization, trained_variance = loaded.parametrization, loaded.variance.value
+        trained_decoder = loaded.decoder_variance
     else:
         schedule = build_schedule(cfg)
         datamodule = build_datamodule(cfg)
@@ -185,8 +189,10 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         trained_variance = cfg.variance if cfg.variance == ReverseVariance.LEARNED_RANGE.value else "small"
         model = build_model(cfg)
         parametrization = cfg.parametrization
+        trained_decoder = DecoderVariance.CLIPPED.value
     variance = cfg.variance or trained_variance
     variance_name = str(ReverseVariance(variance).value)
+    decoder_variance = DecoderVariance(cfg.get("decoder_variance") or trained_decoder).value
     model = denoiser_for(model.to(device).eval(), trained_variance, variance_name)
     schedule = schedule.to(device)
     if variance_name == ReverseVariance.ANALYTIC.value:
@@ -217,6 +223,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             (batch[0] for batch in loader),
             parametrization=parametrization,
             variance=variance,
+            decoder_variance=decoder_variance,
             num_bins=datamodule.num_bins,
             generator=generator,
             device=device,
@@ -233,6 +240,8 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             "parametrization": str(Parametrization(parametrization).value),
             "variance": variance_name,
             "trained_variance": trained_variance,
+            # sigma_1^2 of small/large (analytic and learned_range have their own)
+            "decoder_variance": decoder_variance,
             "ckpt_path": cfg.ckpt_path,
         }
     )

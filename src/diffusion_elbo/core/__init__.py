@@ -31,7 +31,7 @@ from diffusion_elbo.core.elbo import (
 from diffusion_elbo.core.forward import q_mean_variance, q_posterior_mean_variance, q_sample, q_step_sample
 from diffusion_elbo.core.losses import LossType, weighted_mse, x0_weight
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0, training_target
-from diffusion_elbo.core.reverse import ReverseVariance, p_mean_variance
+from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, p_mean_variance
 from diffusion_elbo.core.samplers import ancestral_sample, ddim_sample
 from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule, ScheduleName, make_schedule
 from diffusion_elbo.core.timesteps import (
@@ -43,6 +43,7 @@ from diffusion_elbo.core.timesteps import (
 )
 
 __all__ = [
+    "DecoderVariance",
     "ELBOResult",
     "ImportanceSampler",
     "InvalidScheduleError",

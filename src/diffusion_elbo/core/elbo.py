@@ -32,7 +32,7 @@ from diffusion_elbo.core.distributions import (
 )
 from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
 from diffusion_elbo.core.parametrization import Parametrization, predict_x0
-from diffusion_elbo.core.reverse import ReverseStep, ReverseVariance, p_mean_variance, split_output
+from diffusion_elbo.core.reverse import DecoderVariance, ReverseStep, ReverseVariance, p_mean_variance, split_output
 from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import TimestepSampler
 
@@ -40,12 +40,16 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
 def prior_kl_nats(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
-    """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats."""
+    """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats.
+
+    Per dim KL(N(a x0, 1 - a^2) || N(0, 1)) = (alpha_bar_T x0^2 - alpha_bar_T - log(1 - alpha_bar_T)) / 2; the part
+    without x0, -alpha_bar_T - log1p(-alpha_bar_T) = alpha_bar_T^2 / 2 + ..., is formed in float64: the generic Gaussian
+    KL cancels it to nothing in float32 (alpha_bar_T is 4e-5 for the linear schedule)."""
     t = torch.full((x0.shape[0],), schedule.T, dtype=torch.long, device=x0.device)
-    mean = schedule.gather("sqrt_alpha_bar", t, x0) * x0
-    logvar = schedule.gather("log_one_minus_alpha_bar", t, x0)
-    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
-    return sum_flat(normal_kl(mean, logvar.expand_as(x0), zero, zero))
+    alpha_bar = schedule.gather("alpha_bar", t)  # (B,) float64
+    constant = -alpha_bar - torch.log1p(-alpha_bar)
+    per_dim = schedule.broadcast(alpha_bar, x0) * x0**2 + schedule.broadcast(constant, x0)
+    return 0.5 * sum_flat(per_dim)
 
 
 def decoder_nll_nats(x0: Tensor, mean: Tensor, logvar: Tensor, num_bins: int | None) -> Tensor:
@@ -78,11 +82,12 @@ def term_from_output(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None,
 ) -> Tensor:
     """L_t for each example at its own t from a network output ``out`` = model(x_t, t) already computed:
     the decoder NLL where t = 1, the denoising KL where t >= 2. x0, x_t, out (B, *D); t (B,). Returns (B,) nats."""
-    step = p_mean_variance(schedule, out, x_t, t, parametrization, variance)
+    step = p_mean_variance(schedule, out, x_t, t, parametrization, variance, decoder_variance=decoder_variance)
     kl = denoising_kl_nats(schedule, x0, x_t, t, step)
     nll = decoder_nll_nats(x0, step.mean, step.logvar, num_bins)
     return torch.where(t == 1, nll, kl)
@@ -96,6 +101,7 @@ def term_nats(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -105,7 +111,15 @@ def term_nats(
     x_t = q_sample(schedule, x0, t, noise=noise, generator=generator)
     out = model(x_t, t)
     term = term_from_output(
-        schedule, x0, x_t, t, out, parametrization=parametrization, variance=variance, num_bins=num_bins
+        schedule,
+        x0,
+        x_t,
+        t,
+        out,
+        parametrization=parametrization,
+        variance=variance,
+        decoder_variance=decoder_variance,
+        num_bins=num_bins,
     )
     return term, out
 
@@ -123,7 +137,7 @@ class ELBOResult:
     per_t: Tensor  # (B, T)
     num_dims: int
     # stratified estimates only: the timesteps used, their weights n_k, and ||x0_hat - x0||^2 / D at each
-    t_values: Tensor | None = None  # (K,)
+    t_values: Tensor | None = None  # (B, K), or (K,) when shared by all examples
     t_weights: Tensor | None = None  # (K,)
     x0_mse: Tensor | None = None  # (B, K)
 
@@ -149,6 +163,7 @@ def exact_elbo(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str = ReverseVariance.SMALL,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None = None,
     max_batch: int = 512,
     generator: torch.Generator | None = None,
@@ -167,6 +182,7 @@ def exact_elbo(
         torch.arange(1, T + 1, device=x0.device),
         parametrization=parametrization,
         variance=variance,
+        decoder_variance=decoder_variance,
         num_bins=num_bins,
         max_batch=max_batch,
         generator=generator,
@@ -196,6 +212,7 @@ def _terms_at_timesteps(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None,
     max_batch: int,
     generator: torch.Generator | None,
@@ -203,32 +220,42 @@ def _terms_at_timesteps(
     with_x0_mse: bool = False,
     clip_x0: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), one x_t draw each: (B, K) float64,
-    and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K), of x0_hat clamped to [-1, 1] with
+    """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), or at its own row of ``t_values`` (B, K),
+    one x_t draw each: (B, K) float64, and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K), of x0_hat clamped to [-1, 1] with
     ``clip_x0`` (as image samplers use it). Each network call stacks a chunk of
     timesteps for all B examples, about ``max_batch`` rows, so memory stays bounded at full batch."""
-    batch, k = x0.shape[0], t_values.numel()
+    batch, k = x0.shape[0], t_values.shape[-1]
+    t_rows = t_values.expand(batch, k)  # (B, K): every example's own timesteps
     per_t = torch.empty(batch, k, dtype=torch.float64, device=x0.device)
     x0_mse = torch.empty(batch, k, dtype=torch.float64, device=x0.device) if with_x0_mse else None
     chunk = max(1, max_batch // batch)
     for start in range(0, k, chunk):
-        ts = t_values[start : start + chunk]  # (C,)
-        t = ts.repeat_interleave(batch)  # (C * B,): t-major, examples within
-        x0_rep = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))  # (C * B, *D)
+        ts = t_rows[:, start : start + chunk]  # (B, C)
+        n = ts.shape[1]
+        t = ts.T.reshape(-1)  # (C * B,): column-major, examples within
+        x0_rep = x0.repeat(n, *([1] * (x0.ndim - 1)))  # (C * B, *D)
         x_t = q_sample(schedule, x0_rep, t, generator=generator)
         out = model(x_t, t)
         values = term_from_output(
-            schedule, x0_rep, x_t, t, out, parametrization=parametrization, variance=variance, num_bins=num_bins
+            schedule,
+            x0_rep,
+            x_t,
+            t,
+            out,
+            parametrization=parametrization,
+            variance=variance,
+            decoder_variance=decoder_variance,
+            num_bins=num_bins,
         )
-        per_t[:, start : start + len(ts)] = values.view(len(ts), batch).T.double()
+        per_t[:, start : start + n] = values.view(n, batch).T.double()
         if x0_mse is not None:
             mean_out, _ = split_output(out, variance)
             x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
             if clip_x0:
                 x0_hat = x0_hat.clamp(-1.0, 1.0)
-            x0_mse[:, start : start + len(ts)] = mean_flat((x0_hat - x0_rep) ** 2).view(len(ts), batch).T.double()
+            x0_mse[:, start : start + n] = mean_flat((x0_hat - x0_rep) ** 2).view(n, batch).T.double()
         if progress is not None:
-            progress(int(ts[-1]), int(t_values[-1]))
+            progress(int(ts[0, -1]), int(t_rows[0, -1]))
     return per_t, x0_mse
 
 
@@ -248,25 +275,27 @@ def num_stratified_timesteps(num_timesteps: int, strata: int) -> int:
 
 
 def stratified_timesteps(
-    num_timesteps: int, strata: int, generator: torch.Generator | None = None
+    num_timesteps: int, strata: int, generator: torch.Generator | None = None, num_examples: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """t = 1 plus one t drawn uniformly in each stratum of 2..T, and each stratum's size n_k:
-    sum_k n_k L_{t_k} is an unbiased estimate of sum_{t>=2} L_t. Returns (K' + 1,) each.
+    sum_k n_k L_{t_k} is an unbiased estimate of sum_{t>=2} L_t. Returns t (K' + 1,), or with ``num_examples`` = B
+    an independent draw for every example, (B, K' + 1), and the sizes (K' + 1,).
 
     Strata are geometrically spaced (about ``strata`` of them): L_t falls steeply with t (on quantized data
     the first few t can hold half of the bound), so the smallest t get strata of width one and are evaluated
     exactly, while the flat tail is sampled. Equal-width strata would be unbiased too but heavy-tailed.
     """
+    rows = 1 if num_examples is None else num_examples
     if num_timesteps - 1 <= strata:  # few steps: every t is its own stratum (the exact sum)
         t = torch.arange(1, num_timesteps + 1)
-        return t, torch.ones_like(t)
+        return (t if num_examples is None else t.expand(rows, -1).clone()), torch.ones_like(t)
     edges = stratum_edges(num_timesteps, strata)
     sizes = edges[1:] - edges[:-1]  # (K',)
     device = generator.device if generator is not None else "cpu"
-    u = torch.rand(sizes.numel(), generator=generator, dtype=torch.float64, device=device).cpu()
-    offsets = (u * sizes).floor().long()
-    t = torch.cat([torch.ones(1, dtype=torch.long), edges[:-1] + offsets])
-    return t, torch.cat([torch.ones(1, dtype=torch.long), sizes])
+    u = torch.rand(rows, sizes.numel(), generator=generator, dtype=torch.float64, device=device).cpu()
+    offsets = (u * sizes).floor().long()  # (rows, K')
+    t = torch.cat([torch.ones(rows, 1, dtype=torch.long), edges[:-1] + offsets], dim=1)  # (rows, K' + 1)
+    return (t[0] if num_examples is None else t), torch.cat([torch.ones(1, dtype=torch.long), sizes])
 
 
 @torch.no_grad()
@@ -277,6 +306,7 @@ def stratified_elbo(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str = ReverseVariance.SMALL,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None = None,
     strata: int = 32,
     max_batch: int = 512,
@@ -286,12 +316,16 @@ def stratified_elbo(
     """-ELBO per example from K + 1 network evaluations instead of T: the reconstruction term exactly at
     t = 1 and the denoising sum by stratified sampling over 2..T (one t per stratum, weighted by its size).
 
-    Unbiased for the same quantity as :func:`exact_elbo`; used for cheap validation. ``per_t`` holds the
-    K + 1 weighted terms n_k L_{t_k} (column 0 the reconstruction); ``x0_mse`` the reconstruction error of
-    x0_hat(x_t) at each t_k (the distortion of Ho et al.'s progressive coding). ``timesteps`` = (t_k, n_k)
-    fixes the draw, e.g. once per validation so all batches share it.
+    Unbiased for the same quantity as :func:`exact_elbo`; used for cheap validation. Every example draws its own
+    t_k, so the per-example values are independent and their standard error over examples covers the stratification
+    error too (one draw shared by all examples would add an error common to all of them, which no SE over examples
+    sees). ``per_t`` holds the K + 1 weighted terms n_k L_{t_k} (column 0 the reconstruction); ``x0_mse`` the
+    reconstruction error of x0_hat(x_t) at each t_k (the distortion of Ho et al.'s progressive coding).
+    ``timesteps`` = (t_k (K,) or (B, K), n_k (K,)) fixes the draw.
     """
-    t_values, sizes = timesteps if timesteps is not None else stratified_timesteps(schedule.T, strata, generator)
+    if timesteps is None:
+        timesteps = stratified_timesteps(schedule.T, strata, generator, num_examples=x0.shape[0])
+    t_values, sizes = timesteps
     t_values, sizes = t_values.to(x0.device), sizes.to(x0.device)
     per_t, x0_mse = _terms_at_timesteps(
         model,
@@ -300,6 +334,7 @@ def stratified_elbo(
         t_values,
         parametrization=parametrization,
         variance=variance,
+        decoder_variance=decoder_variance,
         num_bins=num_bins,
         max_batch=max_batch,
         generator=generator,
@@ -345,6 +380,7 @@ def mc_elbo(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str = ReverseVariance.SMALL,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None = None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -359,6 +395,7 @@ def mc_elbo(
         t,
         parametrization=parametrization,
         variance=variance,
+        decoder_variance=decoder_variance,
         num_bins=num_bins,
         noise=noise,
         generator=generator,
@@ -434,6 +471,7 @@ def consistency_mc_elbo(
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str = ReverseVariance.SMALL,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     num_bins: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -451,6 +489,7 @@ def consistency_mc_elbo(
         torch.ones_like(k),
         parametrization=parametrization,
         variance=variance,
+        decoder_variance=decoder_variance,
         num_bins=num_bins,
         generator=generator,
     )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.core.distributions import LOG_2PI
-from diffusion_elbo.core.reverse import ReverseVariance, VarianceSpec, reverse_variance_table
+from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, VarianceSpec, reverse_variance_table
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 
@@ -70,22 +70,26 @@ class OracleTerms:
 
 
 def oracle_expected_terms(
-    schedule: NoiseSchedule, mean: float, std: float, variance: VarianceSpec = ReverseVariance.SMALL
+    schedule: NoiseSchedule,
+    mean: float,
+    std: float,
+    variance: VarianceSpec = ReverseVariance.SMALL,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
 ) -> OracleTerms:
     """E_{x0}[-ELBO terms] per dim for continuous Gaussian data and the oracle denoiser.
 
     - prior: E KL(N(a_T x0, 1 - alpha_bar_T) || N(0, 1)) = (alpha_bar_T (m^2 + s^2 - 1) - log(1 - alpha_bar_T)) / 2
     - t >= 2: mu_q - mu_theta = c_t (x0 - x0_hat) with c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t), so
       E KL = (log(sigma_t^2 / sigma_q^2) + sigma_q^2 / sigma_t^2 - 1 + c_t^2 V_t / sigma_t^2) / 2, V_t = Var[x0 | x_t]
-    - reconstruction: E[-log N(x0; x0_hat(x_1), sigma_1^2)] = (log(2 pi sigma_1^2) + V_1 / sigma_1^2) / 2 (sigma_1^2 = beta_1
-      for the fixed variances)
+    - reconstruction: E[-log N(x0; x0_hat(x_1), sigma_1^2)] = (log(2 pi sigma_1^2) + V_1 / sigma_1^2) / 2 (sigma_1^2 of the fixed
+      variances set by ``decoder_variance``)
     - true NLL: (log(2 pi s^2) + 1) / 2
     """
     T = schedule.T
     ab_T = float(schedule.alpha_bar[T])
     prior = 0.5 * (ab_T * (mean**2 + std**2 - 1.0) - math.log1p(-ab_T))
     v = oracle_posterior_variance(schedule, std)  # (T + 1,)
-    var_p = reverse_variance_table(schedule, variance)  # (T + 1,)
+    var_p = reverse_variance_table(schedule, variance, decoder_variance)  # (T + 1,)
     var_q = schedule.posterior_variance
     c = schedule.posterior_mean_coef_x0
     per_t = torch.empty(T, dtype=torch.float64)

@@ -31,14 +31,36 @@ class ReverseVariance(str, Enum):
     LEARNED_RANGE = "learned_range"  # log sigma^2 = v log beta_t + (1 - v) log sigma_q^2(t), v from the network
 
 
+class DecoderVariance(str, Enum):
+    """sigma_1^2 of the decoder p(x_0 | x_1) under the fixed variances (``small`` and ``large``), where the posterior
+    variance sigma_q^2(1) is 0. Any choice gives a valid bound; on 256-level data they differ by 0.1-0.4 bits/dim."""
+
+    CLIPPED = (
+        "clipped"  # sigma_q^2(2): Ho et al.'s released code and improved-diffusion ("posterior_log_variance_clipped")
+    )
+    BETA = "beta"  # beta_1: the lecture's choice (sigma_1^2 = 1 - alpha_1)
+
+
 VarianceSpec = ReverseVariance | str | Tensor  # a named fixed variance, or a table sigma_t^2 for t = 0..T
 
 
-def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> Tensor:
+def decoder_variance_value(schedule: NoiseSchedule, decoder_variance: DecoderVariance | str) -> Tensor:
+    """sigma_1^2 of the fixed variances under ``decoder_variance``, a float64 scalar: sigma_q^2(2) (``clipped``, the
+    published convention; beta_1 when T = 1) or beta_1 (``beta``)."""
+    kind = DecoderVariance(decoder_variance)
+    if kind is DecoderVariance.CLIPPED and schedule.T >= 2:
+        return schedule.posterior_variance[2]
+    return schedule.betas[1]
+
+
+def reverse_variance_table(
+    schedule: NoiseSchedule, variance: VarianceSpec, decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED
+) -> Tensor:
     """sigma_t^2 for t = 0..T, shape (T + 1,) float64 (entry 0 unused).
 
-    At t = 1 (the decoder p(x_0 | x_1)) both fixed choices use beta_1: sigma_q^2(1) is 0. A tensor is taken as
-    the table itself (e.g. an analytic variance estimated for a trained model).
+    At t = 1 (the decoder p(x_0 | x_1)), where sigma_q^2(1) is 0, both fixed choices use ``decoder_variance``:
+    sigma_q^2(2) by default, as Ho et al.'s and Nichol & Dhariwal's code do, or beta_1. A tensor is taken as the table
+    itself (e.g. an analytic variance estimated for a trained model, whose t = 1 entry is its own).
     """
     if isinstance(variance, Tensor):
         if variance.shape != (schedule.T + 1,) or not (variance[1:] > 0).all():
@@ -56,8 +78,8 @@ def reverse_variance_table(schedule: NoiseSchedule, variance: VarianceSpec) -> T
             "core.analytic.analytic_variance_table (src/eval.py does this) and pass the table as the variance"
         )
     table = schedule.posterior_variance.clone() if kind is ReverseVariance.SMALL else schedule.betas.clone()
-    table[1] = schedule.betas[1]
-    table[0] = schedule.betas[1]  # never used; kept positive so log() stays finite
+    table[1] = decoder_variance_value(schedule, decoder_variance)
+    table[0] = table[1]  # never used; kept positive so log() stays finite
     return table
 
 
@@ -123,7 +145,7 @@ def learned_range_logvar(schedule: NoiseSchedule, t: Tensor, v_logits: Tensor) -
     where sigma_q^2 = 0, the lower end is sigma_q^2(2) (their clipped posterior log-variance).
     v_logits (B, *D), t (B,) -> (B, *D) in v_logits' dtype."""
     small = schedule.posterior_variance.clone()
-    small[1] = schedule.posterior_variance[2] if schedule.T >= 2 else schedule.betas[1]
+    small[1] = decoder_variance_value(schedule, DecoderVariance.CLIPPED)
     lo = torch.log(small[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
     hi = torch.log(schedule.betas[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
     v = torch.sigmoid(v_logits)
@@ -148,11 +170,13 @@ def p_mean_variance(
     parametrization: Parametrization | str,
     variance: VarianceSpec,
     clip_denoised: bool = False,
+    decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
 ) -> ReverseStep:
     """mu_theta and sigma_t^2 of p_theta(x_{t-1} | x_t) from the network output ``out``.
 
     ``clip_denoised`` clamps x0_hat to [-1, 1] (image data) before forming the mean; the ELBO is
-    evaluated without clipping so it stays a bound on the model that was trained.
+    evaluated without clipping so it stays a bound on the model that was trained. ``decoder_variance``: sigma_1^2 of
+    the fixed variances (:class:`DecoderVariance`).
     """
     mean_out, v_logits = split_output(out, variance)
     x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
@@ -162,6 +186,6 @@ def p_mean_variance(
     if v_logits is not None:
         logvar = learned_range_logvar(schedule, t, v_logits)
     else:
-        var = reverse_variance_table(schedule, variance).to(x_t.device)[t]  # (B,)
+        var = reverse_variance_table(schedule, variance, decoder_variance).to(x_t.device)[t]  # (B,)
         logvar = torch.log(var).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
     return ReverseStep(mean=mean, logvar=logvar, x0_hat=x0_hat)

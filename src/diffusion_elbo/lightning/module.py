@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_elbo.core import (
+    DecoderVariance,
     LossType,
     NoiseSchedule,
     Parametrization,
@@ -50,6 +51,8 @@ class DiffusionModule(L.LightningModule):
         data_shape: shape of one example; ``num_bins``: K for K-level data, None for continuous data.
         variance: the reverse variance used for the ELBO terms and ancestral sampling: ``small | large`` (fixed) or
             ``learned_range`` (the network outputs twice the data's channels: the mean, then v).
+        decoder_variance: sigma_1^2 of the decoder under the fixed variances: ``clipped`` (sigma_q^2(2), the published
+            convention) or ``beta`` (beta_1).
         loss: ``simple | elbo | x0_mse | x0_mse_weighted | v_mse | hybrid``; ``timestep_sampling``: uniform | importance.
         mean_loss, vlb_weight: for ``hybrid``, the MSE loss of the mean and lambda of lambda L_vlb (Nichol & Dhariwal
             2021): the ELBO terms with the mean's gradient stopped, so they train only the learned variance.
@@ -74,6 +77,7 @@ class DiffusionModule(L.LightningModule):
         num_bins: int | None,
         parametrization: str = Parametrization.EPS.value,
         variance: str = ReverseVariance.SMALL.value,
+        decoder_variance: str = DecoderVariance.CLIPPED.value,
         loss: str = LossType.SIMPLE.value,
         mean_loss: str = LossType.SIMPLE.value,
         vlb_weight: float = 0.001,
@@ -96,6 +100,7 @@ class DiffusionModule(L.LightningModule):
         self.num_bins = num_bins
         self.parametrization = Parametrization(parametrization)
         self.variance = ReverseVariance(variance)
+        self.decoder_variance = DecoderVariance(decoder_variance)
         self.loss_type = LossType(loss)
         self.mean_loss = LossType(mean_loss)
         if self.mean_loss not in MSE_LOSSES:
@@ -173,6 +178,7 @@ class DiffusionModule(L.LightningModule):
                 out.float(),
                 parametrization=self.parametrization,
                 variance=self.variance,
+                decoder_variance=self.decoder_variance,
                 num_bins=self.num_bins,
             )
 
@@ -283,11 +289,9 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        # The same timesteps and noise every validation, so successive numbers are comparable; the
-        # timesteps are shared by all ranks (per-t sums add up), the noise differs per rank.
-        self._val_timesteps = stratified_timesteps(
-            self.schedule.T, self.val_strata, torch.Generator().manual_seed(12345)
-        )
+        # The same draws every validation (common random numbers), so successive numbers compare the models, not
+        # the noise. Every example draws its own t in each stratum (stratified_elbo), so val/*_se cover the
+        # stratification error; the strata themselves are the same on every rank, so the profile's sums add up.
         self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -297,17 +301,18 @@ class DiffusionModule(L.LightningModule):
             batch[0],
             parametrization=self.parametrization,
             variance=self.variance,
+            decoder_variance=self.decoder_variance,
             num_bins=self.num_bins,
             generator=self._val_generator,
-            timesteps=self._val_timesteps,
+            strata=self.val_strata,
         )
         self.val_elbo.update(result)
         self.val_profile.update(result)
 
     def on_validation_epoch_end(self) -> None:
         profile = self.val_profile.compute()
-        t_values, t_weights = self._val_timesteps
-        self.last_profile = {"t": t_values, "t_weights": t_weights, **{k: v.cpu() for k, v in profile.items()}}
+        _, t_weights = stratified_timesteps(self.schedule.T, self.val_strata)  # the stratum sizes n_k
+        self.last_profile = {"t_weights": t_weights, **{k: v.cpu() for k, v in profile.items()}}
         self.val_profile.reset()
         values = self.val_elbo.compute()
         # Already reduced across ranks by the metric's sum states: no sync_dist here.
