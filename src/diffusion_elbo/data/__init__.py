@@ -3,6 +3,7 @@
 from diffusion_elbo.data.base import DiffusionDataModule
 from diffusion_elbo.data.cifar10 import CIFAR10DataModule
 from diffusion_elbo.data.digits import DigitsDataModule
+from diffusion_elbo.data.discrete_toy import DiscreteToyDataModule
 from diffusion_elbo.data.gaussian import GaussianDataModule
 from diffusion_elbo.data.image_folder import ImageFolderDataModule
 from diffusion_elbo.data.mnist import MNISTDataModule
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR10DataModule",
     "DiffusionDataModule",
     "DigitsDataModule",
+    "DiscreteToyDataModule",
     "GaussianDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",

@@ -2,10 +2,11 @@
 
 from diffusion_elbo.models.embeddings import sinusoidal_embedding
 from diffusion_elbo.models.mlp import MLPDenoiser
-from diffusion_elbo.models.oracle import GaussianOracle
+from diffusion_elbo.models.oracle import DiscreteOracle, GaussianOracle
 from diffusion_elbo.models.unet import UNet
 
 __all__ = [
+    "DiscreteOracle",
     "GaussianOracle",
     "MLPDenoiser",
     "UNet",
