@@ -15,28 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bounds import evaluate  # noqa: E402  (benchmarks/bounds.py: one src/eval.py run in this process)
 from run import machine, machine_line  # noqa: E402  (benchmarks/run.py: the machine description)
 
 KEYS = ("bpd", "bpd_se", "true_nll_bpd", "true_nll_bpd_se", "gap_bpd", "gap_bpd_se", "terms_nats_per_dim")
-
-
-def evaluate(overrides: list[str]) -> dict:
-    """metrics.json of ``src/eval.py <overrides>``, composed and run in this process."""
-    from hydra import compose, initialize_config_dir
-
-    from diffusion_elbo.evaluation import run_eval
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=overrides)
-    with tempfile.TemporaryDirectory() as out:
-        return run_eval(cfg, out)
 
 
 def main() -> None:
