@@ -74,6 +74,41 @@ class DiffusionDataModule(L.LightningDataModule):
         return dataset
 
 
+class GeneratedDataModule(DiffusionDataModule):
+    """Data drawn from a known distribution (Gaussian, discrete levels, 2-D toys): the train, val and test splits are
+    ``num_train``, ``num_val`` and ``num_test`` independent draws, in that order, of one generator seeded with
+    ``seed``; examples are (dim,) vectors without labels. Subclasses set ``data_shape`` and implement :meth:`sample`."""
+
+    def __init__(
+        self,
+        num_train: int = 10_000,
+        num_val: int = 1_000,
+        num_test: int = 1_000,
+        seed: int = 0,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        if min(num_train, num_val, num_test) < 1:
+            raise ValueError(
+                f"data.num_train, num_val and num_test must be >= 1; got {num_train}, {num_val}, {num_test}"
+            )
+        self.sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
+        self.seed = int(seed)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """n examples (n, *data_shape) float32 drawn with ``generator``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        splits = {name: self.sample(n, generator) for name, n in self.sizes.items()}  # train, val, test in order
+        self.train_set, self.val_set, self.test_set = (unlabelled(splits[k]) for k in ("train", "val", "test"))
+
+
 def unlabelled(x: Tensor) -> TensorDataset:
     """A dataset of (x0, -1) pairs."""
     return TensorDataset(x, torch.full((x.shape[0],), -1, dtype=torch.long))

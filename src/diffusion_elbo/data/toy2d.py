@@ -19,7 +19,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from diffusion_elbo.data.base import DiffusionDataModule, unlabelled
+from diffusion_elbo.data.base import GeneratedDataModule
 
 
 class Toy2D(str, Enum):
@@ -108,39 +108,20 @@ def sample_toy2d(name: str | Toy2D, n: int, generator: torch.Generator) -> Tenso
     return ((raw - torch.tensor([cx, cy])) / scale).to(torch.float32)
 
 
-class Toy2DDataModule(DiffusionDataModule):
+class Toy2DDataModule(GeneratedDataModule):
     """x0 (B, 2) continuous (num_bins None), y = -1; the splits are independent draws of one generator."""
 
     num_bins = None
 
-    def __init__(
-        self,
-        name: str = "swiss_roll",
-        dim: int = 2,
-        num_train: int = 10_000,
-        num_val: int = 1_000,
-        num_test: int = 1_000,
-        seed: int = 0,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+    def __init__(self, name: str = "swiss_roll", dim: int = 2, **options) -> None:
+        """``options``: num_train, num_val, num_test, seed, batch_size, eval_batch_size, num_workers
+        (:class:`~diffusion_elbo.data.base.GeneratedDataModule`)."""
+        super().__init__(**options)
         self.name = Toy2D.parse(name)
         if dim != 2:
             raise ValueError(f"data=toy2d has dim 2; got data.dim={dim}")
-        if min(num_train, num_val, num_test) < 1:
-            raise ValueError(
-                f"data.num_train, num_val and num_test must be >= 1; got {num_train}, {num_val}, {num_test}"
-            )
         self.dim = 2
-        self.sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
-        self.seed = int(seed)
         self.data_shape = (2,)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        generator = torch.Generator().manual_seed(self.seed)
-        splits = {split: sample_toy2d(self.name, n, generator) for split, n in self.sizes.items()}
-        self.train_set, self.val_set, self.test_set = (unlabelled(splits[k]) for k in ("train", "val", "test"))
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        return sample_toy2d(self.name, n, generator)
