@@ -27,6 +27,7 @@ from diffusion_elbo.core.elbo import Denoiser
 from diffusion_elbo.core.reverse import denoiser_for
 
 log = logging.getLogger(__name__)
+CACHE_FORMAT = 2  # of the cached analytic variance tables (<ckpt>.analytic-N.pt)
 
 
 @dataclass
@@ -279,7 +280,11 @@ def analytic_table(
     suffix = "-clipped" if clip_denoised else ""
     cache = Path(f"{cfg.ckpt_path}.analytic-{n}{suffix}.pt") if cfg.ckpt_path is not None else None
     if cache is not None and cache.is_file():
-        return torch.load(cache, map_location=device, weights_only=True)["table"].to(device)
+        cached = torch.load(cache, map_location=device, weights_only=True)
+        # format 2: sigma_1^2 of quantized data fitted to the discretized decoder (format 1 used e_1): re-estimate
+        if cached.get("format") == CACHE_FORMAT:
+            return cached["table"].to(device)
+        log.info("re-estimating the analytic variance: %s predates the discretized decoder's sigma_1", cache.name)
     datamodule.setup("fit")
     train = Subset(datamodule.split("train"), range(min(n, len(datamodule.split("train")))))
     batches = (x.to(device) for x, _ in DataLoader(train, batch_size=int(cfg.batch_size)))
@@ -297,10 +302,12 @@ def analytic_table(
         max_batch=int(cfg.max_batch),
         generator=generator,
         clip_denoised=clip_denoised,
+        num_bins=datamodule.num_bins,
     )
     if cache is not None:
         tmp = cache.with_name(cache.name + ".tmp")
-        torch.save({"table": table.cpu(), "x0_mse": e.cpu(), "num_examples": len(train)}, tmp)
+        record = {"table": table.cpu(), "x0_mse": e.cpu(), "num_examples": len(train), "format": CACHE_FORMAT}
+        torch.save(record, tmp)
         tmp.replace(cache)
     return table.to(device)
 

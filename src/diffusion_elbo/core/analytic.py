@@ -3,8 +3,10 @@
 For t >= 2, with mu_q - mu_theta = c_t (x0 - x0_hat), c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t), the
 expected KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma^2 I)) per dim is
     (log(sigma^2 / sigma_q^2) + (sigma_q^2 + c_t^2 e_t) / sigma^2 - 1) / 2,   e_t = E||x0 - x0_hat(x_t, t)||^2 / D,
-minimised by sigma_t^2 = sigma_q^2(t) + c_t^2 e_t. At t = 1 (a Gaussian decoder N(x0_hat, sigma^2)) the optimum is
-sigma_1^2 = e_1. Tables have T + 1 entries indexed by t (entry 0 unused) and can be passed as ``variance``
+minimised by sigma_t^2 = sigma_q^2(t) + c_t^2 e_t. At t = 1 a Gaussian density decoder N(x0_hat, sigma^2) has its
+optimum at sigma_1^2 = e_1; the discretized decoder of K-level data does not (a few x0_hat far from their level set
+e_1, while the bins reward a small sigma for the rest), so there sigma_1 is chosen to minimise the discretized NLL
+itself on the same training examples (:func:`discretized_decoder_variance`). Tables have T + 1 entries indexed by t (entry 0 unused) and can be passed as ``variance``
 wherever the core takes one.
 """
 
@@ -15,9 +17,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.distributions import discretized_gaussian_log_likelihood
 from diffusion_elbo.core.elbo import Denoiser, _terms_at_timesteps
+from diffusion_elbo.core.forward import q_sample
 from diffusion_elbo.core.gaussian_data import oracle_posterior_variance
-from diffusion_elbo.core.parametrization import Parametrization
+from diffusion_elbo.core.parametrization import Parametrization, predict_x0
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 
@@ -47,6 +51,26 @@ def respaced_variance_table(schedule: NoiseSchedule, table: Tensor, sub: NoiseSc
     return variance_from_x0_error(sub, e)
 
 
+def discretized_decoder_variance(x0: Tensor, x0_hat: Tensor, num_bins: int, candidates: int = 241) -> Tensor:
+    """sigma_1^2 that minimises the mean discretized-Gaussian NLL -log P(x0 | N(x0_hat, sigma^2)) (Ho et al. 2020
+    eq. 13) over the given values, a float64 scalar. x0 on the K-level grid and x0_hat, any equal shapes.
+
+    A grid over log sigma from 1e-5 to 2 (``candidates`` points), refined once around its best point; the NLL of
+    one sigma is a mean over all values, so the search costs ``candidates`` passes over them."""
+    x0, x0_hat = x0.double().flatten(), x0_hat.double().flatten()
+
+    def nll(log_sigma: Tensor) -> Tensor:
+        return torch.stack(
+            [-discretized_gaussian_log_likelihood(x0, x0_hat, s, num_bins).mean() for s in log_sigma]
+        )  # (G,)
+
+    grid = torch.linspace(torch.log(torch.tensor(1e-5)), torch.log(torch.tensor(2.0)), candidates, dtype=torch.float64)
+    best = int(torch.argmin(nll(grid)))
+    step = grid[1] - grid[0]
+    fine = torch.linspace(grid[best] - step, grid[best] + step, 41, dtype=torch.float64)
+    return torch.exp(2.0 * fine[int(torch.argmin(nll(fine)))])
+
+
 def oracle_analytic_variance_table(schedule: NoiseSchedule, std: float) -> Tensor:
     """The analytic variance of the Bayes-optimal denoiser for x0 ~ N(m, s^2 I): e_t = Var[x0 | x_t] exactly.
     With it the reverse kernels are the true q(x_{t-1} | x_t), so -ELBO exceeds the NLL only by
@@ -64,9 +88,13 @@ def analytic_variance_table(
     max_batch: int = 512,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
+    num_bins: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Monte Carlo estimate of e_t for every t = 1..T from training batches x0 (B, *D) (one x_t draw per example
     and t), and the variance table built from it. Returns (table (T + 1,), e (T + 1,)), both float64.
+
+    ``num_bins``: K-level data, evaluated with the discretized decoder: sigma_1^2 is then the one that minimises
+    that decoder's NLL on the same examples at t = 1 (one more x_1 draw each), not e_1.
 
     ``clip_denoised``: e_t of x0_hat clamped to [-1, 1], the mean that image samplers use. The ELBO is evaluated
     without clipping, so its table is estimated without; for a sampler that clips, the clipped error is the one
@@ -76,6 +104,7 @@ def analytic_variance_table(
     T = schedule.T
     sums = torch.zeros(T + 1, dtype=torch.float64)
     count = 0
+    decoder_pairs: list[tuple[Tensor, Tensor]] = []  # (x0, x0_hat at t = 1) for the discretized decoder's sigma_1
     for x0 in batches:
         _, x0_mse = _terms_at_timesteps(
             model,
@@ -92,7 +121,17 @@ def analytic_variance_table(
         )  # (B, T): the loop over chunks of (t, example) rows is the exact evaluator's
         sums[1:] += x0_mse.sum(dim=0).cpu()
         count += x0.shape[0]
+        if num_bins is not None:
+            t1 = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
+            x_1 = q_sample(schedule, x0, t1, generator=generator)
+            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_1, t1, model(x_1, t1))
+            decoder_pairs.append((x0.cpu(), (x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat).cpu()))
     if count == 0:
         raise ValueError("no training examples to estimate the analytic variance from")
     e = sums / count
-    return variance_from_x0_error(schedule, e), e
+    table = variance_from_x0_error(schedule, e)
+    if num_bins is not None:
+        x0_all, x0_hat_all = (torch.cat(parts) for parts in zip(*decoder_pairs, strict=True))
+        table[1] = discretized_decoder_variance(x0_all, x0_hat_all, num_bins)
+        table[0] = table[1]
+    return table, e
