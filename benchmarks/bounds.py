@@ -89,7 +89,9 @@ def gaussian_table() -> None:
     _write("gaussian", rows, lines, "Gaussian oracle, `small` variance; closed-form expectations in brackets.")
 
 
-def checkpoint_table(table: str, checkpoints: list[tuple[str, str]], fid_samples: int) -> None:
+def checkpoint_table(
+    table: str, checkpoints: list[tuple[str, str]], fid_samples: int, decoder_variance: str | None = None
+) -> None:
     from diffusion_elbo.checkpoints import read_checkpoint
     from diffusion_elbo.evaluation import paired_difference
 
@@ -99,6 +101,8 @@ def checkpoint_table(table: str, checkpoints: list[tuple[str, str]], fid_samples
         for variance in ("small", "large", "analytic", *(["learned_range"] if learned else [])):
             fid = fid_samples if variance == "small" else 0  # DDIM samples do not depend on the reverse variance
             overrides = [f"ckpt_path={ckpt}", f"variance={variance}", f"fid.num_samples={fid}"]
+            if decoder_variance is not None:
+                overrides.append(f"decoder_variance={decoder_variance}")
             m = evaluate(overrides, OUT / table / f"{label}-{variance}")
             row = {"model": label, "variance": variance, "bpd": m["bpd"], "bpd_se": m["bpd_se"]}
             row["terms_nats_per_dim"] = m["terms_nats_per_dim"]
@@ -146,11 +150,13 @@ def main() -> None:
     ckpts.add_argument("--table", required=True)
     ckpts.add_argument("--ckpt", action="append", required=True, help="label=path; labels end in -<steps>")
     ckpts.add_argument("--fid-samples", type=int, default=2000)
+    ckpts.add_argument("--decoder-variance", default=None, help="clipped | beta (default: each checkpoint's own)")
     args = parser.parse_args()
     if args.command == "gaussian":
         gaussian_table()
     else:
-        checkpoint_table(args.table, [tuple(c.split("=", 1)) for c in args.ckpt], args.fid_samples)
+        checkpoints = [tuple(c.split("=", 1)) for c in args.ckpt]
+        checkpoint_table(args.table, checkpoints, args.fid_samples, args.decoder_variance)
 
 
 if __name__ == "__main__":
