@@ -93,7 +93,6 @@ def checkpoint_table(
     table: str, checkpoints: list[tuple[str, str]], fid_samples: int, decoder_variance: str | None = None
 ) -> None:
     from diffusion_elbo.checkpoints import read_checkpoint
-    from diffusion_elbo.evaluation import paired_difference
 
     rows = []
     for label, ckpt in checkpoints:
@@ -109,14 +108,7 @@ def checkpoint_table(
             if "fid" in m:
                 row["fid"], row["fid_classifier_accuracy"] = m["fid"], m["fid_classifier_accuracy"]
             rows.append(row)
-    for row in rows:  # paired against the first checkpoint of the same training length's analytic row
-        suffix = row["model"].rsplit("-", 1)[-1]
-        reference = next((r for r in rows if r["model"].endswith(suffix) and r["variance"] == "analytic"), None)
-        if reference is not None and reference is not row:
-            a = OUT / table / f"{row['model']}-{row['variance']}" / "per_example.csv"
-            b = OUT / table / f"{reference['model']}-analytic" / "per_example.csv"
-            row["paired_vs"] = f"{reference['model']}-analytic"
-            row["paired_diff_bpd"], row["paired_diff_se"] = paired_difference(a, b)
+    pair_rows(table, rows)
     lines = [
         "| model | variance | test -ELBO (bpd) | paired vs | difference (bpd) | FID |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -132,6 +124,25 @@ def checkpoint_table(
         ),
     ]
     _write(table, rows, lines, "Exact test-set -ELBO, all T terms; paired differences over the same examples.")
+
+
+def pair_rows(table: str, rows: list[dict]) -> None:
+    """Paired differences from the rows' per_example.csv: every row against the analytic row of the first
+    checkpoint with the same training length (label suffix), and learned_range rows also against their own model's
+    analytic row (the learned variance against the best t-only variance for the same mean)."""
+    from diffusion_elbo.evaluation import paired_difference
+
+    def csv(row: dict, variance: str | None = None) -> Path:
+        return OUT / table / f"{row['model']}-{variance or row['variance']}" / "per_example.csv"
+
+    for row in rows:
+        suffix = row["model"].rsplit("-", 1)[-1]
+        reference = next((r for r in rows if r["model"].endswith(suffix) and r["variance"] == "analytic"), None)
+        if reference is not None and reference is not row:
+            row["paired_vs"] = f"{reference['model']}-analytic"
+            row["paired_diff_bpd"], row["paired_diff_se"] = paired_difference(csv(row), csv(reference))
+        if row["variance"] == "learned_range":
+            row["vs_own_analytic_bpd"], row["vs_own_analytic_se"] = paired_difference(csv(row), csv(row, "analytic"))
 
 
 def _write(table: str, rows: list[dict], lines: list[str], caption: str) -> None:
