@@ -18,6 +18,8 @@ from torch import Tensor
 
 from diffusion_elbo.core.schedules import NoiseSchedule
 
+DEFAULT_NUM_BINS = 17  # levels of data=discrete_toy when neither data.probs nor data.num_bins is given
+
 
 def grid_levels(num_bins: int, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
     """The K levels 2k / (K - 1) - 1, k = 0..K-1, (K,): the grid of :func:`core.distributions.quantize`."""
@@ -72,9 +74,6 @@ def default_probs(num_bins: int) -> Tensor:
     shape = torch.exp(-0.5 * ((x + 0.7) / 0.2) ** 2) + 0.6 * torch.exp(-0.5 * ((x - 0.6) / 0.25) ** 2)
     shape = shape / shape.sum() + 0.02 / num_bins
     return shape / shape.sum()
-
-
-DEFAULT_NUM_BINS = 17
 
 
 def resolve_probs(probs: Sequence[float] | Tensor | None, num_bins: int | None) -> Tensor:

@@ -35,9 +35,8 @@ class DecoderVariance(str, Enum):
     """sigma_1^2 of the decoder p(x_0 | x_1) under the fixed variances (``small`` and ``large``), where the posterior
     variance sigma_q^2(1) is 0. Any choice gives a valid bound; on 256-level data they differ by 0.1-0.4 bits/dim."""
 
-    CLIPPED = (
-        "clipped"  # sigma_q^2(2): Ho et al.'s released code and improved-diffusion ("posterior_log_variance_clipped")
-    )
+    # sigma_q^2(2): Ho et al.'s released code and improved-diffusion ("posterior_log_variance_clipped")
+    CLIPPED = "clipped"
     BETA = "beta"  # beta_1: the lecture's choice (sigma_1^2 = 1 - alpha_1)
 
 

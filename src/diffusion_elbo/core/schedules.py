@@ -160,9 +160,14 @@ class NoiseSchedule(nn.Module):
             "log_one_minus_alpha_bar": torch.log(one_minus),  # -inf at t = 0
             "sqrt_alphas": alphas.sqrt(),
             "sqrt_betas": betas.sqrt(),
-            # log sigma_q^2(t); at t <= 1, where sigma_q^2 = 0, the value at t = 2 (never used by the ELBO there)
+            # log sigma_q^2(t); at t <= 1, where sigma_q^2 = 0, a finite placeholder (sigma_q^2(2), or beta_1 when T = 1)
+            # that the ELBO masks out there: a -inf would turn the masked KL's gradient into NaN
             "posterior_log_variance": torch.log(
-                torch.where(posterior_variance > 0, posterior_variance, posterior_variance[min(2, self.num_timesteps)])
+                torch.where(
+                    posterior_variance > 0,
+                    posterior_variance,
+                    posterior_variance[2] if self.num_timesteps >= 2 else betas[1],
+                )
             ),
         }.items():
             self.register_buffer(key, value, persistent=False)
