@@ -20,6 +20,7 @@ from diffusion_elbo.core import (
     TimestepSampling,
 )
 from diffusion_elbo.core.losses import MSE_LOSSES
+from diffusion_elbo.core.ode import ODE_METHODS, Divergence, Likelihood
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,17 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "schedule.name", ScheduleName, problems)
     _check_choice(cfg, "loss.name", LossType, problems)
     _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
+    _check_choice(cfg, "likelihood", Likelihood, problems)
+    _check_choice(cfg, "ode.divergence", Divergence, problems)
+    method = OmegaConf.select(cfg, "ode.method", default=None)
+    if method is not None and method not in ODE_METHODS:
+        problems.append(
+            f"ode.method={method!r} is not an adaptive torchdiffeq solver; choose one of {' | '.join(ODE_METHODS)}"
+        )
+    for key in ("ode.probes", "ode.dequantization_samples", "ode.batch_size"):
+        _check_range(cfg, key, problems, minimum=1, integer=True)
+    for key in ("ode.rtol", "ode.atol", "ode.t_start"):
+        _check_range(cfg, key, problems, positive=True)
     if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
         _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):

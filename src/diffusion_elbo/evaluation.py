@@ -24,7 +24,8 @@ from diffusion_elbo.core import (
     standard_error,
 )
 from diffusion_elbo.core.elbo import Denoiser
-from diffusion_elbo.core.reverse import denoiser_for
+from diffusion_elbo.core.ode import Likelihood, dequantization_start_time
+from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # of the cached analytic variance tables (<ckpt>.analytic-N.pt)
@@ -133,6 +134,162 @@ def evaluate_elbo(
     )
 
 
+@dataclass
+class ODESummary:
+    """-log p(x) of the probability-flow ODE over a set of examples (:func:`evaluate_ode`)."""
+
+    nll: Tensor  # (N,) nats summed over dims, in data order; for K-level data the dequantization bound on -log P(x0)
+    num_dims: int
+    nfe: list[int]  # function evaluations of each solve (one batch each)
+    seconds: float  # wall time of the solves (this process)
+    t_start: float
+    dequantization: str  # "uniform" for K-level data, "none" for continuous data
+    true_nll: Tensor | None = None  # (N,) where the data density is known
+
+    def metrics(self) -> dict:
+        """The ``ode_*`` keys of metrics.json: bits/dim with its standard error over examples, NFE and time."""
+        nats_per_dim = self.nll / self.num_dims
+        n = int(self.nll.numel())
+        out = {
+            "ode_bpd": float(nats_to_bits_per_dim(nats_per_dim.mean())),
+            "ode_bpd_se": standard_error(nats_per_dim) / math.log(2.0),
+            "ode_nfe": sum(self.nfe) / len(self.nfe),  # per solve (a batch of examples shares the solver's steps)
+            "ode_nfe_max": max(self.nfe),
+            "ode_seconds": self.seconds,
+            "ode_seconds_per_example": self.seconds / n,
+            "ode_t_start": self.t_start,
+            # uniform: E_u[-log p(x0 + u)] - D log Delta, an upper bound on the discrete NLL (Theis et al. 2016)
+            "ode_dequantization": self.dequantization,
+            "ode_num_examples": n,
+        }
+        if self.true_nll is not None:
+            true_per_dim = self.true_nll / self.num_dims
+            out["ode_gap_bpd"] = out["ode_bpd"] - float(nats_to_bits_per_dim(true_per_dim.mean()))
+            out["ode_gap_bpd_se"] = standard_error(nats_per_dim - true_per_dim) / math.log(2.0)
+        return out
+
+
+def example_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator of its own for example ``index`` (< 2^32) of a split: the noise an example gets depends on the
+    base seed and its index only, not on the batch or process it lands in (the same numbers on 1 or N processes)."""
+    return torch.Generator().manual_seed(int(seed) * 2**32 + int(index))
+
+
+def evaluate_ode(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    dataset,
+    *,
+    parametrization: Parametrization | str,
+    num_bins: int | None,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 256,
+    t_start: float | None = None,
+    divergence: str = "hutchinson",
+    probes: int = 1,
+    dequantization_samples: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    true_nll=None,
+) -> ODESummary:
+    """-log p(x0) of the probability-flow ODE (:func:`~diffusion_elbo.core.ode.ode_nll_nats`) for every example of
+    ``dataset`` (items (x0, y)).
+
+    K-level data is dequantized uniformly, ``dequantization_samples`` draws per example averaged, and reported as the
+    bound E_u[-log p(x0 + u)] - D log Delta on -log P(x0). Probes and dequantization noise come from each example's own
+    generator (:func:`example_generator`). Under torch.distributed the examples are sharded over the ranks without
+    padding (rank r takes r, r + W, ...), each rank runs the plain model (no DDP wrapper: nothing to synchronize inside
+    the solver, so ranks with different step counts cannot hang), and the per-example results are gathered.
+    """
+    import time
+
+    from diffusion_elbo.core.ode import dequantization_log_volume, ode_nll_nats, rademacher, uniform_dequantize
+
+    rank, world = _rank_world()
+    indices = list(range(rank, len(dataset), world))
+    if t_start is None:
+        t_start = dequantization_start_time(schedule, num_bins, minimum=min(1.0, schedule.T / 2))
+    samples = int(dequantization_samples) if num_bins is not None else 1
+    per_row = max(1, int(batch_size) // samples)  # examples per solve: batch_size rows in all
+    results, nfe, seconds, dims, trues = {}, [], 0.0, None, {}
+    for start in range(0, len(indices), per_row):
+        chunk = indices[start : start + per_row]
+        x0 = torch.stack([dataset[i][0] for i in chunk]).to(device)  # (b, *D)
+        shape = tuple(x0.shape[1:])
+        noise_u, noise_v = [], []
+        for i in chunk:
+            g = example_generator(seed, i)
+            noise_u.append(torch.rand((samples, *shape), generator=g, dtype=torch.float64))
+            noise_v.append(rademacher((samples, int(probes), *shape), g))
+        x = x0.repeat_interleave(samples, dim=0)  # (b S, *D): example-major, S samples each
+        if num_bins is not None:
+            x = uniform_dequantize(x, num_bins, torch.cat(noise_u).to(device))
+        began = time.perf_counter()
+        result = ode_nll_nats(
+            model,
+            schedule,
+            x,
+            parametrization=parametrization,
+            t_start=t_start,
+            divergence=divergence,
+            probes=torch.cat(noise_v).to(device),
+            rtol=rtol,
+            atol=atol,
+            method=method,
+        )
+        seconds += time.perf_counter() - began
+        dims = x0[0].numel()
+        nll = result.nll.view(len(chunk), samples).mean(dim=1).cpu()  # (b,)
+        if num_bins is not None:
+            nll = nll - dims * dequantization_log_volume(num_bins)
+        nfe.append(result.nfe)
+        for j, i in enumerate(chunk):
+            results[i] = nll[j]
+        if true_nll is not None:
+            for j, value in enumerate(true_nll(x0).double().cpu()):
+                trues[chunk[j]] = value
+    if world > 1:
+        results, trues, nfe, seconds, dims = _gather_ode(results, trues, nfe, seconds, dims)
+    if not results:
+        raise ValueError("no examples to evaluate: the data split is empty (check split= and num_examples=)")
+    order = sorted(results)
+    return ODESummary(
+        nll=torch.stack([results[i] for i in order]).double(),
+        num_dims=dims,
+        nfe=nfe,
+        seconds=seconds,
+        t_start=float(t_start),
+        dequantization="uniform" if num_bins is not None else "none",
+        true_nll=torch.stack([trues[i] for i in order]) if trues else None,
+    )
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_ode(results: dict, trues: dict, nfe: list, seconds: float, dims):
+    """Every rank's per-example results, merged on every rank (all_gather_object: small, once per evaluation)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (results, trues, nfe, seconds, dims))
+    merged, merged_true, all_nfe, total_seconds, num_dims = {}, {}, [], 0.0, None
+    for r, tr, n, sec, d in parts:
+        merged.update(r)
+        merged_true.update(tr)
+        all_nfe.extend(n)
+        total_seconds = max(total_seconds, sec)  # the ranks run side by side: the evaluation takes the slowest
+        num_dims = d if d is not None else num_dims
+    return merged, merged_true, all_nfe, total_seconds, num_dims
+
+
 def write_metrics(metrics: dict, output_dir: str | Path, name: str = "metrics.json") -> Path:
     """Write ``metrics`` as JSON atomically (a crash never leaves a half-written file)."""
     path = Path(output_dir) / name
@@ -143,23 +300,35 @@ def write_metrics(metrics: dict, output_dir: str | Path, name: str = "metrics.js
     return path
 
 
-def write_per_example(summary: ELBOSummary, output_dir: str | Path, name: str = "per_example.csv") -> Path:
-    """-ELBO of every example in bits/dim, in data order: two evaluations of the same split (other variances,
-    checkpoints or models) compare by paired differences, whose standard error is usually well below either
-    bpd_se for trained models (the per-example values move together)."""
+def write_per_example(columns: dict[str, Tensor], output_dir: str | Path, name: str = "per_example.csv") -> Path:
+    """Per-example values in bits/dim, in data order, one column each (``bpd``: -ELBO; ``ode_bpd``: the ODE's
+    -log-likelihood): two evaluations of the same split (other variances, checkpoints, models or likelihoods) compare by
+    paired differences, whose standard error is usually well below either bpd_se (the per-example values move
+    together). ``columns``: name -> (N,) bits/dim."""
     path = Path(output_dir) / name
     tmp = path.with_suffix(".csv.tmp")
-    bpd = nats_to_bits_per_dim(summary.total / summary.num_dims)
-    tmp.write_text("index,bpd\n" + "".join(f"{i},{float(v):.8f}\n" for i, v in enumerate(bpd)))
+    names = list(columns)
+    values = [columns[c].tolist() for c in names]
+    rows = "".join(f"{i}," + ",".join(f"{v[i]:.8f}" for v in values) + "\n" for i in range(len(values[0])))
+    tmp.write_text("index," + ",".join(names) + "\n" + rows)
     tmp.replace(path)
     return path
 
 
-def paired_difference(a: str | Path, b: str | Path) -> tuple[float, float]:
-    """Mean and standard error of per-example bpd(a) - bpd(b) from two ``per_example.csv`` of the same split."""
+def paired_difference(
+    a: str | Path, b: str | Path, column_a: str = "bpd", column_b: str | None = None
+) -> tuple[float, float]:
+    """Mean and standard error of per-example ``column_a``(a) - ``column_b``(b) (bits/dim; ``column_b`` defaults to
+    ``column_a``) from two ``per_example.csv`` of the same split (a and b may be the same file)."""
     import numpy as np
 
-    x, y = (np.loadtxt(p, delimiter=",", skiprows=1)[:, 1] for p in (a, b))
+    def read(path, column):
+        table = np.genfromtxt(path, delimiter=",", names=True)
+        if column not in table.dtype.names:
+            raise ValueError(f"{path} has no column {column!r}; it has {', '.join(table.dtype.names)}")
+        return np.atleast_1d(table[column])
+
+    x, y = read(a, column_a), read(b, column_b or column_a)
     if x.shape != y.shape:
         raise ValueError(f"{a} and {b} hold {x.size} and {y.size} examples: evaluate the same split to pair them")
     d = x - y
@@ -167,9 +336,8 @@ def paired_difference(a: str | Path, b: str | Path) -> tuple[float, float]:
 
 
 def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile, saved to metrics.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile (``likelihood=elbo``), the probability-flow
+    ODE's likelihood (``ode``) or both, saved to metrics.json and per_example.csv."""
     from diffusion_elbo.builders import build_datamodule, build_model, build_schedule, resolve_device
     from diffusion_elbo.config import validate_config
 
@@ -194,47 +362,58 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     variance = cfg.variance or trained_variance
     variance_name = str(ReverseVariance(variance).value)
     decoder_variance = DecoderVariance(cfg.get("decoder_variance") or trained_decoder).value
-    model = denoiser_for(model.to(device).eval(), trained_variance, variance_name)
+    likelihood = Likelihood(cfg.get("likelihood") or Likelihood.ELBO.value)
+    network = model.to(device).eval()
+    model = denoiser_for(network, trained_variance, variance_name)
     schedule = schedule.to(device)
-    if variance_name == ReverseVariance.ANALYTIC.value:
-        # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
-        estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
-        variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
     datamodule.setup("test" if cfg.split == "test" else "fit")
     dataset = datamodule.split(cfg.split)
     if cfg.num_examples is not None:
         dataset = Subset(dataset, range(min(int(cfg.num_examples), len(dataset))))
-    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=False)
     true_nll = getattr(datamodule, "true_nll_nats", None)
-
-    total_steps = math.ceil(len(dataset) / int(cfg.batch_size)) * schedule.T
-    columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not _interactive()) as bar:
-        task = bar.add_task("eval", total=total_steps)
-        last = {"t": 0}
-
-        def progress(t: int, T: int) -> None:
-            # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
-            bar.advance(task, t - last["t"])
-            last["t"] = t % T
-
-        summary = evaluate_elbo(
+    metrics: dict = {}
+    columns: dict[str, Tensor] = {}
+    if likelihood is not Likelihood.ODE:
+        if variance_name == ReverseVariance.ANALYTIC.value:
+            # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
+            estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
+            variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
+        summary = _run_elbo(
+            cfg,
             model,
             schedule,
-            (batch[0] for batch in loader),
-            parametrization=parametrization,
-            variance=variance,
-            decoder_variance=decoder_variance,
-            num_bins=datamodule.num_bins,
-            generator=generator,
-            device=device,
-            max_batch=int(cfg.max_batch),
-            true_nll=true_nll,
-            progress=progress,
+            dataset,
+            datamodule,
+            parametrization,
+            variance,
+            decoder_variance,
+            generator,
+            device,
+            true_nll,
         )
-    metrics = summary.metrics()
+        metrics.update(summary.metrics())
+        columns["bpd"] = nats_to_bits_per_dim(summary.total / summary.num_dims)
+    if likelihood is not Likelihood.ELBO:
+        ode = _run_ode(
+            cfg,
+            mean_denoiser(network, trained_variance),
+            schedule,
+            dataset,
+            datamodule,
+            parametrization,
+            device,
+            true_nll,
+        )
+        metrics.update(ode.metrics())
+        columns["ode_bpd"] = nats_to_bits_per_dim(ode.nll / ode.num_dims)
+    if likelihood is Likelihood.BOTH:
+        # -ELBO - (-log p_ODE) per example: how far the bound sits above the model's own likelihood, paired
+        diff = columns["bpd"] - columns["ode_bpd"]
+        metrics["elbo_minus_ode_bpd"] = float(diff.mean())
+        metrics["elbo_minus_ode_bpd_se"] = standard_error(diff)
     metrics.update(
         {
+            "likelihood": likelihood.value,
             "split": cfg.split,
             "schedule": schedule.name,
             "timesteps": schedule.T,
@@ -249,20 +428,101 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     if cfg.ckpt_path is not None and _wants_fid(cfg, datamodule):
         metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
     path = write_metrics(metrics, output_dir)
-    write_per_example(summary, output_dir)
-    line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f} (reverse variance {variance_name})"
-    if "true_nll_bpd" in metrics:
-        line += (
-            f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
-        )
-    if "fid" in metrics:
-        line += f"; FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
-        if metrics.get("fid_classifier_accuracy") is not None:
-            line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
-    log.info(line)
+    write_per_example(columns, output_dir)
+    log.info(_summary_line(metrics))
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
+
+
+def _run_elbo(
+    cfg, model, schedule, dataset, datamodule, parametrization, variance, decoder_variance, generator, device, true_nll
+) -> ELBOSummary:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=False)
+    total_steps = math.ceil(len(dataset) / int(cfg.batch_size)) * schedule.T
+    columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not _interactive()) as bar:
+        task = bar.add_task("eval", total=total_steps)
+        last = {"t": 0}
+
+        def progress(t: int, T: int) -> None:
+            # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
+            bar.advance(task, t - last["t"])
+            last["t"] = t % T
+
+        return evaluate_elbo(
+            model,
+            schedule,
+            (batch[0] for batch in loader),
+            parametrization=parametrization,
+            variance=variance,
+            decoder_variance=decoder_variance,
+            num_bins=datamodule.num_bins,
+            generator=generator,
+            device=device,
+            max_batch=int(cfg.max_batch),
+            true_nll=true_nll,
+            progress=progress,
+        )
+
+
+def _run_ode(cfg, model, schedule, dataset, datamodule, parametrization, device, true_nll) -> ODESummary:
+    o = cfg.ode
+    log.info(
+        "probability-flow ODE likelihood of %d examples (%s, rtol %g, atol %g, %s divergence%s)",
+        len(dataset),
+        o.method,
+        float(o.rtol),
+        float(o.atol),
+        o.divergence,
+        f", {int(o.probes)} probe(s)" if o.divergence == "hutchinson" else "",
+    )
+    return evaluate_ode(
+        model,
+        schedule,
+        dataset,
+        parametrization=parametrization,
+        num_bins=datamodule.num_bins,
+        seed=int(cfg.seed),
+        device=device,
+        batch_size=int(o.batch_size or cfg.batch_size),
+        t_start=None if o.t_start is None else float(o.t_start),
+        divergence=o.divergence,
+        probes=int(o.probes),
+        dequantization_samples=int(o.dequantization_samples),
+        rtol=float(o.rtol),
+        atol=float(o.atol),
+        method=o.method,
+        true_nll=true_nll,
+    )
+
+
+def _summary_line(metrics: dict) -> str:
+    parts = []
+    if "bpd" in metrics:
+        line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f} (-ELBO, reverse variance {metrics['variance']})"
+        if "true_nll_bpd" in metrics:
+            line += f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
+        parts.append(line)
+    if "ode_bpd" in metrics:
+        bound = ", a dequantization bound" if metrics["ode_dequantization"] != "none" else ""
+        line = (
+            f"ODE bpd = {metrics['ode_bpd']:.4f} ± {metrics['ode_bpd_se']:.4f} (probability-flow likelihood{bound}; "
+            f"{metrics['ode_nfe']:.0f} NFE per solve, {metrics['ode_seconds_per_example']:.3f} s per example)"
+        )
+        if "ode_gap_bpd" in metrics:
+            line += f" (minus true NLL: {metrics['ode_gap_bpd']:.4f} ± {metrics['ode_gap_bpd_se']:.4f})"
+        parts.append(line)
+    if "elbo_minus_ode_bpd" in metrics:
+        parts.append(f"-ELBO - ODE NLL = {metrics['elbo_minus_ode_bpd']:.4f} ± {metrics['elbo_minus_ode_bpd_se']:.4f}")
+    if "fid" in metrics:
+        line = f"FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
+        if metrics.get("fid_classifier_accuracy") is not None:
+            line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
+        parts.append(line)
+    return "; ".join(parts)
 
 
 def analytic_table(

@@ -50,10 +50,12 @@ def discrete_nll_nats(x0: Tensor, probs: Tensor) -> Tensor:
 
 def discrete_oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, probs: Tensor) -> Tensor:
     """E[x0 | x_t] for i.i.d. K-level data with level probabilities ``probs`` (K,): the Bayes-optimal (MSE) x0
-    prediction, (B, *D) in x_t's dtype. Computed in float64 (softmax over the K levels of each dimension)."""
+    prediction, (B, *D) in x_t's dtype. Computed in float64 (softmax over the K levels of each dimension). ``t`` (B,):
+    steps (LongTensor) or real times of the schedule's continuous interpolation (float)."""
     levels = grid_levels(probs.numel(), device=x_t.device)  # (K,)
-    a = schedule.gather("sqrt_alpha_bar", t).view(-1, *([1] * x_t.ndim))  # (B, 1, ..., 1, 1)
-    var = schedule.gather("sqrt_one_minus_alpha_bar", t).pow(2).view_as(a)
+    a, sigma = schedule.signal_noise(t)  # (B,) float64
+    a = a.view(-1, *([1] * x_t.ndim))  # (B, 1, ..., 1, 1)
+    var = sigma.pow(2).view_as(a)
     residual = x_t.double().unsqueeze(-1) - a * levels  # (B, *D, K)
     logits = torch.log(probs.to(x_t.device)) - residual**2 / (2.0 * var)
     posterior = torch.softmax(logits, dim=-1)  # P(x0 = x_k | x_t) per dimension

@@ -30,9 +30,10 @@ def gaussian_nll_nats(x0: Tensor, mean: float, std: float) -> Tensor:
 
 
 def oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, mean: float, std: float) -> Tensor:
-    """E[x0 | x_t] for x0 ~ N(m, s^2 I): the Bayes-optimal (MSE) x0 prediction, (B, *D)."""
-    ab, a = schedule.gather("alpha_bar", t), schedule.gather("sqrt_alpha_bar", t)  # (B,) float64
-    gain = a * std**2 / (ab * std**2 + schedule.gather("sqrt_one_minus_alpha_bar", t) ** 2)
+    """E[x0 | x_t] for x0 ~ N(m, s^2 I): the Bayes-optimal (MSE) x0 prediction, (B, *D). ``t`` (B,): steps (LongTensor)
+    or real times of the schedule's continuous interpolation (float)."""
+    a, sigma = schedule.signal_noise(t)  # (B,) float64
+    gain = a * std**2 / (a**2 * std**2 + sigma**2)
     # mean + gain (x_t - a m), with the float64 coefficients combined before the cast
     return schedule.broadcast(gain, x_t) * x_t + schedule.broadcast(mean * (1.0 - gain * a), x_t)
 

@@ -3,7 +3,7 @@
 With x_t = a x0 + s eps, a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t) (so a^2 + s^2 = 1):
 - eps-prediction (Ho et al. 2020): x0 = (x_t - s eps) / a
 - v-prediction (Salimans & Ho 2022, eq. 9 and App. D): v = a eps - s x0, so x0 = a x_t - s v and eps = s x_t + a v
-Shapes: x_t, out (B, *D); t LongTensor (B,) in 1..T.
+Shapes: x_t, out (B, *D); t LongTensor (B,) in 1..T, or a float tensor (B,) of real times in [0, T].
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ class Parametrization(str, Enum):
 
 
 def _coefs(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    # float64 tables cast once: 1 - alpha_bar formed in float32 loses digits near t = 1
-    return schedule.gather("sqrt_alpha_bar", t, like), schedule.gather("sqrt_one_minus_alpha_bar", t, like)
+    # float64 coefficients cast once: 1 - alpha_bar formed in float32 loses digits near t = 1. A float t is a real time
+    # of the schedule's continuous interpolation (the probability-flow ODE evaluates the network between steps).
+    a, s = schedule.signal_noise(t)
+    return schedule.broadcast(a, like), schedule.broadcast(s, like)
 
 
 def eps_to_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:

@@ -108,6 +108,28 @@ def validate_betas(betas: Tensor, name: str = "custom") -> None:
         )
 
 
+def pchip_slopes(y: Tensor) -> Tensor:
+    """Slopes at the knots 0, 1, ..., n - 1 of the monotone piecewise-cubic interpolant of ``y`` (n,) (Fritsch &
+    Carlson 1980; the rule of scipy's ``PchipInterpolator`` for unit spacing): the harmonic mean of the neighbouring
+    secants where they share a sign, else 0; the one-sided three-point rule at the ends, limited to keep the shape.
+    Returns (n,) in y's dtype."""
+    d = y[1:] - y[:-1]  # (n - 1,) secants
+    if d.numel() == 1:  # two knots: the line through them
+        return torch.cat([d, d])
+    same = d[:-1] * d[1:] > 0
+    inner = torch.where(same, 2 * d[:-1] * d[1:] / torch.where(same, d[:-1] + d[1:], torch.ones_like(d[1:])), 0.0)
+
+    def edge(d0: Tensor, d1: Tensor) -> Tensor:
+        m = (3 * d0 - d1) / 2
+        if torch.sign(m) != torch.sign(d0):
+            return torch.zeros_like(m)
+        if torch.sign(d0) != torch.sign(d1) and m.abs() > 3 * d0.abs():
+            return 3 * d0
+        return m
+
+    return torch.cat([edge(d[0], d[1]).view(1), inner, edge(d[-1], d[-2]).view(1)])
+
+
 class NoiseSchedule(nn.Module):
     """Betas and derived tables of the forward process q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I).
 
@@ -172,6 +194,9 @@ class NoiseSchedule(nn.Module):
         }.items():
             self.register_buffer(key, value, persistent=False)
 
+        # slopes of the monotone cubic (PCHIP) through log alpha_bar at t = 0..T: the continuous-time interpolation
+        self.register_buffer("log_alpha_bar_slope", pchip_slopes(torch.log(alpha_bar)), persistent=False)
+
     @property
     def T(self) -> int:
         return self.num_timesteps
@@ -188,6 +213,45 @@ class NoiseSchedule(nn.Module):
         if like is None:
             return values
         return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def log_alpha_bar_at(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """log alpha_bar(t) and its derivative d/dt at real t in [0, T], each shaped like ``t``, float64.
+
+        The discrete schedule's continuous-time interpolation: the monotone cubic (PCHIP, Fritsch & Carlson 1980)
+        through log alpha_bar_t at t = 0..T. It equals the table at every integer t, decreases strictly (so
+        beta(t) = -d log alpha_bar / dt > 0 is the rate of a VP SDE, Song et al. 2021 eq. 11, whose marginals are
+        q(x_t | x0) = N(sqrt(alpha_bar(t)) x0, (1 - alpha_bar(t)) I) at every real t), and is C^1, so an adaptive
+        ODE solver sees no jumps in the drift at the integers."""
+        y, m = torch.log(self.alpha_bar), self.log_alpha_bar_slope  # (T + 1,) float64
+        t = t.to(torch.float64)
+        slack = 1e-9 * self.T  # an ODE solver's stage times may round past the end by an ulp
+        if (t < -slack).any() or (t > self.T + slack).any():
+            raise ValueError(
+                f"continuous time must lie in [0, T] = [0, {self.T}]; got values in [{t.min()}, {t.max()}]"
+            )
+        t = t.clamp(0.0, float(self.T))
+        k = t.floor().long().clamp(max=self.T - 1)  # interval [k, k + 1]; t = T uses the last one with u = 1
+        u = t - k
+        u2, u3 = u * u, u * u * u
+        # cubic Hermite basis on a unit interval: value and derivative
+        value = (
+            (2 * u3 - 3 * u2 + 1) * y[k]
+            + (u3 - 2 * u2 + u) * m[k]
+            + (-2 * u3 + 3 * u2) * y[k + 1]
+            + (u3 - u2) * m[k + 1]
+        )
+        slope = (6 * u2 - 6 * u) * (y[k] - y[k + 1]) + (3 * u2 - 4 * u + 1) * m[k] + (3 * u2 - 2 * u) * m[k + 1]
+        return value, slope
+
+    def signal_noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64, the scales of x0 and eps in x_t.
+
+        ``t`` (B,): a LongTensor of steps reads the tables; a float tensor of real times in [0, T] reads the
+        continuous interpolation (:meth:`log_alpha_bar_at`), which agrees with the tables at integers."""
+        if not t.is_floating_point():
+            return self.sqrt_alpha_bar[t], self.sqrt_one_minus_alpha_bar[t]
+        log_ab, _ = self.log_alpha_bar_at(t)
+        return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab))
 
     def log_snr(self) -> Tensor:
         """log SNR(t) for t = 1..T, shape (T,) float64."""

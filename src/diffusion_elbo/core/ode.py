@@ -1,0 +1,207 @@
+"""The model's own likelihood by the probability-flow ODE (Song et al. 2021, "Score-based generative modeling through
+stochastic differential equations", Sec. 4.3 and App. D.2; "Maximum likelihood training of score-based diffusion
+models", 2021), beside the bound.
+
+Time is real, t in [0, T], through the schedule's continuous interpolation (``NoiseSchedule.log_alpha_bar_at``): x_t =
+a(t) x0 + sigma(t) eps with a^2 = alpha_bar(t), sigma^2 = 1 - alpha_bar(t), the marginals of the VP SDE
+dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW with beta(t) = -d log alpha_bar(t) / dt. Its probability-flow ODE
+
+    dx/dt = f(t) x - g(t)^2 / 2 * score(x, t) = -beta(t) / 2 * (x - eps_hat(x, t) / sigma(t))        (Song eq. 13)
+
+(score = -eps_hat / sigma) carries q_t to q_T deterministically, and the instantaneous change of variables (Chen et al.
+2018, Thm. 1) gives log p_t0(x(t0)) = log p_T(x(T)) + int_t0^T div f(x(t), t) dt. With the prior N(0, I) at t = T this
+is the exact log-density of a continuous normalizing flow: a likelihood, not a bound (up to the solver's tolerance and,
+with Hutchinson's estimator, an unbiased estimate of it).
+
+Shapes: x (B, *D); per-example results (B,) in nats summed over dims. Randomness (probes, dequantization noise) comes in
+as tensors, so a caller can draw it per example (the same numbers on 1 or N processes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from diffusion_elbo.core.distributions import LOG_2PI
+from diffusion_elbo.core.parametrization import Parametrization, predict_eps
+from diffusion_elbo.core.schedules import NoiseSchedule
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+# torchdiffeq's solvers with error control (rtol/atol): a likelihood needs the integral to a stated tolerance, which
+# its fixed-step solvers (euler, rk4, ...) do not give
+ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+class Likelihood(str, Enum):
+    """What ``src/eval.py`` computes: the exact T-step bound (``elbo``), the probability-flow ODE's likelihood (``ode``),
+    or both on the same examples with their paired difference (``both``)."""
+
+    ELBO = "elbo"
+    ODE = "ode"
+    BOTH = "both"
+
+
+class Divergence(str, Enum):
+    """How div f is computed: ``hutchinson`` (E[v^T J v] over Rademacher probes v, one vector-Jacobian product per
+    probe; Hutchinson 1989, Grathwohl et al. 2019) or ``exact`` (the Jacobian's trace by D autograd passes)."""
+
+    HUTCHINSON = "hutchinson"
+    EXACT = "exact"
+
+
+@dataclass
+class ODELikelihood:
+    """-log p(x) of the probability-flow ODE for a batch, nats summed over dims, each (B,) float64."""
+
+    nll: Tensor  # -log p(x): the prior term minus the divergence integral minus log |dz0/dx|
+    prior: Tensor  # -log N(x(T); 0, I)
+    divergence_integral: Tensor  # int_t0^T div f dt
+    nfe: int  # function evaluations of the solver (each: one network call and its divergence)
+
+
+def probability_flow_drift(schedule: NoiseSchedule, x: Tensor, t: Tensor, eps_hat: Tensor) -> Tensor:
+    """f(x, t) = -beta(t) / 2 * (x - eps_hat / sigma(t)), the probability-flow ODE of the VP SDE (Song et al. 2021,
+    eq. 13 with f = -beta/2, g^2 = beta, score = -eps_hat / sigma). x, eps_hat (B, *D); t (B,) real times."""
+    log_ab, slope = schedule.log_alpha_bar_at(t)  # (B,) float64
+    beta = -slope
+    sigma = torch.sqrt(-torch.expm1(log_ab))
+    half_beta = schedule.broadcast(0.5 * beta, x)
+    return half_beta * (eps_hat / schedule.broadcast(sigma, x) - x)
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+    """Independent +-1 entries (the probes of Hutchinson's trace estimator; lower variance than Gaussian ones)."""
+    return torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+
+
+def uniform_dequantize(x0: Tensor, num_bins: int, u: Tensor) -> Tensor:
+    """y = x0 + (u - 1/2) Delta, Delta = 2 / (K - 1) the level spacing of K-level data in [-1, 1], u ~ U(0, 1)^D.
+
+    For any density p on R^D, P(x0) = int_bin p(y) dy >= Delta^D exp(E_u log p(y)) (Jensen; Theis et al. 2016), so
+    E_u[-log p(y)] - D log Delta bounds the discrete NLL from above (:func:`dequantization_log_volume`)."""
+    return x0 + (u.to(x0.dtype) - 0.5) * (2.0 / (num_bins - 1))
+
+
+def dequantization_log_volume(num_bins: int) -> float:
+    """log Delta, the log-volume per dim of a level's bin (Delta = 2 / (K - 1)): -log P(x0) <= -log p(y) - D log Delta."""
+    return math.log(2.0 / (num_bins - 1))
+
+
+def dequantization_start_time(schedule: NoiseSchedule, num_bins: int | None, minimum: float = 1.0) -> float:
+    """Where the ODE starts, t0 in [minimum, T].
+
+    K-level data: the t whose noise matches the dequantization noise, sigma(t)^2 / a(t)^2 = Delta^2 / 12 (the variance
+    of U(-Delta/2, Delta/2)), so the model's density at t0 is about as wide as the dequantized data around each level.
+    Continuous data (``num_bins`` None): ``minimum``. Never below ``minimum`` (1: a network trained on steps 1..T is not
+    evaluated below the first one)."""
+    if num_bins is None:
+        return float(minimum)
+    target = math.log(12.0) - 2.0 * math.log(2.0 / (num_bins - 1))  # log SNR at which the noises match
+
+    def log_snr(t: float) -> float:
+        log_ab, _ = schedule.log_alpha_bar_at(torch.tensor([t], dtype=torch.float64))
+        return float(log_ab - torch.log(-torch.expm1(log_ab)))
+
+    lo, hi = float(minimum), float(schedule.T)
+    if log_snr(lo) <= target:
+        return lo
+    if log_snr(hi) >= target:
+        return hi
+    for _ in range(60):  # bisection: log SNR(t) is strictly decreasing
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if log_snr(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def divergence_hutchinson(f: Tensor, x: Tensor, probes: Tensor) -> Tensor:
+    """div f ~ mean_p v_p^T (df/dx) v_p (unbiased), one vector-Jacobian product per probe. f, x (B, *D) with f a function
+    of x in the autograd graph; probes (B, P, *D). Returns (B,) in f's dtype; the graph is freed after the last probe."""
+    num = probes.shape[1]
+    total = torch.zeros(x.shape[0], dtype=f.dtype, device=f.device)
+    for p in range(num):
+        v = probes[:, p].to(f.dtype)
+        (vjp,) = torch.autograd.grad(f, x, grad_outputs=v, retain_graph=p < num - 1)
+        total = total + (vjp * v).flatten(1).sum(dim=1)
+    return total / num
+
+
+def divergence_exact(f: Tensor, x: Tensor) -> Tensor:
+    """div f = trace(df/dx) by D vector-Jacobian products with the basis vectors (exact; for small D). f, x (B, *D)."""
+    flat = f.flatten(1)  # (B, D)
+    d = flat.shape[1]
+    total = torch.zeros(x.shape[0], dtype=f.dtype, device=f.device)
+    for i in range(d):
+        (grad,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i < d - 1)
+        total = total + grad.flatten(1)[:, i]
+    return total
+
+
+def ode_nll_nats(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    *,
+    parametrization: Parametrization | str,
+    t_start: float = 1.0,
+    divergence: Divergence | str = Divergence.HUTCHINSON,
+    probes: Tensor | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+) -> ODELikelihood:
+    """-log p(x) of the probability-flow ODE model, (B,) nats summed over dims (density in x's units).
+
+    The ODE starts at z(t0) = a(t0) x (``t_start`` = t0 in (0, T) real time) and runs to T with torchdiffeq's adaptive
+    solver (``method``, ``rtol``, ``atol``; state in float64, the network in its own dtype). -log p(x) =
+    -log N(z(T); 0, I) - int_t0^T div f dt - D log a(t0), the last term the change of variables z = a(t0) x (it makes
+    the density at t0 that of x0 + (sigma/a) eps, not of a shrunk copy). The model is called as model(z_t, t) with a
+    float t (B,) of real times and its output read under ``parametrization``. ``probes`` (B, P, *D) for Hutchinson's
+    estimator (e.g. :func:`rademacher`); ``divergence=exact`` needs none.
+    """
+    from torchdiffeq import odeint  # maintained adaptive solvers (dopri5 with error control, Chen et al. 2018)
+
+    divergence = Divergence(divergence)
+    if divergence is Divergence.HUTCHINSON and probes is None:
+        raise ValueError("divergence=hutchinson needs probes (B, P, *D), e.g. rademacher((B, P, *D), generator)")
+    if not 0.0 < t_start < schedule.T:
+        # at t = 0 the noise is zero and the score eps_hat / sigma is 0 / 0
+        raise ValueError(f"ode.t_start must lie in (0, T) = (0, {schedule.T}); got {t_start}")
+    batch = x.shape[0]
+    net_dtype = x.dtype
+    a0, _ = schedule.signal_noise(torch.tensor([t_start], dtype=torch.float64, device=x.device))
+    z0 = a0.item() * x.to(torch.float64)
+    nfe = 0
+
+    def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        z = state[0]
+        tt = t.to(torch.float64).expand(batch)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            out = model(z.to(net_dtype), tt)
+            eps_hat = predict_eps(parametrization, schedule, z, tt, out.to(torch.float64))
+            f = probability_flow_drift(schedule, z, tt, eps_hat)
+            div = divergence_exact(f, z) if divergence is Divergence.EXACT else divergence_hutchinson(f, z, probes)
+        return f.detach(), div.detach()
+
+    times = torch.tensor([t_start, float(schedule.T)], dtype=torch.float64, device=x.device)
+    zeros = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    # step_t: the last step lands on T exactly (adaptive solvers otherwise step past the end and interpolate back,
+    # evaluating the drift at t > T where the schedule is not defined)
+    if method not in ODE_METHODS:
+        raise ValueError(
+            f"ode.method={method!r}: choose an adaptive torchdiffeq solver, one of {' | '.join(ODE_METHODS)}"
+        )
+    options = {"step_t": times[1:]}
+    z_path, div_path = odeint(rhs, (z0, zeros), times, rtol=rtol, atol=atol, method=method, options=options)
+    z_end, integral = z_path[-1], div_path[-1]
+    dims = z_end[0].numel()
+    prior = 0.5 * (z_end.flatten(1) ** 2).sum(dim=1) + 0.5 * dims * LOG_2PI
+    nll = prior - integral - dims * torch.log(a0)
+    return ODELikelihood(nll=nll, prior=prior, divergence_integral=integral, nfe=nfe)
