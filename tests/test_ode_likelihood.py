@@ -214,6 +214,20 @@ def test_eval_likelihood_both_reports_the_ode_beside_the_bound(tmp_path):
     header = (tmp_path / "alone" / "per_example.csv").read_text().splitlines()[0]
     assert header == "index,ode_bpd"
     assert json.loads((tmp_path / "alone" / "metrics.json").read_text())["ode_bpd"] == alone["ode_bpd"]
+    # the sweep report reads them from an eval written into a training run's folder
+    from omegaconf import OmegaConf
+
+    from diffusion_elbo.report import collect_runs, write_report
+
+    run = tmp_path / "sweep" / "schedule=linear"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create({"task_name": "train", "schedule": {"name": "linear"}}), run / ".hydra" / "config.yaml"
+    )
+    (run / "metrics.json").write_text((tmp_path / "metrics.json").read_text())
+    (row,) = collect_runs(tmp_path / "sweep")
+    assert row["test/ode_bpd"] == m["ode_bpd"] and row["test/elbo_minus_ode_bpd"] == m["elbo_minus_ode_bpd"]
+    assert "test/ode_bpd" in write_report([row], tmp_path / "sweep")["md"].read_text()
 
 
 def test_ode_on_k_level_data_is_a_dequantization_bound_above_the_true_nll(tmp_path):

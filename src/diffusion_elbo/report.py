@@ -37,6 +37,9 @@ COLUMNS = [
     "test/bpd",
     "test/bpd_se",
     "test/variance",
+    "test/ode_bpd",
+    "test/ode_bpd_se",
+    "test/elbo_minus_ode_bpd",
     "test/fid",
 ]
 
@@ -68,6 +71,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
                     "test/bpd": m.get("bpd"),
                     "test/bpd_se": m.get("bpd_se"),
                     "test/variance": m.get("variance"),  # src/eval.py may use another variance than training
+                    # likelihood=ode|both: the probability-flow ODE's bits/dim, and -ELBO minus it (paired)
+                    "test/ode_bpd": m.get("ode_bpd"),
+                    "test/ode_bpd_se": m.get("ode_bpd_se"),
+                    "test/elbo_minus_ode_bpd": m.get("elbo_minus_ode_bpd"),
                     "test/fid": m.get("fid"),
                 }
             )
