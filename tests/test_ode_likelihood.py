@@ -325,3 +325,35 @@ def test_ode_evaluation_shards_examples_without_padding_and_gives_the_single_pro
             assert len(nfe) == sum(math.ceil(len(range(r, 11, world)) / bs) for r in range(world))
         assert torch.equal(got[1][0], single[1].nll)
         torch.testing.assert_close(got[4][0], single[4].nll, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_checkpoint_eval_with_both_likelihoods_reaches_the_training_runs_wandb_summary(tmp_path):
+    """A UNet checkpoint (float t between its steps, learned_range's mean half): likelihood=both writes the ODE beside
+    the bound, and the eval's numbers land as test/... in the summary of the training run's own offline W&B run."""
+    from diffusion_elbo.evaluation import run_eval
+    from diffusion_elbo.training import train
+    from tests.helpers import compose_train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        run_dir,
+        ["logger=wandb", "schedule.timesteps=100", "variance=learned_range", "loss=hybrid", "trainer.max_steps=3"],
+    )
+    train(cfg, str(run_dir))
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    m = run_eval(
+        _compose_eval(tmp_path, [f"ckpt_path={ckpt}", "likelihood=both", "num_examples=6", "fid.num_samples=0"]),
+        tmp_path / "eval",
+    )
+    assert m["ode_dequantization"] == "uniform" and m["ode_num_examples"] == 6 and math.isfinite(m["ode_bpd"])
+    assert m["variance"] == "learned_range" and m["ode_t_start"] > 1.0
+    # the offline run files (what `wandb sync` uploads) of the training run's id: the eval's resumed run holds the
+    # summary updates, each a key and its JSON value in the run file's protobuf records
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, sorted(p.name for p in (run_dir / "wandb").iterdir())  # training, then the eval
+    data = files[-1].read_bytes()
+    for key in ("test/ode_bpd", "test/bpd", "test/elbo_minus_ode_bpd", "test/ode_nfe"):
+        assert key.encode() in data and json.dumps(m[key[5:]]).encode() in data
+    assert b"test/ckpt" in data and b'"last.ckpt"' in data

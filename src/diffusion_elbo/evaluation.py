@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -429,10 +429,41 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
     path = write_metrics(metrics, output_dir)
     write_per_example(columns, output_dir)
+    if cfg.ckpt_path is not None and OmegaConf.select(cfg, "wandb.enabled", default=False):
+        _log_to_training_run(cfg, loaded.config, metrics)
     log.info(_summary_line(metrics))
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
+
+
+def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> None:
+    """The eval's scalars as ``test/<key>`` in the summary of the checkpoint's own W&B run (same id, resumed), so a
+    dashboard shows them beside the run's training curves. Nothing is logged for a run trained without W&B."""
+    from diffusion_elbo.builders import resolve_wandb_mode
+
+    run_dir = Path(cfg.ckpt_path).resolve().parent.parent
+    id_file = run_dir / "wandb_run_id.txt"
+    if not id_file.is_file():
+        log.info("no W&B run to add the eval to (%s has no wandb_run_id.txt)", run_dir)
+        return
+    import wandb
+
+    project = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb.project") or "diffusion-elbo"
+    if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before the eval's resumes
+        wandb.finish()
+    run = wandb.init(
+        id=id_file.read_text().strip(),
+        resume="allow",
+        project=project,
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(cfg.wandb.mode),
+    )
+    try:
+        scalars = {f"test/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str) and k != "ckpt_path"}
+        run.summary.update({**scalars, "test/ckpt": Path(cfg.ckpt_path).name})
+    finally:
+        run.finish()
 
 
 def _run_elbo(
