@@ -20,7 +20,7 @@ from diffusion_elbo.core import (
     TimestepSampling,
 )
 from diffusion_elbo.core.losses import MSE_LOSSES
-from diffusion_elbo.core.ode import ODE_METHODS, Divergence, Likelihood
+from diffusion_elbo.core.ode import ODE_METHODS, Dequantization, Divergence, Likelihood
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
     _check_choice(cfg, "likelihood", Likelihood, problems)
     _check_choice(cfg, "ode.divergence", Divergence, problems)
+    _check_choice(cfg, "ode.dequantization", Dequantization, problems)
     method = OmegaConf.select(cfg, "ode.method", default=None)
     if method is not None and method not in ODE_METHODS:
         problems.append(

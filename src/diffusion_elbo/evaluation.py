@@ -143,7 +143,7 @@ class ODESummary:
     nfe: list[int]  # function evaluations of each solve (one batch each)
     seconds: float  # wall time of the solves (this process)
     t_start: float
-    dequantization: str  # "uniform" for K-level data, "none" for continuous data
+    dequantization: str  # "uniform" or "truncated_normal" for K-level data, "none" for continuous data
     true_nll: Tensor | None = None  # (N,) where the data density is known
 
     def metrics(self) -> dict:
@@ -158,7 +158,7 @@ class ODESummary:
             "ode_seconds": self.seconds,
             "ode_seconds_per_example": self.seconds / n,
             "ode_t_start": self.t_start,
-            # uniform: E_u[-log p(x0 + u)] - D log Delta, an upper bound on the discrete NLL (Theis et al. 2016)
+            # K-level data: E_q[-log p(y) + log q(y | x0)], an upper bound on the discrete NLL (Theis et al. 2016)
             "ode_dequantization": self.dequantization,
             "ode_num_examples": n,
         }
@@ -189,6 +189,7 @@ def evaluate_ode(
     divergence: str = "hutchinson",
     probes: int = 1,
     dequantization_samples: int = 1,
+    dequantization: str = "uniform",
     rtol: float = 1e-5,
     atol: float = 1e-5,
     method: str = "dopri5",
@@ -197,21 +198,25 @@ def evaluate_ode(
     """-log p(x0) of the probability-flow ODE (:func:`~diffusion_elbo.core.ode.ode_nll_nats`) for every example of
     ``dataset`` (items (x0, y)).
 
-    K-level data is dequantized uniformly, ``dequantization_samples`` draws per example averaged, and reported as the
-    bound E_u[-log p(x0 + u)] - D log Delta on -log P(x0). Probes and dequantization noise come from each example's own
+    K-level data is dequantized (``dequantization``: uniform or truncated_normal, :func:`~diffusion_elbo.core.ode.
+    dequantize`), ``dequantization_samples`` draws per example averaged, and reported as the bound
+    E_q[-log p(y) + log q(y | x0)] on -log P(x0). Probes and dequantization noise come from each example's own
     generator (:func:`example_generator`). Under torch.distributed the examples are sharded over the ranks without
     padding (rank r takes r, r + W, ...), each rank runs the plain model (no DDP wrapper: nothing to synchronize inside
     the solver, so ranks with different step counts cannot hang), and the per-example results are gathered.
     """
     import time
 
-    from diffusion_elbo.core.ode import dequantization_log_volume, ode_nll_nats, rademacher, uniform_dequantize
+    from diffusion_elbo.core.ode import Dequantization, dequantize, ode_nll_nats, rademacher
 
     rank, world = _rank_world()
     indices = list(range(rank, len(dataset), world))
     if t_start is None:
         t_start = dequantization_start_time(schedule, num_bins, minimum=min(1.0, schedule.T / 2))
     samples = int(dequantization_samples) if num_bins is not None else 1
+    dequantization = Dequantization(dequantization)
+    a0, sigma0 = schedule.signal_noise(torch.tensor([float(t_start)], dtype=torch.float64, device=device))
+    noise_scale = float(sigma0 / a0)  # truncated_normal: the forward noise at t0, in data units
     per_row = max(1, int(batch_size) // samples)  # examples per solve: batch_size rows in all
     results, nfe, seconds, dims, trues = {}, [], 0.0, None, {}
     for start in range(0, len(indices), per_row):
@@ -224,8 +229,9 @@ def evaluate_ode(
             noise_u.append(torch.rand((samples, *shape), generator=g, dtype=torch.float64))
             noise_v.append(rademacher((samples, int(probes), *shape), g))
         x = x0.repeat_interleave(samples, dim=0)  # (b S, *D): example-major, S samples each
+        log_q = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         if num_bins is not None:
-            x = uniform_dequantize(x, num_bins, torch.cat(noise_u).to(device))
+            x, log_q = dequantize(x, num_bins, torch.cat(noise_u).to(device), dequantization, noise_scale)
         began = time.perf_counter()
         result = ode_nll_nats(
             model,
@@ -241,9 +247,8 @@ def evaluate_ode(
         )
         seconds += time.perf_counter() - began
         dims = x0[0].numel()
-        nll = result.nll.view(len(chunk), samples).mean(dim=1).cpu()  # (b,)
-        if num_bins is not None:
-            nll = nll - dims * dequantization_log_volume(num_bins)
+        # -log P(x0) <= E_q[-log p(y) + log q(y | x0)], the expectation over the S samples
+        nll = (result.nll + log_q).view(len(chunk), samples).mean(dim=1).cpu()  # (b,)
         nfe.append(result.nfe)
         for j, i in enumerate(chunk):
             results[i] = nll[j]
@@ -261,7 +266,7 @@ def evaluate_ode(
         nfe=nfe,
         seconds=seconds,
         t_start=float(t_start),
-        dequantization="uniform" if num_bins is not None else "none",
+        dequantization=dequantization.value if num_bins is not None else "none",
         true_nll=torch.stack([trues[i] for i in order]) if trues else None,
     )
 
@@ -523,6 +528,7 @@ def _run_ode(cfg, model, schedule, dataset, datamodule, parametrization, device,
         divergence=o.divergence,
         probes=int(o.probes),
         dequantization_samples=int(o.dequantization_samples),
+        dequantization=o.get("dequantization") or "uniform",
         rtol=float(o.rtol),
         atol=float(o.atol),
         method=o.method,
