@@ -15,8 +15,8 @@ from diffusion_elbo.core import exact_elbo, make_schedule
 from diffusion_elbo.core.discrete_data import discrete_nll_nats, grid_levels, normalized_probs
 from diffusion_elbo.core.gaussian_data import gaussian_nll_nats, oracle_expected_terms
 from diffusion_elbo.core.ode import (
-    dequantize,
     dequantization_start_time,
+    dequantize,
     divergence_exact,
     divergence_hutchinson,
     ode_nll_nats,
