@@ -64,3 +64,14 @@ class NaNAfter(torch.nn.Module):
             if self.seen > self.calls:
                 return out * float("nan")
         return out
+
+
+class RaiseAtStep(L.Callback):
+    """Raises ``RuntimeError`` after training step ``step`` (any bug that stops a run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure after step {self.step}")

@@ -275,3 +275,61 @@ def test_empty_image_folder_and_sixteen_bit_images_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="mode I;16.*convert it to 8 bits"):
         load_image(deep / "a.png", 1, 8)
+
+
+def _last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_max_steps_between_checkpoints_leaves_last_at_the_final_step_with_raw_and_ema_weights(tmp_path):
+    """max_steps=30 with checkpoints every 20: last.ckpt holds step 30 (not 20), with the EMA weights as the state_dict
+    and the raw ones kept beside them (saved before EMA's end of training copies its average into the model)."""
+    cfg = compose_train(tmp_path, ["trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=20"])
+    metrics = train(cfg, str(tmp_path))
+    assert metrics["global_step"] == 30 and (tmp_path / "checkpoints" / "step_0000020.ckpt").is_file()
+    last = _last(tmp_path)
+    assert last["global_step"] == 30
+    raw = last["current_model_state"]
+    assert any(not torch.equal(raw[k], v) for k, v in last["state_dict"].items() if k in raw and v.is_floating_point())
+
+
+def test_max_time_leaves_last_at_the_final_step(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "trainer.max_steps=100000",
+            "+trainer.max_time=00:00:00:04",
+            "callbacks.model_checkpoint.every_n_train_steps=5000",
+        ],
+    )
+    metrics = train(cfg, str(tmp_path))
+    assert 0 < metrics["global_step"] < 100000
+    assert _last(tmp_path)["global_step"] == metrics["global_step"]
+
+
+def test_an_exception_leaves_last_at_the_last_completed_step(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        ["trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=20",
+         "+callbacks.fail._target_=tests.faults.RaiseAtStep", "+callbacks.fail.step=7"],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected failure after step 7"):
+        train(cfg, str(tmp_path))
+    assert _last(tmp_path)["global_step"] == 7
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train(
+        run_dir,
+        "+callbacks.sigint._target_=tests.faults.SignalAtStep",
+        "+callbacks.sigint.step=7",
+        "+callbacks.sigint.signum=2",
+    )
+    _, err = proc.communicate(timeout=300)
+    assert _last(run_dir)["global_step"] == 7, err[-3000:]
+    proc = start_train(run_dir, "ckpt_path=last")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert loss_steps(run_dir) == list(range(40))

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -319,22 +319,43 @@ class Toy2DMetrics(L.Callback):
             log_image(trainer, "samples_vs_data", path)
 
 
-class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (what SLURM and most schedulers send before preemption) Lightning stops at the next batch
-    boundary with a ``SIGTERMException``; this callback then writes ``last.ckpt`` so ``ckpt_path=last`` resumes
-    from that exact step, and the process exits cleanly (status 0)."""
+class LastCheckpoint(L.Callback):
+    """``last.ckpt`` at the final completed step, however the run ends, so no ending loses the steps since the last
+    periodic checkpoint (ModelCheckpoint writes only every ``every_n_train_steps``):
+
+    - ``trainer.max_steps`` or ``trainer.max_time`` reached: at the end of fit, unless that step was just saved;
+    - SIGTERM (what SLURM and most schedulers send before preemption): Lightning stops at the next batch boundary with
+      a ``SIGTERMException``, the checkpoint is written and the process exits cleanly (status 0);
+    - Ctrl-C (SIGINT, ``KeyboardInterrupt``) and any other exception: written before the run stops, with the step
+      counter of the last completed optimizer step. Under several processes only for SIGTERM and SIGINT, which every
+      rank receives: saving is a collective, and an error on one rank would leave the others waiting.
+    """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
 
+    def _save(self, trainer: L.Trainer, why: str) -> None:
+        path = Path(self.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        for cb in trainer.checkpoint_callbacks:  # so ModelCheckpoint knows last.ckpt is current
+            if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                cb.last_model_path = str(path)
+        log.warning("%s: saved %s at step %d; resume with ckpt_path=last", why, path, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
+        if trainer.global_step > 0 and trainer.global_step not in saved:
+            self._save(trainer, "run ended between checkpoints")
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException):
-            return
-        path = Path(self.dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "SIGTERM")
+        elif isinstance(exception, KeyboardInterrupt):
+            self._save(trainer, "interrupted (SIGINT)")
+        elif trainer.world_size == 1 and trainer.global_step > 0:
+            self._save(trainer, f"stopped by {type(exception).__name__}")
 
 
 class LossJournal(L.Callback):
