@@ -46,6 +46,10 @@ class SignalAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and (self.rank is None or trainer.global_rank == self.rank):
+            if self.signum == signal.SIGINT:
+                # as in a terminal: a process started in the background by a non-interactive shell (CI) inherits
+                # SIGINT ignored, and Python then never raises KeyboardInterrupt
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), self.signum)
 
 
