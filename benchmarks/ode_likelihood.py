@@ -1,7 +1,7 @@
 """The probability-flow ODE likelihood beside the bound, through the ``src/eval.py`` path (``likelihood=both``).
 
     python benchmarks/ode_likelihood.py oracle
-    python benchmarks/ode_likelihood.py checkpoints --table digits10k --ckpt fixed-10k=<ckpt> [--ckpt learned-10k=<ckpt>]
+    python benchmarks/ode_likelihood.py checkpoints --table digits10k --ckpt fixed-10k=<ckpt> [--ckpt ...] [--render-only]
 
 ``oracle``: the Bayes-optimal models, whose likelihood is known: Gaussian data (mean 0.5, std 0.8, 16 dims, 1000 test
 points) at linear and cosine T = 1000, where the ODE must give the true NLL; and i.i.d. 17-level data (``discrete_toy``,
@@ -75,7 +75,8 @@ def oracle_table() -> None:
     _write("oracle", rows, header + "\n".join(lines), "Bayes-optimal models, 1000 test points, bits/dim (paired).")
 
 
-def checkpoints_table(table: str, ckpts: list[str]) -> None:
+def checkpoints_table(table: str, ckpts: list[str], render_only: bool = False) -> None:
+    """``render_only``: the table from the kept metrics.json files of an earlier run, nothing re-evaluated."""
     rows = []
     for spec in ckpts:
         label, path = spec.split("=", 1)
@@ -83,22 +84,30 @@ def checkpoints_table(table: str, ckpts: list[str]) -> None:
 
         trained = read_checkpoint(path)["diffusion_elbo_config"].get("variance", "small")
         variances = ["small", "analytic"] + (["learned_range"] if trained == "learned_range" else [])
-        for i, variance in enumerate(variances):
+        runs = [
             # the ODE (which does not depend on the variance) once per checkpoint, beside its first bound
-            likelihood = "both" if i == 0 else "elbo"
-            overrides = [f"ckpt_path={path}", f"variance={variance}", f"likelihood={likelihood}", "fid.num_samples=0"]
-            m = evaluate(overrides, OUT / table / f"{label}-{variance}")
-            rows.append(_row(f"{label}-{variance}", m, model=label, variance=variance))
-        # the ODE again under the tighter truncated-normal dequantization (the ELBO does not change)
-        overrides = [f"ckpt_path={path}", "likelihood=ode", "ode.dequantization=truncated_normal", "fid.num_samples=0"]
-        m = evaluate(overrides, OUT / table / f"{label}-ode-truncated_normal")
-        rows.append(_row(f"{label}-ode-truncated_normal", m, model=label, variance="(ODE, truncated-normal)"))
+            (variance, variance, ["both" if i == 0 else "elbo"])
+            for i, variance in enumerate(variances)
+        ]
+        # and again under the tighter truncated-normal dequantization (the ELBO does not change)
+        runs.append(("ode-truncated_normal", "(ODE, truncated-normal)", ["ode", "truncated_normal"]))
+        for name, shown, how in runs:
+            keep = OUT / table / f"{label}-{name}"
+            if render_only:
+                m = json.loads((keep / "metrics.json").read_text())
+            else:
+                overrides = [f"ckpt_path={path}", f"likelihood={how[0]}", "fid.num_samples=0"]
+                overrides += [f"variance={name}"] if how[0] != "ode" else [f"ode.dequantization={how[1]}"]
+                m = evaluate(overrides, keep)
+            rows.append(_row(f"{label}-{name}", m, model=label, variance=shown))
     header = "| model | variance | test -ELBO (bpd) | ODE (bpd) | -ELBO - ODE (paired) | NFE | s / example |\n"
     header += "| --- | --- | --- | --- | --- | --- | --- |\n"
     lines = []
     for r in rows:
         ode = f"{r['ode_bpd']:.3f} ± {r['ode_bpd_se']:.3f}" if "ode_bpd" in r else ""
-        paired = f"{r['elbo_minus_ode_bpd']:+.3f} ± {r['elbo_minus_ode_bpd_se']:.3f}" if "ode_bpd" in r else ""
+        paired = (
+            f"{r['elbo_minus_ode_bpd']:+.3f} ± {r['elbo_minus_ode_bpd_se']:.3f}" if "elbo_minus_ode_bpd" in r else ""
+        )
         nfe = f"{r['ode_nfe']:.0f}" if "ode_nfe" in r else ""
         sec = f"{r['ode_seconds_per_example']:.3f}" if "ode_seconds_per_example" in r else ""
         bound = f"{r['bpd']:.3f} ± {r['bpd_se']:.3f}" if "bpd" in r else ""
@@ -125,11 +134,12 @@ def main() -> None:
     c = sub.add_parser("checkpoints")
     c.add_argument("--table", required=True)
     c.add_argument("--ckpt", action="append", required=True, help="label=path/to.ckpt")
+    c.add_argument("--render-only", action="store_true", help="remake the table from the kept metrics.json files")
     args = parser.parse_args()
     if args.command == "oracle":
         oracle_table()
     else:
-        checkpoints_table(args.table, args.ckpt)
+        checkpoints_table(args.table, args.ckpt, args.render_only)
 
 
 if __name__ == "__main__":
