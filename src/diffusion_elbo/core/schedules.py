@@ -223,7 +223,7 @@ class NoiseSchedule(nn.Module):
         q(x_t | x0) = N(sqrt(alpha_bar(t)) x0, (1 - alpha_bar(t)) I) at every real t), and is C^1, so an adaptive
         ODE solver sees no jumps in the drift at the integers."""
         y, m = torch.log(self.alpha_bar), self.log_alpha_bar_slope  # (T + 1,) float64
-        t = t.to(torch.float64)
+        t = t.to(device=y.device, dtype=torch.float64)  # a CPU t for a schedule on the GPU, e.g. one scalar time
         slack = 1e-9 * self.T  # an ODE solver's stage times may round past the end by an ulp
         if (t < -slack).any() or (t > self.T + slack).any():
             raise ValueError(
