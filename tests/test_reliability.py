@@ -298,7 +298,7 @@ def test_max_time_leaves_last_at_the_final_step(tmp_path):
         tmp_path,
         [
             "trainer.max_steps=100000",
-            "+trainer.max_time=00:00:00:04",
+            "trainer.max_time=00:00:00:04",
             "callbacks.model_checkpoint.every_n_train_steps=5000",
         ],
     )
@@ -333,3 +333,13 @@ def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert loss_steps(run_dir) == list(range(40))
+
+
+def test_logger_none_and_fast_dev_run_train_without_a_plus(tmp_path):
+    """logger=none trains and checkpoints (the learning-rate monitor, which needs a logger, is turned off); any Trainer
+    argument is a key of trainer/ (`trainer.fast_dev_run=true`, no `+`; it turns the loggers off too)."""
+    metrics = train(compose_train(tmp_path / "none", ["logger=none", "trainer.max_steps=4"]), str(tmp_path / "none"))
+    assert metrics["global_step"] == 4 and _last(tmp_path / "none")["global_step"] == 4
+    assert not (tmp_path / "none" / "wandb").exists()
+    metrics = train(compose_train(tmp_path / "fdr", ["trainer.fast_dev_run=true"]), str(tmp_path / "fdr"))
+    assert metrics["global_step"] == 1 and (tmp_path / "fdr" / "train_metrics.json").is_file()

@@ -10,6 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
@@ -107,6 +108,14 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     callbacks = build_callbacks(cfg)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
+    if not loggers or OmegaConf.select(cfg, "trainer.fast_dev_run"):
+        # LearningRateMonitor refuses a Trainer without a logger (logger=none; fast_dev_run turns loggers off)
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info(
+                "no logger: the learning-rate monitor is off (train_metrics.json and loss_curve.csv still written)"
+            )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
