@@ -343,3 +343,40 @@ def test_logger_none_and_fast_dev_run_train_without_a_plus(tmp_path):
     assert not (tmp_path / "none" / "wandb").exists()
     metrics = train(compose_train(tmp_path / "fdr", ["trainer.fast_dev_run=true"]), str(tmp_path / "fdr"))
     assert metrics["global_step"] == 1 and (tmp_path / "fdr" / "train_metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("fdr", {"trainer.fast_dev_run": True, "callbacks.fid.num_samples": 0}),
+        ("overfit", {"trainer.overfit_batches": 2, "callbacks.fid.num_samples": 0}),
+        ("limit", {"trainer.max_steps": 200, "trainer.limit_val_batches": 1, "callbacks.fid.num_samples": 0}),
+        ("profiler", {"trainer.profiler._target_": "lightning.pytorch.profilers.SimpleProfiler"}),
+    ],
+)
+def test_debug_configs_compose_what_they_promise(tmp_path, name, expect):
+    """debug=... are @package _global_ bundles (the template's debug group): no W&B logger, no FID."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .helpers import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"debug={name}"])
+    for key, value in expect.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert "wandb" not in (cfg.logger or {})
+
+
+def test_debug_fdr_runs_one_step_without_a_logger(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from .helpers import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["debug=fdr", "trainer.accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    metrics = train(cfg, str(tmp_path))
+    assert metrics["global_step"] == 1 and not (tmp_path / "wandb").exists()
