@@ -19,8 +19,19 @@ from diffusion_elbo.data.base import DiffusionDataModule
 log = logging.getLogger(__name__)
 
 
+def is_continuous(cfg: DictConfig) -> bool:
+    """Whether ``cfg.schedule`` is a continuous-time log-SNR schedule (``schedule=logsnr_* | learned``)."""
+    from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
+
+    return OmegaConf.select(cfg, "schedule.name") in CONTINUOUS_SCHEDULES
+
+
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:
-    return instantiate(cfg.schedule)
+    """The discrete chain of ``cfg.schedule``; a continuous-time schedule discretized at its ``eval_timesteps``."""
+    schedule = instantiate(cfg.schedule)
+    if is_continuous(cfg):
+        return schedule.discretize(int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)))
+    return schedule
 
 
 def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
@@ -54,10 +65,12 @@ def build_module(cfg: DictConfig):
     from diffusion_elbo.lightning.module import DiffusionModule
 
     datamodule = build_datamodule(cfg)
-    schedule = build_schedule(cfg)
     net = build_model(cfg)
     optimizer = instantiate(cfg.optimizer) if OmegaConf.select(cfg, "optimizer") else None
     lr_scheduler = instantiate(cfg.lr_scheduler) if OmegaConf.select(cfg, "lr_scheduler") else None
+    if is_continuous(cfg):
+        return _build_continuous(cfg, datamodule, net, optimizer, lr_scheduler), datamodule
+    schedule = build_schedule(cfg)
     module = DiffusionModule(
         net=net,
         schedule=schedule,
@@ -81,6 +94,33 @@ def build_module(cfg: DictConfig):
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule
+
+
+def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler):
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    return ContinuousDiffusionModule(
+        net=net,
+        logsnr=instantiate(cfg.schedule),
+        data_shape=datamodule.data_shape,
+        num_bins=datamodule.num_bins,
+        parametrization=cfg.parametrization,
+        loss=OmegaConf.select(cfg, "loss.name", default="elbo"),
+        timesteps=OmegaConf.select(cfg, "schedule.timesteps", default=None),
+        eval_timesteps=int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
+        timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="low_discrepancy"),
+        variance_gradient=bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
+        schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        val_strata=OmegaConf.select(cfg, "val_strata", default=32),
+        clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
+        seed=int(OmegaConf.select(cfg, "seed", default=0)),
+        nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
+        compile=bool(OmegaConf.select(cfg, "compile", default=False)),
+        channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -19,6 +19,7 @@ from diffusion_elbo.core import (
     ScheduleName,
     TimestepSampling,
 )
+from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
 from diffusion_elbo.core.losses import MSE_LOSSES
 from diffusion_elbo.core.ode import ODE_METHODS, Dequantization, Divergence, Likelihood
 
@@ -71,7 +72,13 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "parametrization", Parametrization, problems)
     _check_choice(cfg, "variance", ReverseVariance, problems)
     _check_choice(cfg, "decoder_variance", DecoderVariance, problems)
-    _check_choice(cfg, "schedule.name", ScheduleName, problems)
+    schedule_name = OmegaConf.select(cfg, "schedule.name", default=None)
+    continuous = schedule_name in CONTINUOUS_SCHEDULES
+    if schedule_name is not None and not continuous and schedule_name not in {m.value for m in ScheduleName}:
+        problems.append(
+            f"schedule.name={schedule_name!r} is not an option; choose one of {_choices(ScheduleName)} (discrete) or "
+            f"{' | '.join(CONTINUOUS_SCHEDULES)} (continuous time)"
+        )
     _check_choice(cfg, "loss.name", LossType, problems)
     _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
     _check_choice(cfg, "likelihood", Likelihood, problems)
@@ -88,6 +95,8 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_range(cfg, key, problems, positive=True)
     if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
         _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
+    if continuous:
+        problems.extend(_continuous_problems(cfg))
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
@@ -105,6 +114,40 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _continuous_problems(cfg: DictConfig) -> list[str]:
+    """What a continuous-time schedule (VDM) cannot combine with."""
+    problems = []
+    _check_range(cfg, "schedule.eval_timesteps", problems, minimum=1, integer=True)
+    _check_range(cfg, "schedule.hidden", problems, minimum=1, integer=True)
+    lo, hi = OmegaConf.select(cfg, "schedule.gamma_min"), OmegaConf.select(cfg, "schedule.gamma_max")
+    if isinstance(lo, int | float) and isinstance(hi, int | float) and not lo < hi:
+        problems.append(
+            f"schedule.gamma_min={lo} must be below schedule.gamma_max={hi} (gamma = -log SNR grows with the noise; "
+            "VDM uses -13.3 and 5.0)"
+        )
+    if OmegaConf.select(cfg, "task_name") != "train":
+        return problems
+    name = OmegaConf.select(cfg, "schedule.name")
+    variance = OmegaConf.select(cfg, "variance")
+    if variance not in (None, ReverseVariance.SMALL.value):
+        problems.append(
+            f"schedule={name} trains the bound with the posterior variance (its reverse kernels are "
+            f"q(z_s | z_t, x = x_hat)); variance={variance} is for discrete schedules: leave variance=small "
+            "(variance=analytic can still be chosen at eval time)"
+        )
+    loss = OmegaConf.select(cfg, "loss.name")
+    if loss not in (None, LossType.ELBO.value, LossType.SIMPLE.value):
+        problems.append(f"schedule={name} trains with loss=vdm (the bound) or loss=simple; got loss={loss}")
+    if name == "learned" and loss == LossType.SIMPLE.value:
+        problems.append("schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm")
+    if OmegaConf.select(cfg, "loss.timestep_sampling") == TimestepSampling.IMPORTANCE.value:
+        problems.append(
+            f"schedule={name} draws low-discrepancy t (VDM); importance sampling is for discrete schedules: use "
+            "loss=vdm (or loss.timestep_sampling=low_discrepancy)"
+        )
+    return problems
 
 
 def _variance_loss_problems(cfg: DictConfig) -> list[str]:

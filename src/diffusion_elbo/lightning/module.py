@@ -93,7 +93,7 @@ class DiffusionModule(L.LightningModule):
         config: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler", "config"])
+        self.save_hyperparameters(ignore=["net", "schedule", "logsnr", "optimizer", "lr_scheduler", "config"])
         self.net = net
         self.schedule = schedule
         self.data_shape = tuple(data_shape)

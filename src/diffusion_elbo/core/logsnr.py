@@ -1,0 +1,251 @@
+"""Noise schedules in log-SNR form on continuous time t in [0, 1] (Kingma et al. 2021, "Variational Diffusion
+Models", VDM).
+
+gamma(t) = -log SNR(t) increases from gamma_min at t = 0 (least noise) to gamma_max at t = 1:
+    alpha_t^2 = sigmoid(-gamma(t)),  sigma_t^2 = sigmoid(gamma(t)),  z_t = alpha_t x + sigma_t eps  (VDM eq. 1-3).
+The continuous-time bound needs gamma'(t) (VDM eq. 17), so every schedule returns gamma and its derivative, in closed
+form. Shapes: ``t`` (B,) float in [0, 1]; everything returned is shaped like ``t`` and in its dtype.
+
+A schedule evaluated at T + 1 times 0, 1/T, ..., 1 is a discrete chain of the lecture with T + 1 steps
+(:meth:`LogSNRSchedule.discretize`): chain step j = k + 1 holds z_{k/T}, the lecture's x_1 is VDM's z_0 and its
+decoder p(x_0 | x_1) is VDM's p(x | z_0); so the exact T-step evaluator of :mod:`core.elbo` applies unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule
+
+
+class LogSNRShape(str, Enum):
+    LINEAR = "linear"  # gamma linear in t (VDM's fixed baseline)
+    COSINE = "cosine"  # alpha_bar = cos^2 of an affine map of t (Nichol & Dhariwal 2021) with the given endpoints
+    DISCRETE = "discrete"  # an existing beta schedule's log-SNR, interpolated between its steps
+    LEARNED = "learned"  # VDM's monotone network with learned endpoints (Kingma et al. 2021, App. H)
+
+
+@dataclass
+class LogSNR:
+    """gamma(t) and gamma'(t) at a batch of times, (B,) each. ``shape`` and ``shape_slope`` are the learned
+    schedule's normalized shape in [0, 1] and its derivative (None for fixed schedules): the tensors through which
+    the shape's parameters get their gradient, so a variance-minimizing gradient can be routed to them alone."""
+
+    gamma: Tensor
+    slope: Tensor
+    shape: Tensor | None = None
+    shape_slope: Tensor | None = None
+
+
+def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha, sigma) = (sqrt(sigmoid(-gamma)), sqrt(sigmoid(gamma))), the scales of x and eps in z (VDM eq. 3)."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+
+
+class LogSNRSchedule(nn.Module):
+    """gamma(t) on [0, 1] with gamma'(t). ``reference`` = (gamma_lo, gamma_hi), the fixed range the network's
+    noise-level input is normalized with (the learned endpoints move; the input scale must not)."""
+
+    shape_name: LogSNRShape
+
+    def __init__(self, reference: tuple[float, float], name: str) -> None:
+        super().__init__()
+        self.reference = (float(reference[0]), float(reference[1]))
+        self.name = name
+
+    def forward(self, t: Tensor) -> LogSNR:
+        raise NotImplementedError
+
+    @property
+    def learned(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def endpoints(self, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(gamma(0), gamma(1)) as 0-dim tensors (with gradient for a learned schedule)."""
+        t = torch.tensor([0.0, 1.0], dtype=torch.float32 if like is None else like.dtype)
+        if like is not None:
+            t = t.to(like.device)
+        gamma = self(t).gamma
+        return gamma[0], gamma[1]
+
+    @torch.no_grad()
+    def discretize(self, timesteps: int) -> NoiseSchedule:
+        """The chain with T + 1 steps whose step j = k + 1 is z_{k / T}, k = 0..T: alpha_bar_j = sigmoid(-gamma(k / T)),
+        beta_j = 1 - alpha_bar_j / alpha_bar_{j - 1} with alpha_bar_0 = 1 (the data). float64 throughout: the betas
+        are formed as -expm1 of differences of log alpha_bar, exact where consecutive alpha_bar nearly agree."""
+        if not isinstance(timesteps, int) or timesteps < 1:
+            raise InvalidScheduleError(f"a log-SNR schedule discretizes to T >= 1 steps; got {timesteps!r}")
+        device = next((b.device for b in self.buffers()), None) or next((p.device for p in self.parameters()), "cpu")
+        t = torch.arange(timesteps + 1, dtype=torch.float64, device=device) / timesteps
+        gamma = float64_gamma(self, t)
+        if not bool((gamma[1:] > gamma[:-1]).all()):
+            raise InvalidScheduleError(
+                f"schedule '{self.name}' is not increasing in gamma = -log SNR at T={timesteps}: "
+                f"gamma(0)={float(gamma[0]):.4g}, gamma(1)={float(gamma[-1]):.4g}; set schedule.gamma_min < gamma_max"
+            )
+        log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), F.logsigmoid(-gamma)])
+        betas = -torch.expm1(log_alpha_bar[1:] - log_alpha_bar[:-1])  # (T + 1,)
+        return NoiseSchedule(betas.cpu(), name=f"{self.name}@{timesteps}").to(device)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, reference={self.reference}"
+
+
+def float64_gamma(schedule: LogSNRSchedule, t: Tensor) -> Tensor:
+    """gamma(t) in float64 with the schedule's parameters cast to float64 (not in place), without gradient: for
+    tables, where float32 parameters would round gamma to ~1e-6."""
+    params = {name: p.detach().double() for name, p in schedule.named_parameters()}
+    buffers = {name: b.double() if b.is_floating_point() else b for name, b in schedule.named_buffers()}
+    return torch.func.functional_call(schedule, {**params, **buffers}, (t.double(),)).gamma
+
+
+class LinearLogSNR(LogSNRSchedule):
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t; gamma' is constant (VDM's fixed baseline schedule)."""
+
+    shape_name = LogSNRShape.LINEAR
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0) -> None:
+        super().__init__((gamma_min, gamma_max), name="logsnr_linear")
+        _check_endpoints(gamma_min, gamma_max)
+        self.register_buffer("gamma_range", torch.tensor([gamma_min, gamma_max], dtype=torch.float64), persistent=False)
+
+    def forward(self, t: Tensor) -> LogSNR:
+        lo, hi = self.gamma_range.to(t.dtype)
+        return LogSNR(gamma=lo + (hi - lo) * t, slope=(hi - lo).expand_as(t))
+
+
+class CosineLogSNR(LogSNRSchedule):
+    """gamma(t) = 2 log tan(a + b t): the cosine schedule alpha_bar = cos^2(pi u / 2) (Nichol & Dhariwal 2021, whose
+    log-SNR is 2 log tan(pi u / 2)) with u an affine map of t chosen so that gamma(0) = gamma_min and
+    gamma(1) = gamma_max: a = atan(exp(gamma_min / 2)), a + b = atan(exp(gamma_max / 2)).
+    gamma'(t) = 2 b / (sin(a + b t) cos(a + b t)) = 4 b / sin(2 (a + b t))."""
+
+    shape_name = LogSNRShape.COSINE
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0) -> None:
+        super().__init__((gamma_min, gamma_max), name="logsnr_cosine")
+        _check_endpoints(gamma_min, gamma_max)
+        a = math.atan(math.exp(gamma_min / 2))
+        b = math.atan(math.exp(gamma_max / 2)) - a
+        self.register_buffer("ab", torch.tensor([a, b], dtype=torch.float64), persistent=False)
+
+    def forward(self, t: Tensor) -> LogSNR:
+        a, b = self.ab.to(t.dtype)
+        angle = a + b * t
+        return LogSNR(gamma=2 * torch.log(torch.tan(angle)), slope=4 * b / torch.sin(2 * angle))
+
+
+class DiscreteLogSNR(LogSNRSchedule):
+    """The log-SNR of a beta schedule of T steps on t in [0, 1]: chain time j = 1 + t (T - 1), so gamma(0) is the
+    chain's step 1 and gamma(1) its step T; between steps the schedule's monotone C^1 interpolation of log alpha_bar
+    (:meth:`NoiseSchedule.log_alpha_bar_at`). gamma = log(1 - alpha_bar) - log alpha_bar, and with l = log alpha_bar,
+    d gamma / dj = -(dl / dj) / (1 - alpha_bar)."""
+
+    shape_name = LogSNRShape.DISCRETE
+
+    def __init__(self, base: NoiseSchedule) -> None:
+        if base.T < 2:
+            raise InvalidScheduleError("a discrete schedule maps to a log-SNR schedule only with T >= 2 steps")
+        gamma_ends = torch.log(1.0 / base.snr[[1, base.T]])
+        super().__init__((float(gamma_ends[0]), float(gamma_ends[1])), name=f"logsnr_discrete_{base.name}")
+        self.base = base
+
+    def forward(self, t: Tensor) -> LogSNR:
+        span = self.base.T - 1
+        log_ab, dlog_ab = self.base.log_alpha_bar_at(1.0 + t.double() * span)  # float64
+        one_minus = -torch.expm1(log_ab)
+        gamma = torch.log(one_minus) - log_ab
+        slope = -dlog_ab / one_minus * span
+        return LogSNR(gamma=gamma.to(t.dtype), slope=slope.to(t.dtype))
+
+
+class LearnedLogSNR(LogSNRSchedule):
+    """VDM's learned schedule (Kingma et al. 2021, App. H): gamma(t) = gamma_min + (gamma_max - gamma_min) s(t) with
+    learnable endpoints and a learnable monotone shape s(t) = (h(t) - h(0)) / (h(1) - h(0)) in [0, 1], where
+
+        h(t) = w1 t + (1 / H) sum_j w3_j sigmoid(w2_j (2 t - 1) + b2_j),   w1, w2, w3 > 0 (softplus of parameters),
+
+    a linear term plus H = ``hidden`` increasing sigmoids, so h (and gamma) increases strictly in t.
+    h'(t) = w1 + (2 / H) sum_j w3_j w2_j sigmoid'(.) in closed form. The shape starts close to linear."""
+
+    shape_name = LogSNRShape.LEARNED
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, hidden: int = 1024, seed: int = 0) -> None:
+        super().__init__((gamma_min, gamma_max), name="learned")
+        _check_endpoints(gamma_min, gamma_max)
+        if hidden < 1:
+            raise InvalidScheduleError(f"schedule.hidden must be >= 1; got {hidden}")
+        generator = torch.Generator().manual_seed(seed)
+        self.gamma_min = nn.Parameter(torch.tensor(float(gamma_min)))
+        self.gamma_max = nn.Parameter(torch.tensor(float(gamma_max)))
+        self.w1 = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus -> 1
+        self.w2 = nn.Parameter(torch.randn(hidden, generator=generator))
+        self.b2 = nn.Parameter(torch.randn(hidden, generator=generator))
+        # the sigmoids start with weight softplus(-4) = 0.018 against w1 = 1: a nearly linear shape
+        self.w3 = nn.Parameter(torch.full((hidden,), -4.0))
+
+    def _h(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        w1, w2, w3 = F.softplus(self.w1), F.softplus(self.w2), F.softplus(self.w3)  # () (H,) (H,)
+        u = w2 * (2 * t[:, None] - 1) + self.b2  # (B, H)
+        sig = torch.sigmoid(u)
+        h = w1 * t + (sig * w3).mean(dim=1)  # (B,)
+        dh = w1 + 2 * (sig * (1 - sig) * w2 * w3).mean(dim=1)
+        return h, dh
+
+    def forward(self, t: Tensor) -> LogSNR:
+        t = t.to(self.w1.dtype)
+        h, dh = self._h(torch.cat([t, t.new_tensor([0.0, 1.0])]))
+        h0, h1 = h[-2], h[-1]
+        shape, shape_slope = (h[:-2] - h0) / (h1 - h0), dh[:-2] / (h1 - h0)
+        span = self.gamma_max - self.gamma_min
+        return LogSNR(
+            gamma=self.gamma_min + span * shape, slope=span * shape_slope, shape=shape, shape_slope=shape_slope
+        )
+
+
+def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
+    if not (math.isfinite(gamma_min) and math.isfinite(gamma_max)) or gamma_min >= gamma_max:
+        raise InvalidScheduleError(
+            f"a log-SNR schedule needs finite schedule.gamma_min < schedule.gamma_max (gamma = -log SNR rises with the "
+            f"noise); got gamma_min={gamma_min}, gamma_max={gamma_max}. VDM uses gamma_min=-13.3, gamma_max=5.0"
+        )
+
+
+def make_logsnr_schedule(
+    name: str,
+    gamma_min: float = -13.3,
+    gamma_max: float = 5.0,
+    *,
+    base: str = "linear",
+    base_timesteps: int = 1000,
+    hidden: int = 1024,
+    timesteps: int | None = None,
+    eval_timesteps: int = 1000,
+    variance_gradient: bool = True,
+    lr: float | None = None,
+) -> LogSNRSchedule:
+    """A continuous-time schedule by config name: ``logsnr_linear | logsnr_cosine | logsnr_discrete | learned``.
+    ``logsnr_discrete`` maps the beta schedule ``base`` (any ``schedule=`` name) with ``base_timesteps`` steps to its
+    log-SNR, whose endpoints are the base's own. ``timesteps``, ``eval_timesteps`` and ``variance_gradient`` belong to
+    the config group but are read by the module (:class:`ContinuousDiffusionModule`), not here."""
+    del timesteps, eval_timesteps, variance_gradient
+    from diffusion_elbo.core.schedules import make_schedule
+
+    kinds = {
+        "logsnr_linear": lambda: LinearLogSNR(gamma_min, gamma_max),
+        "logsnr_cosine": lambda: CosineLogSNR(gamma_min, gamma_max),
+        "logsnr_discrete": lambda: DiscreteLogSNR(make_schedule(base, base_timesteps)),
+        "learned": lambda: LearnedLogSNR(gamma_min, gamma_max, hidden=hidden),
+    }
+    if name not in kinds:
+        raise InvalidScheduleError(f"unknown log-SNR schedule '{name}'; choose one of: {', '.join(kinds)}")
+    return kinds[name]()
+
+
+CONTINUOUS_SCHEDULES = ("logsnr_linear", "logsnr_cosine", "logsnr_discrete", "learned")

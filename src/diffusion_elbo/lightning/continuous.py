@@ -1,0 +1,310 @@
+"""The LightningModule of a continuous-time model with a log-SNR schedule (VDM, Kingma et al. 2021).
+
+It trains the continuous-time bound (or its T-step form) of :mod:`diffusion_elbo.core.vdm`, with a fixed or learned
+schedule, and is otherwise a :class:`DiffusionModule`: ``self.schedule`` is the schedule discretized at
+``eval_timesteps`` steps (a chain of eval_timesteps + 1 steps, refreshed whenever the learned schedule may have
+moved), and ``denoise(x_t, t)`` reads chain steps, so the exact T-step evaluator, the samplers (ancestral, DDIM),
+the probability-flow ODE, FID and the callbacks work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from diffusion_elbo.core import DecoderVariance, LossType, Parametrization, ReverseVariance
+from diffusion_elbo.core.distributions import sum_flat
+from diffusion_elbo.core.logsnr import LogSNRSchedule, alpha_sigma
+from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
+from diffusion_elbo.core.vdm import (
+    ContinuousTerms,
+    chain_denoiser,
+    continuous_terms,
+    eps_from_output,
+    route_variance_gradient,
+    step_times,
+    stratified_continuous_elbo,
+)
+from diffusion_elbo.lightning.metrics import ProfileMetric
+from diffusion_elbo.lightning.module import LN2, DiffusionModule, NonFiniteLossError
+
+# the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
+# the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
+CONDITIONING_SCALE = 1000.0
+
+
+class ContinuousDiffusionModule(DiffusionModule):
+    """A diffusion model in continuous time t in [0, 1] with a log-SNR schedule (Kingma et al. 2021).
+
+    Args:
+        net: denoiser ``net(z_t, c)`` with c = 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo) from the schedule's
+            fixed reference range: the network sees the noise level, not t, so a reshaped schedule leaves the
+            function it computes unchanged (the invariance that makes the bound depend on the endpoints only).
+        logsnr: the schedule gamma(t) (fixed, or learned jointly with the network).
+        loss: ``elbo`` (the bound, VDM) or ``simple`` (||eps - eps_hat||^2 at uniform t; fixed schedules only).
+        timesteps: None for the continuous-time bound, T for the T-step one (VDM eq. 13).
+        eval_timesteps: the T of the chain used for validation's profile, sampling, the exact evaluator and the ODE.
+        timestep_sampling: ``low_discrepancy`` (VDM) or ``uniform`` t in a batch.
+        variance_gradient: the learned shape follows the gradient of the estimator's variance (continuous time),
+            the endpoints that of the bound; False trains everything on the bound.
+        schedule_lr: learning rate of the learned schedule's parameters (None: the optimizer's).
+        The other arguments are those of :class:`DiffusionModule`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        logsnr: LogSNRSchedule,
+        data_shape: Sequence[int],
+        num_bins: int | None,
+        parametrization: str = Parametrization.EPS.value,
+        loss: str = LossType.ELBO.value,
+        timesteps: int | None = None,
+        eval_timesteps: int = 1000,
+        timestep_sampling: str = TimestepSampling.LOW_DISCREPANCY.value,
+        variance_gradient: bool = True,
+        schedule_lr: float | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        val_strata: int = 32,
+        clip_denoised: bool = True,
+        seed: int = 0,
+        nonfinite: str = "error",
+        compile: bool = False,
+        channels_last: bool = False,
+        config: dict | None = None,
+    ) -> None:
+        loss_type = LossType(loss)
+        if loss_type not in (LossType.ELBO, LossType.SIMPLE):
+            raise ValueError(f"a continuous-time schedule trains with loss=elbo (the bound) or loss=simple; got {loss}")
+        if loss_type is LossType.SIMPLE and logsnr.learned:
+            raise ValueError(
+                "schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm (or elbo)"
+            )
+        sampling = TimestepSampling(timestep_sampling)
+        if sampling is TimestepSampling.IMPORTANCE:
+            raise ValueError(
+                "importance-sampled t is for discrete schedules; a continuous-time schedule draws low-discrepancy t "
+                "(the learned schedule is itself VDM's variance reduction): use loss=vdm or "
+                "loss.timestep_sampling=low_discrepancy"
+            )
+        if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
+            raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
+        super().__init__(
+            net=net,
+            schedule=logsnr.discretize(eval_timesteps),
+            data_shape=data_shape,
+            num_bins=num_bins,
+            parametrization=parametrization,
+            variance=ReverseVariance.SMALL.value,  # the bound's reverse kernels: q(z_s | z_t, x = x_hat)
+            decoder_variance=DecoderVariance.BETA.value,  # sigma_0^2 = beta_1 of the chain
+            loss=loss_type.value,
+            timestep_sampling=TimestepSampling.UNIFORM.value,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            val_strata=val_strata,
+            clip_denoised=clip_denoised,
+            seed=seed,
+            nonfinite=nonfinite,
+            compile=compile,
+            channels_last=channels_last,
+            config=config,
+        )
+        self.logsnr = logsnr
+        self.timesteps = timesteps
+        self.eval_timesteps = eval_timesteps
+        self.schedule_lr = schedule_lr
+        self.low_discrepancy = sampling is TimestepSampling.LOW_DISCREPANCY
+        self.variance_gradient = bool(variance_gradient) and timesteps is None and loss_type is LossType.ELBO
+        self.val_profile = ProfileMetric(val_strata + 1, self.num_dims)
+        self._val_generator: torch.Generator | None = None
+        # the chain follows the learned schedule's parameters wherever they are loaded from
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_schedule())
+
+    # ----------------------------------------------------------------------------------------- model
+    def refresh_schedule(self) -> None:
+        """Rebuild the discretized chain from the schedule's current (e.g. EMA or loaded) parameters."""
+        if self.logsnr.learned:
+            self.schedule = self.logsnr.discretize(self.eval_timesteps).to(self.device)
+
+    def conditioning(self, gamma: Tensor) -> Tensor:
+        """The network's noise-level input, (B,): 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo)."""
+        lo, hi = self.logsnr.reference
+        return (gamma - lo) * (CONDITIONING_SCALE / (hi - lo))
+
+    def denoise_at(self, z_t: Tensor, gamma: Tensor) -> Tensor:
+        """The network at noise level gamma = -log SNR, (B,)."""
+        return DiffusionModule.denoise(self, z_t, self.conditioning(gamma))
+
+    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network as a denoiser of the discretized chain: t are chain steps (1 is the decoder, z_0)."""
+        return chain_denoiser(self.denoise_at, self.schedule, self.parametrization)(x_t, t)
+
+    # -------------------------------------------------------------------------------------- training
+    def _draw_u(self, batch: int) -> Tensor:
+        if self.low_discrepancy:
+            return low_discrepancy_uniform(batch, self.device, self.generator)
+        return torch.rand(batch, generator=self.generator, device=self.device, dtype=torch.float64)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x0 = batch[0]
+        u = self._draw_u(x0.shape[0])
+        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        with torch.autocast(device_type=self.device.type, enabled=False):  # the schedule and terms in float32
+            t, _ = step_times(u.float(), self.timesteps)
+            log_snr = self.logsnr(t)
+        if self.loss_type is LossType.SIMPLE:
+            loss, terms = self._simple_loss(x0, eps, log_snr), None
+        else:
+            terms = self._terms(x0, u, eps, log_snr)
+            per_example = terms.total / self.num_dims
+            loss = per_example.mean()
+            if self.variance_gradient and torch.isfinite(loss):
+                route_variance_gradient(log_snr, per_example)
+        if not torch.isfinite(loss):
+            message = self._continuous_nonfinite_message(loss, terms, t)
+            if self.nonfinite == "skip":
+                rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
+                return None
+            raise NonFiniteLossError(message)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self._logging_this_step():
+            self._log_continuous(terms, log_snr)
+        return loss
+
+    def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr) -> ContinuousTerms:
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return continuous_terms(
+                self._network_float32,
+                self.logsnr,
+                x0.float(),
+                u,
+                eps.float(),
+                parametrization=self.parametrization,
+                num_bins=self.num_bins,
+                timesteps=self.timesteps,
+                log_snr=log_snr,
+            )
+
+    def _network_float32(self, z_t: Tensor, gamma: Tensor) -> Tensor:
+        # the network itself runs under the trainer's precision (autocast re-enabled), its output read in float32
+        with torch.autocast(device_type=self.device.type, enabled=torch.is_autocast_enabled(self.device.type)):
+            return self.denoise_at(z_t, gamma).float()
+
+    def _simple_loss(self, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
+        """||eps - eps_hat||^2 / D at uniform t (Ho et al.'s L_simple in continuous time)."""
+        gamma = log_snr.gamma.detach()
+        alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in alpha_sigma(gamma))
+        z_t = alpha * x0 + sigma * eps
+        eps_hat = eps_from_output(self.parametrization, z_t, gamma, self.denoise_at(z_t, gamma).float())
+        return (sum_flat((eps - eps_hat) ** 2) / self.num_dims).mean()
+
+    @torch.no_grad()
+    def _log_continuous(self, terms: ContinuousTerms | None, log_snr) -> None:
+        gamma_0, gamma_1 = self.logsnr.endpoints()
+        metrics = {"train/gamma_min": gamma_0.detach(), "train/gamma_max": gamma_1.detach()}
+        if terms is not None:
+            to_bpd = 1.0 / (self.num_dims * LN2)
+            root_n = math.sqrt(terms.total.numel())
+            for name, values in (
+                ("elbo", terms.total),
+                ("reconstruction", terms.reconstruction),
+                ("prior", terms.prior),
+                ("denoising", terms.diffusion),
+            ):
+                metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
+                metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd
+            # the spread of the one-sample estimator itself: what the variance-minimizing schedule shrinks
+            metrics["train/elbo_bpd_std"] = terms.total.std() * to_bpd
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _continuous_nonfinite_message(self, loss: Tensor, terms: ContinuousTerms | None, t: Tensor) -> str:
+        parts = []
+        if terms is not None:
+            for name, values in (
+                ("reconstruction", terms.reconstruction),
+                ("prior matching", terms.prior),
+                ("diffusion", terms.diffusion),
+            ):
+                if not torch.isfinite(values).all():
+                    parts.append(name)
+        gamma_0, gamma_1 = self.logsnr.endpoints()
+        return (
+            f"non-finite loss ({loss.item()}) at global step {self.global_step}: "
+            f"{', '.join(parts) or 'the loss'} went non-finite (gamma(0)={float(gamma_0):.4g}, "
+            f"gamma(1)={float(gamma_1):.4g}, t in [{float(t.min()):.3g}, {float(t.max()):.3g}]). Try a lower "
+            "optimizer.lr, trainer.gradient_clip_val=1.0, or trainer.precision=32-true; checkpoints already "
+            "written are kept."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise NonFiniteLossError(
+                f"non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), first {bad[:4]}. "
+                "Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already written are kept."
+            )
+
+    # ------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.refresh_schedule()
+        self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        result = stratified_continuous_elbo(
+            self._network_float32,
+            self.logsnr,
+            batch[0].float(),
+            parametrization=self.parametrization,
+            num_bins=self.num_bins,
+            strata=self.val_strata,
+            generator=self._val_generator,
+            timesteps=self.timesteps,
+            chain_timesteps=self.eval_timesteps,
+        )
+        self.val_elbo.update(result)
+        self.val_profile.update(result)
+
+    def on_validation_epoch_end(self) -> None:
+        profile = self.val_profile.compute()
+        widths = torch.full((self.val_strata,), self.eval_timesteps / self.val_strata, dtype=torch.float64)
+        self.last_profile = {"t_weights": torch.cat([torch.ones(1, dtype=torch.float64), widths]), **profile}
+        self.last_profile = {k: v.cpu() for k, v in self.last_profile.items()}
+        self.val_profile.reset()
+        values = self.val_elbo.compute()
+        self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)
+        self.log_dict({f"val/{k}": v.float() for k, v in values.items()})
+        gamma_0, gamma_1 = self.logsnr.endpoints()
+        self.log_dict({"val/gamma_min": gamma_0.detach().float(), "val/gamma_max": gamma_1.detach().float()})
+        self.val_elbo.reset()
+
+    # -------------------------------------------------------------------------------------- sampling
+    def sample(self, num_samples: int, **kwargs) -> Tensor:
+        self.refresh_schedule()
+        return super().sample(num_samples, **kwargs)
+
+    def on_train_start(self) -> None:
+        self.refresh_schedule()
+
+    # ------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: set optimizer=adamw (or another optimizer config)")
+        groups = [{"params": list(self.net.parameters())}]
+        schedule_params = [p for p in self.logsnr.parameters() if p.requires_grad]
+        if schedule_params:  # no weight decay: it would pull the log-SNR endpoints towards 0
+            group = {"params": schedule_params, "weight_decay": 0.0}
+            if self.schedule_lr is not None:
+                group["lr"] = float(self.schedule_lr)
+            groups.append(group)
+        optimizer = self.optimizer_factory(params=groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
