@@ -245,7 +245,7 @@ class UNet(nn.Module):
         """x_t (B, C, H, W) -> (B, C (1 + 2F), H, W): x_t, then sin and cos of every frequency for each channel."""
         if self.fourier_freqs.numel() == 0:
             return x_t
-        b, c, height, width = x_t.shape
+        b, _, height, width = x_t.shape
         angles = x_t[:, :, None] * self.fourier_freqs.to(x_t.dtype)[None, None, :, None, None]  # (B, C, F, H, W)
         features = torch.cat([angles.sin(), angles.cos()], dim=2).reshape(b, -1, height, width)  # (B, 2 C F, H, W)
         return torch.cat([x_t, features], dim=1)
