@@ -77,7 +77,8 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
         )
     module = module.to(device).eval()
     return LoadedRun(
-        model=module.net,
+        # a continuous-time model is read through its discretized chain: the module maps chain steps to noise levels
+        model=module if hasattr(module, "logsnr") else module.net,
         module=module,
         schedule=module.schedule,
         datamodule=datamodule,

@@ -100,6 +100,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
+    _check_range(cfg, "continuous_strata", problems, minimum=1, integer=True)
     for key in ("optimizer.lr", "data.std"):
         _check_range(cfg, key, problems, positive=True)
     if OmegaConf.select(cfg, "task_name") == "train" and OmegaConf.select(cfg, "variance") == "analytic":

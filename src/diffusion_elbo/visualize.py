@@ -125,6 +125,23 @@ def save_schedule_plot(schedule, path: str | Path) -> Path:
     return path
 
 
+def save_logsnr_plot(t, gamma, slope, path: str | Path, title: str) -> Path:
+    """gamma(t) = -log SNR(t) and gamma'(t) of a continuous-time schedule, from arrays over a grid of t in [0, 1]."""
+    plt, fig, (ax1, ax2) = _figure(2, width=3.4)
+    ax1.plot(t, gamma)
+    ax1.set_title("gamma(t) = -log SNR(t)")
+    ax2.semilogy(t, slope)
+    ax2.set_title("gamma'(t)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("t")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def log_image(trainer, key: str, path: Path) -> None:
     """Log a PNG to every logger that takes images (W&B, TensorBoard)."""
     for logger in trainer.loggers:

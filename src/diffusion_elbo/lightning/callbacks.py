@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_elbo.visualize import log_image, save_profile_plot, save_samples, save_schedule_plot
+from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,29 @@ class ELBOProfile(L.Callback):
 
 class ScheduleSummary(L.Callback):
     """At the start of training: alpha_bar(t), log SNR(t) and beta_t plotted, and the SNR endpoints logged,
-    so a sweep over schedules shows why their bounds differ."""
+    so a sweep over schedules shows why their bounds differ. A continuous-time schedule (which may be learned) is
+    also plotted after every validation, gamma(t) and gamma'(t) on 101 times written to
+    ``<run dir>/schedule/step_<N>.csv`` beside the PNG (its endpoints are logged by the module as val/gamma_*)."""
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logsnr = getattr(pl_module, "logsnr", None)
+        if trainer.sanity_checking or logsnr is None:
+            return
+        with torch.no_grad():
+            t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+            out = torch.func.functional_call(
+                logsnr, {k: v.detach().double() for k, v in logsnr.named_parameters()}, (t.to(pl_module.device),)
+            )
+        gamma, slope = out.gamma.cpu().numpy(), out.slope.cpu().numpy()
+        stem = Path(trainer.default_root_dir) / "schedule" / f"step_{trainer.global_step:07d}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with open(stem.with_suffix(".csv"), "w") as f:
+            f.write("t,gamma,gamma_slope\n")
+            for row in zip(t.tolist(), gamma.tolist(), slope.tolist(), strict=True):
+                f.write(",".join(f"{v:.8g}" for v in row) + "\n")
+        title = f"{logsnr.name}, step {trainer.global_step}: gamma(0) = {gamma[0]:.3f}, gamma(1) = {gamma[-1]:.3f}"
+        log_image(trainer, "schedule", save_logsnr_plot(t.numpy(), gamma, slope, stem.with_suffix(".png"), title))
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

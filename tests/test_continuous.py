@@ -1,0 +1,327 @@
+"""Continuous-time diffusion with log-SNR schedules (VDM, Kingma et al. 2021): schedules, the bound against the Gaussian
+closed form, the T-step form against the chain's exact evaluator, the variance-minimizing gradient, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_elbo.core.elbo import exact_elbo
+from diffusion_elbo.core.logsnr import (
+    CosineLogSNR,
+    DiscreteLogSNR,
+    LearnedLogSNR,
+    LinearLogSNR,
+    alpha_sigma,
+    float64_gamma,
+    make_logsnr_schedule,
+)
+from diffusion_elbo.core.schedules import InvalidScheduleError, make_schedule
+from diffusion_elbo.core.timesteps import low_discrepancy_uniform, make_timestep_sampler
+from diffusion_elbo.core.vdm import (
+    chain_denoiser,
+    continuous_terms,
+    gaussian_continuous_terms,
+    gaussian_oracle_x0,
+    route_variance_gradient,
+)
+
+MEAN, STD = 0.3, 0.5
+
+
+def _shaped_learned(hidden: int = 16, seed: int = 3) -> LearnedLogSNR:
+    """A learned schedule pushed far from linear (same endpoints), in float64."""
+    schedule = LearnedLogSNR(-13.3, 5.0, hidden=hidden, seed=seed).double()
+    with torch.no_grad():
+        schedule.w3.fill_(2.0)
+        schedule.w2.mul_(3.0)
+    return schedule
+
+
+def _schedules():
+    return {
+        "linear": LinearLogSNR(-13.3, 5.0),
+        "cosine": CosineLogSNR(-13.3, 5.0),
+        "learned": _shaped_learned(),
+        "discrete": DiscreteLogSNR(make_schedule("cosine", 1000)),
+    }
+
+
+def _oracle(parametrization: str):
+    """The Bayes-optimal denoiser E[x | z] for x ~ N(MEAN, STD^2), as a network output at gamma."""
+
+    def model(z, gamma):
+        x0 = gaussian_oracle_x0(z, gamma, MEAN, STD)
+        alpha, sigma = (v.view(-1, *([1] * (z.ndim - 1))).to(z) for v in alpha_sigma(gamma.double()))
+        eps = (z - alpha * x0) / sigma
+        return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[parametrization]
+
+    return model
+
+
+def _gaussian_draw(n: int, d: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = MEAN + STD * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, torch.rand(n, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "learned", "discrete"])
+def test_schedule_slope_is_the_derivative_of_gamma_and_gamma_increases(name):
+    schedule = _schedules()[name]
+    t = torch.linspace(0.0, 1.0, 201, dtype=torch.float64).requires_grad_(True)
+    out = schedule(t)
+    (autograd,) = torch.autograd.grad(out.gamma.sum(), t)
+    torch.testing.assert_close(out.slope, autograd, rtol=1e-7, atol=1e-7)
+    assert (out.slope > 0).all() and (out.gamma.diff() > 0).all()
+    if name != "discrete":  # the configured endpoints
+        gamma_0, gamma_1 = schedule.endpoints(like=t)
+        assert float(gamma_0.detach()) == pytest.approx(-13.3, abs=1e-6)
+        assert float(gamma_1.detach()) == pytest.approx(5.0, abs=1e-6)
+
+
+def test_discrete_schedule_maps_the_chain_log_snr_and_discretizing_gives_back_gamma():
+    base = make_schedule("linear", 1000)
+    mapped = DiscreteLogSNR(base)
+    t = (torch.arange(1, 1001, dtype=torch.float64) - 1) / 999  # chain steps 1..T
+    torch.testing.assert_close(mapped(t).gamma, -base.log_snr(), rtol=1e-10, atol=1e-10)
+    for schedule in (LinearLogSNR(-13.3, 5.0), _shaped_learned()):
+        chain = schedule.discretize(50)  # 51 steps: step j = k + 1 holds z_{k / 50}
+        assert chain.T == 51
+        expected = float64_gamma(schedule, torch.arange(51, dtype=torch.float64) / 50)
+        torch.testing.assert_close(-chain.log_snr(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "learned"])
+@pytest.mark.parametrize("parametrization", ["eps", "x0", "v"])
+def test_continuous_bound_of_the_gaussian_oracle_depends_only_on_the_endpoints(name, parametrization):
+    """VDM eq. 20: with equal gamma_min, gamma_max every shape gives the closed-form expected bound (derived in
+    gaussian_continuous_terms); eps, x0 and v give the same per-example values."""
+    n, d = 20000, 4
+    x, u, eps = _gaussian_draw(n, d)
+    expected = gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)
+    with torch.no_grad():
+        terms = continuous_terms(
+            _oracle(parametrization), _schedules()[name], x, u, eps, parametrization=parametrization, num_bins=None
+        )
+    for key, values in (("diffusion", terms.diffusion), ("total", terms.total)):
+        per_dim = values / d
+        se = float(per_dim.std()) / math.sqrt(n)
+        assert abs(float(per_dim.mean()) - expected[key]) < 4 * se, (key, float(per_dim.mean()), expected[key], se)
+    # reconstruction and prior in expectation: their one-sample means sit within 4 SE as well
+    for key, values in (("reconstruction", terms.reconstruction), ("prior", terms.prior)):
+        per_dim = values / d
+        assert abs(float(per_dim.mean()) - expected[key]) < 4 * float(per_dim.std()) / math.sqrt(n) + 1e-12
+    if parametrization != "eps":
+        with torch.no_grad():
+            ref = continuous_terms(_oracle("eps"), _schedules()[name], x, u, eps, parametrization="eps", num_bins=None)
+        torch.testing.assert_close(terms.total, ref.total, rtol=1e-9, atol=1e-9)
+
+
+def _t_step_closed_form(schedule, timesteps: int) -> float:
+    """sum_i 1/2 (SNR(s_i) - SNR(t_i)) mmse(SNR(t_i)) + reconstruction + prior, per dim, for the Gaussian oracle."""
+    gamma = float64_gamma(schedule, torch.arange(timesteps + 1, dtype=torch.float64) / timesteps)
+    snr = torch.exp(-gamma)
+    mmse = STD**2 / (1 + snr * STD**2)
+    ends = gaussian_continuous_terms(MEAN, STD, float(gamma[0]), float(gamma[-1]))
+    return float(0.5 * ((snr[:-1] - snr[1:]) * mmse[1:]).sum()) + ends["reconstruction"] + ends["prior"]
+
+
+def test_t_step_bound_matches_its_closed_form_and_tends_to_the_continuous_one():
+    schedule = LinearLogSNR(-13.3, 5.0)
+    continuous = gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)["total"]
+    n, d = 20000, 4
+    x, u, eps = _gaussian_draw(n, d, seed=2)
+    for T in (10, 100):
+        with torch.no_grad():
+            terms = continuous_terms(_oracle("eps"), schedule, x, u, eps, parametrization="eps", num_bins=None, timesteps=T)
+        per_dim = terms.total / d
+        se = float(per_dim.std()) / math.sqrt(n)
+        assert abs(float(per_dim.mean()) - _t_step_closed_form(schedule, T)) < 4 * se
+    gaps = [_t_step_closed_form(schedule, T) - continuous for T in (10, 100, 1000, 10000)]
+    assert all(g > 0 for g in gaps) and all(b < a for a, b in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] < 1e-2 and gaps[-2] / gaps[-1] == pytest.approx(10.0, rel=0.05)  # O(1 / T): 0.050 at 1000
+
+
+class _GammaMLP(nn.Module):
+    """A small random network of (z, gamma): a generic, non-optimal denoiser."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(d + 1, 32), nn.Tanh(), nn.Linear(32, d)).double()
+
+    def forward(self, z, gamma):
+        return 0.3 * self.net(torch.cat([z, gamma[:, None].to(z) / 10], dim=1))
+
+
+@pytest.mark.parametrize("num_bins", [None, 5])
+def test_chain_exact_evaluator_agrees_with_the_models_own_t_step_estimator(num_bins):
+    """The continuous model discretized at T steps is a chain of T + 1 steps; its exact evaluator (decoder_variance=
+    beta, the identity denoiser at step 1) gives the same bound as the model's own T-step estimator, for a generic
+    network, on continuous and on K-level data."""
+    T, n, d = 8, 4000, 3
+    schedule = _shaped_learned()
+    net = _GammaMLP(d)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).clamp(-1, 1)
+    if num_bins is not None:
+        x = torch.round((x + 1) / 2 * (num_bins - 1)) / (num_bins - 1) * 2 - 1
+    chain = schedule.discretize(T)
+    with torch.no_grad():
+        exact = exact_elbo(
+            chain_denoiser(net, chain, "v"),
+            chain,
+            x,
+            parametrization="v",
+            variance="small",
+            decoder_variance="beta",
+            num_bins=num_bins,
+            generator=g,
+        ).total
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+        own = continuous_terms(net, schedule, x, u, eps, parametrization="v", num_bins=num_bins, timesteps=T).total
+    diff = float(exact.mean() - own.mean())
+    se = math.sqrt(float(exact.var()) / n + float(own.var()) / n)
+    assert abs(diff) < 4 * se, (diff, se)
+
+
+def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoints():
+    """route_variance_gradient: the shape's parameters get d Var_batch(L) / d eta, the endpoints d mean(L) / d gamma."""
+    d = 3
+    x, u, eps = _gaussian_draw(64, d, seed=4)
+    net = _GammaMLP(d)
+
+    def per_example(schedule):
+        log_snr = schedule(u)
+        terms = continuous_terms(net, schedule, x, u, eps, parametrization="eps", num_bins=None, log_snr=log_snr)
+        return terms.total, log_snr
+
+    schedule = _shaped_learned()
+    losses, log_snr = per_example(schedule)
+    route_variance_gradient(log_snr, losses)
+    losses.mean().backward()
+    routed = {name: p.grad.clone() for name, p in schedule.named_parameters()}
+
+    reference = _shaped_learned()
+    losses, _ = per_example(reference)
+    shape_params = [reference.w1, reference.w2, reference.b2, reference.w3]
+    variance = ((losses - losses.mean()) ** 2).mean()
+    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params, retain_graph=True)):
+        torch.testing.assert_close(routed[name], grad, rtol=1e-6, atol=1e-9)
+    ends = torch.autograd.grad(losses.mean(), [reference.gamma_min, reference.gamma_max])
+    torch.testing.assert_close(routed["gamma_min"], ends[0])
+    torch.testing.assert_close(routed["gamma_max"], ends[1])
+    assert all(float(routed[k].abs().max()) > 0 for k in routed)
+
+
+def test_low_discrepancy_times_cover_every_stratum_once_and_are_uniform():
+    g = torch.Generator().manual_seed(0)
+    u = low_discrepancy_uniform(16, generator=g)
+    assert torch.equal(torch.sort((u * 16).floor()).values, torch.arange(16, dtype=torch.float64))
+    draws = torch.cat([low_discrepancy_uniform(7, generator=g) for _ in range(3000)])  # marginally U[0, 1)
+    hist = torch.histc(draws.float(), bins=10, min=0, max=1) / draws.numel()
+    assert (hist - 0.1).abs().max() < 0.01
+    t, w = make_timestep_sampler("low_discrepancy", 1000).sample(10, generator=g)
+    assert t.min() >= 1 and t.max() <= 1000 and torch.equal(torch.sort((t - 1) // 100).values, torch.arange(10))
+    assert torch.all(w == 1000)
+
+
+def test_unet_fourier_features_add_sin_and_cos_channels_of_the_input():
+    from diffusion_elbo.models import UNet
+
+    net = UNet(1, 8, 16, [1, 2], 1, [], fourier_features=[3, 4], num_groups=8)
+    assert net.conv_in.in_channels == 5
+    x = torch.linspace(-1, 1, 17).repeat(4)[:64].view(1, 1, 8, 8)
+    features = net._with_fourier_features(x)
+    torch.testing.assert_close(features[:, 1], torch.sin(2 * math.pi * 8 * x[:, 0]))
+    torch.testing.assert_close(features[:, 4], torch.cos(2 * math.pi * 16 * x[:, 0]))
+    # on the 17-level grid (spacing 1/8) the period-1/8 sine vanishes: the features locate z between the levels
+    assert features[:, 1].abs().max() < 1e-4
+    assert net(x, torch.tensor([3.0])).shape == x.shape
+
+
+def test_bad_log_snr_settings_are_refused():
+    with pytest.raises(InvalidScheduleError, match="gamma_min < schedule.gamma_max"):
+        make_logsnr_schedule("logsnr_linear", gamma_min=5.0, gamma_max=-13.3)
+    with pytest.raises(InvalidScheduleError, match="choose one of"):
+        make_logsnr_schedule("logsnr_quartic")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["schedule=learned", "loss=simple"], "loss=vdm"),
+        (["schedule=learned", "loss=elbo"], "importance sampling is for discrete"),
+        (["schedule=logsnr_linear", "loss=vdm", "variance=learned_range"], "leave variance=small"),
+        (["schedule=logsnr_cosine", "loss=hybrid", "variance=learned_range"], "loss=vdm"),
+        (["schedule=learned", "loss=vdm", "schedule.gamma_min=6"], "must be below schedule.gamma_max"),
+    ],
+)
+def test_continuous_config_refusals_name_the_fix(tmp_path, overrides, fragment):
+    from diffusion_elbo.config import ConfigError, validate_config
+    from tests.helpers import compose_train
+
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        validate_config(compose_train(tmp_path, overrides))
+
+
+@pytest.mark.slow
+def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
+    """experiment=digits_vdm (tiny): the schedule's parameters and the network train, validation logs the bound and
+    the endpoints, and the checkpoint evaluates to the chain's exact bound beside the continuous one, and samples."""
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.evaluation import run_eval
+    from diffusion_elbo.training import train
+    from tests.test_ode_likelihood import _compose_eval
+    from tests.helpers import compose_train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        run_dir,
+        ["experiment=digits_vdm", "trainer.max_steps=6", "model.model_channels=16", "schedule.eval_timesteps=100",
+         "schedule.lr=0.01", "schedule.hidden=8"],
+    )  # fmt: skip
+    train(cfg, str(run_dir))
+    loaded = load_for_eval(run_dir / "checkpoints" / "last.ckpt")
+    module = loaded.module
+    assert module.logsnr.learned and module.variance_gradient and module.timesteps is None
+    initial = LearnedLogSNR(-8.0, 5.0, hidden=8)
+    moved = {n: float((p - dict(initial.named_parameters())[n]).abs().max()) for n, p in module.logsnr.named_parameters()}
+    assert all(v > 0 for v in moved.values()), moved
+    # the chain follows the loaded (EMA) schedule
+    torch.testing.assert_close(
+        -module.schedule.log_snr(), float64_gamma(module.logsnr, torch.arange(101, dtype=torch.float64) / 100)
+    )
+    # the schedule after every validation: gamma(t) on a grid, ending at the loaded endpoints after the last one
+    tables = sorted((run_dir / "schedule").glob("step_*.csv"))
+    assert [p.stem for p in tables] == ["step_0000003", "step_0000006"]
+    assert (run_dir / "schedule" / "step_0000006.png").is_file()
+    last = tables[-1].read_text().splitlines()
+    assert last[0] == "t,gamma,gamma_slope" and len(last) == 102
+    gamma_0, gamma_1 = (float(line.split(",")[1]) for line in (last[1], last[-1]))
+    ends = module.logsnr.endpoints()
+    # (the checkpoint holds the EMA after the final update, one step past the last validation)
+    assert gamma_0 == pytest.approx(float(ends[0]), abs=1e-3) and gamma_1 == pytest.approx(float(ends[1]), abs=1e-3)
+    rows = (run_dir / "csv").rglob("metrics.csv")
+    header = next(iter(rows)).read_text().splitlines()[0]
+    for key in ("val/elbo_bpd", "val/gamma_min", "val/gamma_max", "train/elbo_bpd_std", "val/denoising_bpd"):
+        assert key in header
+    m = run_eval(
+        _compose_eval(tmp_path, [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8",
+                                 "fid.num_samples=0", "wandb.enabled=false", "continuous_strata=16"]),
+        tmp_path / "eval",
+    )  # fmt: skip
+    assert m["timesteps"] == 101 and m["decoder_variance"] == "beta" and m["continuous"]["timesteps"] is None
+    c = m["continuous"]
+    assert set(c["terms_nats_per_dim"]) == {"reconstruction", "prior", "denoising"}
+    # both bound the same model: the 100-step chain's bound sits above the continuous one, or within noise of it
+    assert m["chain_minus_continuous_bpd"] > -4 * m["chain_minus_continuous_bpd_se"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["continuous"]["bpd"] == c["bpd"]
+    samples = module.sample(4, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    ddim = module.sample(4, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == ddim.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
