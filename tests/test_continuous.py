@@ -137,7 +137,9 @@ def test_t_step_bound_matches_its_closed_form_and_tends_to_the_continuous_one():
     x, u, eps = _gaussian_draw(n, d, seed=2)
     for T in (10, 100):
         with torch.no_grad():
-            terms = continuous_terms(_oracle("eps"), schedule, x, u, eps, parametrization="eps", num_bins=None, timesteps=T)
+            terms = continuous_terms(
+                _oracle("eps"), schedule, x, u, eps, parametrization="eps", num_bins=None, timesteps=T
+            )
         per_dim = terms.total / d
         se = float(per_dim.std()) / math.sqrt(n)
         assert abs(float(per_dim.mean()) - _t_step_closed_form(schedule, T)) < 4 * se
@@ -291,7 +293,9 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     module = loaded.module
     assert module.logsnr.learned and module.variance_gradient and module.timesteps is None
     initial = LearnedLogSNR(-8.0, 5.0, hidden=8)
-    moved = {n: float((p - dict(initial.named_parameters())[n]).abs().max()) for n, p in module.logsnr.named_parameters()}
+    moved = {
+        n: float((p - dict(initial.named_parameters())[n]).abs().max()) for n, p in module.logsnr.named_parameters()
+    }
     assert all(v > 0 for v in moved.values()), moved
     # the chain follows the loaded (EMA) schedule
     torch.testing.assert_close(
@@ -325,3 +329,22 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     samples = module.sample(4, sampler="ddpm", generator=torch.Generator().manual_seed(0))
     ddim = module.sample(4, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(0))
     assert samples.shape == ddim.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_mixed_precision_runs_the_network_under_autocast_and_the_terms_in_float32(tmp_path):
+    from diffusion_elbo.builders import build_module
+    from tests.helpers import compose_train
+
+    cfg = compose_train(tmp_path, ["schedule=learned", "loss=vdm", "model.model_channels=16", "schedule.hidden=4"])
+    module, datamodule = build_module(cfg)
+    dtypes = []
+    module.net.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.training_step((x0, torch.zeros(8)), 0)
+    assert dtypes == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert module.logsnr.gamma_min.grad is not None and torch.isfinite(module.logsnr.w3.grad).all()
+    dtypes.clear()
+    module.training_step((x0, torch.zeros(8)), 0)  # without autocast: float32 throughout
+    assert dtypes == [torch.float32]

@@ -470,6 +470,7 @@ def evaluate_continuous(
 
     module = module.to(device).eval()
     module.refresh_schedule()
+    module._note_precision()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     parts: dict[str, list[Tensor]] = {"total": [], "reconstruction": [], "prior": [], "denoising": []}
     per_t_sum, count, index = None, 0, 0

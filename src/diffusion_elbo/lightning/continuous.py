@@ -123,6 +123,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.variance_gradient = bool(variance_gradient) and timesteps is None and loss_type is LossType.ELBO
         self.val_profile = ProfileMetric(val_strata + 1, self.num_dims)
         self._val_generator: torch.Generator | None = None
+        self._amp_dtype: torch.dtype | None = None
         # the chain follows the learned schedule's parameters wherever they are loaded from
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_schedule())
 
@@ -152,6 +153,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         return torch.rand(batch, generator=self.generator, device=self.device, dtype=torch.float64)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        self._note_precision()
         x0 = batch[0]
         u = self._draw_u(x0.shape[0])
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
@@ -192,9 +194,15 @@ class ContinuousDiffusionModule(DiffusionModule):
             )
 
     def _network_float32(self, z_t: Tensor, gamma: Tensor) -> Tensor:
-        # the network itself runs under the trainer's precision (autocast re-enabled), its output read in float32
-        with torch.autocast(device_type=self.device.type, enabled=torch.is_autocast_enabled(self.device.type)):
+        # the network itself runs under the trainer's precision (autocast, when the step had it, re-enabled inside the
+        # terms' float32 region), its output read in float32
+        with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
             return self.denoise_at(z_t, gamma).float()
+
+    def _note_precision(self) -> None:
+        """Remember whether this step runs under autocast (mixed precision), before the terms turn it off."""
+        kind = self.device.type
+        self._amp_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
     def _simple_loss(self, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
         """||eps - eps_hat||^2 / D at uniform t (Ho et al.'s L_simple in continuous time)."""
@@ -257,6 +265,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._note_precision()
         result = stratified_continuous_elbo(
             self._network_float32,
             self.logsnr,

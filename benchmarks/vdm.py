@@ -1,0 +1,218 @@
+"""Continuous-time diffusion (VDM) results of the README, written to ``benchmarks/vdm/<name>.{json,md}``.
+
+    python benchmarks/vdm.py oracle
+    python benchmarks/vdm.py curve --run default=<run dir> --run vdm=<run dir> ... [--steps 2000 4000 ...]
+    python benchmarks/vdm.py variance --ckpt <continuous checkpoint>
+
+``oracle``: the Gaussian closed form of the continuous-time bound against Monte Carlo estimates for every schedule shape
+with the same endpoints, and the T-step bound's closed form as T grows. ``curve``: test-split bound (and its three
+terms) of each run's checkpoints against steps, through the ``src/eval.py`` path: the chain's exact T-step bound for
+every model, and a continuous model's own bound beside it. ``variance``: the spread of the one-sample training
+estimator of a trained continuous model under its learned schedule and under fixed shapes with the same endpoints
+(the network, conditioned on the noise level, is unchanged; the expected bound is the same for all of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "vdm"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import machine, machine_line  # noqa: E402
+
+
+def _write(name: str, payload: dict, lines: list[str], caption: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    (OUT / f"{name}.json").write_text(json.dumps({"machine": m, **payload}, indent=1) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join([f"# {name}", "", f"{machine_line(m)} {caption}", "", *lines]) + "\n")
+    print("\n".join(lines))
+
+
+def oracle() -> None:
+    from diffusion_elbo.core.logsnr import CosineLogSNR, LearnedLogSNR, LinearLogSNR, alpha_sigma, float64_gamma
+    from diffusion_elbo.core.vdm import continuous_terms, gaussian_continuous_terms, gaussian_oracle_x0
+
+    mean, std, n, d, lo, hi = 0.5, 0.8, 20000, 16, -13.3, 5.0
+
+    def model(z, gamma):
+        x0 = gaussian_oracle_x0(z, gamma, mean, std)
+        alpha, sigma = (v.view(-1, 1).to(z) for v in alpha_sigma(gamma.double()))
+        return (z - alpha * x0) / sigma
+
+    shaped = LearnedLogSNR(lo, hi, hidden=16, seed=3).double()
+    with torch.no_grad():
+        shaped.w3.fill_(2.0)
+        shaped.w2.mul_(3.0)
+    closed = gaussian_continuous_terms(mean, std, lo, hi)
+    g = torch.Generator().manual_seed(0)
+    x = mean + std * torch.randn(n, d, generator=g, dtype=torch.float64)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+    rows, lines = (
+        [],
+        [
+            f"Gaussian data N({mean}, {std}^2), {d} dims, {n} draws, the Bayes-optimal denoiser; gamma_min = {lo}, "
+            f"gamma_max = {hi}. Closed form of the continuous-time bound: {closed['total']:.5f} nats/dim "
+            f"(reconstruction {closed['reconstruction']:.5f}, prior {closed['prior']:.5f}, diffusion "
+            f"{closed['diffusion']:.5f}).",
+            "",
+            "| schedule shape | Monte Carlo bound (nats/dim) | minus closed form | in SE | one-sample std (nats/dim) |",
+            "|---|---|---|---|---|",
+        ],
+    )
+    for name, schedule in (
+        ("linear", LinearLogSNR(lo, hi)),
+        ("cosine", CosineLogSNR(lo, hi)),
+        ("learned net (reshaped)", shaped),
+    ):
+        with torch.no_grad():
+            total = continuous_terms(model, schedule, x, u, eps, parametrization="eps", num_bins=None).total / d
+        value, sd = float(total.mean()), float(total.std())
+        se = sd / math.sqrt(n)
+        rows.append({"shape": name, "bound": value, "se": se, "closed_form": closed["total"], "one_sample_std": sd})
+        diff = value - closed["total"]
+        lines.append(f"| {name} | {value:.4f} ± {se:.4f} | {diff:+.4f} | {diff / se:+.2f} | {sd:.3f} |")
+    lines += ["", "T-step bound of the linear schedule in closed form, minus the continuous one (nats/dim):", ""]
+    lines += ["| T | T-step bound | minus continuous |", "|---|---|---|"]
+    for steps in (10, 100, 1000, 10000):
+        gamma = float64_gamma(LinearLogSNR(lo, hi), torch.arange(steps + 1, dtype=torch.float64) / steps)
+        snr = torch.exp(-gamma)
+        mmse = std**2 / (1 + snr * std**2)
+        value = float(0.5 * ((snr[:-1] - snr[1:]) * mmse[1:]).sum()) + closed["reconstruction"] + closed["prior"]
+        rows.append({"timesteps": steps, "t_step_bound": value, "continuous": closed["total"]})
+        lines.append(f"| {steps} | {value:.5f} | {value - closed['total']:+.5f} |")
+    _write("oracle", {"rows": rows}, lines, "Closed forms and Monte Carlo estimates.")
+
+
+def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: int) -> None:
+    from bounds import evaluate
+
+    rows, lines = (
+        [],
+        [
+            "| model | step | -ELBO, chain T-step (bpd) | reconstruction | prior | denoising | own continuous bound |",
+            "|---|---|---|---|---|---|---|",
+        ],
+    )
+    for spec in runs:
+        label, run_dir = spec.split("=", 1)
+        for step in steps:
+            ckpt = Path(run_dir) / "checkpoints" / f"step_{step:07d}.ckpt"
+            if not ckpt.is_file():
+                continue
+            overrides = [f"ckpt_path={ckpt}", "fid.num_samples=0", "wandb.enabled=false", f"continuous_strata={strata}"]
+            if num_examples:
+                overrides.append(f"num_examples={num_examples}")
+            keep = OUT / "curve" / f"{label}-{step}"
+            kept = keep / "metrics.json"
+            command = "python src/eval.py " + " ".join(overrides)
+            if kept.is_file() and json.loads(kept.read_text()).get("command") == command:
+                m = json.loads(kept.read_text())  # this row was evaluated before with the same command
+            else:
+                m = evaluate(overrides, keep=keep)
+            to_bpd = 1 / math.log(2)
+            terms = {k: v * to_bpd for k, v in m["terms_nats_per_dim"].items()}
+            row = {"model": label, "step": step, "bpd": m["bpd"], "bpd_se": m["bpd_se"], "terms_bpd": terms}
+            own = ""
+            if "continuous" in m:
+                row["continuous_bpd"], row["continuous_bpd_se"] = m["continuous"]["bpd"], m["continuous"]["bpd_se"]
+                own = f"{row['continuous_bpd']:.3f} ± {row['continuous_bpd_se']:.3f}"
+            rows.append(row)
+            lines.append(
+                f"| {label} | {step} | {m['bpd']:.3f} ± {m['bpd_se']:.3f} | {terms['reconstruction']:.3f} | "
+                f"{terms['prior']:.4f} | {terms['denoising']:.3f} | {own} |"
+            )
+    _write("curve", {"rows": rows}, lines, "Test split; the chain's exact bound under the reverse variance `small`.")
+
+
+def variance(ckpt: str, num_examples: int, repeats: int) -> None:
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.logsnr import CosineLogSNR, LinearLogSNR
+    from diffusion_elbo.core.timesteps import low_discrepancy_uniform
+    from diffusion_elbo.core.vdm import continuous_terms
+
+    loaded = load_for_eval(ckpt)
+    module = loaded.module
+    loaded.datamodule.setup("test")
+    x = torch.stack([loaded.datamodule.split("test")[i][0] for i in range(num_examples)]).float()
+    lo, hi = (float(v) for v in module.logsnr.endpoints())
+    shapes = {"learned (trained)": module.logsnr, "linear": LinearLogSNR(lo, hi), "cosine": CosineLogSNR(lo, hi)}
+    rows, lines = (
+        [],
+        [
+            f"Checkpoint `{ckpt}` (step {loaded.global_step}); {num_examples} test digits x {repeats} draws; "
+            f"endpoints gamma_min = {lo:.3f}, gamma_max = {hi:.3f} for every shape. bits/dim.",
+            "",
+            "| schedule shape | t in the batch | mean (one-sample) | std of one-sample estimate | std of a batch mean |",
+            "|---|---|---|---|---|",
+        ],
+    )
+    to_bpd = 1 / (x[0].numel() * math.log(2))
+    for name, schedule in shapes.items():
+        for kind in ("iid", "low_discrepancy"):
+            g = torch.Generator().manual_seed(0)
+            totals, batch_means = [], []
+            for _ in range(repeats):
+                if kind == "iid":
+                    u = torch.rand(num_examples, generator=g, dtype=torch.float64)
+                else:
+                    u = low_discrepancy_uniform(num_examples, generator=g)
+                eps = torch.randn(x.shape, generator=g)
+                with torch.no_grad():
+                    total = continuous_terms(
+                        module._network_float32, schedule, x, u, eps, parametrization=module.parametrization,
+                        num_bins=module.num_bins,
+                    ).total.double() * to_bpd  # fmt: skip
+                totals.append(total)
+                batch_means.append(total.mean())
+            allv, means = torch.cat(totals), torch.stack(batch_means)
+            row = {
+                "shape": name,
+                "t_sampling": kind,
+                "mean_bpd": float(allv.mean()),
+                "se": float(allv.std()) / math.sqrt(allv.numel()),
+                "one_sample_std_bpd": float(allv.std()),
+                "batch_mean_std_bpd": float(means.std()),
+            }
+            rows.append(row)
+            lines.append(
+                f"| {name} | {kind} | {row['mean_bpd']:.3f} ± {row['se']:.3f} | {row['one_sample_std_bpd']:.3f} | "
+                f"{row['batch_mean_std_bpd']:.4f} |"
+            )
+    _write("variance", {"ckpt": ckpt, "rows": rows}, lines, "Spread of the training estimator.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("oracle")
+    c = sub.add_parser("curve")
+    c.add_argument("--run", action="append", required=True, help="label=<run dir> (its checkpoints/step_*.ckpt)")
+    c.add_argument("--steps", type=int, nargs="+", default=[600, 2000, 4000, 6000, 8000, 10000])
+    c.add_argument("--num-examples", type=int, default=None)
+    c.add_argument("--strata", type=int, default=64)
+    v = sub.add_parser("variance")
+    v.add_argument("--ckpt", required=True)
+    v.add_argument("--num-examples", type=int, default=180)
+    v.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.what == "oracle":
+        oracle()
+    elif args.what == "curve":
+        curve(args.run, args.steps, args.num_examples, args.strata)
+    else:
+        variance(args.ckpt, args.num_examples, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
