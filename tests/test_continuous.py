@@ -3,6 +3,7 @@ closed form, the T-step form against the chain's exact evaluator, the variance-m
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -144,7 +145,7 @@ def test_t_step_bound_matches_its_closed_form_and_tends_to_the_continuous_one():
         se = float(per_dim.std()) / math.sqrt(n)
         assert abs(float(per_dim.mean()) - _t_step_closed_form(schedule, T)) < 4 * se
     gaps = [_t_step_closed_form(schedule, T) - continuous for T in (10, 100, 1000, 10000)]
-    assert all(g > 0 for g in gaps) and all(b < a for a, b in zip(gaps, gaps[1:], strict=False))
+    assert all(g > 0 for g in gaps) and all(b < a for a, b in itertools.pairwise(gaps))
     assert gaps[-1] < 1e-2 and gaps[-2] / gaps[-1] == pytest.approx(10.0, rel=0.05)  # O(1 / T): 0.050 at 1000
 
 
@@ -213,7 +214,7 @@ def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoint
     losses, _ = per_example(reference)
     shape_params = [reference.w1, reference.w2, reference.b2, reference.w3]
     variance = ((losses - losses.mean()) ** 2).mean()
-    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params, retain_graph=True)):
+    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params), strict=True):
         torch.testing.assert_close(routed[name], grad, rtol=1e-6, atol=1e-9)
     ends = torch.autograd.grad(losses.mean(), [reference.gamma_min, reference.gamma_max])
     torch.testing.assert_close(routed["gamma_min"], ends[0])
@@ -279,8 +280,8 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.evaluation import run_eval
     from diffusion_elbo.training import train
-    from tests.test_ode_likelihood import _compose_eval
     from tests.helpers import compose_train
+    from tests.test_ode_likelihood import _compose_eval
 
     run_dir = tmp_path / "run"
     cfg = compose_train(
@@ -336,7 +337,7 @@ def test_mixed_precision_runs_the_network_under_autocast_and_the_terms_in_float3
     from tests.helpers import compose_train
 
     cfg = compose_train(tmp_path, ["schedule=learned", "loss=vdm", "model.model_channels=16", "schedule.hidden=4"])
-    module, datamodule = build_module(cfg)
+    module, _datamodule = build_module(cfg)
     dtypes = []
     module.net.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
