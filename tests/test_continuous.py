@@ -214,7 +214,9 @@ def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoint
     losses, _ = per_example(reference)
     shape_params = [reference.w1, reference.w2, reference.b2, reference.w3]
     variance = ((losses - losses.mean()) ** 2).mean()
-    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params), strict=True):
+    for name, grad in zip(
+        ("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params, retain_graph=True), strict=True
+    ):
         torch.testing.assert_close(routed[name], grad, rtol=1e-6, atol=1e-9)
     ends = torch.autograd.grad(losses.mean(), [reference.gamma_min, reference.gamma_max])
     torch.testing.assert_close(routed["gamma_min"], ends[0])
