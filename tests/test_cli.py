@@ -229,3 +229,61 @@ def test_short_digits_run_beats_the_uniform_distribution(tmp_path):
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["timesteps"] == 1000 and m["num_examples"] == 64
     assert m["bpd"] + 4 * m["bpd_se"] < math.log2(17)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_past_a_bad_job_records_why_and_exits_nonzero(tmp_path):
+    """3 jobs, the middle one invalid (linear betas at T = 10 pass 1): the other two train, the bad one leaves
+    failure.json with the reason, the report lists it as failed, and the multirun's exit status is non-zero."""
+    result = run_cli(
+        "train.py",
+        "-m",
+        "schedule.timesteps=100,10,200",
+        *FAST,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=900,
+    )
+    assert result.returncode != 0
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["schedule.timesteps=10", "schedule.timesteps=100", "schedule.timesteps=200"]
+    for good in ("schedule.timesteps=100", "schedule.timesteps=200"):  # the job after the bad one ran too
+        assert json.loads((tmp_path / good / "train_metrics.json").read_text())["global_step"] == 2
+    failure = json.loads((tmp_path / "schedule.timesteps=10" / "failure.json").read_text())
+    assert failure["status"] == "failed" and "outside (0, 1)" in failure["message"]
+    result = run_cli(
+        "report.py", f"sweep_dir={tmp_path}", "wandb.enabled=false", f"hydra.run.dir={tmp_path / 'report_job'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "report.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["schedule.timesteps=10"]["status"] == "failed"
+    assert "outside (0, 1)" in rows["schedule.timesteps=10"]["failure"]
+    assert rows["schedule.timesteps=100"]["status"] == rows["schedule.timesteps=200"]["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_sweep_folders_are_named_by_the_swept_overrides_under_every_launcher(tmp_path, launcher):
+    """The subdirectory (and W&B run name) comes from the sweep in multirun.yaml, not the worker's sys.argv."""
+    result = run_cli(
+        "train.py",
+        "-m",
+        f"hydra/launcher={launcher}",
+        "schedule=linear,cosine",
+        *FAST,
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "schedule.timesteps=50",
+        f"hydra.sweep.dir={tmp_path}",
+        *(["hydra.launcher.n_jobs=1"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    assert runs == ["schedule=cosine", "schedule=linear"]
+    for run in runs:
+        assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 1

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -21,6 +24,14 @@ log = logging.getLogger(__name__)
 
 class UserError(Exception):
     """An error caused by the user's input (config, files); shown without a traceback."""
+
+
+class JobFailedError(Exception):
+    """One job of a multirun failed on bad input: an Exception (not SystemExit), so Hydra records it and runs the
+    remaining jobs, then exits non-zero at the end of the sweep."""
+
+
+FAILURE_FILE = "failure.json"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -37,16 +48,27 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def swept_dirname(task_overrides: list[str], job_num: int | str) -> str:
-    """Readable sweep subdirectory: only the swept overrides of this job (``schedule=cosine``), parsed with
-    Hydra's own override grammar from the command line; the job number when nothing was swept by hand."""
+def _sweep_overrides(sweep_dir: str | None) -> list[str]:
+    """The multirun's own task overrides, sweeps unexpanded (``schedule=linear,cosine``): from ``multirun.yaml``,
+    which Hydra's sweeper writes into the sweep directory before it launches any job, so every launcher's job reads
+    the same list (a submitit or SLURM worker has another ``sys.argv``); the command line when there is no file."""
+    if sweep_dir:
+        path = Path(sweep_dir) / "multirun.yaml"
+        if path.is_file():
+            task = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task", default=None)
+            if task is not None:
+                return [str(o) for o in task]
+    return [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+
+
+def swept_dirname(task_overrides: list[str], job_num: int | str, sweep_dir: str | None = None) -> str:
+    """Readable sweep subdirectory: only the swept overrides of this job (``schedule=cosine``), the sweep read
+    with Hydra's own override grammar (:func:`_sweep_overrides`); the job number when nothing was swept by hand."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        parsed = OverridesParser.create().parse_overrides(
-            [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-        )
-    except Exception:  # an argv this parser cannot read: fall back to the job number
+        parsed = OverridesParser.create().parse_overrides(_sweep_overrides(sweep_dir))
+    except Exception:  # overrides this parser cannot read: fall back to the job number
         return str(job_num)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
     parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
@@ -58,18 +80,40 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
 
 
+def write_failure(output_dir: str | Path, exc: BaseException) -> Path:
+    """``<run dir>/failure.json``: why the job stopped (error type, message, the traceback's last lines), so a sweep
+    report and a person browsing the runs see it without the logs."""
+    path = Path(output_dir) / FAILURE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    record = {"status": "failed", "error": type(exc).__name__, "message": str(exc), "traceback": "".join(lines)[-4000:]}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def run_job(job: Callable[[DictConfig, str], Any], cfg: DictConfig) -> Any:
-    """Run ``job(cfg, output_dir)`` in the Hydra run directory; a user error (bad value, missing file)
-    exits with status 2 and its message only, so the fix is the first thing the user reads."""
-    output_dir = HydraConfig.get().runtime.output_dir
+    """Run ``job(cfg, output_dir)`` in the Hydra run directory. Any failure writes ``failure.json`` there. A user
+    error (bad value, missing file) exits with status 2 and its message only, so the fix is the first thing the user
+    reads; inside a multirun it is raised as :class:`JobFailedError` instead, so the other jobs still run and the
+    sweep exits non-zero at its end (Hydra re-raises a job's Exception then, while a SystemExit would end the sweep
+    at once)."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         return job(cfg, output_dir)
     except (InstantiationException, *USER_ERRORS) as exc:
         cause = _root_cause(exc)
+        write_failure(output_dir, cause)
         if not isinstance(cause, USER_ERRORS):
             raise
         # the traceback goes to the run's log file; the terminal gets the message and the fix
         log.debug("traceback", exc_info=cause)
         log.error("%s: %s", type(cause).__name__, cause)
         print(f"error: {cause}", file=sys.stderr)
+        if multirun:
+            raise JobFailedError(f"{type(cause).__name__}: {cause}") from None
         raise SystemExit(2) from None
+    except Exception as exc:
+        write_failure(output_dir, exc)
+        raise

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "run",
+    "status",
     "schedule",
     "timesteps",
     "parametrization",
@@ -41,6 +42,7 @@ COLUMNS = [
     "test/ode_bpd_se",
     "test/elbo_minus_ode_bpd",
     "test/fid",
+    "failure",
 ]
 
 
@@ -61,6 +63,13 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
             "loss": OmegaConf.select(cfg, "loss.name"),
         }
         train_metrics = run_dir / "train_metrics.json"
+        failure = run_dir / "failure.json"
+        if failure.is_file():  # written by the job that failed (diffusion_elbo.cli.write_failure)
+            record = json.loads(failure.read_text())
+            row["status"] = "failed"
+            row["failure"] = f"{record.get('error')}: {record.get('message', '')}".splitlines()[0][:300]
+        else:
+            row["status"] = "finished" if train_metrics.is_file() else "incomplete"
         if train_metrics.is_file():
             row.update(json.loads(train_metrics.read_text()))
         eval_metrics = run_dir / "metrics.json"
@@ -180,6 +189,9 @@ def run_report(cfg: DictConfig, output_dir: str) -> dict[str, Path]:
     rows = collect_runs(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"sweep_dir={sweep_dir} has no runs (no */.hydra/config.yaml below it)")
+    for row in rows:
+        if row["status"] == "failed":
+            log.warning("run %s failed: %s", row["run"], row["failure"])
     paths = write_report(rows, sweep_dir)
     if cfg.wandb.enabled:
         _log_to_wandb(rows, paths, sweep_dir, cfg)
