@@ -316,3 +316,59 @@ def test_torch_compile_trains_the_same_weights_layout(tmp_path):
     assert math.isfinite(metrics["train/loss"])
     keys = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].keys()
     assert not any("_orig_mod" in k for k in keys)
+
+
+def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artifacts(tmp_path, monkeypatch):
+    """What reaches W&B, read back from the offline run file: val/elbo_bpd's summary is its minimum over the run and
+    it is plotted against the global step; the schedule summary is in the config and summary (not a step-0 point);
+    tags; checkpoints as model artifacts with logger.wandb.log_model=true."""
+    from tests.wandb_records import of_type, read_records
+
+    import wandb
+
+    wandb.finish()  # a run left open by an earlier test in this process would take this run's records
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        run_dir,
+        ["logger=wandb", "trainer.max_steps=4", "trainer.val_check_interval=2", "schedule.timesteps=100",
+         "logger.wandb.tags=[digits,smoke]", "logger.wandb.log_model=true"],
+    )  # fmt: skip
+    train(cfg, str(run_dir))
+    wandb.finish()  # the run file is complete once the run ends (a script's exit does this)
+    found = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(found) == 1, sorted(str(p) for p in run_dir.rglob("*") if "wandb" in str(p))[:20]
+    path = found[0]
+    records = read_records(path)
+    metrics = {m.name: m for m in of_type(records, "metric") if m.name}
+    assert metrics["val/elbo_bpd"].summary.min and metrics["val/elbo_bpd"].step_metric == "trainer/global_step"
+    config = {u.key: u.value_json for c in of_type(records, "config") for u in c.update}
+    assert json.loads(config["schedule_summary"])["schedule/timesteps"] == 100
+    summary = {u.key or "/".join(u.nested_key): u.value_json for s in of_type(records, "summary") for u in s.update}
+    assert float(summary["schedule/alpha_bar_T"]) > 0
+    history_keys = {i.key or "/".join(i.nested_key) for h in of_type(records, "history") for i in h.item}
+    assert "schedule/alpha_bar_T" not in history_keys and "val/elbo_bpd" in history_keys
+    (run,) = of_type(records, "run")
+    assert list(run.tags) == ["digits", "smoke"]
+    artifacts = of_type(records, "artifact")
+    assert artifacts and all(a.type == "model" for a in artifacts)
+
+
+def test_wandb_credentials_are_looked_up_for_the_configured_server(tmp_path, monkeypatch):
+    """A self-hosted server (WANDB_BASE_URL) is online with its own netrc entry; api.wandb.ai's does not count."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / ".netrc").write_text("machine wandb.example.com\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_wandb_mode("auto") == "offline"  # no entry for api.wandb.ai
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert resolve_wandb_mode("auto") == "online"
+    elsewhere = tmp_path / "other.netrc"
+    elsewhere.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    elsewhere.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(elsewhere))  # the netrc file the client would read
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    assert resolve_wandb_mode("auto") == "online"

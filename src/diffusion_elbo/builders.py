@@ -7,6 +7,7 @@ import netrc
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -129,12 +130,19 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
 
 
+def wandb_host() -> str:
+    """The W&B server's host, as the client finds it: WANDB_BASE_URL (a self-hosted server), else api.wandb.ai."""
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
 def wandb_credentials_present() -> bool:
-    """True when W&B can log in without asking: an API key in the environment or in ~/.netrc."""
+    """True when W&B can log in without asking, by the client's own lookup: WANDB_API_KEY, or an entry for the
+    server's host (:func:`wandb_host`) in the netrc file (``NETRC`` if set, else ~/.netrc, where `wandb login`
+    writes it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(wandb_host()) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 

@@ -34,6 +34,21 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     return group, Path(hc.runtime.output_dir).name  # the sweep subdirectory: its swept overrides
 
 
+# the bounds whose W&B summary is the best (lowest) value of the run, not the last one
+MIN_SUMMARY_METRICS = ("val/elbo_bpd", "val/denoising_bpd", "val/reconstruction_bpd", "val/fid")
+
+
+def define_wandb_metrics(trainer: L.Trainer) -> None:
+    """W&B's run summary keeps the minimum of the validation bounds and FID (a dashboard's "best" column); every
+    metric is plotted against ``trainer/global_step`` (Lightning's WandbLogger defines that step metric)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            for key in MIN_SUMMARY_METRICS:
+                logger.experiment.define_metric(key, summary="min", step_metric="trainer/global_step")
+
+
 def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
     """Refuse to start a new run in a directory that already holds one: it would overwrite its checkpoints."""
     out = Path(output_dir)
@@ -125,6 +140,7 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     )
     for logger in trainer.loggers:  # the resolved config, once per run
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    define_wandb_metrics(trainer)
 
     log.info(
         "training %s (%.2fM parameters) on %s: loss=%s, parametrization=%s, reverse variance=%s (the val/ ELBO "

@@ -183,7 +183,10 @@ class ScheduleSummary(L.Callback):
             "schedule/timesteps": schedule.T,
         }
         for logger in trainer.loggers:
-            logger.log_metrics(summary, step=0)
+            # a property of the run, not a curve: the run's config (every logger), and W&B's summary
+            logger.log_hyperparams({"schedule_summary": summary})
+            if hasattr(getattr(logger, "experiment", None), "summary"):
+                logger.experiment.summary.update(summary)
 
 
 class FIDMetric(L.Callback):
