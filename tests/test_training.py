@@ -322,9 +322,9 @@ def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artif
     """What reaches W&B, read back from the offline run file: val/elbo_bpd's summary is its minimum over the run and
     it is plotted against the global step; the schedule summary is in the config and summary (not a step-0 point);
     tags; checkpoints as model artifacts with logger.wandb.log_model=true."""
-    from tests.wandb_records import of_type, read_records
-
     import wandb
+
+    from tests.wandb_records import of_type, read_records
 
     wandb.finish()  # a run left open by an earlier test in this process would take this run's records
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -349,10 +349,13 @@ def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artif
     assert float(summary["schedule/alpha_bar_T"]) > 0
     history_keys = {i.key or "/".join(i.nested_key) for h in of_type(records, "history") for i in h.item}
     assert "schedule/alpha_bar_T" not in history_keys and "val/elbo_bpd" in history_keys
+    # the per-t profile and rate-distortion as a table with line plots (custom charts) after each validation
+    tables = {k.rsplit("/", 1)[0] for k in history_keys if k.startswith("profile/") and k.endswith("/_type")}
+    assert tables == {"profile/table", "profile/term_vs_t_table", "profile/rate_distortion_table"}, tables
     (run,) = of_type(records, "run")
     assert list(run.tags) == ["digits", "smoke"]
     artifacts = of_type(records, "artifact")
-    assert artifacts and all(a.type == "model" for a in artifacts)
+    assert any(a.type == "model" for a in artifacts)  # beside the tables (run_table artifacts)
 
 
 def test_wandb_credentials_are_looked_up_for_the_configured_server(tmp_path, monkeypatch):

@@ -142,6 +142,37 @@ class ELBOProfile(L.Callback):
                 f.write(",".join(f"{v:.6g}" for v in row) + "\n")
         path = save_profile_plot(profile, stem.with_suffix(".png"), title=f"step {trainer.global_step}")
         log_image(trainer, "elbo_profile", path)
+        rows = [
+            [float(t), float(term), float(rate), float(dist)]
+            for t, term, rate, dist in zip(
+                rd["t"].tolist(), profile["term_bpd"].tolist(), rd["rate_bpd"].tolist(), rd["distortion_rmse"].tolist(),
+                strict=True,
+            )
+        ]  # fmt: skip
+        _log_profile_tables(trainer, rows)
+
+
+def _log_profile_tables(trainer: L.Trainer, rows: list[list[float]]) -> None:
+    """The per-t profile and the rate-distortion curve as a W&B table with two line plots, under the same keys in
+    every run, so a sweep's runs overlay in one panel (W&B only; the PNG and CSV are written for every logger)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        table = wandb.Table(columns=["t", "term_bpd", "rate_bpd", "distortion_rmse"], data=rows)
+        logger.experiment.log(
+            {
+                "profile/table": table,
+                "profile/term_vs_t": wandb.plot.line(table, "t", "term_bpd", title="L_t (bits/dim) against t"),
+                "profile/rate_distortion": wandb.plot.line(
+                    table, "rate_bpd", "distortion_rmse", title="distortion (RMSE, 0-255) against rate (bits/dim)"
+                ),
+                "trainer/global_step": trainer.global_step,
+            }
+        )
 
 
 class ScheduleSummary(L.Callback):
