@@ -287,3 +287,46 @@ def test_sweep_folders_are_named_by_the_swept_overrides_under_every_launcher(tmp
     assert runs == ["schedule=cosine", "schedule=linear"]
     for run in runs:
         assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_path):
+    """src/eval.py ckpt_path=<run>/checkpoints/last.ckpt writes <run>/eval/last-<variance>/ by default, leaves the
+    run's .hydra/ as it was, and src/report.py shows the test/ columns of both runs of a 2-job sweep."""
+    result = run_cli(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        *FAST,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=60",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = ["schedule=cosine", "schedule=linear"]
+    before = {run: (tmp_path / run / ".hydra" / "config.yaml").read_bytes() for run in runs}
+    for run, variance in zip(runs, ["null", "large"], strict=True):
+        ckpt = tmp_path / run / "checkpoints" / "last.ckpt"
+        result = run_cli(
+            # a sweep folder's name holds '=', which Hydra's override grammar reads only inside quotes
+            "eval.py", f"ckpt_path='{ckpt}'", f"variance={variance}", "num_examples=4", "fid.num_samples=0",
+            "wandb.enabled=false", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "schedule=cosine" / "eval" / "last-trained" / "metrics.json").read_text())["bpd"] > 0
+    assert (tmp_path / "schedule=linear" / "eval" / "last-large" / ".hydra" / "config.yaml").is_file()
+    assert before == {run: (tmp_path / run / ".hydra" / "config.yaml").read_bytes() for run in runs}
+    assert not (tmp_path / "outputs").exists()  # nothing went to the default eval folder
+    result = run_cli(
+        "report.py", f"sweep_dir={tmp_path}", "wandb.enabled=false", f"hydra.run.dir={tmp_path / 'report_job'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "report.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(runs)
+    assert rows["schedule=linear"]["test/variance"] == "large" and rows["schedule=cosine"]["test/variance"] == "small"
+    assert all(float(rows[run]["test/bpd"]) > 0 for run in runs)
+    assert rows["schedule=linear"]["test/eval"] == "eval/last-large"

@@ -75,9 +75,26 @@ def swept_dirname(task_overrides: list[str], job_num: int | str, sweep_dir: str 
     return ",".join(parts).replace("/", "_") if parts else str(job_num)
 
 
+def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | None, default: str) -> str:
+    """Where ``src/eval.py`` writes: for a checkpoint of a training run (``<run>/checkpoints/<name>.ckpt``) the run's
+    own ``<run>/eval/<name>-<variance>`` (``-ode``/``-both`` appended for those likelihoods; ``trained`` when the
+    checkpoint's own variance is used), so the results sit with the run and its sweep report finds them. Hydra's
+    ``.hydra/`` of the eval goes inside that folder and the run's own is left alone. ``default`` otherwise."""
+    if not ckpt_path:
+        return default
+    ckpt = Path(str(ckpt_path))
+    if ckpt.parent.name != "checkpoints":  # a checkpoint outside a run directory
+        return default
+    name = f"{ckpt.stem}-{variance or 'trained'}"
+    if likelihood and likelihood != "elbo":
+        name += f"-{likelihood}"
+    return str(ckpt.parent.parent / "eval" / name)
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use; called by the src/*.py entry points before Hydra starts."""
     OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
+    OmegaConf.register_new_resolver("eval_run_dir", eval_run_dir, replace=True)
 
 
 def write_failure(output_dir: str | Path, exc: BaseException) -> Path:

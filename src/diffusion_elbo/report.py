@@ -1,7 +1,8 @@
 """The ``src/report.py`` job: one table and one figure for all runs of a Hydra multirun.
 
-For every run directory of the sweep it reads the final metrics (``train_metrics.json``, and
-``metrics.json`` of an eval written into it), the run's config and its last per-t ELBO profile, and
+For every run directory of the sweep it reads the final metrics (``train_metrics.json``, the newest eval of its
+checkpoints under ``eval/``, and ``failure.json`` of a job that failed), the run's config and its last per-t ELBO
+profile, and
 writes ``report.csv``, ``report.md`` and ``report.png`` next to the sweep (logged to W&B too).
 """
 
@@ -42,6 +43,7 @@ COLUMNS = [
     "test/ode_bpd_se",
     "test/elbo_minus_ode_bpd",
     "test/fid",
+    "test/eval",
     "failure",
 ]
 
@@ -72,9 +74,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
             row["status"] = "finished" if train_metrics.is_file() else "incomplete"
         if train_metrics.is_file():
             row.update(json.loads(train_metrics.read_text()))
-        eval_metrics = run_dir / "metrics.json"
-        if eval_metrics.is_file():
+        eval_metrics = latest_eval(run_dir)
+        if eval_metrics is not None:
             m = json.loads(eval_metrics.read_text())
+            row["test/eval"] = str(eval_metrics.parent.relative_to(run_dir))
             row.update(
                 {
                     "test/bpd": m.get("bpd"),
@@ -91,6 +94,15 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         row["_profile"] = profiles[-1] if profiles else None
         rows.append(row)
     return rows
+
+
+def latest_eval(run_dir: Path) -> Path | None:
+    """The newest eval of a run: ``<run>/eval/<ckpt>-<variance>/metrics.json`` (where src/eval.py writes for the
+    run's checkpoints), or a ``metrics.json`` in the run directory itself (older evals); None if there is none."""
+    found = [p for p in (run_dir / "eval").glob("*/metrics.json")] + [
+        p for p in [run_dir / "metrics.json"] if p.is_file()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def _fmt(value) -> str:
