@@ -1,4 +1,4 @@
-"""The bits/dim tables of the README, each row evaluated through the ``src/eval.py`` path and its metrics.json kept
+"""The bits/dim tables of docs/results.md, each row evaluated through the ``src/eval.py`` path and its metrics.json kept
 under ``benchmarks/bounds/<table>/<row>/`` (the per-t profile left out; per_example.csv kept so paired differences
 can be recomputed with ``diffusion_elbo.evaluation.paired_difference``).
 

@@ -1,4 +1,4 @@
-"""Continuous-time diffusion (VDM) results of the README, written to ``benchmarks/vdm/<name>.{json,md}``.
+"""Continuous-time diffusion (VDM) results of docs/continuous.md, written to ``benchmarks/vdm/<name>.{json,md}``.
 
     python benchmarks/vdm.py oracle
     python benchmarks/vdm.py curve --run default=<run dir> --run vdm=<run dir> ... [--steps 2000 4000 ...]
