@@ -54,15 +54,18 @@ class SignalAtStep(L.Callback):
 
 
 class NaNAfter(torch.nn.Module):
-    """A denoiser whose output turns NaN after ``calls`` training-mode forward passes."""
+    """A denoiser whose output turns NaN after ``calls`` training-mode forward passes (on the DDP rank ``rank`` only,
+    when given)."""
 
-    def __init__(self, calls: int, **mlp_kwargs) -> None:
+    def __init__(self, calls: int, rank: int | None = None, **mlp_kwargs) -> None:
         super().__init__()
         self.net = MLPDenoiser(**mlp_kwargs)
-        self.calls, self.seen = calls, 0
+        self.calls, self.seen, self.rank = calls, 0, rank
 
     def forward(self, x_t, t):
         out = self.net(x_t, t)
+        if self.rank is not None and int(os.environ.get("LOCAL_RANK", "0")) != self.rank:
+            return out
         if self.training:
             self.seen += 1
             if self.seen > self.calls:

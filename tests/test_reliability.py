@@ -380,3 +380,38 @@ def test_debug_fdr_runs_one_step_without_a_logger(tmp_path):
         cfg.paths.output_dir = str(tmp_path)
     metrics = train(cfg, str(tmp_path))
     assert metrics["global_step"] == 1 and not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_under_ddp_skips_on_every_rank_instead_of_hanging(tmp_path):
+    """nonfinite=skip with the loss NaN on rank 1 only: both ranks skip the batch together (rank 0 says another rank's
+    loss went non-finite), so the importance sampler's all_gather and DDP's all-reduce never wait on a rank that
+    returned early; the run ends normally."""
+    started = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "src" / "train.py"),
+            *FAST,
+            *NAN_AFTER_4,
+            "+model.rank=1",
+            "loss=elbo",  # importance-sampled t: an all_gather every step
+            "nonfinite=skip",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=100",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO_ROOT,
+        env=fault_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Skipping this batch" in proc.stderr and "another rank's loss" in proc.stderr
+    assert time.time() - started < 200
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert kept["global_step"] == 6  # under DDP a skipped batch still counts as a step, with no update
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())

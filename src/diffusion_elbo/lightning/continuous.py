@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_elbo.core import DecoderVariance, LossType, Parametrization, ReverseVariance
@@ -166,13 +165,12 @@ class ContinuousDiffusionModule(DiffusionModule):
             terms = self._terms(x0, u, eps, log_snr)
             per_example = terms.total / self.num_dims
             loss = per_example.mean()
-            if self.variance_gradient and torch.isfinite(loss):
+            if self.variance_gradient and bool(torch.isfinite(loss)):
                 route_variance_gradient(log_snr, per_example)
-        if not torch.isfinite(loss):
+        if not self._all_ranks_finite(loss):
             message = self._continuous_nonfinite_message(loss, terms, t)
             if self.nonfinite == "skip":
-                rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
-                return None
+                return self._skip_batch(message)
             raise NonFiniteLossError(message)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         if self._logging_this_step():

@@ -120,6 +120,7 @@ class DiffusionModule(L.LightningModule):
         self._compiled: nn.Module | None = None  # not a submodule: the state dict stays that of ``net``
         self.config = config
         self._last_t: Tensor | None = None
+        self._skipping = False  # a batch skipped under DDP (nonfinite=skip): its zero gradients are dropped
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self.num_dims = math.prod(self.data_shape)
@@ -213,14 +214,13 @@ class DiffusionModule(L.LightningModule):
                 per_example = per_example + scale * term * weight
         loss = per_example.mean()
         self._last_t = t
-        if not torch.isfinite(loss):
+        if not self._all_ranks_finite(loss):
             with torch.no_grad():
                 term = self._terms(x0, x_t, t, out) if term is None else term
                 prior = prior_kl_nats(self.schedule, x0.float()) if prior is None else prior
             message = self._nonfinite_message(loss, term, prior, t)
             if self.nonfinite == "skip":
-                rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
-                return None  # Lightning skips backward and the optimizer step
+                return self._skip_batch(message)
             raise NonFiniteLossError(message)
 
         if isinstance(self.timestep_sampler, ImportanceSampler):
@@ -231,6 +231,40 @@ class DiffusionModule(L.LightningModule):
         if logging:
             self._log_mc_terms(term.detach() * weight, prior, t)
         return loss
+
+    def _skip_batch(self, message: str) -> Tensor | None:
+        """Skip this batch (``nonfinite=skip``): None in one process (Lightning skips backward and the optimizer step).
+        Lightning refuses None under DDP, so there every rank (they agree, :meth:`_all_ranks_finite`) returns a zero
+        loss over every parameter, which keeps DDP's gradient all-reduce in step, and :meth:`optimizer_step` drops
+        the (zero) gradients before the update, so the optimizer leaves weights and moments alone; the step counter
+        still advances."""
+        rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        self._skipping = True
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        def closure():
+            result = optimizer_closure()
+            if self._skipping:  # a batch skipped under DDP: no gradients, so Adam(W) updates nothing
+                optimizer.zero_grad(set_to_none=True)
+                self._skipping = False
+            return result
+
+        optimizer.step(closure=closure)
+
+    def _all_ranks_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite; with ``nonfinite=skip`` under DDP, whether it is finite on every rank. The
+        ranks must skip a batch together: a rank that skipped alone would leave the others waiting in the next
+        collective (the importance sampler's all_gather, DDP's gradient all-reduce) until the process-group timeout.
+        One all_gather of a flag per step, only in that setting."""
+        finite = torch.isfinite(loss.detach())
+        trainer = self._trainer
+        if self.nonfinite == "skip" and trainer is not None and trainer.world_size > 1:
+            return bool(self.all_gather(finite.float()).min() > 0)
+        return bool(finite)
 
     def _logging_this_step(self) -> bool:
         # The batch statistics below cost a few small kernels; compute them only on steps that are logged.
@@ -265,7 +299,11 @@ class DiffusionModule(L.LightningModule):
             parts.append(f"denoising matching at t = {sorted(set(t[bad & (t >= 2)].tolist()))[:10]}")
         if not torch.isfinite(prior).all():
             parts.append("prior matching")
-        which = ", ".join(parts) or "the loss weighting (the ELBO terms are finite)"
+        which = ", ".join(parts) or (
+            "the loss weighting (the ELBO terms are finite)"
+            if not torch.isfinite(loss)
+            else "another rank's loss (this rank's is finite; all ranks skip together)"
+        )
         return (
             f"non-finite loss ({loss.item()}) at global step {self.global_step}: {which} went non-finite; batch "
             f"timesteps {sorted(set(t.tolist()))[:12]}{'...' if t.unique().numel() > 12 else ''}. Try a lower "
