@@ -330,3 +330,75 @@ def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_pat
     assert rows["schedule=linear"]["test/variance"] == "large" and rows["schedule=cosine"]["test/variance"] == "small"
     assert all(float(rows[run]["test/bpd"]) > 0 for run in runs)
     assert rows["schedule=linear"]["test/eval"] == "eval/last-large"
+
+
+def _starts(run_dir) -> list[str]:
+    """The 'process r of w starts' lines of a job's log (every rank appends to it)."""
+    return sorted(
+        line.split(" - ", 1)[1] for line in (run_dir / "train.log").read_text().splitlines() if "starts" in line
+    )
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_sweep_runs_each_job_once_per_rank(tmp_path):
+    """-m over two schedules with 2 CPU DDP processes per job: rank 1 of each job runs that job only (not the sweep
+    loop again), in the job's own folder."""
+    result = run_cli(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        *FAST,
+        "trainer=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=50",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("Launching 2 jobs") == 1
+    for run in ("schedule=cosine", "schedule=linear"):
+        assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
+        assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["schedule=cosine", "schedule=linear"]
+
+
+@pytest.mark.slow
+def test_ddp_sweep_under_submitit_local_runs_one_task_per_device(tmp_path):
+    """hydra/launcher=submitit_local with tasks_per_node=2: submitit starts the two ranks of each job (Lightning
+    starts none), each job once per rank, in its own folder."""
+    result = run_cli(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=10",
+        "schedule=linear,cosine",
+        *FAST,
+        "trainer=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=50",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in ("schedule=cosine", "schedule=linear"):
+        assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
+        assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
+
+
+def test_joblib_with_ddp_is_refused_before_any_job_runs(tmp_path):
+    result = run_cli(
+        "train.py", "-m", "hydra/launcher=joblib", "schedule=linear,cosine", "trainer=cpu", "trainer.devices=2",
+        "trainer.strategy=ddp", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "hydra/launcher=joblib" in result.stderr and "tasks_per_node=2" in result.stderr
+    assert not (tmp_path / "sweep").exists()  # nothing ran

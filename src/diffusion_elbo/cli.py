@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -89,6 +90,26 @@ def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | 
     if likelihood and likelihood != "elbo":
         name += f"-{likelihood}"
     return str(ckpt.parent.parent / "eval" / name)
+
+
+class SweepChecks(Callback):
+    """Hydra callback: refuses, before any job runs, a multirun whose launcher cannot host the jobs' DDP processes."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        devices = OmegaConf.select(config, "trainer.devices", default=1)
+        nodes = OmegaConf.select(config, "trainer.num_nodes", default=1) or 1
+        many = devices not in (1, "1", None) or int(nodes) > 1
+        if "joblib" in launcher.lower() and many:
+            # Hydra turns a callback's Exception into a warning and goes on; SystemExit stops the sweep here
+            print(
+                f"error: hydra/launcher=joblib runs the sweep's jobs inside worker processes, which cannot start the DDP "
+                f"processes of trainer.devices={devices} (num_nodes={nodes}). Drop hydra/launcher=joblib (the basic "
+                "launcher runs one job at a time, each on all its devices), or use hydra/launcher=submitit_local or "
+                f"submitit_slurm with hydra.launcher.tasks_per_node={devices} (one task per device).",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
 
 def register_resolvers() -> None:

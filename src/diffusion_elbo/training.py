@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
@@ -19,6 +23,7 @@ from diffusion_elbo.cli import UserError
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
+from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,44 @@ def define_wandb_metrics(trainer: L.Trainer) -> None:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             for key in MIN_SUMMARY_METRICS:
                 logger.experiment.define_metric(key, summary="min", step_metric="trainer/global_step")
+
+
+# what Lightning's subprocess launcher writes into the launching process's environment
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def ddp_children_run_this_job(output_dir: str) -> Iterator[None]:
+    """Under a Hydra multirun, Lightning's DDP launcher starts each rank > 0 as ``python <script> <sys.argv[1:]>
+    hydra.run.dir=<HydraConfig run.dir>`` (``_hydra_subprocess_cmd``): the whole sweep again, in the wrong folder.
+    For the length of ``fit``, that command is made this job alone: the job's own overrides (``-m`` and the sweep
+    dropped) and its own folder; both are restored afterwards, with the environment variables Lightning's launcher
+    set and the process group, so the next job starts its processes afresh. A no-op outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    argv, run_dir = sys.argv[:], hydra_cfg.hydra.run.dir
+    lightning_env = {key: os.environ.get(key) for key in DDP_LAUNCH_ENV}
+    sys.argv = [sys.argv[0], *[str(o) for o in hydra_cfg.hydra.overrides.task]]
+    with read_write(hydra_cfg.hydra.run):
+        hydra_cfg.hydra.run.dir = str(output_dir)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_cfg.hydra.run):
+            hydra_cfg.hydra.run.dir = run_dir
+        # the next job of the sweep starts its own processes: Lightning would reuse this job's process group, whose
+        # other ranks have exited ("Connection closed by peer"), and the LOCAL_RANK its launcher wrote into this
+        # process's environment would make it believe the processes are started externally (and wait for them)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in lightning_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
@@ -131,12 +174,11 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
             log.info(
                 "no logger: the learning-rate monitor is off (train_metrics.json and loss_curve.csv still written)"
             )
+    plugins = [instantiate(cfg.checkpoint_io) if OmegaConf.select(cfg, "checkpoint_io") else AtomicCheckpointIO()]
+    if SubmititLocalEnvironment.detect():  # submitit_local started one process per task: they are the ranks
+        plugins.append(SubmititLocalEnvironment())
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=output_dir,
-        plugins=[instantiate(cfg.checkpoint_io) if OmegaConf.select(cfg, "checkpoint_io") else AtomicCheckpointIO()],
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir, plugins=plugins
     )
     for logger in trainer.loggers:  # the resolved config, once per run
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -152,8 +194,10 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
         module.parametrization.value,
         module.variance.value,
     )
+    log.info("job %s: process %d of %d starts", Path(output_dir).name, trainer.global_rank, trainer.world_size)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with ddp_children_run_this_job(output_dir):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as exc:
         peer_died = any(m in str(exc) for m in ("Connection closed by peer", "remote worker", "NCCL communicator"))
         if trainer.world_size > 1 and peer_died:
