@@ -23,7 +23,7 @@ from diffusion_elbo.core import (
     nats_to_bits_per_dim,
     standard_error,
 )
-from diffusion_elbo.core.elbo import Denoiser
+from diffusion_elbo.core.elbo import Denoiser, example_generator
 from diffusion_elbo.core.ode import Likelihood, dequantization_start_time
 from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser
 
@@ -167,12 +167,6 @@ class ODESummary:
             out["ode_gap_bpd"] = out["ode_bpd"] - float(nats_to_bits_per_dim(true_per_dim.mean()))
             out["ode_gap_bpd_se"] = standard_error(nats_per_dim - true_per_dim) / math.log(2.0)
         return out
-
-
-def example_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator of its own for example ``index`` (< 2^32) of a split: the noise an example gets depends on the
-    base seed and its index only, not on the batch or process it lands in (the same numbers on 1 or N processes)."""
-    return torch.Generator().manual_seed(int(seed) * 2**32 + int(index))
 
 
 def evaluate_ode(
@@ -466,7 +460,7 @@ def evaluate_continuous(
     """The continuous model's own bound (:func:`~diffusion_elbo.core.vdm.stratified_continuous_elbo`, ``strata``
     times per example) over ``dataset``; every example draws its times and noise from its own generator
     (:func:`example_generator`), so the numbers do not depend on the batching."""
-    from diffusion_elbo.core.vdm import stratified_continuous_elbo
+    from diffusion_elbo.core.vdm import continuous_example_draws, stratified_continuous_elbo
 
     module = module.to(device).eval()
     module.refresh_schedule()
@@ -476,9 +470,8 @@ def evaluate_continuous(
     per_t_sum, count, index = None, 0, 0
     for batch in loader:
         x0 = batch[0].to(device).float()
-        draws = [example_generator(seed, index + i) for i in range(x0.shape[0])]
-        u = torch.stack([torch.rand(strata, generator=g, dtype=torch.float64) for g in draws])  # (B, K)
-        eps = torch.stack([torch.randn((strata, *x0.shape[1:]), generator=g) for g in draws])  # (B, K, *D)
+        indices = torch.arange(index, index + x0.shape[0])
+        u, eps = continuous_example_draws(indices, seed, strata, tuple(x0.shape[1:]))  # (B, K), (B, K, *D)
         result = stratified_continuous_elbo(
             module._network_float32,
             module.logsnr,

@@ -219,6 +219,7 @@ def _terms_at_timesteps(
     progress: Callable[[int, int], None] | None = None,
     with_x0_mse: bool = False,
     clip_x0: bool = False,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), or at its own row of ``t_values`` (B, K),
     one x_t draw each: (B, K) float64, and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K), of x0_hat clamped to [-1, 1] with
@@ -234,7 +235,9 @@ def _terms_at_timesteps(
         n = ts.shape[1]
         t = ts.T.reshape(-1)  # (C * B,): column-major, examples within
         x0_rep = x0.repeat(n, *([1] * (x0.ndim - 1)))  # (C * B, *D)
-        x_t = q_sample(schedule, x0_rep, t, generator=generator)
+        # ``noise`` (B, K, *D) fixes each example's eps at each of its timesteps (per-example generators)
+        eps = None if noise is None else noise[:, start : start + n].transpose(0, 1).reshape(x0_rep.shape).to(x0)
+        x_t = q_sample(schedule, x0_rep, t, noise=eps, generator=generator)
         out = model(x_t, t)
         values = term_from_output(
             schedule,
@@ -312,6 +315,7 @@ def stratified_elbo(
     max_batch: int = 512,
     generator: torch.Generator | None = None,
     timesteps: tuple[Tensor, Tensor] | None = None,
+    noise: Tensor | None = None,
 ) -> ELBOResult:
     """-ELBO per example from K + 1 network evaluations instead of T: the reconstruction term exactly at
     t = 1 and the denoising sum by stratified sampling over 2..T (one t per stratum, weighted by its size).
@@ -321,7 +325,8 @@ def stratified_elbo(
     error too (one draw shared by all examples would add an error common to all of them, which no SE over examples
     sees). ``per_t`` holds the K + 1 weighted terms n_k L_{t_k} (column 0 the reconstruction); ``x0_mse`` the
     reconstruction error of x0_hat(x_t) at each t_k (the distortion of Ho et al.'s progressive coding).
-    ``timesteps`` = (t_k (K,) or (B, K), n_k (K,)) fixes the draw.
+    ``timesteps`` = (t_k (K,) or (B, K), n_k (K,)) fixes the draw, and ``noise`` (B, K, *D) the eps of each x_t
+    (:func:`per_example_draws` makes both from per-example generators).
     """
     if timesteps is None:
         timesteps = stratified_timesteps(schedule.T, strata, generator, num_examples=x0.shape[0])
@@ -339,8 +344,30 @@ def stratified_elbo(
         max_batch=max_batch,
         generator=generator,
         with_x0_mse=True,
+        noise=noise,
     )
     return _result(schedule, x0, per_t * sizes.double(), t_values=t_values, t_weights=sizes, x0_mse=x0_mse)
+
+
+def example_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator of its own for example ``index`` (< 2^32) of a split: the noise an example gets depends on the
+    base seed and its index only, not on the batch or process it lands in (the same numbers on 1 or N processes)."""
+    return torch.Generator().manual_seed(int(seed) * 2**32 + int(index))
+
+
+def per_example_draws(
+    num_timesteps: int, strata: int, indices: Tensor, seed: int, shape: tuple[int, ...]
+) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """The stratified timesteps and noise of :func:`stratified_elbo` for the examples ``indices`` (B,) of a split,
+    each from its own generator (:func:`example_generator`): ((t (B, K), n_k (K,)), noise (B, K, *shape)), on the
+    CPU. An example's draw is the same whatever batch or DDP rank it is evaluated in."""
+    rows, noises, sizes = [], [], None
+    for index in indices.tolist():
+        g = example_generator(seed, index)
+        t, sizes = stratified_timesteps(num_timesteps, strata, g, num_examples=1)
+        rows.append(t[0])
+        noises.append(torch.randn((t.shape[1], *shape), generator=g))
+    return (torch.stack(rows), sizes), torch.stack(noises)
 
 
 @dataclass

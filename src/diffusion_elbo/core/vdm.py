@@ -251,6 +251,17 @@ def stratified_continuous_elbo(
     )
 
 
+def continuous_example_draws(indices: Tensor, seed: int, strata: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """u (B, K) and eps (B, K, *shape) of :func:`stratified_continuous_elbo` for the examples ``indices`` (B,) of a
+    split, each from its own generator (:func:`~diffusion_elbo.core.elbo.example_generator`), on the CPU."""
+    from diffusion_elbo.core.elbo import example_generator
+
+    draws = [example_generator(seed, int(i)) for i in indices.tolist()]
+    u = torch.stack([torch.rand(strata, generator=g, dtype=torch.float64) for g in draws])
+    eps = torch.stack([torch.randn((strata, *shape), generator=g) for g in draws])
+    return u, eps
+
+
 def gaussian_continuous_terms(mean: float, std: float, gamma_min: float, gamma_max: float) -> dict[str, float]:
     """Expected terms per dim (nats) of the continuous-time bound for data x ~ N(m, s^2) under the Bayes-optimal
     denoiser E[x | z], which depend on the schedule only through its endpoints (VDM eq. 20):

@@ -1,7 +1,8 @@
 """What every data module of the framework provides on top of a LightningDataModule.
 
 Batches are tuples ``(x0, y)``: x0 (B, *data_shape) float32 (images in [-1, 1], quantized to
-``num_bins`` levels), y (B,) int64 labels (-1 where the data has none).
+``num_bins`` levels), y (B,) int64 labels (-1 where the data has none). Validation batches add a third entry, each
+example's index in the split, so its noise can come from its own seed (the same numbers on 1 or N processes).
 """
 
 from __future__ import annotations
@@ -11,7 +12,36 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+
+
+class IndexedDataset(Dataset):
+    """``dataset``'s items with their index appended: (x0, y, index)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], index)
+
+
+class ShardSampler(DistributedSampler):
+    """Rank r of W reads examples r, r + W, r + 2W, ... in order: every example once over all ranks, with no padding
+    (DistributedSampler repeats examples to even out the shards, which changes a mean over them). A subclass of
+    DistributedSampler, so Lightning uses it as it is."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -28,8 +58,17 @@ class DiffusionDataModule(L.LightningDataModule):
     num_bins: int | None = None
     has_labels: bool = False  # class labels y >= 0 (needed by the FID feature classifier)
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_examples: int | None = 512,
+    ) -> None:
         super().__init__()
+        if val_examples is not None and val_examples < 1:
+            raise ValueError(f"data.val_examples must be >= 1 or null (the whole split); got {val_examples}")
+        self.val_examples = val_examples
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1; got {batch_size}")
         if num_workers < 0:
@@ -61,7 +100,25 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader(self.train_set, "train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, "val", self.eval_batch_size, shuffle=False)
+        """The first ``val_examples`` examples of the val split (all ranks together), with their indices, sharded
+        over DDP ranks without padding: validation numbers do not depend on the number of processes."""
+        if self.val_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not created the val split")
+        dataset: Dataset = self.val_set
+        if self.val_examples is not None and self.val_examples < len(dataset):  # type: ignore[arg-type]
+            dataset = Subset(dataset, range(self.val_examples))
+        dataset = IndexedDataset(dataset)
+        trainer = getattr(self, "trainer", None)  # set when attached to a Trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = ShardSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)
@@ -88,8 +145,9 @@ class GeneratedDataModule(DiffusionDataModule):
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        val_examples: int | None = 512,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, val_examples)
         if min(num_train, num_val, num_test) < 1:
             raise ValueError(
                 f"data.num_train, num_val and num_test must be >= 1; got {num_train}, {num_val}, {num_test}"

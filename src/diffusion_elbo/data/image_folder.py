@@ -137,8 +137,9 @@ class ImageFolderDataModule(DiffusionDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        val_examples: int | None = 512,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, val_examples)
         if channels not in PIL_MODES:
             raise ValueError(f"data=image_folder supports channels 1 (grey) or 3 (RGB); got data.channels={channels}")
         if image_size < 1:

@@ -242,8 +242,9 @@ class LevelImageDataModule(DiffusionDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        val_examples: int | None = 512,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, val_examples)
         check_image_format(self.dataset, channels, image_size, self.allowed_channels, self.allowed_sizes)
         self.num_bins = check_num_bins(num_bins, self.dataset)
         self.channels, self.image_size = int(channels), int(image_size)

@@ -23,6 +23,7 @@ from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_unif
 from diffusion_elbo.core.vdm import (
     ContinuousTerms,
     chain_denoiser,
+    continuous_example_draws,
     continuous_terms,
     eps_from_output,
     route_variance_gradient,
@@ -30,7 +31,7 @@ from diffusion_elbo.core.vdm import (
     stratified_continuous_elbo,
 )
 from diffusion_elbo.lightning.metrics import ProfileMetric
-from diffusion_elbo.lightning.module import LN2, DiffusionModule, NonFiniteLossError
+from diffusion_elbo.lightning.module import LN2, VAL_SEED, DiffusionModule, NonFiniteLossError
 
 # the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
 # the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
@@ -260,10 +261,14 @@ class ContinuousDiffusionModule(DiffusionModule):
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self.refresh_schedule()
-        self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
+        self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._note_precision()
+        draws: dict = {"generator": self._val_generator}
+        if len(batch) >= 3:  # each example's times and noise from its own seed: the same on 1 or N processes
+            u, eps = continuous_example_draws(batch[2].cpu(), VAL_SEED, self.val_strata, tuple(batch[0].shape[1:]))
+            draws = {"u": u.to(self.device), "eps": eps.to(self.device)}
         result = stratified_continuous_elbo(
             self._network_float32,
             self.logsnr,
@@ -271,9 +276,9 @@ class ContinuousDiffusionModule(DiffusionModule):
             parametrization=self.parametrization,
             num_bins=self.num_bins,
             strata=self.val_strata,
-            generator=self._val_generator,
             timesteps=self.timesteps,
             chain_timesteps=self.eval_timesteps,
+            **draws,
         )
         self.val_elbo.update(result)
         self.val_profile.update(result)

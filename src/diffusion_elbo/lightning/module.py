@@ -28,7 +28,13 @@ from diffusion_elbo.core import (
     weighted_mse,
 )
 from diffusion_elbo.core.analytic import x0_error_from_variance
-from diffusion_elbo.core.elbo import num_stratified_timesteps, stratified_elbo, stratified_timesteps, term_from_output
+from diffusion_elbo.core.elbo import (
+    num_stratified_timesteps,
+    per_example_draws,
+    stratified_elbo,
+    stratified_timesteps,
+    term_from_output,
+)
 from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
 from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser, split_output, stop_mean_gradient
 from diffusion_elbo.core.samplers import final_noise_cap
@@ -36,6 +42,7 @@ from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
 LN2 = math.log(2.0)
+VAL_SEED = 12345  # the base seed of validation's per-example draws (common random numbers across validations)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -330,9 +337,19 @@ class DiffusionModule(L.LightningModule):
         # The same draws every validation (common random numbers), so successive numbers compare the models, not
         # the noise. Every example draws its own t in each stratum (stratified_elbo), so val/*_se cover the
         # stratification error; the strata themselves are the same on every rank, so the profile's sums add up.
-        self._val_generator = torch.Generator(device=self.device).manual_seed(12345 + self.global_rank)
+        self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def _val_draws(self, batch) -> dict:
+        """Each example's timesteps and noise from its own seed (its index in the val split, batches' third entry), so
+        the validation numbers are the same on 1 or N processes; the module's generator for batches without indices."""
+        if len(batch) < 3:
+            return {"generator": self._val_generator}
+        timesteps, noise = per_example_draws(
+            self.schedule.T, self.val_strata, batch[2].cpu(), VAL_SEED, tuple(batch[0].shape[1:])
+        )
+        return {"timesteps": timesteps, "noise": noise.to(batch[0].device)}
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         result = stratified_elbo(
             self.denoise,
             self.schedule,
@@ -341,8 +358,8 @@ class DiffusionModule(L.LightningModule):
             variance=self.variance,
             decoder_variance=self.decoder_variance,
             num_bins=self.num_bins,
-            generator=self._val_generator,
             strata=self.val_strata,
+            **self._val_draws(batch),
         )
         self.val_elbo.update(result)
         self.val_profile.update(result)
