@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
 
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
@@ -223,8 +225,8 @@ class ScheduleSummary(L.Callback):
 class FIDMetric(L.Callback):
     """FID every ``every_n_val`` validations on EMA weights (keep it before :class:`EMA` in the list).
 
-    The ``num_samples`` are split across DDP ranks, each drawing with its own seed; the metric's sum states
-    are gathered, so N GPUs each do 1/N of the work and report the same value. Skipped (with a log line)
+    The ``num_samples`` are split across DDP ranks, each sample from its own seed (:func:`fid_samples`); the metric's
+    sum states are gathered, so N GPUs each do 1/N of the work and report the same value. Skipped (with a log line)
     when the data has no labels for the feature classifier or is not images.
     """
 
@@ -315,20 +317,34 @@ def compute_fid(
     progress=None,
     **sample_options,
 ) -> float:
-    """Sample this rank's share of ``num_samples`` (seed + rank) into the metric and return the gathered FID.
+    """Sample this rank's share of ``num_samples`` into the metric and return the gathered FID.
     ``sample_options`` go to :meth:`DiffusionModule.sample` (``variance``, ``cap_final_noise``)."""
-    share = num_samples // world_size + (1 if rank < num_samples % world_size else 0)
-    generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
     fid.reset_fake()
-    done = 0
-    while done < share:
-        n = min(batch_size, share - done)
-        samples = module.sample(
-            n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress, **sample_options
-        )
+    for _, samples in fid_samples(
+        module, num_samples, rank, world_size, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
+        seed=seed, progress=progress, **sample_options,
+    ):  # fmt: skip
         fid.update(samples)
-        done += n
     return fid.compute()
+
+
+def fid_samples(
+    module, num_samples: int, rank: int, world_size: int, *, batch_size: int, seed: int, **sample_options
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's share of the FID sample set, in batches (indices (n,), samples (n, *D)): samples rank, rank + W,
+    ..., each starting from its own x_T (:func:`~diffusion_elbo.core.elbo.example_generator` of its index), so under
+    DDIM with eta = 0 (the default) the set of samples is the same on any number of processes. Stochastic samplers
+    draw their later noise from a generator of seed + rank."""
+    from diffusion_elbo.core.elbo import example_generator
+
+    indices = torch.arange(rank, num_samples, world_size)
+    generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
+    shape = tuple(module.data_shape)
+    for start in range(0, indices.numel(), batch_size):
+        chunk = indices[start : start + batch_size]
+        x_T = torch.stack([torch.randn(shape, generator=example_generator(seed, int(i))) for i in chunk])
+        samples = module.sample(chunk.numel(), generator=generator, x_T=x_T.to(module.device), **sample_options)
+        yield chunk, samples
 
 
 class Toy2DMetrics(L.Callback):

@@ -388,6 +388,7 @@ class DiffusionModule(L.LightningModule):
         progress: Callable[[int, int], None] | None = None,
         variance: Tensor | str | None = None,
         cap_final_noise: bool = False,
+        x_T: Tensor | None = None,
     ) -> Tensor:
         """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
 
@@ -395,7 +396,8 @@ class DiffusionModule(L.LightningModule):
         overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one);
         DDIM takes an analytic table as Analytic-DDIM's KL-optimal noise (Bao et al. 2022) and ignores names.
         ``cap_final_noise``: on quantized data, cap the noise of the step that produces x_1 at half a grey level
-        (:func:`~diffusion_elbo.core.samplers.final_noise_cap`)."""
+        (:func:`~diffusion_elbo.core.samplers.final_noise_cap`). ``x_T`` (num_samples, *data_shape) fixes the starting
+        noise (DDIM with eta = 0 is then deterministic)."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
         shape = (num_samples, *self.data_shape)
@@ -406,6 +408,7 @@ class DiffusionModule(L.LightningModule):
             "device": self.device,
             "progress": progress,
             "final_noise_std": final_noise_cap(self.num_bins) if cap_final_noise else None,
+            "x_T": x_T,
         }
         if sampler == "ddpm":
             chosen = self.variance.value if variance is None else variance
