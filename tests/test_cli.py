@@ -402,3 +402,40 @@ def test_joblib_with_ddp_is_refused_before_any_job_runs(tmp_path):
     assert result.returncode == 2
     assert "hydra/launcher=joblib" in result.stderr and "tasks_per_node=2" in result.stderr
     assert not (tmp_path / "sweep").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path):
+    """src/eval.py trainer.devices=N: examples sharded without padding (7 examples: 4/3 and 3/2/2), each with its own
+    noise, so bpd, its terms and every example's value agree with one process to 1e-6; the ODE too (one example per
+    solve)."""
+    run = tmp_path / "run"
+    result = run_cli(
+        "train.py", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.timesteps=40",
+        "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics, examples = {}, {}
+    for world in (1, 2, 3):
+        out = tmp_path / f"eval{world}"
+        result = run_cli(
+            "eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_examples=7", "batch_size=3",
+            # one example per ODE solve: examples solved together share the adaptive steps (a batch effect of 1e-4)
+            "likelihood=both", "ode.batch_size=1", "fid.num_samples=0", "wandb.enabled=false", "trainer.accelerator=cpu",
+            f"trainer.devices={world}", f"hydra.run.dir={out}", timeout=900,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics[world] = json.loads((out / "metrics.json").read_text())
+        with open(out / "per_example.csv") as f:
+            examples[world] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    for world in (2, 3):
+        assert metrics[world]["num_examples"] == 7 and len(examples[world]) == 7
+        for key in ("bpd", "bpd_se", "ode_bpd", "elbo_minus_ode_bpd"):
+            assert metrics[world][key] == pytest.approx(metrics[1][key], rel=1e-6), (world, key)
+        for key in ("reconstruction", "prior", "denoising"):
+            assert metrics[world]["terms_nats_per_dim"][key] == pytest.approx(
+                metrics[1]["terms_nats_per_dim"][key], rel=1e-6
+            )
+        assert metrics[world]["per_t_nats_per_dim"] == pytest.approx(metrics[1]["per_t_nats_per_dim"], rel=1e-6)
+        for row, ref in zip(examples[world], examples[1], strict=True):
+            assert row == pytest.approx(ref, rel=1e-6)

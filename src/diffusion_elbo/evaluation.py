@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,32 +72,34 @@ class ELBOSummary:
 def evaluate_elbo(
     model: Denoiser,
     schedule: NoiseSchedule,
-    batches: Iterable[Tensor],
+    dataset,
     *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str,
     num_bins: int | None,
-    generator: torch.Generator,
+    seed: int,
     decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
     device: torch.device,
+    batch_size: int = 256,
     max_batch: int = 512,
     true_nll=None,
     progress=None,
 ) -> ELBOSummary:
-    """Run :func:`~diffusion_elbo.core.exact_elbo` over ``batches`` of x0 (B, *D) and collect the results.
+    """Run :func:`~diffusion_elbo.core.exact_elbo` over every example of ``dataset`` (items (x0, y, ...)) and collect
+    the results, in the dataset's order.
 
+    Each example draws its noise from its own generator (:func:`example_generator` of ``seed`` and its index), so the
+    numbers do not depend on ``batch_size`` or on the number of processes: under torch.distributed the examples are
+    sharded over the ranks without padding (rank r takes r, r + W, ...) and the per-example results gathered.
     ``true_nll``: optional callable x0 -> (B,) nats, the data's exact NLL where it is known.
     """
-    parts: dict[str, list[Tensor]] = {
-        "total": [],
-        "reconstruction": [],
-        "prior": [],
-        "denoising": [],
-        "true": [],
-    }
-    per_t_sum, count, num_dims = None, 0, None
-    for x0 in batches:
-        x0 = x0.to(device)
+    rank, world = _rank_world()
+    indices = list(range(rank, len(dataset), world))
+    rows: dict[int, Tensor] = {}  # index -> (total, reconstruction, prior, denoising[, true]) float64
+    per_t_sum, num_dims = None, None
+    for start in range(0, len(indices), int(batch_size)):
+        chunk = indices[start : start + int(batch_size)]
+        x0 = torch.stack([dataset[i][0] for i in chunk]).to(device)
         result = exact_elbo(
             model,
             schedule,
@@ -108,30 +109,46 @@ def evaluate_elbo(
             decoder_variance=decoder_variance,
             num_bins=num_bins,
             max_batch=max_batch,
-            generator=generator,
+            generators=[example_generator(seed, i) for i in chunk],
             progress=progress,
         )
-        parts["total"].append(result.total.cpu())
-        parts["reconstruction"].append(result.reconstruction.cpu())
-        parts["prior"].append(result.prior.cpu())
-        parts["denoising"].append(result.denoising.cpu())
+        columns = [result.total, result.reconstruction, result.prior, result.denoising]
         if true_nll is not None:
-            parts["true"].append(true_nll(x0).double().cpu())
-        batch_sum = result.per_t.sum(dim=0).cpu()
+            columns.append(true_nll(x0))
+        values = torch.stack([c.double().cpu() for c in columns], dim=1)  # (b, 4 or 5)
+        rows.update({i: values[j] for j, i in enumerate(chunk)})
+        batch_sum = result.per_t.sum(dim=0).double().cpu()
         per_t_sum = batch_sum if per_t_sum is None else per_t_sum + batch_sum
-        count += x0.shape[0]
         num_dims = result.num_dims
-    if count == 0:
+    if world > 1:
+        rows, per_t_sum, num_dims = _gather_elbo(rows, per_t_sum, num_dims)
+    if not rows:
         raise ValueError("no examples to evaluate: the data split is empty (check split= and num_examples=)")
+    table = torch.stack([rows[i] for i in sorted(rows)])  # (N, 4 or 5), in the dataset's order
     return ELBOSummary(
-        total=torch.cat(parts["total"]),
-        reconstruction=torch.cat(parts["reconstruction"]),
-        prior=torch.cat(parts["prior"]),
-        denoising=torch.cat(parts["denoising"]),
-        per_t=per_t_sum / count,
+        total=table[:, 0],
+        reconstruction=table[:, 1],
+        prior=table[:, 2],
+        denoising=table[:, 3],
+        per_t=per_t_sum / table.shape[0],
         num_dims=num_dims,
-        true_nll=torch.cat(parts["true"]) if parts["true"] else None,
+        true_nll=table[:, 4] if table.shape[1] > 4 else None,
     )
+
+
+def _gather_elbo(rows: dict, per_t_sum: Tensor | None, num_dims):
+    """Every rank's per-example rows and per-t sums, merged on every rank (all_gather_object, once)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (rows, per_t_sum, num_dims))
+    merged, total, dims = {}, None, None
+    for r, p, d in parts:
+        merged.update(r)
+        if p is not None:
+            total = p if total is None else total + p
+        dims = d if d is not None else dims
+    return merged, total, dims
 
 
 @dataclass
@@ -341,8 +358,9 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     from diffusion_elbo.config import validate_config
 
     validate_config(cfg)
-    device = resolve_device(cfg.device)
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    fabric = _launch_processes(cfg)
+    device = fabric.device if fabric is not None else resolve_device(cfg.device)
+    rank, _ = _rank_world()
     if cfg.ckpt_path is not None:
         from diffusion_elbo.checkpoints import load_for_eval
 
@@ -376,7 +394,11 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         if variance_name == ReverseVariance.ANALYTIC.value:
             # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
             estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
-            variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
+            if rank == 0:  # estimated (and cached next to the checkpoint) once; the other ranks read the cache
+                variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
+            _barrier()
+            if rank != 0:
+                variance = analytic_table(cfg, model, schedule, datamodule, parametrization, device, estimation)
         summary = _run_elbo(
             cfg,
             model,
@@ -386,7 +408,6 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             parametrization,
             variance,
             decoder_variance,
-            generator,
             device,
             true_nll,
         )
@@ -405,6 +426,8 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         )
         metrics.update(ode.metrics())
         columns["ode_bpd"] = nats_to_bits_per_dim(ode.nll / ode.num_dims)
+    if rank != 0:  # the other ranks' examples are in rank 0's results; it alone writes them
+        return metrics
     if cfg.ckpt_path is not None and hasattr(loaded.module, "logsnr") and likelihood is not Likelihood.ODE:
         # a continuous-time model: its own bound (T -> infinity, or its training T) beside the chain's exact T-step one
         continuous = evaluate_continuous(
@@ -452,6 +475,30 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
+
+
+def _launch_processes(cfg: DictConfig):
+    """``trainer.devices=N`` (N > 1, or a list): N processes on ``trainer.accelerator`` (cpu: gloo, gpu: NCCL), started
+    by Lightning Fabric as training starts them (rank > 0 runs this script again); the examples are then sharded over
+    them without padding and the per-example results gathered, so the numbers are those of one process. None for one
+    process."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if devices in (1, "1", None):
+        return None
+    from lightning.fabric import Fabric
+
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    num_nodes = int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return fabric
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def evaluate_continuous(
@@ -538,12 +585,12 @@ def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> Non
 
 
 def _run_elbo(
-    cfg, model, schedule, dataset, datamodule, parametrization, variance, decoder_variance, generator, device, true_nll
+    cfg, model, schedule, dataset, datamodule, parametrization, variance, decoder_variance, device, true_nll
 ) -> ELBOSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=False)
-    total_steps = math.ceil(len(dataset) / int(cfg.batch_size)) * schedule.T
+    _, world = _rank_world()
+    total_steps = math.ceil(len(dataset) / world / int(cfg.batch_size)) * schedule.T
     columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not _interactive()) as bar:
         task = bar.add_task("eval", total=total_steps)
@@ -557,13 +604,14 @@ def _run_elbo(
         return evaluate_elbo(
             model,
             schedule,
-            (batch[0] for batch in loader),
+            dataset,
             parametrization=parametrization,
             variance=variance,
             decoder_variance=decoder_variance,
             num_bins=datamodule.num_bins,
-            generator=generator,
+            seed=int(cfg.seed),
             device=device,
+            batch_size=int(cfg.batch_size),
             max_batch=int(cfg.max_batch),
             true_nll=true_nll,
             progress=progress,

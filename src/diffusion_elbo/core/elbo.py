@@ -168,11 +168,14 @@ def exact_elbo(
     max_batch: int = 512,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> ELBOResult:
     """Every term of -ELBO for a batch x0 (B, *D): all T terms, one x_t draw per (example, t).
 
     The T network evaluations per example are batched: each call stacks a chunk of timesteps for all
     B examples, about ``max_batch`` rows, so memory stays bounded and the network runs at full batch.
+    ``generators`` (one per example, e.g. :func:`example_generator`) make each example's draws its own, whatever
+    batch it is in; otherwise the noise comes from ``generator``.
     """
     T = schedule.T
     per_t, _ = _terms_at_timesteps(
@@ -187,6 +190,7 @@ def exact_elbo(
         max_batch=max_batch,
         generator=generator,
         progress=progress,
+        generators=generators,
     )
     return _result(schedule, x0, per_t)
 
@@ -220,6 +224,7 @@ def _terms_at_timesteps(
     with_x0_mse: bool = False,
     clip_x0: bool = False,
     noise: Tensor | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """L_t for every example of x0 (B, *D) at every t of ``t_values`` (K,), or at its own row of ``t_values`` (B, K),
     one x_t draw each: (B, K) float64, and with ``with_x0_mse`` the x0 reconstruction error per dim, (B, K), of x0_hat clamped to [-1, 1] with
@@ -237,6 +242,9 @@ def _terms_at_timesteps(
         x0_rep = x0.repeat(n, *([1] * (x0.ndim - 1)))  # (C * B, *D)
         # ``noise`` (B, K, *D) fixes each example's eps at each of its timesteps (per-example generators)
         eps = None if noise is None else noise[:, start : start + n].transpose(0, 1).reshape(x0_rep.shape).to(x0)
+        if generators is not None:  # one CPU generator per example, drawn in timestep order chunk after chunk
+            per_example = torch.stack([torch.randn((n, *x0.shape[1:]), generator=g) for g in generators])
+            eps = per_example.transpose(0, 1).reshape(x0_rep.shape).to(x0)  # (B, C, *D) -> (C * B, *D)
         x_t = q_sample(schedule, x0_rep, t, noise=eps, generator=generator)
         out = model(x_t, t)
         values = term_from_output(
