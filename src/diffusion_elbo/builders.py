@@ -84,17 +84,24 @@ def build_module(cfg: DictConfig):
         mean_loss=OmegaConf.select(cfg, "loss.mean_loss", default="simple"),
         vlb_weight=float(OmegaConf.select(cfg, "loss.vlb_weight", default=0.001)),
         timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="uniform"),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        val_strata=OmegaConf.select(cfg, "val_strata", default=32),
-        clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
-        seed=int(OmegaConf.select(cfg, "seed", default=0)),
-        nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
-        compile=bool(OmegaConf.select(cfg, "compile", default=False)),
-        channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        **_module_options(cfg, optimizer, lr_scheduler),
     )
     return module, datamodule
+
+
+def _module_options(cfg: DictConfig, optimizer, lr_scheduler) -> dict:
+    """The arguments every diffusion module takes from the run config."""
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "val_strata": OmegaConf.select(cfg, "val_strata", default=32),
+        "clip_denoised": OmegaConf.select(cfg, "clip_denoised", default=True),
+        "seed": int(OmegaConf.select(cfg, "seed", default=0)),
+        "nonfinite": OmegaConf.select(cfg, "nonfinite", default="error"),
+        "compile": bool(OmegaConf.select(cfg, "compile", default=False)),
+        "channels_last": bool(OmegaConf.select(cfg, "channels_last", default=False)),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
 def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler):
@@ -112,15 +119,7 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
         timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="low_discrepancy"),
         variance_gradient=bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
         schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        val_strata=OmegaConf.select(cfg, "val_strata", default=32),
-        clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
-        seed=int(OmegaConf.select(cfg, "seed", default=0)),
-        nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
-        compile=bool(OmegaConf.select(cfg, "compile", default=False)),
-        channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        **_module_options(cfg, optimizer, lr_scheduler),
     )
 
 

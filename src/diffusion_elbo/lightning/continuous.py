@@ -283,18 +283,15 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.val_elbo.update(result)
         self.val_profile.update(result)
 
-    def on_validation_epoch_end(self) -> None:
-        profile = self.val_profile.compute()
+    def profile_weights(self) -> Tensor:
+        """The decoder (1) and the K equal strata of [0, 1) in steps of the chain discretized at eval_timesteps."""
         widths = torch.full((self.val_strata,), self.eval_timesteps / self.val_strata, dtype=torch.float64)
-        self.last_profile = {"t_weights": torch.cat([torch.ones(1, dtype=torch.float64), widths]), **profile}
-        self.last_profile = {k: v.cpu() for k, v in self.last_profile.items()}
-        self.val_profile.reset()
-        values = self.val_elbo.compute()
-        self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)
-        self.log_dict({f"val/{k}": v.float() for k, v in values.items()})
+        return torch.cat([torch.ones(1, dtype=torch.float64), widths])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         gamma_0, gamma_1 = self.logsnr.endpoints()
         self.log_dict({"val/gamma_min": gamma_0.detach().float(), "val/gamma_max": gamma_1.detach().float()})
-        self.val_elbo.reset()
 
     # -------------------------------------------------------------------------------------- sampling
     def sample(self, num_samples: int, **kwargs) -> Tensor:

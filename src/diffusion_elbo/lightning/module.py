@@ -364,10 +364,14 @@ class DiffusionModule(L.LightningModule):
         self.val_elbo.update(result)
         self.val_profile.update(result)
 
+    def profile_weights(self) -> Tensor:
+        """The sizes n_k of the validation profile's strata (in steps of the chain), (K,)."""
+        _, t_weights = stratified_timesteps(self.schedule.T, self.val_strata)
+        return t_weights
+
     def on_validation_epoch_end(self) -> None:
         profile = self.val_profile.compute()
-        _, t_weights = stratified_timesteps(self.schedule.T, self.val_strata)  # the stratum sizes n_k
-        self.last_profile = {"t_weights": t_weights, **{k: v.cpu() for k, v in profile.items()}}
+        self.last_profile = {"t_weights": self.profile_weights(), **{k: v.cpu() for k, v in profile.items()}}
         self.val_profile.reset()
         values = self.val_elbo.compute()
         # Already reduced across ranks by the metric's sum states: no sync_dist here.
