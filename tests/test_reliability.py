@@ -415,3 +415,62 @@ def test_nonfinite_skip_under_ddp_skips_on_every_rank_instead_of_hanging(tmp_pat
     kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert kept["global_step"] == 6  # under DDP a skipped batch still counts as a step, with no update
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def _two_nodes(script: str, args: list[str], port: int, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run src/<script> as 2 nodes x 1 process on localhost: two launches with NODE_RANK 0 and 1 and Lightning's
+    rendezvous variables, as a cluster scheduler (or torchrun on each node) would start them."""
+    procs = []
+    for node in (0, 1):
+        env = {**fault_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node),
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO_ROOT / "src" / script), *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_once_and_evaluate_like_one_process(tmp_path):
+    """2 nodes x 1 process: one run (one set of checkpoints, one W&B run), and src/eval.py over the two nodes gives the
+    single-process numbers."""
+    import json
+
+    run = tmp_path / "run"
+    train_args = [
+        *RUN, "trainer=cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=40", "logger=wandb", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    for result in _two_nodes("train.py", train_args, 29531, REPO_ROOT):
+        assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert json.loads((run / "train_metrics.json").read_text())["global_step"] == 4
+    common = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_examples=5", "fid.num_samples=0",
+              "wandb.enabled=false", "trainer.accelerator=cpu"]  # fmt: skip
+    single = tmp_path / "eval1"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "src" / "eval.py"), *common, f"hydra.run.dir={single}"],
+        cwd=REPO_ROOT, env=fault_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    nodes = tmp_path / "eval2"
+    for result in _two_nodes("eval.py", [*common, "trainer.num_nodes=2", f"hydra.run.dir={nodes}"], 29533, REPO_ROOT):
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, nodes))
+    assert two["num_examples"] == one["num_examples"] == 5
+    assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-6) and two["bpd_se"] == pytest.approx(one["bpd_se"], rel=1e-6)
