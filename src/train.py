@@ -13,8 +13,8 @@ from diffusion_elbo.training import train
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = run_job(train, cfg)
-    # returned for Hydra sweepers that optimise a value
-    return metrics.get("val/elbo_bpd") if metrics else None
+    # returned for Hydra sweepers that optimise a value (hparams_search=optuna)
+    return metrics.get(cfg.get("optimized_metric") or "val/elbo_bpd") if metrics else None
 
 
 if __name__ == "__main__":

@@ -439,3 +439,22 @@ def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path):
         assert metrics[world]["per_t_nats_per_dim"] == pytest.approx(metrics[1]["per_t_nats_per_dim"], rel=1e-6)
         for row, ref in zip(examples[world], examples[1], strict=True):
             assert row == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_optuna_search_minimizes_the_metric_train_returns(tmp_path):
+    """hparams_search=optuna: trials are named by their sampled values, each returns optimized_metric, and the
+    sweeper's best value is the smallest val/elbo_bpd of the trials."""
+    import yaml
+
+    result = run_cli(
+        "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "schedule.timesteps=50", f"hydra.sweep.dir={tmp_path}", timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if (p / "train_metrics.json").is_file()]
+    assert len(runs) == 2 and all("optimizer.lr=" in p.name and "model.dropout=" in p.name for p in runs)
+    values = [json.loads((p / "train_metrics.json").read_text())["val/elbo_bpd"] for p in runs]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(values), rel=1e-6)

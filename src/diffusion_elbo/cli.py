@@ -62,16 +62,19 @@ def _sweep_overrides(sweep_dir: str | None) -> list[str]:
     return [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
 
 
-def swept_dirname(task_overrides: list[str], job_num: int | str, sweep_dir: str | None = None) -> str:
+def swept_dirname(
+    task_overrides: list[str], job_num: int | str, sweep_dir: str | None = None, sweeper_params=None
+) -> str:
     """Readable sweep subdirectory: only the swept overrides of this job (``schedule=cosine``), the sweep read
-    with Hydra's own override grammar (:func:`_sweep_overrides`); the job number when nothing was swept by hand."""
+    with Hydra's own override grammar (:func:`_sweep_overrides`), and the keys of a sweeper's own search space
+    (``hydra.sweeper.params``, e.g. Optuna's); the job number when nothing was swept by hand."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(_sweep_overrides(sweep_dir))
     except Exception:  # overrides this parser cannot read: fall back to the job number
         return str(job_num)
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(sweeper_params or {})
     parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
     return ",".join(parts).replace("/", "_") if parts else str(job_num)
 
