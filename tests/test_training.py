@@ -379,8 +379,14 @@ def test_wandb_credentials_are_looked_up_for_the_configured_server(tmp_path, mon
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[], ["schedule=learned", "loss=vdm", "model.model_channels=16"]])
-def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overrides):
+@pytest.mark.parametrize(
+    ("overrides", "runs"),
+    [
+        ([], ((1, 180), (2, 180), (3, 180), (1, 7), (3, 7))),
+        (["schedule=learned", "loss=vdm", "model.model_channels=16"], ((1, 180), (3, 180))),
+    ],
+)
+def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overrides, runs):
     """val/elbo_bpd, its terms and SEs, and the per-t profile on 1, 2 and 3 gloo processes agree to 1e-6 relative:
     every example draws its timesteps and noise from its own seed, and the val split is sharded without padding
     (180 digits: 90/90 and 60/60/60; 3 processes of 7 examples would be uneven, tested with val_examples=7)."""
@@ -390,7 +396,7 @@ def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overri
     from tests.helpers import REPO_ROOT
 
     results = {}
-    for world, examples in ((1, 180), (2, 180), (3, 180), (1, 7), (3, 7)):
+    for world, examples in runs:
         out = tmp_path / f"w{world}-{examples}.json"
         proc = subprocess.run(
             [sys.executable, str(REPO_ROOT / "tests" / "validate_world.py"), str(world), str(out),
@@ -400,12 +406,12 @@ def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overri
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[(world, examples)] = json.loads(out.read_text())
-    for examples, worlds in ((180, (2, 3)), (7, (3,))):
+    for (world, examples), got in results.items():
         ref = results[(1, examples)]
-        for world in worlds:
-            got = results[(world, examples)]
+        if world > 1:
             for key, value in ref["metrics"].items():
                 assert got["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (world, key)
             for key, values in ref["profile"].items():
                 assert got["profile"][key] == pytest.approx(values, rel=1e-6, abs=1e-9), (world, key)
-    assert results[(1, 7)]["metrics"]["val/elbo_bpd"] != results[(1, 180)]["metrics"]["val/elbo_bpd"]
+    if (1, 7) in results:  # a subset is a number of examples: 7 give another number than 180
+        assert results[(1, 7)]["metrics"]["val/elbo_bpd"] != results[(1, 180)]["metrics"]["val/elbo_bpd"]
