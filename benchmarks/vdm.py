@@ -3,6 +3,7 @@
     python benchmarks/vdm.py oracle
     python benchmarks/vdm.py curve --run default=<run dir> --run vdm=<run dir> ... [--steps 2000 4000 ...]
     python benchmarks/vdm.py variance --ckpt <continuous checkpoint>
+    python benchmarks/vdm.py fid --ckpt default-2k=<ckpt> --ckpt vdm-2k=<ckpt> ...
 
 ``oracle``: the Gaussian closed form of the continuous-time bound against Monte Carlo estimates for every schedule shape
 with the same endpoints, and the T-step bound's closed form as T grows. ``curve``: test-split bound (and its three
@@ -142,6 +143,32 @@ def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: i
     )
 
 
+def fid(checkpoints: list[str]) -> None:
+    """Classifier FID (2000 DDIM-50 samples against the train split) of each ``label=ckpt``, through src/eval.py."""
+    from bounds import evaluate
+
+    rows, lines = [], ["| model | checkpoint step | FID (2000 samples, DDIM 50) |", "|---|---|---|"]
+    for spec in checkpoints:
+        label, ckpt = spec.split("=", 1)
+        overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", "wandb.enabled=false"]
+        keep = OUT / "fid" / label
+        kept = keep / "metrics.json"
+        command = "python src/eval.py " + " ".join(overrides)
+        if kept.is_file() and json.loads(kept.read_text()).get("command") == command:
+            m = json.loads(kept.read_text())
+        else:
+            m = evaluate(overrides, keep=keep)
+        step = int(Path(ckpt).stem.split("_")[-1]) if "step_" in ckpt else None
+        rows.append({"model": label, "ckpt": ckpt, "step": step, "fid": m["fid"]})
+        lines.append(f"| {label} | {step} | {m['fid']:.3f} |")
+    _write(
+        "fid",
+        {"rows": rows},
+        lines,
+        "Classifier FID (features of the project's digits classifier, 99.4% test accuracy).",
+    )
+
+
 def variance(ckpt: str, num_examples: int, repeats: int) -> None:
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.logsnr import CosineLogSNR, LinearLogSNR
@@ -208,6 +235,8 @@ def main() -> None:
     c.add_argument("--steps", type=int, nargs="+", default=[600, 2000, 4000, 6000, 8000, 10000])
     c.add_argument("--num-examples", type=int, default=None)
     c.add_argument("--strata", type=int, default=64)
+    f = sub.add_parser("fid")
+    f.add_argument("--ckpt", action="append", required=True, help="label=<checkpoint>")
     v = sub.add_parser("variance")
     v.add_argument("--ckpt", required=True)
     v.add_argument("--num-examples", type=int, default=180)
@@ -218,6 +247,8 @@ def main() -> None:
         oracle()
     elif args.what == "curve":
         curve(args.run, args.steps, args.num_examples, args.strata)
+    elif args.what == "fid":
+        fid(args.ckpt)
     else:
         variance(args.ckpt, args.num_examples, args.repeats)
 

@@ -145,7 +145,7 @@ class GeneratedDataModule(DiffusionDataModule):
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_examples: int | None = 512,
+        val_examples: int | None = 1024,  # cheap examples: validation reads more of them
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, val_examples)
         if min(num_train, num_val, num_test) < 1:
