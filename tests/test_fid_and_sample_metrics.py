@@ -62,6 +62,7 @@ def _worker(rank: int, init_file: str, cache_dir: str, fake: torch.Tensor, out: 
     value = fid.compute()
     if rank == 0:
         torch.save(value, out)
+    dist.barrier()  # every rank done before any tears gloo down
     dist.destroy_process_group()
 
 

@@ -299,6 +299,7 @@ def _ode_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         results = {bs: _sharded_ode(bs) for bs in (1, 4)}
         if rank == 0:
             torch.save({bs: (r.nll, r.true_nll, r.nfe) for bs, r in results.items()}, out_file)
+        dist.barrier()  # every rank done before any tears gloo down (a rank leaving early can abort another's)
     finally:
         dist.destroy_process_group()
 

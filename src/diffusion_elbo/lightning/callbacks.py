@@ -215,10 +215,12 @@ class ScheduleSummary(L.Callback):
             "schedule/alpha_bar_T": float(schedule.alpha_bar[-1]),
             "schedule/timesteps": schedule.T,
         }
+        from lightning.pytorch.loggers import WandbLogger
+
         for logger in trainer.loggers:
             # a property of the run, not a curve: the run's config (every logger), and W&B's summary
             logger.log_hyperparams({"schedule_summary": summary})
-            if hasattr(getattr(logger, "experiment", None), "summary"):
+            if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(summary)
 
 
