@@ -44,9 +44,11 @@ def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
     return cfg
 
 
-def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run src/<script> in a subprocess, as a user would."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+def run_cli(
+    script: str, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run src/<script> in a subprocess, as a user would (``env`` adds environment variables)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "src" / script), *args],
         cwd=cwd or REPO_ROOT,
