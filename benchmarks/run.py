@@ -109,7 +109,8 @@ def lightning_steps(steps: int, overrides: list[str], all_callbacks: bool = Fals
         logger=build_loggers(cfg, cfg.paths.output_dir),
         default_root_dir=cfg.paths.output_dir,
         limit_val_batches=0,
-        enable_checkpointing=False,
+        # the user's run keeps its ModelCheckpoint (it writes nothing in these steps); the lean one has none
+        enable_checkpointing=all_callbacks,
     )
     trainer.fit(module, datamodule=datamodule)
     return timer.times, timer.data_wait
