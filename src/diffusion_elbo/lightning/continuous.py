@@ -249,15 +249,6 @@ class ContinuousDiffusionModule(DiffusionModule):
             "written are kept."
         )
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
-            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            raise NonFiniteLossError(
-                f"non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), first {bad[:4]}. "
-                "Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already written are kept."
-            )
-
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self.refresh_schedule()

@@ -319,7 +319,8 @@ class DiffusionModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        # every trainable parameter: the network's, and a learned noise schedule's (ContinuousDiffusionModule)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         # one fused norm and one device sync per step; the per-parameter search only runs after a failure
         if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
             return
