@@ -7,9 +7,11 @@ what moves it (EMA length, learning rate, dropout, parametrization, schedule). R
 
 Each variant is ``label=override,override,...`` (empty: the default as a user runs it). Every (variant, seed) trains
 with ``src/train.py`` in its own process (``--jobs`` at a time, ``OMP_NUM_THREADS=cores/jobs`` each, so runs in one
-table get the same CPU share), then ``src/eval.py`` computes the classifier FID of its last checkpoint (EMA weights):
-2000 DDIM-50 samples against the train split, as in ``benchmarks/vdm/fid.md``. The last validation bound
-(``val/elbo_bpd``, the 180 val digits) is read from the run's CSV log. A finished (variant, seed) is kept in
+table get the same CPU share), then the classifier FID of its last checkpoint (EMA weights) is computed with ``src/eval.py``'s functions:
+2000 DDIM-50 samples against the train split, as in ``benchmarks/vdm/fid.md``, once for each sampling seed
+(``--fid-seeds``; one 2000-sample FID of a digits model varies by about 0.4 between sampling seeds,
+``benchmarks/SAMPLING.md``). The last validation bound
+(``val/elbo_bpd``, the 180 val digits) is read from the run's CSV log. A trained run whose eval is missing is evaluated, not retrained; a finished (variant, seed) is kept in
 ``<out>/<name>/runs.json`` and not rerun while its command is unchanged.
 """
 
@@ -56,7 +58,32 @@ def _last_val(run_dir: Path) -> float | None:
     return value
 
 
-def _job(label: str, overrides: list[str], seed: int, steps: int, runs_dir: Path, threads: int) -> dict:
+def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> list[float]:
+    """Classifier FID of ``num_samples`` DDIM-50 samples of the checkpoint (its EMA weights) against the train split,
+    once per sampling seed (other x_T and noise), with the functions ``src/eval.py`` uses."""
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.fid import make_fid
+    from diffusion_elbo.lightning.callbacks import compute_fid
+
+    loaded = load_for_eval(ckpt)
+    loaded.datamodule.setup("fit")
+    fid = make_fid(loaded.datamodule, cache_dir=ROOT / "data" / "cache")
+    return [
+        compute_fid(loaded.module, fid, num_samples, 0, 1, sampler="ddim", steps=50, eta=0.0, batch_size=256, seed=s)
+        for s in seeds
+    ]
+
+
+def _job(
+    label: str,
+    overrides: list[str],
+    seed: int,
+    steps: int,
+    runs_dir: Path,
+    threads: int,
+    fid_seeds: list[int],
+    known: dict[int, float] | None = None,
+) -> dict:
     run_dir = runs_dir / f"{label}-s{seed}"
     train = [
         sys.executable,
@@ -69,20 +96,22 @@ def _job(label: str, overrides: list[str], seed: int, steps: int, runs_dir: Path
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    train_s = time.perf_counter() - start
+    finished = run_dir / "train_metrics.json"
+    if finished.is_file() and json.loads(finished.read_text()).get("global_step") == steps:
+        # trained by an earlier invocation that stopped before its eval: keep it, time it from its log
+        train_s = finished.stat().st_mtime - (run_dir / ".hydra" / "config.yaml").stat().st_mtime
+    else:
+        start = time.perf_counter()
+        subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        train_s = time.perf_counter() - start
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    evaluate = [
-        sys.executable,
-        "src/eval.py",
-        f"ckpt_path='{ckpt}'",
-        "num_examples=1",
-        "fid.num_samples=2000",
-        "wandb.enabled=false",
-    ]
-    subprocess.run(evaluate, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = json.loads(next((run_dir / "eval").glob("last-*/metrics.json")).read_text())
+    have = dict(known or {})  # sampling seed -> FID, of an earlier invocation on this same checkpoint
+    missing = [s for s in fid_seeds if s not in have]
+    if missing:
+        fid = [sys.executable, str(Path(__file__).resolve()), "--fid", str(ckpt), "--fid-seeds", *map(str, missing)]
+        done = subprocess.run(fid, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        have.update(zip(missing, json.loads(done.stdout.strip().splitlines()[-1]), strict=True))
+    fids = [have[s] for s in fid_seeds]
     return {
         "label": label,
         "seed": seed,
@@ -91,7 +120,9 @@ def _job(label: str, overrides: list[str], seed: int, steps: int, runs_dir: Path
         "command": "python src/train.py " + " ".join(train[2:-1]),
         "train_minutes": train_s / 60,
         "threads": threads,
-        "fid": metrics["fid"],
+        "fid": mean(fids),
+        "fids": fids,
+        "fid_seeds": list(fid_seeds),
         "val_elbo_bpd": _last_val(run_dir),
     }
 
@@ -105,7 +136,12 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs-dir", default="outputs/short_run", help="where the training runs go (not committed)")
     p.add_argument("--caption", default="")
+    p.add_argument("--fid-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="sampling seeds of the FID")
+    p.add_argument("--fid", help=argparse.SUPPRESS)  # internal: print the FIDs of this checkpoint as JSON
     args = p.parse_args()
+    if args.fid:
+        print(json.dumps(checkpoint_fids(args.fid, args.fid_seeds)))
+        return
 
     out = OUT / args.name
     out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +164,17 @@ def main() -> None:
     for label, overrides in variants:
         for seed in args.seeds:
             done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == args.steps]
-            if done and done[0]["overrides"] == overrides:
+            if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds:
                 continue
-            todo.append((label, overrides, seed))
+            known = {}
+            if done and done[0]["overrides"] == overrides:  # trained, some sampling seeds missing
+                known = dict(zip(done[0].get("fid_seeds", [0]), done[0].get("fids", [done[0]["fid"]]), strict=True))
+            todo.append((label, overrides, seed, known))
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(_job, *t, args.steps, runs_dir, threads) for t in todo]
+        futures = [
+            pool.submit(_job, label, overrides, seed, args.steps, runs_dir, threads, args.fid_seeds, known)
+            for label, overrides, seed, known in todo
+        ]
         for f in futures:
             row = f.result()
             kept = [r for r in kept if not (r["label"] == row["label"] and r["seed"] == row["seed"])] + [row]
@@ -142,19 +184,20 @@ def main() -> None:
     order = [label for label, _ in variants]
     rows = sorted((r for r in kept if r["label"] in order), key=lambda r: (order.index(r["label"]), r["seed"]))
     lines = [
-        "| variant | overrides | seeds | FID (2000 samples, DDIM 50) | val -ELBO (bits/dim) | train minutes |",
-        "|---|---|---|---|---|---|",
+        "| variant | overrides | training seeds | FID (2000 samples, DDIM 50) | FID per training seed | "
+        "val -ELBO (bits/dim) | train minutes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, overrides in variants:
         mine = [r for r in rows if r["label"] == label]
         if not mine:
             continue
-        fids = [r["fid"] for r in mine]
-        fid = f"{mean(fids):.3f}" + (f" ± {stdev(fids):.3f}" if len(fids) > 1 else "")
-        per_seed = ", ".join(f"{v:.3f}" for v in fids)
+        draws = [v for r in mine for v in r.get("fids", [r["fid"]])]
+        fid = f"{mean(draws):.3f}" + (f" ± {stdev(draws):.3f}" if len(draws) > 1 else "")
+        per_seed = ", ".join(f"{r['seed']}: {r['fid']:.3f}" for r in mine)
         vals = [r["val_elbo_bpd"] for r in mine if r["val_elbo_bpd"] is not None]
         lines.append(
-            f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {fid} ({per_seed}) | "
+            f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {fid} | {per_seed} | "
             f"{f'{mean(vals):.3f}' if vals else '-'} | {mean(r['train_minutes'] for r in mine):.1f} |"
         )
     m = machine()
@@ -162,7 +205,8 @@ def main() -> None:
     caption = (
         f"{args.steps} training steps, batch 128, each run on {threads} thread(s) with {args.jobs} at a time. "
         "FID: classifier features, 2000 DDIM-50 samples of the EMA weights against the train split (lower is "
-        "better; ± is the std over seeds). " + args.caption
+        f"better), computed for the sampling seeds {args.fid_seeds} of each run; mean ± std over all (training "
+        "seed, sampling seed) draws. val -ELBO: the 180 val digits at the last step. " + args.caption
     )
     (out / "table.md").write_text("\n".join([f"# {args.name}", "", f"{machine_line(m)} {caption}", "", *lines]) + "\n")
     print("\n".join(lines))
