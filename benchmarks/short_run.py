@@ -129,8 +129,8 @@ def _job(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True)
-    p.add_argument("--variant", action="append", required=True, help="label=override,override,... (may be empty)")
+    p.add_argument("--name")
+    p.add_argument("--variant", action="append", default=[], help="label=override,override,... (may be empty)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--jobs", type=int, default=2)
@@ -142,6 +142,8 @@ def main() -> None:
     if args.fid:
         print(json.dumps(checkpoint_fids(args.fid, args.fid_seeds)))
         return
+    if not args.name or not args.variant:
+        p.error("--name and at least one --variant are required")
 
     out = OUT / args.name
     out.mkdir(parents=True, exist_ok=True)
