@@ -238,6 +238,7 @@ def test_a_sweep_runs_past_a_bad_job_records_why_and_exits_nonzero(tmp_path):
     result = run_cli(
         "train.py",
         "-m",
+        "schedule=linear",  # linear betas (0.0001 to 0.02, scaled by 1000 / T) are invalid at T = 10
         "schedule.timesteps=100,10,200",
         *FAST,
         "trainer.max_steps=2",

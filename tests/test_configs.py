@@ -47,8 +47,9 @@ def test_every_option_of_a_group_composes(group):
             cfg = compose_with(["schedule=custom", "schedule.betas=[0.1,0.2,0.3]"])
         elif group == "loss" and option == "hybrid":  # it trains a learned variance (tested in test_learned_variance)
             cfg = compose_with(["loss=hybrid", "variance=learned_range"])
-        elif group == "schedule" and option == "learned":  # trained through the bound (tested in test_continuous)
-            cfg = compose_with(["schedule=learned", "loss=vdm"])
+        elif group == "schedule" and option in ("learned", "logsnr_linear", "logsnr_cosine", "logsnr_discrete"):
+            # continuous time trains with the bound (loss=vdm; tested in test_continuous), not the default v_mse
+            cfg = compose_with([f"schedule={option}", "loss=vdm"])
         else:
             cfg = compose_with([f"{group}={option}"])
         validate_config(cfg)
