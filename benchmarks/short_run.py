@@ -10,7 +10,7 @@ with ``src/train.py`` in its own process (``--jobs`` at a time, ``OMP_NUM_THREAD
 table get the same CPU share), then the classifier FID of its last checkpoint (EMA weights) is computed with ``src/eval.py``'s functions:
 2000 DDIM-50 samples against the train split, as in ``benchmarks/vdm/fid.md``, once for each sampling seed
 (``--fid-seeds``; one 2000-sample FID of a digits model varies by about 0.4 between sampling seeds,
-``benchmarks/SAMPLING.md``; today the seed does not reach the samples, see ``--help``). The last validation bound
+``benchmarks/SAMPLING.md``). The last validation bound
 (``val/elbo_bpd``, the 180 val digits) is read from the run's CSV log. A trained run whose eval is missing is evaluated, not retrained; a finished (variant, seed) is kept in
 ``<out>/<name>/runs.json`` and not rerun while its command is unchanged.
 """
@@ -141,8 +141,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[0],
-        help="sampling seeds of the FID. Today the samples do not depend on it: example_generator puts the seed "
-        "above the low 32 bits, the only ones torch's CPU generator uses (a known bug, see the session note)",
+        help="sampling seeds of the FID (each its own x_T per sample; the FID's mean over seeds and its spread)",
     )
     p.add_argument("--fid", help=argparse.SUPPRESS)  # internal: print the FIDs of this checkpoint as JSON
     args = p.parse_args()

@@ -281,3 +281,27 @@ def test_single_step_chain_has_finite_terms_and_gradients():
     term, _ = term_nats(lambda x_t, t: weight * x_t, s, x0, t, parametrization="x0", variance="small", num_bins=None)
     term.sum().backward()
     assert torch.isfinite(term).all() and torch.isfinite(weight.grad).all()
+
+
+def test_example_seed_lets_the_base_seed_reach_every_examples_draws():
+    """torch's CPU generator keeps 32 bits of its seed, so example_seed folds (seed, index) into 32 bits: another base
+    seed gives other draws, seed 0 keeps the index (the draws of every number recorded before the fold), each base
+    seed is one-to-one over indices, and base seeds 0..999 start >= 1e6 apart (no shared draws on splits < 10^6)."""
+    from diffusion_elbo.core.elbo import SEED_STRIDE, example_generator, example_seed, per_example_draws
+
+    assert torch.Generator().manual_seed(5).initial_seed() == 5
+    same = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(same, torch.randn(4, generator=torch.Generator().manual_seed(2**32 + 5)))  # the reason
+    assert torch.equal(torch.randn(4, generator=example_generator(0, 5)), same)
+    for seed in (1, 2, 12345):
+        assert not torch.allclose(torch.randn(4, generator=example_generator(seed, 5)), same)
+    (t0, _), n0 = per_example_draws(1000, 4, torch.arange(3), 0, (2, 2))
+    (t1, _), n1 = per_example_draws(1000, 4, torch.arange(3), 1, (2, 2))
+    assert not torch.equal(t0, t1) and not torch.equal(n0, n1)
+    assert len({example_seed(7, i) for i in range(100_000)}) == 100_000
+    starts = sorted(s * SEED_STRIDE % 2**32 for s in range(1000))
+    gaps = [b - a for a, b in itertools.pairwise(starts)] + [starts[0] + 2**32 - starts[-1]]
+    assert min(gaps) >= 10**6
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match="outside"):
+            example_seed(0, bad)

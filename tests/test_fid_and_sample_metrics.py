@@ -159,3 +159,5 @@ def test_fid_sample_set_is_the_same_on_1_2_and_3_processes(tmp_path):
     torch.testing.assert_close(sets[2], sets[1], rtol=0, atol=1e-4)
     torch.testing.assert_close(sets[3], sets[1], rtol=0, atol=1e-4)
     assert (sets[1][0] - sets[1][1]).abs().max() > 1e-3  # different samples, not one repeated
+    other = torch.cat([s for _, s in fid_samples(module, 10, 0, 1, **{**options, "seed": 8})])
+    assert (other - sets[1]).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # another seed: other x_T for every sample

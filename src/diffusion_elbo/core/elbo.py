@@ -357,10 +357,28 @@ def stratified_elbo(
     return _result(schedule, x0, per_t * sizes.double(), t_values=t_values, t_weights=sizes, x0_mse=x0_mse)
 
 
+SEED_STRIDE = 0x9E3779B9  # round(2^32 / golden ratio), odd: consecutive base seeds' streams are spread over 2^32
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The 32-bit seed of example ``index`` of a split under base seed ``seed``: (index + seed * SEED_STRIDE) mod 2^32.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so seed and index are folded into 32 bits
+    (``seed * 2**32 + index`` would drop the base seed). One-to-one in the index for a given base seed (the stride is
+    odd); base seed 0 gives the index itself; the streams of base seeds 0..999 start at least 1.6e6 apart (three-gap
+    theorem of the golden-ratio sequence), so no two of them share an example's draws on splits below 10^6 examples.
+    """
+    index = int(index)
+    if not 0 <= index < 2**32:
+        raise ValueError(f"example index {index} is outside [0, 2^32): per-example draws index a split's examples")
+    return (index + int(seed) * SEED_STRIDE) % 2**32
+
+
 def example_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator of its own for example ``index`` (< 2^32) of a split: the noise an example gets depends on the
-    base seed and its index only, not on the batch or process it lands in (the same numbers on 1 or N processes)."""
-    return torch.Generator().manual_seed(int(seed) * 2**32 + int(index))
+    """A CPU generator of its own for example ``index`` (< 2^32) of a split (seeded with :func:`example_seed`): the
+    noise an example gets depends on the base seed and its index only, not on the batch or process it lands in (the
+    same numbers on 1 or N processes)."""
+    return torch.Generator().manual_seed(example_seed(seed, index))
 
 
 def per_example_draws(

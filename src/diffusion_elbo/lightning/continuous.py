@@ -31,7 +31,7 @@ from diffusion_elbo.core.vdm import (
     stratified_continuous_elbo,
 )
 from diffusion_elbo.lightning.metrics import ProfileMetric
-from diffusion_elbo.lightning.module import LN2, VAL_SEED, DiffusionModule, NonFiniteLossError
+from diffusion_elbo.lightning.module import LN2, VAL_EXAMPLE_SEED, VAL_SEED, DiffusionModule, NonFiniteLossError
 
 # the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
 # the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
@@ -258,7 +258,9 @@ class ContinuousDiffusionModule(DiffusionModule):
         self._note_precision()
         draws: dict = {"generator": self._val_generator}
         if len(batch) >= 3:  # each example's times and noise from its own seed: the same on 1 or N processes
-            u, eps = continuous_example_draws(batch[2].cpu(), VAL_SEED, self.val_strata, tuple(batch[0].shape[1:]))
+            u, eps = continuous_example_draws(
+                batch[2].cpu(), VAL_EXAMPLE_SEED, self.val_strata, tuple(batch[0].shape[1:])
+            )
             draws = {"u": u.to(self.device), "eps": eps.to(self.device)}
         result = stratified_continuous_elbo(
             self._network_float32,

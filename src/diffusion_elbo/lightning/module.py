@@ -42,7 +42,12 @@ from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
 LN2 = math.log(2.0)
-VAL_SEED = 12345  # the base seed of validation's per-example draws (common random numbers across validations)
+VAL_SEED = (
+    12345  # validation's generator for batches without example indices (common random numbers across validations)
+)
+# the base seed of validation's per-example draws: 0 keeps the draws behind every recorded val number (before base
+# seeds reached example_generator, each acted as 0); val and test examples are different data, so sharing it is harmless
+VAL_EXAMPLE_SEED = 0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -346,7 +351,7 @@ class DiffusionModule(L.LightningModule):
         if len(batch) < 3:
             return {"generator": self._val_generator}
         timesteps, noise = per_example_draws(
-            self.schedule.T, self.val_strata, batch[2].cpu(), VAL_SEED, tuple(batch[0].shape[1:])
+            self.schedule.T, self.val_strata, batch[2].cpu(), VAL_EXAMPLE_SEED, tuple(batch[0].shape[1:])
         )
         return {"timesteps": timesteps, "noise": noise.to(batch[0].device)}
 
