@@ -204,7 +204,10 @@ def ode_nll_nats(
         nonlocal nfe
         nfe += 1
         z = state[0]
-        tt = t.to(torch.float64).expand(batch)
+        # torchdiffeq picks its first step by probing the drift at t0 + h0 (Hairer et al. II.4), which passes T where
+        # the drift is small (short chains, a start near T); the drift at T stands in for that probe. Every step the
+        # solver takes lies in [t0, T] (step_t below), so the integral never uses it.
+        tt = t.to(torch.float64).clamp(max=float(schedule.T)).expand(batch)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             out = model(z.to(net_dtype), tt)
