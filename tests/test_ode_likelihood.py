@@ -359,7 +359,16 @@ def test_checkpoint_eval_with_both_likelihoods_reaches_the_training_runs_wandb_s
     run_dir = tmp_path / "run"
     cfg = compose_train(
         run_dir,
-        ["logger=wandb", "schedule.timesteps=100", "variance=learned_range", "loss=hybrid", "trainer.max_steps=3"],
+        # linear at T = 100: the start matched to the bin width lies between steps (t0 > 1; the sigmoid schedule's
+        # is below the first step, so it starts at t = 1)
+        [
+            "logger=wandb",
+            "schedule=linear",
+            "schedule.timesteps=100",
+            "variance=learned_range",
+            "loss=hybrid",
+            "trainer.max_steps=3",
+        ],
     )
     train(cfg, str(run_dir))
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
