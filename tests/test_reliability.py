@@ -185,8 +185,10 @@ def test_nonfinite_loss_can_skip_batches_with_a_warning(tmp_path):
 def test_mixed_precision_keeps_elbo_terms_in_float32_and_finite(tmp_path, precision):
     """On CPU Lightning runs 16-mixed as bf16 (its fp16 GradScaler path needs a GPU); the float16 autocast check
     below is direct."""
+    # a small UNet and batch: CPU autocast in half precision is slow where the CPU lacks native bf16/fp16 kernels
+    small = ["model.model_channels=16", "data.batch_size=16", "trainer.max_steps=4", "trainer.val_check_interval=2"]
     metrics = train(
-        compose_train(tmp_path, [f"trainer.precision={precision}", "schedule.timesteps=100"]), str(tmp_path)
+        compose_train(tmp_path, [f"trainer.precision={precision}", "schedule.timesteps=100", *small]), str(tmp_path)
     )
     for key in ("train/loss", "val/elbo_bpd", "val/reconstruction_bpd"):
         assert np.isfinite(metrics[key])
@@ -284,7 +286,11 @@ def _last(run_dir: Path) -> dict:
 def test_max_steps_between_checkpoints_leaves_last_at_the_final_step_with_raw_and_ema_weights(tmp_path):
     """max_steps=30 with checkpoints every 20: last.ckpt holds step 30 (not 20), with the EMA weights as the state_dict
     and the raw ones kept beside them (saved before EMA's end of training copies its average into the model)."""
-    cfg = compose_train(tmp_path, ["trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=20"])
+    cfg = compose_train(
+        tmp_path,
+        ["trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=20", "trainer.val_check_interval=15",
+         "model.model_channels=16", "data.batch_size=16"],
+    )  # fmt: skip
     metrics = train(cfg, str(tmp_path))
     assert metrics["global_step"] == 30 and (tmp_path / "checkpoints" / "step_0000020.ckpt").is_file()
     last = _last(tmp_path)
