@@ -94,16 +94,28 @@ def oracle() -> None:
     _write("oracle", {"rows": rows}, lines, "Closed forms and Monte Carlo estimates.")
 
 
-def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: int) -> None:
+def _curve_line(row: dict) -> str:
+    terms = row["terms_bpd"]
+    own = f"{row['continuous_bpd']:.3f} ± {row['continuous_bpd_se']:.3f}" if "continuous_bpd" in row else ""
+    return (
+        f"| {row['model']} | {row['step']} | {row['bpd']:.3f} ± {row['bpd_se']:.3f} | {terms['reconstruction']:.3f} | "
+        f"{terms['prior']:.4f} | {terms['denoising']:.3f} | {own} |"
+    )
+
+
+def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: int, append: bool = False) -> None:
+    """``append``: keep the rows of ``curve.json`` whose model is not among ``runs`` (their run directories may be
+    gone; each kept row's metrics.json and command stay under ``curve/``)."""
     from bounds import evaluate
 
-    rows, lines = (
-        [],
-        [
-            "| model | step | -ELBO, chain T-step (bpd) | reconstruction | prior | denoising | own continuous bound |",
-            "|---|---|---|---|---|---|---|",
-        ],
-    )
+    labels = {spec.split("=", 1)[0] for spec in runs}
+    previous = json.loads((OUT / "curve.json").read_text())["rows"] if append and (OUT / "curve.json").is_file() else []
+    rows = [row for row in previous if row["model"] not in labels]
+    lines = [
+        "| model | step | -ELBO, chain T-step (bpd) | reconstruction | prior | denoising | own continuous bound |",
+        "|---|---|---|---|---|---|---|",
+        *map(_curve_line, rows),
+    ]
     for spec in runs:
         label, run_dir = spec.split("=", 1)
         for step in steps:
@@ -123,15 +135,10 @@ def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: i
             to_bpd = 1 / math.log(2)
             terms = {k: v * to_bpd for k, v in m["terms_nats_per_dim"].items()}
             row = {"model": label, "step": step, "bpd": m["bpd"], "bpd_se": m["bpd_se"], "terms_bpd": terms}
-            own = ""
             if "continuous" in m:
                 row["continuous_bpd"], row["continuous_bpd_se"] = m["continuous"]["bpd"], m["continuous"]["bpd_se"]
-                own = f"{row['continuous_bpd']:.3f} ± {row['continuous_bpd_se']:.3f}"
             rows.append(row)
-            lines.append(
-                f"| {label} | {step} | {m['bpd']:.3f} ± {m['bpd_se']:.3f} | {terms['reconstruction']:.3f} | "
-                f"{terms['prior']:.4f} | {terms['denoising']:.3f} | {own} |"
-            )
+            lines.append(_curve_line(row))
     _write(
         "curve",
         {"rows": rows},
@@ -235,6 +242,7 @@ def main() -> None:
     c.add_argument("--steps", type=int, nargs="+", default=[600, 2000, 4000, 6000, 8000, 10000])
     c.add_argument("--num-examples", type=int, default=None)
     c.add_argument("--strata", type=int, default=64)
+    c.add_argument("--append", action="store_true", help="keep curve.json's rows of the other models")
     f = sub.add_parser("fid")
     f.add_argument("--ckpt", action="append", required=True, help="label=<checkpoint>")
     v = sub.add_parser("variance")
@@ -246,7 +254,7 @@ def main() -> None:
     if args.what == "oracle":
         oracle()
     elif args.what == "curve":
-        curve(args.run, args.steps, args.num_examples, args.strata)
+        curve(args.run, args.steps, args.num_examples, args.strata, args.append)
     elif args.what == "fid":
         fid(args.ckpt)
     else:
