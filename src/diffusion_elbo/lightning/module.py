@@ -42,9 +42,8 @@ from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
 LN2 = math.log(2.0)
-VAL_SEED = (
-    12345  # validation's generator for batches without example indices (common random numbers across validations)
-)
+# validation's generator for batches without example indices (common random numbers across validations)
+VAL_SEED = 12345
 # the base seed of validation's per-example draws: 0 keeps the draws behind every recorded val number (before base
 # seeds reached example_generator, each acted as 0); val and test examples are different data, so sharing it is harmless
 VAL_EXAMPLE_SEED = 0
