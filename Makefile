@@ -3,6 +3,9 @@
 #   make test    - install, then run the test suite
 PY ?= python3
 ARGS ?=
+# pytest-xdist workers: the suite is mostly small processes, so 2 workers on 2 cores nearly halve its time
+# (tests/conftest.py splits the cores' threads between them). WORKERS=0 runs it in one process.
+WORKERS ?= 2
 
 .PHONY: install train test lint
 install:
@@ -14,7 +17,7 @@ train: install
 	$(PY) src/train.py $(ARGS)
 
 test: install
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal $(ARGS)
 
 lint:
 	ruff check . && ruff format --check .

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (`make test` runs `-n 2`) each worker is its own process: split the cores between workers so
+    # that their torch threads, and those of the training subprocesses they start, do not oversubscribe the machine.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is not None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by subprocesses
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
