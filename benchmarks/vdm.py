@@ -4,6 +4,7 @@
     python benchmarks/vdm.py curve --run default=<run dir> --run vdm=<run dir> ... [--steps 2000 4000 ...]
     python benchmarks/vdm.py variance --ckpt <continuous checkpoint>
     python benchmarks/vdm.py fid --ckpt default-2k=<ckpt> --ckpt vdm-2k=<ckpt> ...
+    python benchmarks/vdm.py spacing --ckpt vdm-6k=<ckpt> ... [--grid 50:time 50:logsnr 200:time ...] [--append]
 
 ``oracle``: the Gaussian closed form of the continuous-time bound against Monte Carlo estimates for every schedule shape
 with the same endpoints, and the T-step bound's closed form as T grows. ``curve``: test-split bound (and its three
@@ -11,6 +12,8 @@ terms) of each run's checkpoints against steps, through the ``src/eval.py`` path
 every model, and a continuous model's own bound beside it. ``variance``: the spread of the one-sample training
 estimator of a trained continuous model under its learned schedule and under fixed shapes with the same endpoints
 (the network, conditioned on the noise level, is unchanged; the expected bound is the same for all of them).
+``spacing``: classifier FID of DDIM samples on timesteps evenly spaced in t or in log-SNR (``fid.spacing``), with how
+many of the steps fall in the noisy half (log SNR < 0), where a sample's shape is decided.
 """
 
 from __future__ import annotations
@@ -176,6 +179,58 @@ def fid(checkpoints: list[str]) -> None:
     )
 
 
+def spacing(checkpoints: list[str], grids: list[str], append: bool) -> None:
+    """Classifier FID (2000 DDIM samples, eta 0) of each ``label=ckpt`` on each ``steps:spacing`` grid, through
+    src/eval.py (``fid.steps``, ``fid.spacing``)."""
+    from bounds import evaluate
+
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core import spaced_timesteps
+
+    path = OUT / "spacing.json"
+    rows = json.loads(path.read_text())["rows"] if append and path.is_file() else []
+    for spec in checkpoints:
+        label, ckpt = spec.split("=", 1)
+        loaded = load_for_eval(ckpt)
+        schedule = loaded.schedule
+        log_snr = schedule.log_snr()
+        for grid in grids:
+            steps, kind = grid.split(":")
+            visited = torch.tensor(spaced_timesteps(schedule, int(steps), kind))
+            overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.steps={steps}",
+                         f"fid.spacing={kind}", "wandb.enabled=false"]  # fmt: skip
+            m = evaluate(overrides, keep=OUT / "spacing" / f"{label}-{steps}-{kind}")
+            rows = [r for r in rows if (r["model"], r["steps"], r["spacing"]) != (label, int(steps), kind)]
+            rows.append(
+                {
+                    "model": label,
+                    "ckpt": ckpt,
+                    "step": loaded.global_step,
+                    "steps": int(steps),
+                    "spacing": kind,
+                    "noisy_half_steps": int((log_snr[visited - 1] < 0).sum()),
+                    "fid": m["fid"],
+                    "fid_sampler": m["fid_sampler"],
+                }
+            )
+    lines = [
+        "| model | checkpoint step | DDIM steps | spacing | steps at log SNR < 0 | FID (2000 samples) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['step']} | {r['steps']} | {r['spacing']} | {r['noisy_half_steps']} | {r['fid']:.3f} |"
+        )
+    _write(
+        "spacing",
+        {"rows": rows},
+        lines,
+        "Classifier FID (features of the project's digits classifier) of DDIM (eta 0) samples of each checkpoint's EMA "
+        "weights against the train split, sampling seed 0; `time`: timesteps evenly spaced in t (DDIM's), `logsnr`: "
+        "evenly spaced in log-SNR (`sampler.spacing`).",
+    )
+
+
 def variance(ckpt: str, num_examples: int, repeats: int) -> None:
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.logsnr import CosineLogSNR, LinearLogSNR
@@ -245,6 +300,10 @@ def main() -> None:
     c.add_argument("--append", action="store_true", help="keep curve.json's rows of the other models")
     f = sub.add_parser("fid")
     f.add_argument("--ckpt", action="append", required=True, help="label=<checkpoint>")
+    sp = sub.add_parser("spacing")
+    sp.add_argument("--ckpt", action="append", required=True, help="label=<checkpoint>")
+    sp.add_argument("--grid", nargs="+", default=["50:time", "50:logsnr"], help="steps:spacing (time | logsnr)")
+    sp.add_argument("--append", action="store_true", help="keep spacing.json's other rows")
     v = sub.add_parser("variance")
     v.add_argument("--ckpt", required=True)
     v.add_argument("--num-examples", type=int, default=180)
@@ -257,6 +316,8 @@ def main() -> None:
         curve(args.run, args.steps, args.num_examples, args.strata, args.append)
     elif args.what == "fid":
         fid(args.ckpt)
+    elif args.what == "spacing":
+        spacing(args.ckpt, args.grid, args.append)
     else:
         variance(args.ckpt, args.num_examples, args.repeats)
 

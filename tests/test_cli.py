@@ -113,6 +113,7 @@ def test_train_then_eval_and_sample_checkpoint(tmp_path):
     assert m["num_examples"] == 32 and len(m["per_t_nats_per_dim"]) == 100 and m["split"] == "test"
     assert m["bpd"] > 0 and "true_nll_bpd" not in m
     assert m["fid"] > 0 and m["fid_num_samples"] == 20 and 0 <= m["fid_classifier_accuracy"] <= 1
+    assert m["fid_sampler"] == "ddim-50"  # DDIM's evenly spaced timesteps, the checkpoint's own grid
 
     for sampler in (["sampler=ddpm", "sampler.steps=10"], ["sampler=ddim", "sampler.steps=5"]):
         out = tmp_path / sampler[0].replace("=", "-")
@@ -120,6 +121,7 @@ def test_train_then_eval_and_sample_checkpoint(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         samples = np.load(out / "samples.npz")["samples"]
         assert samples.shape == (10, 1, 8, 8) and np.isfinite(samples).all()
+        assert str(np.load(out / "samples.npz")["spacing"]) == "time"
         assert np.abs(samples).max() <= 1.0  # clipped x0 on image data
         assert Image.open(out / "samples.png").size[0] > 8
 

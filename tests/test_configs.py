@@ -62,9 +62,26 @@ def test_launchers_are_available(launcher):
 
 
 def test_validate_config_lists_every_problem():
-    cfg = compose_with(["parametrization=eps3", "loss.name=l1", "optimizer.lr=-1", "data.batch_size=0"])
+    cfg = compose_with(
+        ["parametrization=eps3", "loss.name=l1", "optimizer.lr=-1", "data.batch_size=0", "sampler.spacing=sigma"]
+    )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     msg = str(err.value)
-    for fragment in ("parametrization='eps3'", "loss.name='l1'", "optimizer.lr=-1 must be > 0", "data.batch_size=0"):
+    for fragment in (
+        "parametrization='eps3'",
+        "loss.name='l1'",
+        "optimizer.lr=-1 must be > 0",
+        "data.batch_size=0",
+        "sampler.spacing='sigma' is not an option; choose one of time | logsnr",
+        "callbacks.fid.spacing='sigma'",  # the FID callback samples on the run's grid
+    ):
         assert fragment in msg
+
+
+def test_sampling_a_checkpoint_uses_its_own_grid_unless_told():
+    from diffusion_elbo.checkpoints import sampler_spacing
+
+    assert sampler_spacing(None, {"sampler": {"name": "ddim", "spacing": "logsnr"}}) == "logsnr"
+    assert sampler_spacing("time", {"sampler": {"name": "ddim", "spacing": "logsnr"}}) == "time"
+    assert sampler_spacing(None, {"sampler": {"name": "ddim"}}) == "time"  # trained before the option existed

@@ -332,6 +332,13 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     samples = module.sample(4, sampler="ddpm", generator=torch.Generator().manual_seed(0))
     ddim = module.sample(4, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(0))
     assert samples.shape == ddim.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
+    # the preset samples on evenly spaced log-SNR, and sampling the checkpoint keeps its grid unless told otherwise
+    from diffusion_elbo.checkpoints import sampler_spacing
+
+    assert cfg.callbacks.fid.spacing == cfg.callbacks.sample_grid.spacing == "logsnr"
+    assert sampler_spacing(None, loaded.config) == "logsnr"
+    on_logsnr = module.sample(4, sampler="ddim", steps=10, spacing="logsnr", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(on_logsnr).all()  # (6 steps leave the schedule near its linear start: the same grid here)
 
 
 def test_mixed_precision_runs_the_network_under_autocast_and_the_terms_in_float32(tmp_path):

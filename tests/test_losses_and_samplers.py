@@ -18,7 +18,8 @@ from diffusion_elbo.core import (
 )
 from diffusion_elbo.core.losses import MSE_LOSSES
 from diffusion_elbo.core.parametrization import output_from_x0
-from diffusion_elbo.core.samplers import respaced_timesteps
+from diffusion_elbo.core.samplers import respaced_timesteps, spaced_timesteps
+from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.models import GaussianOracle
 
 
@@ -91,6 +92,69 @@ def test_respaced_timesteps_are_descending_and_include_T():
         respaced_timesteps(100, 101)
 
 
+def _gaps(schedule, ts):
+    """The log-SNR steps between consecutive visited timesteps."""
+    lam = schedule.log_snr()
+    return (lam[torch.tensor(ts[1:]) - 1] - lam[torch.tensor(ts[:-1]) - 1]).abs()
+
+
+def test_logsnr_spacing_is_time_spacing_where_log_snr_is_linear_in_t():
+    T = 1000
+    lam = torch.linspace(10.0, -10.0, T, dtype=torch.float64)  # log SNR(t) at t = 1..T
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(lam)])
+    s = NoiseSchedule(1.0 - alpha_bar[1:] / alpha_bar[:-1])
+    for steps in (2, 10, 50, 333):  # grids with no half-integer timesteps (where rounding ties could go either way)
+        assert spaced_timesteps(s, steps, "logsnr") == respaced_timesteps(T, steps) == spaced_timesteps(s, steps)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("steps", [2, 10, 50, 999, 1000])
+def test_logsnr_spacing_gives_steps_distinct_timesteps_from_T_to_1(name, steps):
+    s = make_schedule(name, 1000)
+    ts = spaced_timesteps(s, steps, "logsnr")
+    assert len(ts) == len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[0] == 1000 and ts[-1] == 1
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+def test_logsnr_spacing_evens_out_the_log_snr_steps(name):
+    """Where the schedule resolves the grid (all but the first few timesteps of linear/cosine, whose log SNR jumps by
+    more than a grid step between t = 1 and 2) every step is one grid step, (log SNR(1) - log SNR(T)) / 49, to
+    within the schedule's own resolution; evenly spaced timesteps take steps several times larger and smaller."""
+    s = make_schedule(name, 1000)
+    lam = s.log_snr()
+    grid = float(lam[0] - lam[-1]) / 49
+    resolution = float((lam[1:] - lam[:-1]).abs()[20:].max())  # one timestep's log-SNR change, away from t = 1
+    ts = spaced_timesteps(s, 50, "logsnr")
+    inner = [t for t in ts if t > 20]
+    gaps = _gaps(s, inner)
+    assert (gaps - grid).abs().max() <= resolution + 1e-9
+    time_gaps = _gaps(s, respaced_timesteps(1000, 50))
+    assert time_gaps.max() > 1.5 * grid and time_gaps.min() < grid / 1.5
+
+
+def test_a_bad_spacing_is_refused_naming_the_options():
+    s = make_schedule("cosine", 100)
+    with pytest.raises(ValueError, match="logsnr"):
+        spaced_timesteps(s, 10, "sigma")
+    with pytest.raises(ValueError, match="sampler.steps"):
+        spaced_timesteps(s, 101, "logsnr")
+
+
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
+def test_samplers_visit_the_spaced_timesteps(spacing):
+    s = make_schedule("linear", 100)
+    oracle = GaussianOracle(s, 0.0, 1.0)
+    for sampler, kwargs in ((ddim_sample, {}), (ancestral_sample, {"variance": "small"})):
+        seen = []
+
+        def model(x, t, sampler=sampler, seen=seen):
+            seen.append(int(t[0]))
+            return oracle(x, t)
+
+        sampler(model, s, (4, 2), parametrization="eps", steps=12, spacing=spacing, **kwargs)
+        assert seen == spaced_timesteps(s, 12, spacing)
+
+
 MEAN, STD = 0.5, 0.8
 
 
@@ -101,10 +165,15 @@ MEAN, STD = 0.5, 0.8
         (ancestral_sample, {"variance": "large"}),
         (ddim_sample, {"steps": 50, "eta": 0.0}),
         (ddim_sample, {"steps": 200, "eta": 1.0}),
+        # evenly spaced log-SNR over cosine's whole range (about -16..+12 at T = 1000) is coarser than evenly spaced
+        # t where this data's noise levels are (log SNR near 0): 50 steps give std 0.755, so more steps here
+        (ddim_sample, {"steps": 200, "eta": 0.0, "spacing": "logsnr", "T": 1000}),
+        (ancestral_sample, {"variance": "small", "steps": 400, "spacing": "logsnr", "T": 1000}),
     ],
 )
 def test_samplers_with_the_oracle_reproduce_the_data_distribution(sampler, kwargs):
-    s = make_schedule("cosine", 200)
+    kwargs = dict(kwargs)
+    s = make_schedule("cosine", kwargs.pop("T", 200))
     oracle = GaussianOracle(s, MEAN, STD, "v")
     g = torch.Generator().manual_seed(3)
     x = sampler(oracle, s, (4000, 4), parametrization="v", generator=g, dtype=torch.float64, **kwargs)

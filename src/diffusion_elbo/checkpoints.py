@@ -19,6 +19,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
+def sampler_spacing(requested: str | None, train_config: dict) -> str:
+    """The sampler grid for a loaded run: ``requested`` (time | logsnr), or where it is None the run's own
+    ``sampler.spacing`` from training (``time`` for runs trained before the option existed)."""
+    if requested is not None:
+        return str(requested)
+    return str(OmegaConf.select(OmegaConf.create(train_config), "sampler.spacing", default=None) or "time")
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load a checkpoint with errors that name the problem: missing, truncated or corrupt, or not ours.
 

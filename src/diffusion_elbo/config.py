@@ -17,6 +17,7 @@ from diffusion_elbo.core import (
     Parametrization,
     ReverseVariance,
     ScheduleName,
+    Spacing,
     TimestepSampling,
 )
 from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
@@ -84,6 +85,9 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "likelihood", Likelihood, problems)
     _check_choice(cfg, "ode.divergence", Divergence, problems)
     _check_choice(cfg, "ode.dequantization", Dequantization, problems)
+    _check_choice(cfg, "sampler.spacing", Spacing, problems)
+    _check_choice(cfg, "fid.spacing", Spacing, problems)
+    _check_choice(cfg, "callbacks.fid.spacing", Spacing, problems)
     method = OmegaConf.select(cfg, "ode.method", default=None)
     if method is not None and method not in ODE_METHODS:
         problems.append(

@@ -466,7 +466,7 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         }
     )
     if cfg.ckpt_path is not None and _wants_fid(cfg, datamodule):
-        metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device))
+        metrics.update(_checkpoint_fid(cfg, loaded.module, datamodule, device, loaded.config))
     path = write_metrics(metrics, output_dir)
     write_per_example(columns, output_dir)
     if cfg.ckpt_path is not None and OmegaConf.select(cfg, "wandb.enabled", default=False):
@@ -737,11 +737,13 @@ def _wants_fid(cfg: DictConfig, datamodule) -> bool:
     return True
 
 
-def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device) -> dict:
+def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, train_config: dict) -> dict:
+    from diffusion_elbo.checkpoints import sampler_spacing
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
     f = cfg.fid
+    spacing = sampler_spacing(OmegaConf.select(f, "spacing", default=None), train_config)
     fid = make_fid(
         datamodule,
         features=f.features,
@@ -759,6 +761,7 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device) -
         sampler=f.sampler,
         steps=f.steps,
         eta=float(f.eta),
+        spacing=spacing,
         batch_size=int(f.batch_size),
         seed=int(cfg.seed),
     )
@@ -766,7 +769,8 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device) -
         "fid": value,
         "fid_features": f.features,
         "fid_num_samples": int(f.num_samples),
-        "fid_sampler": f"{f.sampler}-{f.steps or 'T'}",
+        # the grid is named only where it is not DDIM's evenly spaced timesteps, so earlier records stay comparable
+        "fid_sampler": f"{f.sampler}-{f.steps or 'T'}" + ("" if spacing == "time" else f"-{spacing}"),
         "fid_classifier_accuracy": fid.classifier_accuracy,
     }
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffusion_elbo.builders import resolve_device
-from diffusion_elbo.checkpoints import LoadedRun, load_for_eval
+from diffusion_elbo.checkpoints import LoadedRun, load_for_eval, sampler_spacing
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.visualize import save_samples
 
@@ -52,6 +52,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     if variance_name == "analytic":
         variance = sampling_analytic_table(cfg, run, device)
     sampler = cfg.sampler
+    spacing = sampler_spacing(sampler.get("spacing"), run.config)
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))
     steps_per_batch = sampler.steps or run.schedule.T
@@ -68,6 +69,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
                     sampler=sampler.name,
                     steps=sampler.steps,
                     eta=sampler.get("eta", 0.0),
+                    spacing=spacing,
                     generator=generator,
                     progress=lambda i, total: bar.advance(task, 1),
                     variance=variance,
@@ -83,6 +85,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         samples=samples.numpy(),
         sampler=sampler.name,
         steps=steps_per_batch,
+        spacing=spacing,
         variance=variance_name,
         ckpt_path=str(cfg.ckpt_path),
         global_step=run.global_step,
@@ -90,13 +93,14 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     png = save_samples(
         samples[: int(cfg.grid_size)],
         out / "samples.png",
-        title=f"{sampler.name}, {steps_per_batch} steps, variance={variance_name}",
+        title=f"{sampler.name}, {steps_per_batch} steps ({spacing}), variance={variance_name}",
     )
     log.info(
-        "wrote %d samples (%s, %d steps, variance=%s) to %s%s",
+        "wrote %d samples (%s, %d steps spaced in %s, variance=%s) to %s%s",
         samples.shape[0],
         sampler.name,
         steps_per_batch,
+        spacing,
         variance_name,
         npz,
         f" and {png}" if png else "",

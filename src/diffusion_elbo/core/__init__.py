@@ -32,7 +32,7 @@ from diffusion_elbo.core.forward import q_mean_variance, q_posterior_mean_varian
 from diffusion_elbo.core.losses import LossType, weighted_mse, x0_weight
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0, training_target
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, p_mean_variance
-from diffusion_elbo.core.samplers import ancestral_sample, ddim_sample
+from diffusion_elbo.core.samplers import Spacing, ancestral_sample, ddim_sample, spaced_timesteps
 from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule, ScheduleName, make_schedule
 from diffusion_elbo.core.timesteps import (
     ImportanceSampler,
@@ -53,6 +53,7 @@ __all__ = [
     "Parametrization",
     "ReverseVariance",
     "ScheduleName",
+    "Spacing",
     "TimestepSampler",
     "TimestepSampling",
     "UniformSampler",
@@ -80,6 +81,7 @@ __all__ = [
     "q_sample",
     "q_step_sample",
     "quantize",
+    "spaced_timesteps",
     "standard_error",
     "stratified_elbo",
     "stratified_timesteps",

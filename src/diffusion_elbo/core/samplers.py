@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from enum import Enum
 
 import torch
 from torch import Tensor
@@ -18,6 +19,15 @@ from diffusion_elbo.core.reverse import ReverseVariance, VarianceSpec, p_mean_va
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 Progress = Callable[[int, int], None]
+
+
+class Spacing(str, Enum):
+    """Which timesteps a sampler with fewer steps than T visits: evenly spaced in t (DDIM sec. 4.2, Nichol &
+    Dhariwal's respacing) or evenly spaced in log-SNR (the grid of EDM-style samplers; with a learned schedule it
+    stays put where the schedule spends most of t, at low noise)."""
+
+    TIME = "time"
+    LOGSNR = "logsnr"
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype) -> Tensor:
@@ -38,6 +48,7 @@ def ancestral_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     steps: int | None = None,
+    spacing: Spacing | str = Spacing.TIME,
     progress: Progress | None = None,
     final_noise_std: float | None = None,
 ) -> Tensor:
@@ -45,14 +56,14 @@ def ancestral_sample(
 
     The last step returns the decoder mean mu_theta(x_1, 1) = x0_hat without noise, as in Ho et al.
     With ``steps`` < T the chain runs on a respaced subsequence of timesteps, whose betas are
-    1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (Nichol & Dhariwal 2021, sec. 4).
+    1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (Nichol & Dhariwal 2021, sec. 4), chosen by ``spacing``.
 
     ``final_noise_std`` caps the std of the noise added by the step that produces x_1: the last step returns the
     mean, so that noise stays in the sample (see :func:`final_noise_cap`).
     """
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
     full = schedule
-    schedule, model_t = respace(schedule, steps or schedule.T)
+    schedule, model_t = respace(schedule, steps or schedule.T, spacing)
     if isinstance(variance, torch.Tensor) and schedule is not full:  # a table for the full chain: re-weight it
         from diffusion_elbo.core.analytic import respaced_variance_table
 
@@ -75,12 +86,13 @@ def ancestral_sample(
     return x
 
 
-def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]:
-    """A schedule over ``steps`` of the original timesteps, and the map from its t (0..steps) to the
-    original t the model was trained on, (steps + 1,) long. With steps = T it is the schedule itself."""
+def respace(schedule: NoiseSchedule, steps: int, spacing: Spacing | str = Spacing.TIME) -> tuple[NoiseSchedule, Tensor]:
+    """A schedule over ``steps`` of the original timesteps (:func:`spaced_timesteps`), and the map from its t
+    (0..steps) to the original t the model was trained on, (steps + 1,) long. With steps = T it is the schedule
+    itself."""
     if steps == schedule.T:
         return schedule, torch.arange(schedule.T + 1)
-    kept = torch.tensor(sorted(respaced_timesteps(schedule.T, steps)))  # ascending original timesteps
+    kept = torch.tensor(sorted(spaced_timesteps(schedule, steps, spacing)))  # ascending original timesteps
     alpha_bar = schedule.alpha_bar.cpu()[kept]
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     sub = NoiseSchedule(1.0 - alpha_bar / alpha_bar_prev, name=f"{schedule.name}-respaced{steps}")
@@ -95,6 +107,35 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return sorted(set(grid.tolist()), reverse=True)
 
 
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing | str = Spacing.TIME) -> list[int]:
+    """``steps`` distinct timesteps of 1..T, descending, always including T and 1.
+
+    ``time``: evenly spaced in t (:func:`respaced_timesteps`). ``logsnr``: the timesteps nearest to ``steps`` values
+    evenly spaced between log SNR(1) and log SNR(T); where the schedule moves faster than the grid (several values
+    nearest one timestep) the neighbouring timesteps are taken instead, so there are always ``steps`` of them."""
+    try:
+        spacing = Spacing(spacing)
+    except ValueError:
+        raise ValueError(f"sampler.spacing={spacing!r} is not an option; choose time or logsnr") from None
+    if spacing is Spacing.TIME:
+        return respaced_timesteps(schedule.T, steps)
+    T = schedule.T
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampler.steps must be in 1..T={T}; got {steps}")
+    log_snr = schedule.log_snr().cpu()  # (T,), decreasing in t
+    if steps == 1:
+        return [T]
+    targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), steps, dtype=torch.float64)
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1) + 1  # (steps,) ascending in t
+    chosen = nearest.tolist()
+    for i in range(1, steps):  # distinct, ascending: push collisions up ...
+        chosen[i] = max(chosen[i], chosen[i - 1] + 1)
+    chosen[-1] = T
+    for i in range(steps - 2, -1, -1):  # ... and back below T
+        chosen[i] = min(chosen[i], chosen[i + 1] - 1)
+    return sorted(chosen, reverse=True)
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Denoiser,
@@ -104,6 +145,7 @@ def ddim_sample(
     parametrization: Parametrization | str,
     steps: int = 50,
     eta: float = 0.0,
+    spacing: Spacing | str = Spacing.TIME,
     clip_denoised: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -113,7 +155,7 @@ def ddim_sample(
     x0_error: Tensor | None = None,
     final_noise_std: float | None = None,
 ) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12) on ``steps`` respaced timesteps; eta = 0 is deterministic, eta = 1
+    """DDIM (Song et al. 2021, eq. 12) on ``steps`` timesteps chosen by ``spacing``; eta = 0 is deterministic, eta = 1
     matches the ancestral sampler's variance on the respaced grid.
 
     x_{s} = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - lambda^2) eps_hat + sigma z, with
@@ -127,7 +169,7 @@ def ddim_sample(
     """
     p = Parametrization(parametrization)
     x = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
-    ts = respaced_timesteps(schedule.T, steps)
+    ts = spaced_timesteps(schedule, steps, spacing)
     for i, step_t in enumerate(ts):
         next_t = ts[i + 1] if i + 1 < len(ts) else 0
         t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)

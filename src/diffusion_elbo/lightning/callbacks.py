@@ -70,11 +70,13 @@ class SampleGrid(L.Callback):
         every_n_val: int = 1,
         dirpath: str | None = None,
         seed: int = 0,
+        spacing: str = "time",
     ) -> None:
         self.num_samples = num_samples
         self.sampler = sampler
         self.steps = steps
         self.eta = eta
+        self.spacing = spacing
         self.every_n_val = every_n_val
         self.dirpath = dirpath
         self.seed = seed
@@ -92,7 +94,12 @@ class SampleGrid(L.Callback):
     def _sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = pl_module.sample(
-            self.num_samples, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generator
+            self.num_samples,
+            sampler=self.sampler,
+            steps=self.steps,
+            eta=self.eta,
+            spacing=self.spacing,
+            generator=generator,
         )
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
         path = save_samples(
@@ -245,12 +252,13 @@ class FIDMetric(L.Callback):
         weights_path: str | None = None,
         seed: int = 0,
         classifier_steps: int = 3000,
+        spacing: str = "time",
     ) -> None:
         self.num_samples = num_samples
         self.every_n_val = every_n_val
         self.classifier_steps = classifier_steps
         self.features = features
-        self.sampler, self.steps, self.eta = sampler, steps, eta
+        self.sampler, self.steps, self.eta, self.spacing = sampler, steps, eta, spacing
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.weights_path = weights_path
@@ -296,6 +304,7 @@ class FIDMetric(L.Callback):
             sampler=self.sampler,
             steps=self.steps,
             eta=self.eta,
+            spacing=self.spacing,
             batch_size=self.batch_size,
             seed=self.seed,
         )
@@ -355,9 +364,16 @@ class Toy2DMetrics(L.Callback):
     before :class:`EMA` in the list)."""
 
     def __init__(
-        self, num_samples: int = 2000, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, seed: int = 0
+        self,
+        num_samples: int = 2000,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        seed: int = 0,
+        spacing: str = "time",
     ) -> None:
         self.num_samples, self.sampler, self.steps, self.eta, self.seed = num_samples, sampler, steps, eta, seed
+        self.spacing = spacing
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or tuple(pl_module.data_shape) != (2,) or self.num_samples < 20:
@@ -367,7 +383,12 @@ class Toy2DMetrics(L.Callback):
 
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = pl_module.sample(
-            self.num_samples, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generator
+            self.num_samples,
+            sampler=self.sampler,
+            steps=self.steps,
+            eta=self.eta,
+            spacing=self.spacing,
+            generator=generator,
         ).cpu()
         val = torch.stack(
             [trainer.datamodule.val_set[i][0] for i in range(min(len(trainer.datamodule.val_set), self.num_samples))]

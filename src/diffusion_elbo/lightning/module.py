@@ -393,13 +393,15 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddim",
         steps: int | None = None,
         eta: float = 0.0,
+        spacing: str = "time",
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
         variance: Tensor | str | None = None,
         cap_final_noise: bool = False,
         x_T: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``.
+        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``, on
+        timesteps evenly spaced in t or in log-SNR (``spacing``: time | logsnr).
 
         Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples. ``variance``
         overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one);
@@ -418,6 +420,7 @@ class DiffusionModule(L.LightningModule):
             "progress": progress,
             "final_noise_std": final_noise_cap(self.num_bins) if cap_final_noise else None,
             "x_T": x_T,
+            "spacing": spacing,
         }
         if sampler == "ddpm":
             chosen = self.variance.value if variance is None else variance
