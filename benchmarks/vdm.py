@@ -179,9 +179,10 @@ def fid(checkpoints: list[str]) -> None:
     )
 
 
-def spacing(checkpoints: list[str], grids: list[str], append: bool) -> None:
-    """Classifier FID (2000 DDIM samples, eta 0) of each ``label=ckpt`` on each ``steps:spacing`` grid, through
-    src/eval.py (``fid.steps``, ``fid.spacing``)."""
+def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: bool) -> None:
+    """Classifier FID (2000 DDIM samples, eta 0) of each ``label=ckpt`` on each ``steps:spacing`` grid and sampling
+    seed, through src/eval.py (``fid.steps``, ``fid.spacing``, ``seed``). Every grid starts from the same x_T for a
+    given seed, so the grids are compared pairwise."""
     from bounds import evaluate
 
     from diffusion_elbo.checkpoints import load_for_eval
@@ -192,42 +193,52 @@ def spacing(checkpoints: list[str], grids: list[str], append: bool) -> None:
     for spec in checkpoints:
         label, ckpt = spec.split("=", 1)
         loaded = load_for_eval(ckpt)
-        schedule = loaded.schedule
-        log_snr = schedule.log_snr()
+        log_snr = loaded.schedule.log_snr()
         for grid in grids:
             steps, kind = grid.split(":")
-            visited = torch.tensor(spaced_timesteps(schedule, int(steps), kind))
-            overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.steps={steps}",
-                         f"fid.spacing={kind}", "wandb.enabled=false"]  # fmt: skip
-            m = evaluate(overrides, keep=OUT / "spacing" / f"{label}-{steps}-{kind}")
-            rows = [r for r in rows if (r["model"], r["steps"], r["spacing"]) != (label, int(steps), kind)]
-            rows.append(
-                {
-                    "model": label,
-                    "ckpt": ckpt,
-                    "step": loaded.global_step,
-                    "steps": int(steps),
-                    "spacing": kind,
-                    "noisy_half_steps": int((log_snr[visited - 1] < 0).sum()),
-                    "fid": m["fid"],
-                    "fid_sampler": m["fid_sampler"],
-                }
-            )
-    lines = [
-        "| model | checkpoint step | DDIM steps | spacing | steps at log SNR < 0 | FID (2000 samples) |",
-        "|---|---|---|---|---|---|",
-    ]
+            visited = torch.tensor(spaced_timesteps(loaded.schedule, int(steps), kind))
+            for seed in seeds:
+                overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.steps={steps}",
+                             f"fid.spacing={kind}", f"seed={seed}", "wandb.enabled=false"]  # fmt: skip
+                m = evaluate(overrides, keep=OUT / "spacing" / f"{label}-{steps}-{kind}-seed{seed}")
+                key = (label, int(steps), kind, seed)
+                rows = [r for r in rows if (r["model"], r["steps"], r["spacing"], r.get("seed", 0)) != key]
+                rows.append(
+                    {
+                        "model": label,
+                        "ckpt": ckpt,
+                        "step": loaded.global_step,
+                        "steps": int(steps),
+                        "spacing": kind,
+                        "seed": seed,
+                        "noisy_half_steps": int((log_snr[visited - 1] < 0).sum()),
+                        "fid": m["fid"],
+                        "fid_sampler": m["fid_sampler"],
+                    }
+                )
+    cells: dict[tuple, list[dict]] = {}
     for r in rows:
+        cells.setdefault((r["model"], r["step"], r["steps"], r["spacing"], r["noisy_half_steps"]), []).append(r)
+    lines = [
+        "| model | checkpoint step | DDIM steps | spacing | steps at log SNR < 0 | FID (2000 samples) | per sampling seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (model, step, steps, kind, noisy), group in cells.items():
+        fids = torch.tensor([r["fid"] for r in group], dtype=torch.float64)
+        spread = f" ± {float(fids.std()):.3f}" if len(group) > 1 else ""
+        per_seed = ", ".join(
+            f"{r.get('seed', 0)}: {r['fid']:.3f}" for r in sorted(group, key=lambda r: r.get("seed", 0))
+        )
         lines.append(
-            f"| {r['model']} | {r['step']} | {r['steps']} | {r['spacing']} | {r['noisy_half_steps']} | {r['fid']:.3f} |"
+            f"| {model} | {step} | {steps} | {kind} | {noisy} | {float(fids.mean()):.3f}{spread} | {per_seed} |"
         )
     _write(
         "spacing",
         {"rows": rows},
         lines,
         "Classifier FID (features of the project's digits classifier) of DDIM (eta 0) samples of each checkpoint's EMA "
-        "weights against the train split, sampling seed 0; `time`: timesteps evenly spaced in t (DDIM's), `logsnr`: "
-        "evenly spaced in log-SNR (`sampler.spacing`).",
+        "weights against the train split; mean ± std over sampling seeds, each seed's x_T shared by every grid. "
+        "`time`: timesteps evenly spaced in t (DDIM's), `logsnr`: evenly spaced in log-SNR (`sampler.spacing`).",
     )
 
 
@@ -303,6 +314,7 @@ def main() -> None:
     sp = sub.add_parser("spacing")
     sp.add_argument("--ckpt", action="append", required=True, help="label=<checkpoint>")
     sp.add_argument("--grid", nargs="+", default=["50:time", "50:logsnr"], help="steps:spacing (time | logsnr)")
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds (x_T of each FID sample)")
     sp.add_argument("--append", action="store_true", help="keep spacing.json's other rows")
     v = sub.add_parser("variance")
     v.add_argument("--ckpt", required=True)
@@ -317,7 +329,7 @@ def main() -> None:
     elif args.what == "fid":
         fid(args.ckpt)
     elif args.what == "spacing":
-        spacing(args.ckpt, args.grid, args.append)
+        spacing(args.ckpt, args.grid, args.seeds, args.append)
     else:
         variance(args.ckpt, args.num_examples, args.repeats)
 

@@ -16,7 +16,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # that their torch threads, and those of the training subprocesses they start, do not oversubscribe the machine.
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is not None and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by subprocesses
         torch.set_num_threads(threads)
 

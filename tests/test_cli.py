@@ -206,8 +206,9 @@ def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_short_digits_run_beats_the_uniform_distribution(tmp_path):
-    """After 300 steps of the default recipe the exact test-set -ELBO is below log2(17) = 4.09 bits/dim (uniform over
-    17 levels); the default's 600-step checkpoint is at 2.88 on all 180 test digits (benchmarks/vdm/curve.md)."""
+    """After 300 steps of the default recipe the exact test-set -ELBO is below 3.5 bits/dim: far under log2(17) = 4.09
+    (uniform over 17 levels) and Ho et al.'s recipe after 600 steps (4.096). Such a run gave 3.014 ± 0.033 on these 64
+    test digits, and the default's 600-step checkpoint 2.88 on all 180 (benchmarks/vdm/curve.md)."""
     run_dir = tmp_path / "run"
     result = run_cli(
         "train.py",
@@ -230,7 +231,7 @@ def test_short_digits_run_beats_the_uniform_distribution(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["timesteps"] == 1000 and m["num_examples"] == 64
-    assert m["bpd"] + 4 * m["bpd_se"] < math.log2(17)
+    assert m["bpd"] + 4 * m["bpd_se"] < 3.5 < math.log2(17)
 
 
 @pytest.mark.slow
