@@ -57,6 +57,19 @@ class EMA(WeightAveraging):
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.update_every_n_steps == 0
 
 
+def _draw_samples(callback: SampleGrid | Toy2DMetrics, pl_module: L.LightningModule) -> torch.Tensor:
+    """The callback's ``num_samples`` from its sampler settings, from a generator seeded with its ``seed``."""
+    generator = torch.Generator(device=pl_module.device).manual_seed(callback.seed)
+    return pl_module.sample(
+        callback.num_samples,
+        sampler=callback.sampler,
+        steps=callback.steps,
+        eta=callback.eta,
+        spacing=callback.spacing,
+        generator=generator,
+    )
+
+
 class SampleGrid(L.Callback):
     """At the end of every ``every_n_val`` validations, draw samples (with the EMA weights: this callback
     must come before :class:`EMA` in the callback list), save a PNG in the run directory and log it."""
@@ -92,15 +105,7 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def _sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = pl_module.sample(
-            self.num_samples,
-            sampler=self.sampler,
-            steps=self.steps,
-            eta=self.eta,
-            spacing=self.spacing,
-            generator=generator,
-        )
+        samples = _draw_samples(self, pl_module)
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
         path = save_samples(
             samples, dirpath / f"step_{trainer.global_step:07d}.png", title=f"step {trainer.global_step}"
@@ -381,15 +386,7 @@ class Toy2DMetrics(L.Callback):
         from diffusion_elbo.sample_metrics import energy_distance_with_se, sliced_wasserstein_with_se
         from diffusion_elbo.visualize import save_scatter
 
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = pl_module.sample(
-            self.num_samples,
-            sampler=self.sampler,
-            steps=self.steps,
-            eta=self.eta,
-            spacing=self.spacing,
-            generator=generator,
-        ).cpu()
+        samples = _draw_samples(self, pl_module).cpu()
         val = torch.stack(
             [trainer.datamodule.val_set[i][0] for i in range(min(len(trainer.datamodule.val_set), self.num_samples))]
         )
