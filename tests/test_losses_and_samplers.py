@@ -90,6 +90,7 @@ def test_respaced_timesteps_are_descending_and_include_T():
     assert ts[0] == 1000 and ts[-1] == 1 and len(ts) == 50 and ts == sorted(ts, reverse=True)
     with pytest.raises(ValueError, match="sampler.steps"):
         respaced_timesteps(100, 101)
+    assert respaced_timesteps(100, 1) == [100]  # a one-step sampler starts from the noise
 
 
 def _gaps(schedule, ts):
@@ -113,6 +114,7 @@ def test_logsnr_spacing_gives_steps_distinct_timesteps_from_T_to_1(name, steps):
     s = make_schedule(name, 1000)
     ts = spaced_timesteps(s, steps, "logsnr")
     assert len(ts) == len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[0] == 1000 and ts[-1] == 1
+    assert spaced_timesteps(s, 1, "logsnr") == spaced_timesteps(s, 1, "time") == [1000]
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])

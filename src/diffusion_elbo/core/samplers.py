@@ -23,8 +23,8 @@ Progress = Callable[[int, int], None]
 
 class Spacing(str, Enum):
     """Which timesteps a sampler with fewer steps than T visits: evenly spaced in t (DDIM sec. 4.2, Nichol &
-    Dhariwal's respacing) or evenly spaced in log-SNR (the grid of EDM-style samplers; with a learned schedule it
-    stays put where the schedule spends most of t, at low noise)."""
+    Dhariwal's respacing) or evenly spaced in log-SNR (DPM-Solver's ``skip_type='logSNR'``, Lu et al. 2022); the latter
+    does not follow a learned schedule into the low-noise end, where it spends most of t."""
 
     TIME = "time"
     LOGSNR = "logsnr"
@@ -103,12 +103,14 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` timesteps evenly spaced in 1..T, descending, always including T (DDIM sec. 4.2)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampler.steps must be in 1..T={num_timesteps}; got {steps}")
+    if steps == 1:  # linspace(1, T, 1) is [1]: the one step must start from the noise, at T
+        return [num_timesteps]
     grid = torch.linspace(1, num_timesteps, steps, dtype=torch.float64).round().long()
     return sorted(set(grid.tolist()), reverse=True)
 
 
 def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing | str = Spacing.TIME) -> list[int]:
-    """``steps`` distinct timesteps of 1..T, descending, always including T and 1.
+    """``steps`` distinct timesteps of 1..T, descending, always including T (and 1 where steps > 1).
 
     ``time``: evenly spaced in t (:func:`respaced_timesteps`). ``logsnr``: the timesteps nearest to ``steps`` values
     evenly spaced between log SNR(1) and log SNR(T); where the schedule moves faster than the grid (several values
