@@ -113,6 +113,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_with_other_checkpoint_settings_keeps_last_ckpt_current(tmp_path):
+    """Resumed with another every_n_train_steps, the checkpoint callback's state is not restored; the periodic saves
+    must still overwrite last.ckpt (not write last-v1.ckpt beside it), so a kill leaves last.ckpt at the latest save."""
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    proc = start_train(
+        run_dir, "trainer.max_steps=8", "ckpt_path=last", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "+callbacks.die._target_=tests.faults.SignalAtStep", "+callbacks.die.step=7", "+callbacks.die.signum=9",
+    )  # fmt: skip
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+@pytest.mark.slow
 def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
     started = time.time()
     proc = subprocess.run(
