@@ -3,7 +3,7 @@
 #   make test    - install, then run the test suite
 PY ?= python3
 ARGS ?=
-# pytest-xdist workers: the suite is mostly small processes, so 2 workers on 2 cores nearly halve its time
+# pytest-xdist workers: the suite is mostly small processes, so 2 workers on 2 cores shorten it a lot
 # (tests/conftest.py splits the cores' threads between them). WORKERS=0 runs it in one process.
 WORKERS ?= 2
 
