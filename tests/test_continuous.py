@@ -29,6 +29,7 @@ from diffusion_elbo.core.vdm import (
     gaussian_continuous_terms,
     gaussian_oracle_x0,
     route_variance_gradient,
+    sigmoid_weighting,
 )
 
 MEAN, STD = 0.3, 0.5
@@ -120,6 +121,78 @@ def test_continuous_bound_of_the_gaussian_oracle_depends_only_on_the_endpoints(n
         with torch.no_grad():
             ref = continuous_terms(_oracle("eps"), _schedules()[name], x, u, eps, parametrization="eps", num_bins=None)
         torch.testing.assert_close(terms.total, ref.total, rtol=1e-9, atol=1e-9)
+
+
+def test_sigmoid_weighting_is_one_plus_a_monotone_sigmoid_in_gamma():
+    """w(gamma) = 1 + c sigmoid(gamma + b): 1 (the bound) at the clean end and for c = 0, 1 + c / 2 at gamma = -b,
+    1 + c at the noisy end, non-decreasing in between (Kingma & Gao's condition for a likelihood objective)."""
+    gamma = torch.linspace(-30.0, 30.0, 601, dtype=torch.float64)
+    w = sigmoid_weighting(gamma, 50.0, 2.0)
+    assert float(w[0]) == pytest.approx(1.0, abs=1e-9) and float(w[-1]) == pytest.approx(51.0, abs=1e-9)
+    assert float(sigmoid_weighting(torch.tensor([-2.0]), 50.0, 2.0)) == pytest.approx(26.0)
+    assert bool((w[1:] >= w[:-1]).all()) and bool((w >= 1).all())
+    assert torch.equal(sigmoid_weighting(gamma, 0.0, 2.0), torch.ones_like(gamma))
+
+
+def _weighted_diffusion_closed_form(weight: float, bias: float, gamma_min: float, gamma_max: float) -> float:
+    """1/2 int_{gamma_min}^{gamma_max} w(gamma) mmse_eps(gamma) dgamma per dim for the Gaussian oracle, with the
+    optimal eps error mmse_eps = SNR s^2 / (1 + SNR s^2) (SNR = exp(-gamma)), by the trapezoid rule on 2e5 points;
+    for w = 1 it is gaussian_continuous_terms' 1/2 log((1 + SNR_0 s^2) / (1 + SNR_1 s^2))."""
+    gamma = torch.linspace(gamma_min, gamma_max, 200001, dtype=torch.float64)
+    snr = torch.exp(-gamma)
+    integrand = 0.5 * sigmoid_weighting(gamma, weight, bias) * snr * STD**2 / (1 + snr * STD**2)
+    return float(torch.trapezoid(integrand, gamma))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "learned"])
+def test_sigmoid_weighted_loss_of_the_gaussian_oracle_matches_its_integral_for_every_shape(name):
+    """The weighted diffusion term, w(gamma(t)) 1/2 gamma'(t) ||eps - eps_hat||^2 at uniform t, estimates
+    1/2 int w(gamma) mmse_eps(gamma) dgamma: like the bound, it depends on the schedule only through the endpoints
+    (w is a function of gamma), and it lies above the bound by the lifted noisy end."""
+    n, d, weight, bias = 20000, 4, 10.0, 2.0
+    assert _weighted_diffusion_closed_form(0.0, 0.0, -13.3, 5.0) == pytest.approx(
+        gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)["diffusion"], rel=1e-8
+    )
+    x, u, eps = _gaussian_draw(n, d, seed=6)
+    schedule = _schedules()[name]
+    with torch.no_grad():
+        log_snr = schedule(u)
+        terms = continuous_terms(_oracle("v"), schedule, x, u, eps, parametrization="v", num_bins=None, log_snr=log_snr)
+    per_dim = sigmoid_weighting(log_snr.gamma, weight, bias) * terms.diffusion / d
+    se = float(per_dim.std()) / math.sqrt(n)
+    expected = _weighted_diffusion_closed_form(weight, bias, -13.3, 5.0)
+    assert abs(float(per_dim.mean()) - expected) < 4 * se, (float(per_dim.mean()), expected, se)
+    assert expected > gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)["diffusion"] + 10 * se
+
+
+def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
+    """ContinuousDiffusionModule with sigmoid_weight: the per-example loss is reconstruction + prior + w(gamma(t)) x
+    diffusion, and 0 is the bound; a negative weight, or one with loss=simple, is refused naming the fix."""
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    d = 3
+    x, u, eps = _gaussian_draw(64, d, seed=7)
+    net = _GammaMLP(d)
+
+    def module(**kwargs):
+        return ContinuousDiffusionModule(
+            net=net, logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None, **kwargs
+        )
+
+    weighted, plain = module(sigmoid_weight=10.0, sigmoid_bias=2.0), module()
+    schedule = weighted.logsnr
+    with torch.no_grad():
+        log_snr = schedule(u)
+        terms = continuous_terms(net, schedule, x, u, eps, parametrization="eps", num_bins=None, log_snr=log_snr)
+    w = 1 + 10.0 * torch.sigmoid(log_snr.gamma + 2.0)
+    torch.testing.assert_close(
+        weighted._training_nats(terms, log_snr), terms.reconstruction + terms.prior + w * terms.diffusion
+    )
+    torch.testing.assert_close(plain._training_nats(terms, log_snr), terms.total)
+    with pytest.raises(ValueError, match="sigmoid_weight must be >= 0"):
+        module(sigmoid_weight=-1.0)
+    with pytest.raises(ValueError, match="loss=vdm"):
+        module(sigmoid_weight=1.0, loss="simple")
 
 
 def _t_step_closed_form(schedule, timesteps: int) -> float:
@@ -265,6 +338,9 @@ def test_bad_log_snr_settings_are_refused():
         (["schedule=logsnr_linear", "loss=vdm", "variance=learned_range"], "leave variance=small"),
         (["schedule=logsnr_cosine", "loss=hybrid", "variance=learned_range"], "loss=vdm"),
         (["schedule=learned", "loss=vdm", "schedule.gamma_min=6"], "must be below schedule.gamma_max"),
+        (["schedule=learned", "loss=vdm", "loss.sigmoid_weight=-1"], "sigmoid_weight=-1 must be >= 0"),
+        (["schedule=logsnr_cosine", "loss=simple", "+loss.sigmoid_weight=5"], "loss=simple has none: use loss=vdm"),
+        (["loss=vdm", "loss.sigmoid_weight=5"], "schedule=sigmoid is discrete"),
     ],
 )
 def test_continuous_config_refusals_name_the_fix(tmp_path, overrides, fragment):

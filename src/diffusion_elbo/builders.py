@@ -119,6 +119,8 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
         timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="low_discrepancy"),
         variance_gradient=bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
         schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
+        sigmoid_weight=float(OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0)),
+        sigmoid_bias=float(OmegaConf.select(cfg, "loss.sigmoid_bias", default=0.0)),
         **_module_options(cfg, optimizer, lr_scheduler),
     )
 

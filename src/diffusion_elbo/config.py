@@ -101,6 +101,11 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
     if continuous:
         problems.extend(_continuous_problems(cfg))
+    elif OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0) and schedule_name is not None:
+        problems.append(
+            f"loss.sigmoid_weight weights the continuous-time bound; schedule={schedule_name} is discrete: use "
+            "schedule=learned | logsnr_linear | logsnr_cosine, or loss.sigmoid_weight=0"
+        )
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
@@ -145,6 +150,14 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
     loss = OmegaConf.select(cfg, "loss.name")
     if loss not in (None, LossType.ELBO.value, LossType.SIMPLE.value):
         problems.append(f"schedule={name} trains with loss=vdm (the bound) or loss=simple; got loss={loss}")
+    weight = OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0)
+    if weight:
+        _check_range(cfg, "loss.sigmoid_weight", problems, minimum=0)
+        _check_range(cfg, "loss.sigmoid_bias", problems)
+        if loss not in (None, LossType.ELBO.value):
+            problems.append(
+                f"loss.sigmoid_weight={weight} weights the bound's diffusion term; loss={loss} has none: use loss=vdm"
+            )
     if name == "learned" and loss == LossType.SIMPLE.value:
         problems.append("schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm")
     if OmegaConf.select(cfg, "loss.timestep_sampling") == TimestepSampling.IMPORTANCE.value:

@@ -71,6 +71,21 @@ def diffusion_nats(
     return 0.5 * timesteps * torch.expm1(gamma_t - gamma_s) * sq_error
 
 
+def sigmoid_weighting(gamma: Tensor, weight: float, bias: float) -> Tensor:
+    """Weights w(gamma) = 1 + ``weight`` sigmoid(gamma + ``bias``), (B,) -> (B,), of the diffusion term's integrand.
+
+    Kingma & Gao 2023 ("Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation") write the usual
+    diffusion losses as 1/2 E_t[w(lambda_t) (-dlambda/dt) ||eps - eps_hat||^2] with lambda = log SNR = -gamma: w = 1
+    is the bound (VDM eq. 17), and their sigmoid weighting is sigmoid(bias - lambda). Added to the bound's weight, it
+    keeps every noise level at least at the bound's weight (the low-noise end, where the bits are) and lifts the noisy
+    end (gamma > -bias), where the coarse structure that sample quality depends on is learned, by up to 1 + ``weight``.
+    A weight non-decreasing in gamma makes the loss the bound plus ``weight`` times an average of the bounds of
+    noise-perturbed data (their main result), so it stays a likelihood objective. ``weight`` = 0: the bound itself."""
+    if weight == 0:
+        return torch.ones_like(gamma)
+    return 1.0 + weight * torch.sigmoid(gamma + bias)
+
+
 def prior_kl_nats(x0: Tensor, gamma_1: Tensor) -> Tensor:
     """KL(q(z_1 | x) || N(0, I)) summed over dims, (B, *D) -> (B,) nats. Per dim
     (alpha_1^2 x^2 + sigma_1^2 - 1 - log sigma_1^2) / 2 with sigma_1^2 - 1 = -alpha_1^2: the x-free part

@@ -27,6 +27,7 @@ from diffusion_elbo.core.vdm import (
     continuous_terms,
     eps_from_output,
     route_variance_gradient,
+    sigmoid_weighting,
     step_times,
     stratified_continuous_elbo,
 )
@@ -53,6 +54,10 @@ class ContinuousDiffusionModule(DiffusionModule):
         variance_gradient: the learned shape follows the gradient of the estimator's variance (continuous time),
             the endpoints that of the bound; False trains everything on the bound.
         schedule_lr: learning rate of the learned schedule's parameters (None: the optimizer's).
+        sigmoid_weight, sigmoid_bias: with ``loss=elbo``, train on the diffusion term weighted by
+            w(gamma) = 1 + sigmoid_weight * sigmoid(gamma + sigmoid_bias) (Kingma & Gao 2023;
+            :func:`~diffusion_elbo.core.vdm.sigmoid_weighting`) for sample quality; 0 trains on the bound itself.
+            Validation and eval report the bound either way.
         The other arguments are those of :class:`DiffusionModule`.
     """
 
@@ -69,6 +74,8 @@ class ContinuousDiffusionModule(DiffusionModule):
         timestep_sampling: str = TimestepSampling.LOW_DISCREPANCY.value,
         variance_gradient: bool = True,
         schedule_lr: float | None = None,
+        sigmoid_weight: float = 0.0,
+        sigmoid_bias: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
@@ -93,6 +100,10 @@ class ContinuousDiffusionModule(DiffusionModule):
                 "(the learned schedule is itself VDM's variance reduction): use loss=vdm or "
                 "loss.timestep_sampling=low_discrepancy"
             )
+        if not sigmoid_weight >= 0:
+            raise ValueError(f"loss.sigmoid_weight must be >= 0 (0 trains on the bound itself); got {sigmoid_weight}")
+        if sigmoid_weight and loss_type is not LossType.ELBO:
+            raise ValueError("loss.sigmoid_weight weights the bound's diffusion term: it needs loss=vdm (or elbo)")
         if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
             raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
         super().__init__(
@@ -119,6 +130,8 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.timesteps = timesteps
         self.eval_timesteps = eval_timesteps
         self.schedule_lr = schedule_lr
+        self.sigmoid_weight = float(sigmoid_weight)
+        self.sigmoid_bias = float(sigmoid_bias)
         self.low_discrepancy = sampling is TimestepSampling.LOW_DISCREPANCY
         self.variance_gradient = bool(variance_gradient) and timesteps is None and loss_type is LossType.ELBO
         self.val_profile = ProfileMetric(val_strata + 1, self.num_dims)
@@ -164,7 +177,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             loss, terms = self._simple_loss(x0, eps, log_snr), None
         else:
             terms = self._terms(x0, u, eps, log_snr)
-            per_example = terms.total / self.num_dims
+            per_example = self._training_nats(terms, log_snr) / self.num_dims
             loss = per_example.mean()
             if self.variance_gradient and bool(torch.isfinite(loss)):
                 route_variance_gradient(log_snr, per_example)
@@ -177,6 +190,15 @@ class ContinuousDiffusionModule(DiffusionModule):
         if self._logging_this_step():
             self._log_continuous(terms, log_snr)
         return loss
+
+    def _training_nats(self, terms: ContinuousTerms, log_snr) -> Tensor:
+        """The per-example loss (B,) in nats: the bound, or with ``sigmoid_weight`` its diffusion term weighted by
+        w(gamma(t)) at each example's t. The weights are held fixed (detached): the gradient is that of the weighted
+        integrand, and the learned shape's variance gradient follows the variance of this loss."""
+        if not self.sigmoid_weight:
+            return terms.total
+        weights = sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
+        return terms.reconstruction + terms.prior + weights.to(terms.diffusion.dtype) * terms.diffusion
 
     def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr) -> ContinuousTerms:
         with torch.autocast(device_type=self.device.type, enabled=False):
