@@ -28,6 +28,7 @@ from diffusion_elbo.core.vdm import (
     continuous_terms,
     gaussian_continuous_terms,
     gaussian_oracle_x0,
+    route_bound_gradient,
     route_variance_gradient,
     sigmoid_weighting,
 )
@@ -185,10 +186,12 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
         log_snr = schedule(u)
         terms = continuous_terms(net, schedule, x, u, eps, parametrization="eps", num_bins=None, log_snr=log_snr)
     w = 1 + 10.0 * torch.sigmoid(log_snr.gamma + 2.0)
+    torch.testing.assert_close(weighted._training_weights(log_snr), w)
+    assert plain._training_weights(log_snr) is None
     torch.testing.assert_close(
-        weighted._training_nats(terms, log_snr), terms.reconstruction + terms.prior + w * terms.diffusion
+        weighted._training_nats(terms, w), terms.reconstruction + terms.prior + w * terms.diffusion
     )
-    torch.testing.assert_close(plain._training_nats(terms, log_snr), terms.total)
+    torch.testing.assert_close(plain._training_nats(terms, None), terms.total)
     with pytest.raises(ValueError, match="sigmoid_weight must be >= 0"):
         module(sigmoid_weight=-1.0)
     with pytest.raises(ValueError, match="loss=vdm"):
@@ -295,6 +298,41 @@ def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoint
     torch.testing.assert_close(routed["gamma_min"], ends[0])
     torch.testing.assert_close(routed["gamma_max"], ends[1])
     assert all(float(routed[k].abs().max()) > 0 for k in routed)
+
+
+def test_weighted_loss_trains_the_network_the_endpoints_get_the_bound_and_the_shape_the_weighted_variance():
+    """With L_w,i = recon + prior + w_i D_i (w fixed): route_bound_gradient and route_variance_gradient(weights=w)
+    give the network d mean(L_w), the endpoints d mean(bound) and the shape d Var_batch(L_w), each checked against
+    autograd of that objective alone."""
+    d = 3
+    x, u, eps = _gaussian_draw(64, d, seed=8)
+    weights = 1 + 20 * torch.rand(64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def objectives(schedule, net):
+        log_snr = schedule(u)
+        terms = continuous_terms(net, schedule, x, u, eps, parametrization="v", num_bins=None, log_snr=log_snr)
+        return terms.reconstruction + terms.prior + weights * terms.diffusion, terms.total, log_snr
+
+    schedule, net = _shaped_learned(), _GammaMLP(d)
+    weighted, _, log_snr = objectives(schedule, net)
+    route_bound_gradient(log_snr, weights)
+    route_variance_gradient(log_snr, weighted, weights)
+    weighted.mean().backward()
+
+    reference, ref_net = _shaped_learned(), _GammaMLP(d)
+    weighted, bound, _ = objectives(reference, ref_net)
+    shape_params = [reference.w1, reference.w2, reference.b2, reference.w3]
+    variance = ((weighted - weighted.mean()) ** 2).mean()
+    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params, retain_graph=True)):
+        torch.testing.assert_close(getattr(schedule, name).grad, grad, rtol=1e-6, atol=1e-9)
+    ends = torch.autograd.grad(bound.mean(), [reference.gamma_min, reference.gamma_max], retain_graph=True)
+    torch.testing.assert_close(schedule.gamma_min.grad, ends[0])
+    torch.testing.assert_close(schedule.gamma_max.grad, ends[1])
+    weighted_ends = torch.autograd.grad(weighted.mean(), [reference.gamma_min], retain_graph=True)
+    assert not torch.allclose(weighted_ends[0], ends[0], rtol=0.1)  # the weights do change the endpoints' gradient
+    net_grads = torch.autograd.grad(weighted.mean(), list(ref_net.parameters()))
+    for p, grad in zip(net.parameters(), net_grads, strict=True):
+        torch.testing.assert_close(p.grad, grad)
 
 
 def test_low_discrepancy_times_cover_every_stratum_once_and_are_uniform():

@@ -184,7 +184,7 @@ def continuous_terms(
     )
 
 
-def route_variance_gradient(log_snr: LogSNR, per_example_loss: Tensor) -> None:
+def route_variance_gradient(log_snr: LogSNR, per_example_loss: Tensor, weights: Tensor | None = None) -> None:
     """Make the learned shape's parameters follow the gradient of the batch variance of the loss estimator, while
     the endpoints and the network keep the gradient of the bound (Kingma et al. 2021, Sec. 5.2 and App. I.2).
 
@@ -192,13 +192,29 @@ def route_variance_gradient(log_snr: LogSNR, per_example_loss: Tensor) -> None:
     the bound gives the shape no signal, only noise; its variance does depend on the shape. A backward pass of
     mean_i L_i gives d L_i / d shape_i / B; scaling that by 2 (L_i - mean L) turns it into the gradient of
     Var_batch(L) = mean_i (L_i - mean L)^2 with respect to the shape. Hooks on ``shape`` and ``shape_slope`` do the
-    scaling, so only the shape's parameters see it. A no-op for fixed schedules."""
+    scaling, so only the shape's parameters see it. A no-op for fixed schedules.
+
+    ``weights`` (B,): the loss is a weighted one whose schedule gradient :func:`route_bound_gradient` divided by the
+    weights; they are multiplied back here, so the shape follows the variance of the loss that is trained."""
     if log_snr.shape is None or not log_snr.shape.requires_grad:
         return
     centred = (per_example_loss - per_example_loss.mean()).detach()
-    scale = 2.0 * centred
+    scale = 2.0 * centred if weights is None else 2.0 * centred * weights.detach()
     for tensor in (log_snr.shape, log_snr.shape_slope):
         tensor.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
+
+
+def route_bound_gradient(log_snr: LogSNR, weights: Tensor) -> None:
+    """With a weighted diffusion term w_i D_i in the loss (w held fixed, e.g. :func:`sigmoid_weighting`), give the
+    schedule's parameters the gradient of the bound, not of the weighted loss: the gradient reaching gamma(t_i) and
+    gamma'(t_i) of example i (only the diffusion term D_i depends on them; reconstruction and prior see the endpoints
+    through their own evaluation) is divided by w_i, so the learned endpoints settle where the bound is tightest, as in
+    VDM. The network's gradient is untouched: it trains on the weighted loss. weights (B,); a no-op for fixed
+    schedules."""
+    inverse = (1.0 / weights).detach()
+    for tensor in (log_snr.gamma, log_snr.slope):
+        if tensor.requires_grad:
+            tensor.register_hook(lambda grad, inverse=inverse: grad * inverse.to(grad.dtype))
 
 
 @torch.no_grad()

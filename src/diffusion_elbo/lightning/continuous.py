@@ -26,6 +26,7 @@ from diffusion_elbo.core.vdm import (
     continuous_example_draws,
     continuous_terms,
     eps_from_output,
+    route_bound_gradient,
     route_variance_gradient,
     sigmoid_weighting,
     step_times,
@@ -57,7 +58,8 @@ class ContinuousDiffusionModule(DiffusionModule):
         sigmoid_weight, sigmoid_bias: with ``loss=elbo``, train on the diffusion term weighted by
             w(gamma) = 1 + sigmoid_weight * sigmoid(gamma + sigmoid_bias) (Kingma & Gao 2023;
             :func:`~diffusion_elbo.core.vdm.sigmoid_weighting`) for sample quality; 0 trains on the bound itself.
-            Validation and eval report the bound either way.
+            The network trains on the weighted loss; a learned schedule's endpoints keep the bound's gradient and its
+            shape the weighted loss's variance gradient. Validation and eval report the bound either way.
         The other arguments are those of :class:`DiffusionModule`.
     """
 
@@ -177,10 +179,13 @@ class ContinuousDiffusionModule(DiffusionModule):
             loss, terms = self._simple_loss(x0, eps, log_snr), None
         else:
             terms = self._terms(x0, u, eps, log_snr)
-            per_example = self._training_nats(terms, log_snr) / self.num_dims
+            weights = self._training_weights(log_snr)
+            per_example = self._training_nats(terms, weights) / self.num_dims
             loss = per_example.mean()
+            if weights is not None:  # the network trains on the weighted loss, the schedule on the bound
+                route_bound_gradient(log_snr, weights)
             if self.variance_gradient and bool(torch.isfinite(loss)):
-                route_variance_gradient(log_snr, per_example)
+                route_variance_gradient(log_snr, per_example, weights)
         if not self._all_ranks_finite(loss):
             message = self._continuous_nonfinite_message(loss, terms, t)
             if self.nonfinite == "skip":
@@ -191,13 +196,17 @@ class ContinuousDiffusionModule(DiffusionModule):
             self._log_continuous(terms, log_snr)
         return loss
 
-    def _training_nats(self, terms: ContinuousTerms, log_snr) -> Tensor:
-        """The per-example loss (B,) in nats: the bound, or with ``sigmoid_weight`` its diffusion term weighted by
-        w(gamma(t)) at each example's t. The weights are held fixed (detached): the gradient is that of the weighted
-        integrand, and the learned shape's variance gradient follows the variance of this loss."""
+    def _training_weights(self, log_snr) -> Tensor | None:
+        """w(gamma(t)) (B,) of the weighted diffusion term (None: the bound), held fixed (detached)."""
         if not self.sigmoid_weight:
+            return None
+        return sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
+
+    @staticmethod
+    def _training_nats(terms: ContinuousTerms, weights: Tensor | None) -> Tensor:
+        """The per-example loss (B,) in nats: the bound, or with weights its diffusion term weighted by them."""
+        if weights is None:
             return terms.total
-        weights = sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
         return terms.reconstruction + terms.prior + weights.to(terms.diffusion.dtype) * terms.diffusion
 
     def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr) -> ContinuousTerms:
