@@ -323,7 +323,8 @@ def test_weighted_loss_trains_the_network_the_endpoints_get_the_bound_and_the_sh
     weighted, bound, _ = objectives(reference, ref_net)
     shape_params = [reference.w1, reference.w2, reference.b2, reference.w3]
     variance = ((weighted - weighted.mean()) ** 2).mean()
-    for name, grad in zip(("w1", "w2", "b2", "w3"), torch.autograd.grad(variance, shape_params, retain_graph=True)):
+    shape_grads = torch.autograd.grad(variance, shape_params, retain_graph=True)
+    for name, grad in zip(("w1", "w2", "b2", "w3"), shape_grads, strict=True):
         torch.testing.assert_close(getattr(schedule, name).grad, grad, rtol=1e-6, atol=1e-9)
     ends = torch.autograd.grad(bound.mean(), [reference.gamma_min, reference.gamma_max], retain_graph=True)
     torch.testing.assert_close(schedule.gamma_min.grad, ends[0])
