@@ -188,10 +188,8 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
     w = 1 + 10.0 * torch.sigmoid(log_snr.gamma + 2.0)
     torch.testing.assert_close(weighted._training_weights(log_snr), w)
     assert plain._training_weights(log_snr) is None
-    torch.testing.assert_close(
-        weighted._training_nats(terms, w), terms.reconstruction + terms.prior + w * terms.diffusion
-    )
-    torch.testing.assert_close(plain._training_nats(terms, None), terms.total)
+    torch.testing.assert_close(terms.weighted_total(w), terms.reconstruction + terms.prior + w * terms.diffusion)
+    torch.testing.assert_close(terms.weighted_total(None), terms.total)
     with pytest.raises(ValueError, match="sigmoid_weight must be >= 0"):
         module(sigmoid_weight=-1.0)
     with pytest.raises(ValueError, match="loss=vdm"):

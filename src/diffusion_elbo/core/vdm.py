@@ -139,6 +139,13 @@ class ContinuousTerms:
     def total(self) -> Tensor:
         return self.reconstruction + self.prior + self.diffusion
 
+    def weighted_total(self, weights: Tensor | None) -> Tensor:
+        """The training loss per example, (B,) nats: the bound for None, else reconstruction + prior + weights x
+        diffusion (weights (B,), e.g. :func:`sigmoid_weighting` of gamma(t))."""
+        if weights is None:
+            return self.total
+        return self.reconstruction + self.prior + weights.to(self.diffusion.dtype) * self.diffusion
+
 
 def step_times(u: Tensor, timesteps: int | None) -> tuple[Tensor, Tensor | None]:
     """Times for the diffusion term from u (B,) uniform on [0, 1): t = u in continuous time; for T steps

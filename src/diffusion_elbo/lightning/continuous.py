@@ -180,7 +180,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         else:
             terms = self._terms(x0, u, eps, log_snr)
             weights = self._training_weights(log_snr)
-            per_example = self._training_nats(terms, weights) / self.num_dims
+            per_example = terms.weighted_total(weights) / self.num_dims
             loss = per_example.mean()
             if weights is not None:  # the network trains on the weighted loss, the schedule on the bound
                 route_bound_gradient(log_snr, weights)
@@ -201,13 +201,6 @@ class ContinuousDiffusionModule(DiffusionModule):
         if not self.sigmoid_weight:
             return None
         return sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
-
-    @staticmethod
-    def _training_nats(terms: ContinuousTerms, weights: Tensor | None) -> Tensor:
-        """The per-example loss (B,) in nats: the bound, or with weights its diffusion term weighted by them."""
-        if weights is None:
-            return terms.total
-        return terms.reconstruction + terms.prior + weights.to(terms.diffusion.dtype) * terms.diffusion
 
     def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr) -> ContinuousTerms:
         with torch.autocast(device_type=self.device.type, enabled=False):
