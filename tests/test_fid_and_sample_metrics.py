@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffusion_elbo.data import DigitsDataModule
-from diffusion_elbo.fid import load_or_train_classifier, make_fid
+from diffusion_elbo.fid import load_or_train_classifier, make_fid, train_classifier
 from diffusion_elbo.sample_metrics import energy_distance_with_se, sliced_wasserstein_with_se
 
 STEPS = 300  # a quick classifier for the property tests; the default (3000 steps) is checked below
@@ -52,6 +52,29 @@ def test_reference_statistics_and_classifier_are_cached(cache_dir, digits):
     assert names == ["classifier", "reference"]
     again = load_or_train_classifier(digits, cache_dir, steps=STEPS)  # loads, does not retrain
     assert again.path.parent == cache_dir and 0 <= again.test_accuracy <= 1
+
+
+def test_classifier_weights_depend_on_its_seed_only_not_the_callers_rng_or_threads(digits):
+    """The cached classifier is what every FID is measured with, so its weights must be a function of its seed alone:
+    not of the caller's RNG state (the head's dropout drew from it) or the CPU thread count (float sums). The caller's
+    RNG state and thread count come back unchanged."""
+    threads = torch.get_num_threads()
+
+    def weights(caller_seed: int, num_threads: int, seed: int = 0) -> list[torch.Tensor]:
+        torch.manual_seed(caller_seed)
+        torch.set_num_threads(num_threads)
+        state = torch.get_rng_state()
+        model, _ = train_classifier(digits, seed=seed, steps=40)
+        assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == num_threads
+        return [t.detach().clone() for t in model.state_dict().values()]
+
+    try:
+        reference = weights(caller_seed=0, num_threads=1)
+        for other in (weights(caller_seed=123, num_threads=1), weights(caller_seed=7, num_threads=2)):
+            assert all(torch.equal(a, b) for a, b in zip(reference, other, strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(reference, weights(0, 1, seed=1), strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _worker(rank: int, init_file: str, cache_dir: str, fake: torch.Tensor, out: str) -> None:

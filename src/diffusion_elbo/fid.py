@@ -1,8 +1,9 @@
 """FID with torchmetrics' FrechetInceptionDistance, on two kinds of features:
 
 - ``classifier``: the penultimate layer of a small CNN trained by the project on the dataset's training
-  split (the usual practice for digits and MNIST; works offline). It is trained once with a fixed seed,
-  cached on disk with its test accuracy, and that accuracy is reported wherever its FID is.
+  split (the usual practice for digits and MNIST; works offline). It is trained once with a fixed seed (its
+  dropout masks included, and on CPU with one thread, so the same torch build gives the same weights on any CPU
+  machine), cached on disk with its test accuracy, and that accuracy is reported wherever its FID is.
 - ``inception``: the standard Inception-v3 pool features via torch-fidelity (``pip install .[fid]``, needs
   torchvision: GPU machines only). Weights come from ``weights_path`` when given, else the library's download.
 
@@ -12,6 +13,7 @@ classifier. The metric's states are sums reduced across DDP ranks, so samples ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +30,7 @@ from diffusion_elbo.models.classifier import FeatureClassifier
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_VERSION = 2  # bump when the architecture or its training changes: invalidates caches
+CLASSIFIER_VERSION = 3  # bump when the architecture or its training changes: invalidates caches
 
 
 @dataclass
@@ -71,6 +73,19 @@ def accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 
     return correct / max(total, 1)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On CPU, one intra-op thread for the block: float sums then do not depend on the machine's thread count, so the
+    classifier (and every FID computed with it) is bit-identical across CPU machines with the same torch build."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_classifier(
     datamodule: DiffusionDataModule,
     *,
@@ -85,33 +100,37 @@ def train_classifier(
     device = torch.device(device)
     datamodule.setup("fit")
     datamodule.setup("test")
-    train_set = datamodule.split("train")
-    labels = _labels(train_set)
-    if (labels < 0).any():
-        raise ValueError(
-            f"{type(datamodule).__name__} has no class labels, so fid.features=classifier cannot be trained on it; "
-            "use fid.features=inception for images, or the 2-D sample metrics for toy data"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the classifier's initial weights; the caller's RNG state is restored after
+    # The whole run under its own seed: the initial weights, the head's dropout masks (which otherwise drew from the
+    # caller's RNG, so the cached classifier depended on what ran before it) and the loaders' base seeds; the caller's
+    # RNG state is restored after
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), _one_cpu_thread(device):
+        torch.manual_seed(seed)
+        train_set = datamodule.split("train")
+        labels = _labels(train_set)
+        if (labels < 0).any():
+            raise ValueError(
+                f"{type(datamodule).__name__} has no class labels, so fid.features=classifier cannot be trained on "
+                "it; use fid.features=inception for images, or the 2-D sample metrics for toy data"
+            )
         model = FeatureClassifier(datamodule.data_shape[0], int(labels.max()) + 1).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
-    step = 0
-    model.train()
-    while step < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step == steps:
-                break
-    return model.eval(), accuracy(model, datamodule.split("test"), device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+        step = 0
+        model.train()
+        while step < steps:
+            for x, y in loader:
+                loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if step == steps:
+                    break
+        return model.eval(), accuracy(model, datamodule.split("test"), device)
 
 
 def load_or_train_classifier(
