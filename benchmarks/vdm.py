@@ -190,6 +190,10 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
 
     path = OUT / "spacing.json"
     rows = json.loads(path.read_text())["rows"] if append and path.is_file() else []
+    for r in rows:  # rows written before the classifier was recorded: from their kept metrics.json
+        if "classifier_accuracy" not in r:
+            kept = OUT / "spacing" / f"{r['model']}-{r['steps']}-{r['spacing']}-seed{r.get('seed', 0)}" / "metrics.json"
+            r["classifier_accuracy"] = json.loads(kept.read_text())["fid_classifier_accuracy"]
     for spec in checkpoints:
         label, ckpt = spec.split("=", 1)
         loaded = load_for_eval(ckpt)
@@ -214,23 +218,27 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
                         "noisy_half_steps": int((log_snr[visited - 1] < 0).sum()),
                         "fid": m["fid"],
                         "fid_sampler": m["fid_sampler"],
+                        "classifier_accuracy": m["fid_classifier_accuracy"],
                     }
                 )
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((r["model"], r["step"], r["steps"], r["spacing"], r["noisy_half_steps"]), []).append(r)
+        key = (r["classifier_accuracy"], r["model"], r["step"], r["steps"], r["spacing"], r["noisy_half_steps"])
+        cells.setdefault(key, []).append(r)
     lines = [
-        "| model | checkpoint step | DDIM steps | spacing | steps at log SNR < 0 | FID (2000 samples) | per sampling seed |",
-        "|---|---|---|---|---|---|---|",
+        "| classifier | model | checkpoint step | DDIM steps | spacing | steps at log SNR < 0 | FID (2000 samples) | "
+        "per sampling seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (model, step, steps, kind, noisy), group in cells.items():
+    for (accuracy, model, step, steps, kind, noisy), group in cells.items():
         fids = torch.tensor([r["fid"] for r in group], dtype=torch.float64)
         spread = f" ± {float(fids.std()):.3f}" if len(group) > 1 else ""
         per_seed = ", ".join(
             f"{r.get('seed', 0)}: {r['fid']:.3f}" for r in sorted(group, key=lambda r: r.get("seed", 0))
         )
         lines.append(
-            f"| {model} | {step} | {steps} | {kind} | {noisy} | {float(fids.mean()):.3f}{spread} | {per_seed} |"
+            f"| {accuracy:.4f} | {model} | {step} | {steps} | {kind} | {noisy} | {float(fids.mean()):.3f}{spread} | "
+            f"{per_seed} |"
         )
     _write(
         "spacing",
@@ -238,7 +246,10 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
         lines,
         "Classifier FID (features of the project's digits classifier) of DDIM (eta 0) samples of each checkpoint's EMA "
         "weights against the train split; mean ± std over sampling seeds, each seed's x_T shared by every grid. "
-        "`time`: timesteps evenly spaced in t (DDIM's), `logsnr`: evenly spaced in log-SNR (`sampler.spacing`).",
+        "`time`: timesteps evenly spaced in t (DDIM's), `logsnr`: evenly spaced in log-SNR (`sampler.spacing`). "
+        "`classifier`: the feature classifier's test accuracy, which tells the cached classifiers apart: it is "
+        "trained once per machine (cached) and has not been bit-identical across this project's sessions, so "
+        "compare FIDs only between rows with the same classifier.",
     )
 
 
