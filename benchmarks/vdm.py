@@ -248,8 +248,8 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
         "weights against the train split; mean ± std over sampling seeds, each seed's x_T shared by every grid. "
         "`time`: timesteps evenly spaced in t (DDIM's), `logsnr`: evenly spaced in log-SNR (`sampler.spacing`). "
         "`classifier`: the feature classifier's test accuracy, which tells the cached classifiers apart: it is "
-        "trained once per machine (cached) and has not been bit-identical across this project's sessions, so "
-        "compare FIDs only between rows with the same classifier.",
+        "trained once per machine and cached; before CLASSIFIER_VERSION 3 it differed from one machine to the next "
+        "(its dropout drew from the caller's RNG), so compare FIDs only between rows with the same classifier.",
     )
 
 
