@@ -190,10 +190,6 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
 
     path = OUT / "spacing.json"
     rows = json.loads(path.read_text())["rows"] if append and path.is_file() else []
-    for r in rows:  # rows written before the classifier was recorded: from their kept metrics.json
-        if "classifier_accuracy" not in r:
-            kept = OUT / "spacing" / f"{r['model']}-{r['steps']}-{r['spacing']}-seed{r.get('seed', 0)}" / "metrics.json"
-            r["classifier_accuracy"] = json.loads(kept.read_text())["fid_classifier_accuracy"]
     for spec in checkpoints:
         label, ckpt = spec.split("=", 1)
         loaded = load_for_eval(ckpt)
