@@ -31,6 +31,7 @@ from diffusion_elbo.core.vdm import (
     route_bound_gradient,
     route_variance_gradient,
     sigmoid_weighting,
+    v_weight,
 )
 
 MEAN, STD = 0.3, 0.5
@@ -194,6 +195,91 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
         module(sigmoid_weight=-1.0)
     with pytest.raises(ValueError, match="loss=vdm"):
         module(sigmoid_weight=1.0, loss="simple")
+
+
+def test_v_weight_turns_the_eps_error_into_the_v_error():
+    """||v - v_hat||^2 = (1 + exp(gamma)) ||eps - eps_hat||^2 for any v_hat, v = alpha eps - sigma x (Salimans & Ho)."""
+    from diffusion_elbo.core.vdm import eps_from_output
+
+    g = torch.Generator().manual_seed(4)
+    gamma = torch.linspace(-10.0, 8.0, 7, dtype=torch.float64)
+    x, eps, v_hat = (torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    alpha, sigma = (v[:, None] for v in alpha_sigma(gamma))
+    z = alpha * x + sigma * eps
+    eps_hat = eps_from_output("v", z, gamma, v_hat)
+    v_error = ((alpha * eps - sigma * x - v_hat) ** 2).sum(1)
+    torch.testing.assert_close(v_weight(gamma) * ((eps - eps_hat) ** 2).sum(1), v_error, rtol=1e-9, atol=1e-12)
+    assert float(v_weight(torch.tensor(0.0))) == 2.0
+
+
+class _ConditionedOracle(nn.Module):
+    """The Gaussian oracle as the module's network: it reads gamma back from the conditioning c = 1000 (gamma - lo) /
+    (hi - lo) of the reference range (lo, hi)."""
+
+    def __init__(self, reference, parametrization: str) -> None:
+        super().__init__()
+        self.lo, self.hi = reference
+        self.oracle = _oracle(parametrization)
+        self.dummy = nn.Parameter(torch.zeros(()))  # the optimizer needs a parameter
+
+    def forward(self, z, c):
+        gamma = self.lo + c.double() * (self.hi - self.lo) / 1000.0
+        return self.oracle(z.double(), gamma).to(z) + 0 * self.dummy
+
+
+def test_auxiliary_v_mse_of_the_gaussian_oracle_matches_its_integral_and_leaves_the_schedule_alone():
+    """loss.aux_weight: the auxiliary share's loss is ||v - v_hat||^2 / D at uniform t on the cosine log-SNR over the
+    reference range; for the Bayes-optimal denoiser of N(MEAN, STD^2) data its expectation is the integral over t of
+    (1 + e^gamma) SNR STD^2 / (1 + SNR STD^2) (the eps-space MMSE), and no gradient of it reaches the learned
+    schedule (only the bound trains it)."""
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    n, d = 40000, 3
+    schedule = LearnedLogSNR(-8.0, 8.0, hidden=8)
+    module = ContinuousDiffusionModule(
+        net=_ConditionedOracle(schedule.reference, "v"), logsnr=schedule, data_shape=(d,), num_bins=None,
+        parametrization="v", aux_weight=2.0, aux_fraction=0.25,
+    )  # fmt: skip
+    x = MEAN + STD * torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    bound_part, aux_part = module._split_aux(x)
+    assert aux_part.shape[0] == n // 4 and torch.equal(torch.cat([bound_part, aux_part]), x)
+    loss = module._aux_loss(torch.cat([aux_part] * 4))  # n examples
+    t = (torch.arange(200000, dtype=torch.float64) + 0.5) / 200000
+    gamma = CosineLogSNR(-8.0, 8.0)(t).gamma
+    snr = torch.exp(-gamma)
+    expected = float(((1 + torch.exp(gamma)) * snr * STD**2 / (1 + snr * STD**2)).mean())
+    # the per-example spread, for the tolerance: one draw of the same estimator, kept per example
+    with torch.no_grad():
+        u = torch.rand(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        g = CosineLogSNR(-8.0, 8.0)(u).gamma
+        eps = torch.randn(n, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        per_example = module._noise_mse(x, eps, g) * v_weight(g)
+    se = float(per_example.std()) / math.sqrt(n)
+    assert abs(float(per_example.mean()) - expected) < 4 * se
+    assert abs(float(loss) - expected) < 4 * se, (float(loss), expected, se)
+    loss.backward()
+    assert all(p.grad is None for p in module.logsnr.parameters())
+
+
+def test_auxiliary_loss_is_off_by_default_and_bad_settings_are_refused():
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    def module(**kwargs):
+        return ContinuousDiffusionModule(
+            net=_GammaMLP(3), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(3,), num_bins=None, **kwargs
+        )
+
+    x = torch.zeros(8, 3)
+    plain = module()
+    assert plain.aux_logsnr is None and plain._split_aux(x)[1] is None
+    assert module(aux_weight=1.0, aux_fraction=0.01)._split_aux(x)[1].shape[0] == 1  # at least one example
+    assert module(aux_weight=1.0, aux_fraction=0.99)._split_aux(x)[0].shape[0] == 1  # the bound keeps one
+    with pytest.raises(ValueError, match="aux_weight must be >= 0"):
+        module(aux_weight=-1.0)
+    with pytest.raises(ValueError, match="aux_fraction"):
+        module(aux_weight=1.0, aux_fraction=1.0)
+    with pytest.raises(ValueError, match="loss=vdm"):
+        module(aux_weight=1.0, loss="simple")
 
 
 def _t_step_closed_form(schedule, timesteps: int) -> float:
@@ -378,6 +464,10 @@ def test_bad_log_snr_settings_are_refused():
         (["schedule=learned", "loss=vdm", "loss.sigmoid_weight=-1"], "sigmoid_weight=-1 must be >= 0"),
         (["schedule=logsnr_cosine", "loss=simple", "+loss.sigmoid_weight=5"], "loss=simple has none: use loss=vdm"),
         (["loss=vdm", "loss.sigmoid_weight=5"], "schedule=sigmoid is discrete"),
+        (["schedule=learned", "loss=vdm", "loss.aux_weight=-1"], "aux_weight=-1 must be >= 0"),
+        (["schedule=learned", "loss=vdm", "loss.aux_weight=1", "loss.aux_fraction=0"], "use 0 < it < 1"),
+        (["schedule=logsnr_cosine", "loss=simple", "+loss.aux_weight=1"], "loss=simple has none: use loss=vdm"),
+        (["loss=vdm", "loss.aux_weight=1"], "schedule=sigmoid is discrete"),
     ],
 )
 def test_continuous_config_refusals_name_the_fix(tmp_path, overrides, fragment):

@@ -121,6 +121,8 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
         schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
         sigmoid_weight=float(OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0)),
         sigmoid_bias=float(OmegaConf.select(cfg, "loss.sigmoid_bias", default=0.0)),
+        aux_weight=float(OmegaConf.select(cfg, "loss.aux_weight", default=0.0)),
+        aux_fraction=float(OmegaConf.select(cfg, "loss.aux_fraction", default=0.5)),
         **_module_options(cfg, optimizer, lr_scheduler),
     )
 

@@ -101,6 +101,12 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
     if continuous:
         problems.extend(_continuous_problems(cfg))
+    elif OmegaConf.select(cfg, "loss.aux_weight", default=0.0) and schedule_name is not None:
+        problems.append(
+            f"loss.aux_weight adds a v-MSE share to the continuous-time bound; schedule={schedule_name} is discrete: "
+            "use schedule=learned | logsnr_linear | logsnr_cosine (or loss=hybrid for discrete schedules), or "
+            "loss.aux_weight=0"
+        )
     elif OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0) and schedule_name is not None:
         problems.append(
             f"loss.sigmoid_weight weights the continuous-time bound; schedule={schedule_name} is discrete: use "
@@ -158,6 +164,13 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"loss.sigmoid_weight={weight} weights the bound's diffusion term; loss={loss} has none: use loss=vdm"
             )
+    if OmegaConf.select(cfg, "loss.aux_weight", default=0.0):
+        _check_range(cfg, "loss.aux_weight", problems, minimum=0)
+        fraction = OmegaConf.select(cfg, "loss.aux_fraction", default=0.5)
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction < 1:
+            problems.append(f"loss.aux_fraction={fraction!r} is the share of each batch for the v-MSE: use 0 < it < 1")
+        if loss not in (None, LossType.ELBO.value):
+            problems.append(f"loss.aux_weight adds a v-MSE share to the bound; loss={loss} has none: use loss=vdm")
     if name == "learned" and loss == LossType.SIMPLE.value:
         problems.append("schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm")
     if OmegaConf.select(cfg, "loss.timestep_sampling") == TimestepSampling.IMPORTANCE.value:

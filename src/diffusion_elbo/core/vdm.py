@@ -86,6 +86,13 @@ def sigmoid_weighting(gamma: Tensor, weight: float, bias: float) -> Tensor:
     return 1.0 + weight * torch.sigmoid(gamma + bias)
 
 
+def v_weight(gamma: Tensor) -> Tensor:
+    """1 / alpha^2 = 1 + exp(gamma), (B,) -> (B,): the factor that turns ||eps - eps_hat||^2 into the v-prediction
+    error ||v - v_hat||^2 (Salimans & Ho 2022), v = alpha eps - sigma x. With alpha^2 + sigma^2 = 1,
+    eps = sigma z + alpha v, so eps - eps_hat = alpha (v - v_hat) for any parametrization of the network."""
+    return 1.0 + torch.exp(gamma)
+
+
 def prior_kl_nats(x0: Tensor, gamma_1: Tensor) -> Tensor:
     """KL(q(z_1 | x) || N(0, I)) summed over dims, (B, *D) -> (B,) nats. Per dim
     (alpha_1^2 x^2 + sigma_1^2 - 1 - log sigma_1^2) / 2 with sigma_1^2 - 1 = -alpha_1^2: the x-free part

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffusion_elbo.core import DecoderVariance, LossType, Parametrization, ReverseVariance
 from diffusion_elbo.core.distributions import sum_flat
-from diffusion_elbo.core.logsnr import LogSNRSchedule, alpha_sigma
+from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
 from diffusion_elbo.core.vdm import (
     ContinuousTerms,
@@ -31,6 +31,7 @@ from diffusion_elbo.core.vdm import (
     sigmoid_weighting,
     step_times,
     stratified_continuous_elbo,
+    v_weight,
 )
 from diffusion_elbo.lightning.metrics import ProfileMetric
 from diffusion_elbo.lightning.module import LN2, VAL_EXAMPLE_SEED, VAL_SEED, DiffusionModule, NonFiniteLossError
@@ -60,6 +61,12 @@ class ContinuousDiffusionModule(DiffusionModule):
             :func:`~diffusion_elbo.core.vdm.sigmoid_weighting`) for sample quality; 0 trains on the bound itself.
             The network trains on the weighted loss; a learned schedule's endpoints keep the bound's gradient and its
             shape the weighted loss's variance gradient. Validation and eval report the bound either way.
+        aux_weight, aux_fraction: with ``loss=elbo``, a hybrid for sample quality (the bound plus a sample-quality
+            loss, as Nichol & Dhariwal's L_hybrid pairs L_simple with L_vlb): the last ``aux_fraction`` of each batch
+            trains on the v-prediction MSE at uniform t on a fixed cosine log-SNR over the schedule's reference range
+            (Salimans & Ho 2022), weighted by ``aux_weight``; the rest trains on the bound, which alone reaches the
+            learned schedule. The bound spends its draws of t where the bits are (low noise); the auxiliary share
+            draws half its t at log SNR < 0, where the coarse structure of a sample is decided. 0: the bound alone.
         The other arguments are those of :class:`DiffusionModule`.
     """
 
@@ -78,6 +85,8 @@ class ContinuousDiffusionModule(DiffusionModule):
         schedule_lr: float | None = None,
         sigmoid_weight: float = 0.0,
         sigmoid_bias: float = 0.0,
+        aux_weight: float = 0.0,
+        aux_fraction: float = 0.5,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
@@ -106,6 +115,15 @@ class ContinuousDiffusionModule(DiffusionModule):
             raise ValueError(f"loss.sigmoid_weight must be >= 0 (0 trains on the bound itself); got {sigmoid_weight}")
         if sigmoid_weight and loss_type is not LossType.ELBO:
             raise ValueError("loss.sigmoid_weight weights the bound's diffusion term: it needs loss=vdm (or elbo)")
+        if not aux_weight >= 0:
+            raise ValueError(f"loss.aux_weight must be >= 0 (0 trains on the bound alone); got {aux_weight}")
+        if aux_weight and loss_type is not LossType.ELBO:
+            raise ValueError("loss.aux_weight adds a v-MSE share to the bound: it needs loss=vdm (or elbo)")
+        if aux_weight and not 0 < aux_fraction < 1:
+            raise ValueError(
+                f"loss.aux_fraction is the share of each batch trained on the auxiliary v-MSE, in (0, 1); got "
+                f"{aux_fraction}"
+            )
         if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
             raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
         super().__init__(
@@ -134,6 +152,10 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.schedule_lr = schedule_lr
         self.sigmoid_weight = float(sigmoid_weight)
         self.sigmoid_bias = float(sigmoid_bias)
+        self.aux_weight = float(aux_weight)
+        self.aux_fraction = float(aux_fraction)
+        # the auxiliary loss's noise levels: fixed, on the range the network's conditioning is scaled to
+        self.aux_logsnr = CosineLogSNR(*logsnr.reference) if self.aux_weight else None
         self.low_discrepancy = sampling is TimestepSampling.LOW_DISCREPANCY
         self.variance_gradient = bool(variance_gradient) and timesteps is None and loss_type is LossType.ELBO
         self.val_profile = ProfileMetric(val_strata + 1, self.num_dims)
@@ -169,7 +191,7 @@ class ContinuousDiffusionModule(DiffusionModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         self._note_precision()
-        x0 = batch[0]
+        x0, x_aux = self._split_aux(batch[0])
         u = self._draw_u(x0.shape[0])
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         with torch.autocast(device_type=self.device.type, enabled=False):  # the schedule and terms in float32
@@ -186,6 +208,10 @@ class ContinuousDiffusionModule(DiffusionModule):
                 route_bound_gradient(log_snr, weights)
             if self.variance_gradient and bool(torch.isfinite(loss)):
                 route_variance_gradient(log_snr, per_example, weights)
+        if x_aux is not None:
+            aux = self._aux_loss(x_aux)
+            self.log("train/aux_v_mse", aux.detach(), on_step=True, on_epoch=False)
+            loss = loss + self.aux_weight * aux
         if not self._all_ranks_finite(loss):
             message = self._continuous_nonfinite_message(loss, terms, t)
             if self.nonfinite == "skip":
@@ -195,6 +221,21 @@ class ContinuousDiffusionModule(DiffusionModule):
         if self._logging_this_step():
             self._log_continuous(terms, log_snr)
         return loss
+
+    def _split_aux(self, x0: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The batch's share for the bound and (the last round(aux_fraction B), at least 1) for the auxiliary loss."""
+        if not self.aux_weight or x0.shape[0] < 2:
+            return x0, None
+        n_aux = min(max(round(self.aux_fraction * x0.shape[0]), 1), x0.shape[0] - 1)
+        return x0[:-n_aux], x0[-n_aux:]
+
+    def _aux_loss(self, x0: Tensor) -> Tensor:
+        """||v - v_hat||^2 / D at t uniform (low-discrepancy) on the fixed cosine log-SNR (Salimans & Ho 2022)."""
+        u = self._draw_u(x0.shape[0])
+        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            gamma = self.aux_logsnr(u.float()).gamma
+            return (self._noise_mse(x0.float(), eps.float(), gamma) * v_weight(gamma)).mean()
 
     def _training_weights(self, log_snr) -> Tensor | None:
         """w(gamma(t)) (B,) of the weighted diffusion term (None: the bound), held fixed (detached)."""
@@ -229,11 +270,14 @@ class ContinuousDiffusionModule(DiffusionModule):
 
     def _simple_loss(self, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
         """||eps - eps_hat||^2 / D at uniform t (Ho et al.'s L_simple in continuous time)."""
-        gamma = log_snr.gamma.detach()
+        return self._noise_mse(x0, eps, log_snr.gamma.detach()).mean()
+
+    def _noise_mse(self, x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+        """||eps - eps_hat(z_t)||^2 / D per example, (B,), at z_t = alpha x0 + sigma eps with gamma (B,) held fixed."""
         alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in alpha_sigma(gamma))
         z_t = alpha * x0 + sigma * eps
-        eps_hat = eps_from_output(self.parametrization, z_t, gamma, self.denoise_at(z_t, gamma).float())
-        return (sum_flat((eps - eps_hat) ** 2) / self.num_dims).mean()
+        eps_hat = eps_from_output(self.parametrization, z_t, gamma, self._network_float32(z_t, gamma))
+        return sum_flat((eps - eps_hat) ** 2) / self.num_dims
 
     @torch.no_grad()
     def _log_continuous(self, terms: ContinuousTerms | None, log_snr) -> None:
