@@ -201,8 +201,14 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
                 overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.steps={steps}",
                              f"fid.spacing={kind}", f"seed={seed}", "wandb.enabled=false"]  # fmt: skip
                 m = evaluate(overrides, keep=OUT / "spacing" / f"{label}-{steps}-{kind}-seed{seed}")
-                key = (label, int(steps), kind, seed)
-                rows = [r for r in rows if (r["model"], r["steps"], r["spacing"], r.get("seed", 0)) != key]
+                # a row is replaced only by the same checkpoint, grid and seed under the same feature classifier:
+                # FIDs of other classifiers stay, in their own group of the table
+                key = (label, int(steps), kind, seed, m["fid_classifier_accuracy"])
+                rows = [
+                    r
+                    for r in rows
+                    if (r["model"], r["steps"], r["spacing"], r.get("seed", 0), r["classifier_accuracy"]) != key
+                ]
                 rows.append(
                     {
                         "model": label,
