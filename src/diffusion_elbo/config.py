@@ -101,17 +101,18 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
     if continuous:
         problems.extend(_continuous_problems(cfg))
-    elif OmegaConf.select(cfg, "loss.aux_weight", default=0.0) and schedule_name is not None:
-        problems.append(
-            f"loss.aux_weight adds a v-MSE share to the continuous-time bound; schedule={schedule_name} is discrete: "
-            "use schedule=learned | logsnr_linear | logsnr_cosine (or loss=hybrid for discrete schedules), or "
-            "loss.aux_weight=0"
-        )
-    elif OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0) and schedule_name is not None:
-        problems.append(
-            f"loss.sigmoid_weight weights the continuous-time bound; schedule={schedule_name} is discrete: use "
-            "schedule=learned | logsnr_linear | logsnr_cosine, or loss.sigmoid_weight=0"
-        )
+    elif schedule_name is not None:  # options of the continuous-time bound, set on a discrete schedule
+        if OmegaConf.select(cfg, "loss.aux_weight", default=0.0):
+            problems.append(
+                f"loss.aux_weight adds a v-MSE share to the continuous-time bound; schedule={schedule_name} is "
+                "discrete: use schedule=learned | logsnr_linear | logsnr_cosine (or loss=hybrid for discrete "
+                "schedules), or loss.aux_weight=0"
+            )
+        if OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0):
+            problems.append(
+                f"loss.sigmoid_weight weights the continuous-time bound; schedule={schedule_name} is discrete: use "
+                "schedule=learned | logsnr_linear | logsnr_cosine, or loss.sigmoid_weight=0"
+            )
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
