@@ -257,6 +257,24 @@ def test_resumed_runs_keep_their_wandb_run_id(tmp_path):
     assert wandb_run_id(tmp_path / "other") != first
 
 
+def test_every_n_val_callbacks_keep_their_cadence_across_a_resume(tmp_path):
+    """Sample grids (and FID, the same counter) every 2nd validation: at steps 4 and 8 of an 8-step run with
+    validation every 2 steps, also when the run stops at step 4 and resumes. Counting from 0 again after the resume
+    gave steps 4 and 6 (and a run resumed more often than every_n_val validations never drew one)."""
+    overrides = [
+        "schedule.timesteps=100",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_val=2",
+    ]
+    train(compose_train(tmp_path, [*overrides, "trainer.max_steps=4"]), str(tmp_path))
+    train(compose_train(tmp_path, [*overrides, "trainer.max_steps=8", "ckpt_path=last"]), str(tmp_path))
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("step_*.png"))
+    assert grids == ["step_0000004.png", "step_0000008.png"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["SampleGrid"]
+    assert state["validations"] in (3, 4)  # written before or after the validation at step 8
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [

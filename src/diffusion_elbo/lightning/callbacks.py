@@ -70,7 +70,47 @@ def _draw_samples(callback: SampleGrid | Toy2DMetrics, pl_module: L.LightningMod
     )
 
 
-class SampleGrid(L.Callback):
+class _EveryNValidations(L.Callback):
+    """Acts at every ``every_n_val``-th validation, with the same cadence in a run resumed from a checkpoint.
+
+    With validation every fixed number of training batches (an integer ``trainer.val_check_interval`` and
+    ``check_val_every_n_epoch=None``, this project's setting) a validation's index is the number of validation
+    intervals behind it, global_step * accumulate_grad_batches // val_check_batch, so it does not depend on when the
+    run was resumed: a resume from a checkpoint written just before a validation (Lightning then counts that
+    validation as done and skips it) or a run resumed more often than every ``every_n_val`` validations still acts at
+    steps k * every_n_val * val_check_interval. Extra validations between those (an early stop, a SIGTERM) share the
+    index of the last regular one and do not act again. Otherwise (validation by epochs or by time) validations are
+    counted, and the count is kept in checkpoints (the callback's ``state_dict``).
+    """
+
+    every_n_val: int
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._last_index = 0
+
+    def _validation_index(self, trainer: L.Trainer) -> int:
+        interval = getattr(trainer, "val_check_batch", None)
+        if trainer.check_val_every_n_epoch is None and isinstance(interval, int) and interval > 0:
+            return trainer.global_step * trainer.accumulate_grad_batches // interval
+        return self._count + 1
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        """Whether this validation is an ``every_n_val``-th one (and not one already acted on)."""
+        index = self._validation_index(trainer)
+        if index <= self._last_index:
+            return False
+        self._count, self._last_index = index, index
+        return index % self.every_n_val == 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self._count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._count = self._last_index = int(state_dict.get("validations", 0))
+
+
+class SampleGrid(_EveryNValidations):
     """At the end of every ``every_n_val`` validations, draw samples (with the EMA weights: this callback
     must come before :class:`EMA` in the callback list), save a PNG in the run directory and log it."""
 
@@ -90,16 +130,13 @@ class SampleGrid(L.Callback):
         self.steps = steps
         self.eta = eta
         self.spacing = spacing
+        super().__init__()
         self.every_n_val = every_n_val
         self.dirpath = dirpath
         self.seed = seed
-        self._count = 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.num_samples < 1:
-            return
-        self._count += 1
-        if self._count % self.every_n_val:
+        if trainer.sanity_checking or self.num_samples < 1 or not self._due(trainer):
             return
         self._sample_and_log(trainer, pl_module)
 
@@ -236,7 +273,7 @@ class ScheduleSummary(L.Callback):
                 logger.experiment.summary.update(summary)
 
 
-class FIDMetric(L.Callback):
+class FIDMetric(_EveryNValidations):
     """FID every ``every_n_val`` validations on EMA weights (keep it before :class:`EMA` in the list).
 
     The ``num_samples`` are split across DDP ranks, each sample from its own seed (:func:`fid_samples`); the metric's
@@ -267,9 +304,9 @@ class FIDMetric(L.Callback):
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.weights_path = weights_path
+        super().__init__()
         self.seed = seed
         self.fid = None
-        self._count = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from diffusion_elbo.fid import make_fid
@@ -295,10 +332,7 @@ class FIDMetric(L.Callback):
             self.fid = make_fid(datamodule, rank=trainer.global_rank, **kwargs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fid is None or trainer.sanity_checking:
-            return
-        self._count += 1
-        if self._count % self.every_n_val:
+        if self.fid is None or trainer.sanity_checking or not self._due(trainer):
             return
         value = compute_fid(
             pl_module,
