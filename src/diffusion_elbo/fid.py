@@ -279,8 +279,25 @@ def make_fid(
     """An FID metric with the real-data statistics of the train split already in it.
 
     Under DDP pass the global ``rank``: the metric sums its states over ranks when it computes, so only
-    rank 0 keeps the reference statistics (each rank holding them would count the real data N times)."""
+    rank 0 keeps the reference statistics (each rank holding them would count the real data N times).
+
+    The caller's RNG state comes back unchanged (loading a cached classifier builds a randomly initialised one
+    first), so turning FID on or off in a training run does not change its losses."""
     device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _make_fid(datamodule, features, cache_dir, weights_path, seed, classifier_steps, device, rank)
+
+
+def _make_fid(
+    datamodule: DiffusionDataModule,
+    features: str,
+    cache_dir: str | Path,
+    weights_path: str | None,
+    seed: int,
+    classifier_steps: int,
+    device: torch.device,
+    rank: int,
+) -> FIDSetup:
     if features == "classifier":
         trained = load_or_train_classifier(datamodule, cache_dir, seed=seed, steps=classifier_steps, device=device)
         metric = classifier_fid_metric(trained.model, datamodule.data_shape).to(device)
