@@ -498,7 +498,10 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     loaded = load_for_eval(run_dir / "checkpoints" / "last.ckpt")
     module = loaded.module
     assert module.logsnr.learned and module.variance_gradient and module.timesteps is None
-    initial = LearnedLogSNR(-8.0, 5.0, hidden=8)
+    # the preset's hybrid: v-prediction, half of each batch on the v-MSE on a fixed cosine over [-8, 8]
+    assert module.parametrization.value == "v" and module.aux_weight == 4.0 and module.aux_fraction == 0.5
+    assert [float(g) for g in module.aux_logsnr.endpoints()] == pytest.approx([-8.0, 8.0], abs=1e-4)
+    initial = LearnedLogSNR(-8.0, 8.0, hidden=8)
     moved = {
         n: float((p - dict(initial.named_parameters())[n]).abs().max()) for n, p in module.logsnr.named_parameters()
     }
@@ -519,7 +522,8 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     assert gamma_0 == pytest.approx(float(ends[0]), abs=1e-3) and gamma_1 == pytest.approx(float(ends[1]), abs=1e-3)
     rows = (run_dir / "csv").rglob("metrics.csv")
     header = next(iter(rows)).read_text().splitlines()[0]
-    for key in ("val/elbo_bpd", "val/gamma_min", "val/gamma_max", "train/elbo_bpd_std", "val/denoising_bpd"):
+    for key in ("val/elbo_bpd", "val/gamma_min", "val/gamma_max", "train/elbo_bpd_std", "val/denoising_bpd",
+                "train/aux_v_mse"):
         assert key in header
     m = run_eval(
         _compose_eval(tmp_path, [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8",
