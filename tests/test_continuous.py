@@ -522,8 +522,14 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     assert gamma_0 == pytest.approx(float(ends[0]), abs=1e-3) and gamma_1 == pytest.approx(float(ends[1]), abs=1e-3)
     rows = (run_dir / "csv").rglob("metrics.csv")
     header = next(iter(rows)).read_text().splitlines()[0]
-    for key in ("val/elbo_bpd", "val/gamma_min", "val/gamma_max", "train/elbo_bpd_std", "val/denoising_bpd",
-                "train/aux_v_mse"):
+    for key in (
+        "val/elbo_bpd",
+        "val/gamma_min",
+        "val/gamma_max",
+        "train/elbo_bpd_std",
+        "val/denoising_bpd",
+        "train/aux_v_mse",
+    ):
         assert key in header
     m = run_eval(
         _compose_eval(tmp_path, [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8",
