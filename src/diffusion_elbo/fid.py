@@ -285,33 +285,20 @@ def make_fid(
     first), so turning FID on or off in a training run does not change its losses."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _make_fid(datamodule, features, cache_dir, weights_path, seed, classifier_steps, device, rank)
-
-
-def _make_fid(
-    datamodule: DiffusionDataModule,
-    features: str,
-    cache_dir: str | Path,
-    weights_path: str | None,
-    seed: int,
-    classifier_steps: int,
-    device: torch.device,
-    rank: int,
-) -> FIDSetup:
-    if features == "classifier":
-        trained = load_or_train_classifier(datamodule, cache_dir, seed=seed, steps=classifier_steps, device=device)
-        metric = classifier_fid_metric(trained.model, datamodule.data_shape).to(device)
-        reference = trained.path.with_name(trained.path.stem.replace("classifier-", "reference-") + ".pt")
-        accuracy_value = trained.test_accuracy
-    elif features == "inception":
-        metric = inception_fid_metric(weights_path).to(device)
-        reference = Path(cache_dir) / f"reference-inception-{_dataset_key(datamodule, 0)}.pt"
-        accuracy_value = None
-    else:
-        raise ValueError(f"fid.features={features!r} is not an option; choose classifier or inception")
-    fid = FIDSetup(metric=metric, features=features, classifier_accuracy=accuracy_value)
-    load_or_compute_reference(fid, datamodule, reference)
-    if rank != 0:
-        for name in REAL_STATES:
-            getattr(metric, name).zero_()
-    return fid
+        if features == "classifier":
+            trained = load_or_train_classifier(datamodule, cache_dir, seed=seed, steps=classifier_steps, device=device)
+            metric = classifier_fid_metric(trained.model, datamodule.data_shape).to(device)
+            reference = trained.path.with_name(trained.path.stem.replace("classifier-", "reference-") + ".pt")
+            accuracy_value = trained.test_accuracy
+        elif features == "inception":
+            metric = inception_fid_metric(weights_path).to(device)
+            reference = Path(cache_dir) / f"reference-inception-{_dataset_key(datamodule, 0)}.pt"
+            accuracy_value = None
+        else:
+            raise ValueError(f"fid.features={features!r} is not an option; choose classifier or inception")
+        fid = FIDSetup(metric=metric, features=features, classifier_accuracy=accuracy_value)
+        load_or_compute_reference(fid, datamodule, reference)
+        if rank != 0:
+            for name in REAL_STATES:
+                getattr(metric, name).zero_()
+        return fid

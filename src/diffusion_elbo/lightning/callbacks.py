@@ -86,28 +86,27 @@ class _EveryNValidations(L.Callback):
     every_n_val: int
 
     def __init__(self) -> None:
-        self._count = 0
-        self._last_index = 0
+        self._last_index = 0  # the index of the last validation counted
 
     def _validation_index(self, trainer: L.Trainer) -> int:
         interval = getattr(trainer, "val_check_batch", None)
         if trainer.check_val_every_n_epoch is None and isinstance(interval, int) and interval > 0:
             return trainer.global_step * trainer.accumulate_grad_batches // interval
-        return self._count + 1
+        return self._last_index + 1
 
     def _due(self, trainer: L.Trainer) -> bool:
         """Whether this validation is an ``every_n_val``-th one (and not one already acted on)."""
         index = self._validation_index(trainer)
         if index <= self._last_index:
             return False
-        self._count, self._last_index = index, index
+        self._last_index = index
         return index % self.every_n_val == 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"validations": self._count}
+        return {"validations": self._last_index}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._count = self._last_index = int(state_dict.get("validations", 0))
+        self._last_index = int(state_dict.get("validations", 0))
 
 
 class SampleGrid(_EveryNValidations):
