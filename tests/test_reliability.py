@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -517,3 +518,28 @@ def test_two_nodes_on_localhost_train_once_and_evaluate_like_one_process(tmp_pat
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, nodes))
     assert two["num_examples"] == one["num_examples"] == 5
     assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-6) and two["bpd_se"] == pytest.approx(one["bpd_se"], rel=1e-6)
+
+
+def test_fused_adamw_under_bf16_mixed_trains_and_clips_gradients(tmp_path):
+    """`trainer=gpu optimizer.fused=true` (bf16-mixed, fused AdamW, the default gradient_clip_val=1): Lightning refuses
+    to clip for a fused optimizer under any mixed precision (fp16's scaler unscales inside the fused step); bf16 has
+    no scaler, so the module clips the true gradients, to the same norm as in 32-bit precision."""
+    small = ["model.model_channels=16", "data.batch_size=16", "trainer.max_steps=1", "schedule.timesteps=100"]
+    fused = ["trainer.precision=bf16-mixed", "optimizer.fused=true", "optimizer.foreach=null"]
+    cfg = compose_train(tmp_path / "run", [*small, *fused, "trainer.val_check_interval=100"])
+    assert cfg.trainer.gradient_clip_val == 1.0
+    metrics = train(cfg, str(tmp_path / "run"))  # before: RuntimeError "does not allow for gradient clipping"
+    assert metrics["global_step"] == 1 and np.isfinite(metrics["train/loss"])
+
+    from diffusion_elbo.builders import build_module
+
+    module, _ = build_module(compose_train(tmp_path / "m", small))
+    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_progress_bar=False)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    grads = [p.grad for p in module.parameters()]
+    assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(0.5, rel=1e-5)
+    module.configure_gradient_clipping(optimizer, 1e-3, "value")
+    assert all(g.abs().max().item() <= 1e-3 for g in grads)

@@ -9,7 +9,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion_elbo.core import (
@@ -336,6 +337,24 @@ class DiffusionModule(L.LightningModule):
                 f"batch timesteps {t}. Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already "
                 "written are kept."
             )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, also for a fused optimizer under bf16-mixed (``trainer=gpu optimizer.fused=true``).
+
+        Lightning refuses to clip for any optimizer that unscales inside its step (fused AdamW) under mixed precision,
+        because fp16's GradScaler would leave the gradients scaled at clipping time. bf16-mixed has no scaler: the
+        gradients are the true ones, so they are clipped as in 32-bit precision. fp16 keeps Lightning's refusal."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
