@@ -68,9 +68,10 @@ class LogSNRSchedule(nn.Module):
 
     def endpoints(self, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(gamma(0), gamma(1)) as 0-dim tensors (with gradient for a learned schedule)."""
-        t = torch.tensor([0.0, 1.0], dtype=torch.float32 if like is None else like.dtype)
-        if like is not None:
-            t = t.to(like.device)
+        if like is None:  # the schedule's own device: a learned schedule's parameters live on the GPU with the model
+            held = next(iter([*self.parameters(), *self.buffers()]), None)
+            like = torch.empty(0, device=held.device if held is not None else "cpu")
+        t = torch.tensor([0.0, 1.0], dtype=like.dtype, device=like.device)
         gamma = self(t).gamma
         return gamma[0], gamma[1]
 

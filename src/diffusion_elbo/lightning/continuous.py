@@ -322,8 +322,8 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.refresh_schedule()
         self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._note_precision()
+    def _validation_bound(self, batch: tuple[Tensor, ...]) -> None:
+        self._note_precision()  # float32: the base class's validation_step turned autocast off
         draws: dict = {"generator": self._val_generator}
         if len(batch) >= 3:  # each example's times and noise from its own seed: the same on 1 or N processes
             u, eps = continuous_example_draws(
