@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import StepTimer, compose_train, machine, sync
+from run import StepTimer, compose_train, machine, per_second, sync
 
 # dense bf16 tensor-core peaks (no sparsity) by the vendors' datasheets, FLOP/s
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -262,18 +262,11 @@ def eval_throughput(net: torch.nn.Module, schedule, x0: torch.Tensor, rows: int,
 
     def raw() -> float:
         with torch.no_grad():
-            sync(device)
-            start = time.perf_counter()
-            net(probe, t_probe)
-            sync(device)
-        return rows / (time.perf_counter() - start)
+            return per_second(lambda: net(probe, t_probe), rows, device)
 
     def exact() -> float:
-        sync(device)
-        start = time.perf_counter()
-        exact_elbo(net, schedule, x0, parametrization="eps", num_bins=256, max_batch=rows)
-        sync(device)
-        return x0.shape[0] * schedule.T / (time.perf_counter() - start)
+        run = lambda: exact_elbo(net, schedule, x0, parametrization="eps", num_bins=256, max_batch=rows)  # noqa: E731
+        return per_second(run, x0.shape[0] * schedule.T, device)
 
     raw(), exact()
     r, e = [], []

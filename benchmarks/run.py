@@ -53,6 +53,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def per_second(fn, count: int, device: torch.device) -> float:
+    """``count`` over the seconds one call of ``fn`` takes, the device synchronized on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
 # ----------------------------------------------------------------------------------------- 1 overhead
 class StepTimer(L.Callback):
     """Wall time between consecutive train-batch ends (data, forward, backward, step, EMA, logging)."""
@@ -220,18 +229,16 @@ def bench_eval(rounds: int, overrides: list[str], batch: int, timesteps: int, ro
 
     def raw() -> float:
         with torch.no_grad():
-            sync(device)
-            start = time.perf_counter()
-            net(probe, t_probe)
-            sync(device)
-        return rows / (time.perf_counter() - start)
+            return per_second(lambda: net(probe, t_probe), rows, device)
 
     def exact() -> float:
-        sync(device)
-        start = time.perf_counter()
-        exact_elbo(net, schedule, x0, parametrization="eps", num_bins=datamodule.num_bins, max_batch=rows, generator=g)
-        sync(device)
-        return batch * timesteps / (time.perf_counter() - start)
+        return per_second(
+            lambda: exact_elbo(
+                net, schedule, x0, parametrization="eps", num_bins=datamodule.num_bins, max_batch=rows, generator=g
+            ),
+            batch * timesteps,
+            device,
+        )
 
     def naive() -> float:
         sync(device)
