@@ -54,6 +54,29 @@ def define_wandb_metrics(trainer: L.Trainer) -> None:
                 logger.experiment.define_metric(key, summary="min", step_metric="trainer/global_step")
 
 
+@contextmanager
+def wandb_run_ends_with_the_job(loggers: list) -> Iterator[None]:
+    """Finish this process's W&B run when the job ends, however it ends: exit code 0 when it returns, 1 when it raises
+    (W&B then shows the run as failed). Lightning's WandbLogger never finishes its run, and a new WandbLogger in the
+    same process reuses a run in progress, so without this every job after the first of a multirun (basic, joblib
+    and Optuna launchers run many jobs in one process) wrote into the first job's run, under its name and config."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not any(isinstance(logger, WandbLogger) for logger in loggers):
+        yield
+        return
+    import wandb
+
+    try:
+        yield
+    except BaseException:
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=1)
+        raise
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=0)
+
+
 # what Lightning's subprocess launcher writes into the launching process's environment
 DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -166,6 +189,23 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     callbacks = build_callbacks(cfg)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
+    with wandb_run_ends_with_the_job(loggers):
+        return _fit(
+            cfg,
+            output_dir,
+            module=module,
+            datamodule=datamodule,
+            ckpt_path=ckpt_path,
+            callbacks=callbacks,
+            loggers=loggers,
+        )
+
+
+def _fit(
+    cfg: DictConfig, output_dir: str, *, module, datamodule, ckpt_path: str | None, callbacks: list, loggers: list
+) -> dict[str, float | str]:
+    """Fit ``module`` with the Trainer of ``cfg.trainer``; returns the last logged metrics (and writes
+    train_metrics.json)."""
     if not loggers or OmegaConf.select(cfg, "trainer.fast_dev_run"):
         # LearningRateMonitor refuses a Trainer without a logger (logger=none; fast_dev_run turns loggers off)
         dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
