@@ -115,6 +115,28 @@ def ddp_children_run_this_job(output_dir: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a scheduler or container may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def warn_if_processes_exceed_cores(trainer: L.Trainer) -> None:
+    """A warning when ``trainer.devices`` CPU processes outnumber the cores: each then gets less than one core, every
+    step waits for the slowest, and the run is slower than on fewer processes (it would otherwise start silently)."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    cores = usable_cores()
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores and trainer.global_rank == 0:
+        log.warning(
+            "trainer.devices=%d starts %d training processes on the CPU, and this machine gives this run %d core(s): "
+            "they share them, and the run is slower than with trainer.devices=%d or fewer (or a GPU: trainer=gpu)",
+            trainer.num_devices,
+            trainer.num_devices,
+            cores,
+            cores,
+        )
+
+
 def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
     """Refuse to start a new run in a directory that already holds one: it would overwrite its checkpoints."""
     out = Path(output_dir)
@@ -220,6 +242,7 @@ def _fit(
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir, plugins=plugins
     )
+    warn_if_processes_exceed_cores(trainer)
     for logger in trainer.loggers:  # the resolved config, once per run
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     define_wandb_metrics(trainer)
