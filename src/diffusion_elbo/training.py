@@ -56,10 +56,12 @@ def define_wandb_metrics(trainer: L.Trainer) -> None:
 
 @contextmanager
 def wandb_run_ends_with_the_job(loggers: list) -> Iterator[None]:
-    """Finish this process's W&B run when the job ends, however it ends: exit code 0 when it returns, 1 when it raises
-    (W&B then shows the run as failed). Lightning's WandbLogger never finishes its run, and a new WandbLogger in the
-    same process reuses a run in progress, so without this every job after the first of a multirun (basic, joblib
-    and Optuna launchers run many jobs in one process) wrote into the first job's run, under its name and config."""
+    """Finish this process's W&B run when the job ends, however it ends, with the status the process exits with: 0 when
+    the job returns or stops on SIGTERM (Lightning's ``SIGTERMException`` is ``SystemExit(None)``; the run resumes
+    later), a ``SystemExit``'s own code (Ctrl-C: Lightning exits with 1), 1 for any other exception (W&B then shows the
+    run as failed). Lightning's WandbLogger never finishes its run, and a new WandbLogger in the same process reuses a
+    run in progress, so without this every job after the first of a multirun (the basic and joblib launchers and
+    Optuna run many jobs in one process) wrote into the first job's run, under its name and config."""
     from lightning.pytorch.loggers import WandbLogger
 
     if not any(isinstance(logger, WandbLogger) for logger in loggers):
@@ -69,9 +71,10 @@ def wandb_run_ends_with_the_job(loggers: list) -> Iterator[None]:
 
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if wandb.run is not None:
-            wandb.run.finish(exit_code=1)
+            code = exc.code if isinstance(exc, SystemExit) else 1
+            wandb.run.finish(exit_code=code if isinstance(code, int) else int(code is not None))
         raise
     if wandb.run is not None:
         wandb.run.finish(exit_code=0)
