@@ -358,7 +358,8 @@ def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_pat
     for run in runs:  # the training run, then the eval resuming it: one W&B run id per job
         train_run, eval_run = runs_in(tmp_path / run)
         assert train_run.run_id == eval_run.run_id == (tmp_path / run / "wandb_run_id.txt").read_text().strip()
-        assert train_run.name == run and train_run.config["schedule"]["name"] == run.removeprefix("schedule-")
+        assert train_run.config["schedule"]["name"] == run.removeprefix("schedule-")
+        assert (train_run.name, train_run.group) == (eval_run.name, eval_run.group) == (run, f"train-{tmp_path.name}")
         assert max(train_run.steps) == 2 and eval_run.summary["test/bpd"] > 0 and eval_run.summary["test/ckpt"]
     assert len({runs_in(tmp_path / run)[0].run_id for run in runs}) == 2
     assert json.loads((tmp_path / "schedule-cosine" / "eval" / "last-trained" / "metrics.json").read_text())["bpd"] > 0

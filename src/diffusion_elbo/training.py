@@ -35,8 +35,12 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None, None
-    group = f"{hc.job.name}-{Path(hc.sweep.dir).name}"
-    return group, Path(hc.runtime.output_dir).name  # the sweep subdirectory: its swept overrides
+    return sweep_group(hc.job.name, hc.sweep.dir), Path(hc.runtime.output_dir).name  # the job's folder name
+
+
+def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs, e.g. ``train-2026-12-04_14-30-00``: the job's name and the sweep folder's."""
+    return f"{job_name}-{Path(sweep_dir).name}"
 
 
 # the bounds whose W&B summary is the best (lowest) value of the run, not the last one
