@@ -35,7 +35,7 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
         "data=gaussian",
         "model=gaussian_oracle",
         f"schedule={name}",
-        "schedule.timesteps-100",
+        "schedule.timesteps=100",
         "data.mean=0.5",
         "data.std=0.8",
         f"hydra.run.dir={tmp_path}",
@@ -61,7 +61,7 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
     [
         (["parametrization=eps2"], ["parametrization='eps2' is not an option", "eps | x0 | v"]),
         (["schedule.timesteps=0"], ["schedule.timesteps=0 must be >= 1"]),
-        (["schedule=linear", "schedule.timesteps-10"], ["beta(s) outside (0, 1)", "t=10"]),
+        (["schedule=linear", "schedule.timesteps=10"], ["beta(s) outside (0, 1)", "t=10"]),
         (["data.std=-1"], ["data.std=-1"]),
         (["variance=tiny", "batch_size=0"], ["variance='tiny'", "batch_size=0 must be >= 1"]),
     ],
@@ -98,7 +98,7 @@ def test_missing_mnist_files_fail_at_once_saying_where_to_put_them(tmp_path):
 @pytest.mark.slow
 def test_train_then_eval_and_sample_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train.py", *FAST, "schedule.timesteps-100", f"hydra.run.dir={run_dir}")
+    result = run_cli("train.py", *FAST, "schedule.timesteps=100", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert (run_dir / ".hydra" / "config.yaml").is_file() and ckpt.is_file()
@@ -153,7 +153,7 @@ def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
-        "schedule.timesteps-100",
+        "schedule.timesteps=100",
         f"hydra.sweep.dir={tmp_path}",
         timeout=900,
     )
@@ -189,7 +189,7 @@ def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1.0",
-        "schedule.timesteps-100",
+        "schedule.timesteps=100",
         # FID with its samples split over the two ranks (rank 0 trains the classifier, rank 1 waits for it)
         "callbacks.fid.num_samples=40",
         "callbacks.fid.every_n_val=2",
