@@ -7,6 +7,7 @@ import signal
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
 from diffusion_elbo.models import MLPDenoiser
@@ -74,11 +75,14 @@ class NaNAfter(torch.nn.Module):
 
 
 class RaiseAtStep(L.Callback):
-    """Raises ``RuntimeError`` after training step ``step`` (any bug that stops a run)."""
+    """Raises ``RuntimeError`` after training step ``step`` (any bug that stops a run); with ``job_num``, only in that
+    job of a Hydra multirun (``hydra.job.num``), so one job of a sweep fails and the others run."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, job_num: int | None = None) -> None:
+        self.step, self.job_num = step, job_num
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.job_num is not None and HydraConfig.get().job.num != self.job_num:
+            return
         if trainer.global_step == self.step:
             raise RuntimeError(f"injected failure after step {self.step}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ from PIL import Image
 from diffusion_elbo.core import make_schedule
 from diffusion_elbo.core.gaussian_data import oracle_expected_terms
 
-from .helpers import FAST, run_cli
+from .helpers import FAST, REPO_ROOT, run_cli
+from .wandb_records import runs_in
 
 LN2 = math.log(2.0)
+# the training subprocess can build tests.faults callbacks
+FAULTS_IMPORTABLE = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def metrics_path(stdout: str) -> Path:
@@ -155,7 +159,7 @@ def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert runs == ["schedule=cosine", "schedule=linear", "schedule=sigmoid"]
+    assert runs == ["schedule-cosine", "schedule-linear", "schedule-sigmoid"]
     for run in runs:
         m = json.loads((tmp_path / run / "train_metrics.json").read_text())
         assert m["global_step"] == 2 and math.isfinite(m["val/elbo_bpd"])
@@ -171,7 +175,7 @@ def test_multirun_over_three_schedules_gives_one_readable_run_each(tmp_path):
     assert sorted(r["schedule"] for r in rows) == ["cosine", "linear", "sigmoid"]
     assert {r["variance"] for r in rows} == {"small"}  # the variance the val/ numbers are under
     assert all(float(r["val/elbo_bpd"]) > 0 for r in rows)
-    assert (tmp_path / "report.png").is_file() and "schedule=cosine" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").is_file() and "schedule-cosine" in (tmp_path / "report.md").read_text()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -252,10 +256,10 @@ def test_a_sweep_runs_past_a_bad_job_records_why_and_exits_nonzero(tmp_path):
     )
     assert result.returncode != 0
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert runs == ["schedule.timesteps=10", "schedule.timesteps=100", "schedule.timesteps=200"]
-    for good in ("schedule.timesteps=100", "schedule.timesteps=200"):  # the job after the bad one ran too
+    assert runs == ["schedule.timesteps-10", "schedule.timesteps-100", "schedule.timesteps-200"]
+    for good in ("schedule.timesteps-100", "schedule.timesteps-200"):  # the job after the bad one ran too
         assert json.loads((tmp_path / good / "train_metrics.json").read_text())["global_step"] == 2
-    failure = json.loads((tmp_path / "schedule.timesteps=10" / "failure.json").read_text())
+    failure = json.loads((tmp_path / "schedule.timesteps-10" / "failure.json").read_text())
     assert failure["status"] == "failed" and "outside (0, 1)" in failure["message"]
     result = run_cli(
         "report.py", f"sweep_dir={tmp_path}", "wandb.enabled=false", f"hydra.run.dir={tmp_path / 'report_job'}"
@@ -263,45 +267,78 @@ def test_a_sweep_runs_past_a_bad_job_records_why_and_exits_nonzero(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "report.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    assert rows["schedule.timesteps=10"]["status"] == "failed"
-    assert "outside (0, 1)" in rows["schedule.timesteps=10"]["failure"]
-    assert rows["schedule.timesteps=100"]["status"] == rows["schedule.timesteps=200"]["status"] == "finished"
+    assert rows["schedule.timesteps-10"]["status"] == "failed"
+    assert "outside (0, 1)" in rows["schedule.timesteps-10"]["failure"]
+    assert rows["schedule.timesteps-100"]["status"] == rows["schedule.timesteps-200"]["status"] == "finished"
+
+
+def test_sweep_folder_names_paste_into_an_override_as_they_are(tmp_path):
+    """A job's folder is named by its swept overrides without '=' or ',' (an assignment and a sweep to Hydra's
+    grammar), so ckpt_path=<job>/checkpoints/last.ckpt reads back as that one path; Optuna's own search space too."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from diffusion_elbo.cli import swept_dirname
+
+    sweep = ["schedule=linear,cosine", "model.channel_mult=[1,2],[1,2,2]", "+loss.aux_weight=0,4", "seed=1"]
+    OmegaConf.save({"hydra": {"overrides": {"task": sweep}}}, tmp_path / "multirun.yaml")
+    job = ["schedule=cosine", "model.channel_mult=[1,2,2]", "+loss.aux_weight=4", "seed=1"]
+    name = swept_dirname(job, 3, str(tmp_path))
+    assert name == "schedule-cosine+model.channel_mult-1_2_2+loss.aux_weight-4"
+    optuna = swept_dirname(["optimizer.lr=0.00123", "seed=1"], 0, str(tmp_path), {"optimizer.lr": "interval(0, 1)"})
+    assert optuna == "optimizer.lr-0.00123"
+    for folder in (name, optuna):
+        path = tmp_path / folder / "checkpoints" / "last.ckpt"
+        (override,) = OverridesParser.create().parse_overrides([f"ckpt_path={path}"])
+        assert not override.is_sweep_override() and override.value() == str(path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_sweep_folders_are_named_by_the_swept_overrides_under_every_launcher(tmp_path, launcher):
-    """The subdirectory (and W&B run name) comes from the sweep in multirun.yaml, not the worker's sys.argv."""
+def test_every_job_of_a_sweep_has_its_own_folder_and_wandb_run_under_every_launcher(tmp_path, launcher):
+    """Two jobs, the first failing after step 1 (its W&B run already started): each job's folder is named by its swept
+    override (from multirun.yaml, not the worker's sys.argv) and holds one offline W&B run, with the id of its
+    wandb_run_id.txt, its own name, config, history and exit code, in the sweep's group. joblib with one worker runs
+    both jobs in one process, where the second used to write into the first's run (the basic launcher's case, tested
+    with the evals below; Optuna's in the search test)."""
+    launcher_args = {
+        "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
+        "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+    }[launcher]
     result = run_cli(
-        "train.py",
-        "-m",
-        f"hydra/launcher={launcher}",
-        "schedule=linear,cosine",
-        *FAST,
-        "trainer.max_steps=1",
-        "trainer.val_check_interval=1",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
-        "schedule.timesteps=50",
-        f"hydra.sweep.dir={tmp_path}",
-        *(["hydra.launcher.n_jobs=1"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]),
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    assert runs == ["schedule=cosine", "schedule=linear"]
-    for run in runs:
-        assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 1
+        "train.py", "-m", *launcher_args, "schedule=linear,cosine", *FAST, "logger=wandb", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2", "schedule.timesteps=50",
+        "+callbacks.fail._target_=tests.faults.RaiseAtStep", "+callbacks.fail.step=1", "+callbacks.fail.job_num=0",
+        f"hydra.sweep.dir={tmp_path}", env=FAULTS_IMPORTABLE, timeout=900,
+    )  # fmt: skip
+    assert result.returncode != 0  # the failed job fails the sweep, at its end
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    assert jobs == ["schedule-cosine", "schedule-linear"], result.stderr[-3000:]
+    assert "injected failure" in json.loads((tmp_path / "schedule-linear" / "failure.json").read_text())["message"]
+    assert json.loads((tmp_path / "schedule-cosine" / "train_metrics.json").read_text())["global_step"] == 2
+    for job, schedule, failed in [("schedule-linear", "linear", True), ("schedule-cosine", "cosine", False)]:
+        runs = runs_in(tmp_path / job)
+        assert len(runs) == 1, f"{job}: {len(runs)} W&B runs"
+        run = runs[0]
+        assert run.run_id == (tmp_path / job / "wandb_run_id.txt").read_text().strip()
+        assert (run.name, run.group) == (job, f"train-{tmp_path.name}")
+        assert run.config["schedule"]["name"] == schedule and run.summary["schedule/timesteps"] == 50
+        assert run.exit_code == int(failed)  # W&B shows the failed job's run as failed
+        # its own history: the failed job stopped before step 2, the other trained and validated at step 2
+        assert (max(run.steps) < 2 if failed else max(run.steps) == 2) and ("val/elbo_bpd" in run.summary) != failed
 
 
 @pytest.mark.slow
 def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_path):
-    """src/eval.py ckpt_path=<run>/checkpoints/last.ckpt writes <run>/eval/last-<variance>/ by default, leaves the
-    run's .hydra/ as it was, and src/report.py shows the test/ columns of both runs of a 2-job sweep."""
+    """A 2-job sweep (basic launcher) gives one W&B run per job; src/eval.py ckpt_path=<job>/checkpoints/last.ckpt,
+    the path pasted as it is (no quotes), writes <job>/eval/last-<variance>/, adds test/ summaries to that job's own
+    W&B run (resumed by its id), leaves the job's .hydra/ as it was, and src/report.py shows the test/ columns."""
     result = run_cli(
         "train.py",
         "-m",
         "schedule=linear,cosine",
         *FAST,
+        "logger=wandb",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -310,18 +347,23 @@ def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_pat
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = ["schedule=cosine", "schedule=linear"]
+    runs = ["schedule-cosine", "schedule-linear"]
     before = {run: (tmp_path / run / ".hydra" / "config.yaml").read_bytes() for run in runs}
     for run, variance in zip(runs, ["null", "large"], strict=True):
         ckpt = tmp_path / run / "checkpoints" / "last.ckpt"
         result = run_cli(
-            # a sweep folder's name holds '=', which Hydra's override grammar reads only inside quotes
-            "eval.py", f"ckpt_path='{ckpt}'", f"variance={variance}", "num_examples=4", "fid.num_samples=0",
-            "wandb.enabled=false", cwd=tmp_path,
-        )  # fmt: skip
+            "eval.py", f"ckpt_path={ckpt}", f"variance={variance}", "num_examples=4", "fid.num_samples=0", cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "schedule=cosine" / "eval" / "last-trained" / "metrics.json").read_text())["bpd"] > 0
-    assert (tmp_path / "schedule=linear" / "eval" / "last-large" / ".hydra" / "config.yaml").is_file()
+    for run in runs:  # the training run, then the eval resuming it: one W&B run id per job
+        train_run, eval_run = runs_in(tmp_path / run)
+        assert train_run.run_id == eval_run.run_id == (tmp_path / run / "wandb_run_id.txt").read_text().strip()
+        assert train_run.config["schedule"]["name"] == run.removeprefix("schedule-")
+        assert (train_run.name, train_run.group) == (eval_run.name, eval_run.group) == (run, f"train-{tmp_path.name}")
+        assert max(train_run.steps) == 2 and eval_run.summary["test/bpd"] > 0 and eval_run.summary["test/ckpt"]
+    assert len({runs_in(tmp_path / run)[0].run_id for run in runs}) == 2
+    assert json.loads((tmp_path / "schedule-cosine" / "eval" / "last-trained" / "metrics.json").read_text())["bpd"] > 0
+    assert (tmp_path / "schedule-linear" / "eval" / "last-large" / ".hydra" / "config.yaml").is_file()
     assert before == {run: (tmp_path / run / ".hydra" / "config.yaml").read_bytes() for run in runs}
     assert not (tmp_path / "outputs").exists()  # nothing went to the default eval folder
     result = run_cli(
@@ -331,9 +373,9 @@ def test_evals_of_a_sweeps_checkpoints_land_in_their_runs_and_the_report(tmp_pat
     with open(tmp_path / "report.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(runs)
-    assert rows["schedule=linear"]["test/variance"] == "large" and rows["schedule=cosine"]["test/variance"] == "small"
+    assert rows["schedule-linear"]["test/variance"] == "large" and rows["schedule-cosine"]["test/variance"] == "small"
     assert all(float(rows[run]["test/bpd"]) > 0 for run in runs)
-    assert rows["schedule=linear"]["test/eval"] == "eval/last-large"
+    assert rows["schedule-linear"]["test/eval"] == "eval/last-large"
 
 
 def _starts(run_dir) -> list[str]:
@@ -364,10 +406,10 @@ def test_ddp_inside_a_sweep_runs_each_job_once_per_rank(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("Launching 2 jobs") == 1
-    for run in ("schedule=cosine", "schedule=linear"):
+    for run in ("schedule-cosine", "schedule-linear"):
         assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
         assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["schedule=cosine", "schedule=linear"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["schedule-cosine", "schedule-linear"]
 
 
 @pytest.mark.slow
@@ -393,7 +435,7 @@ def test_ddp_sweep_under_submitit_local_runs_one_task_per_device(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for run in ("schedule=cosine", "schedule=linear"):
+    for run in ("schedule-cosine", "schedule-linear"):
         assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
         assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
 
@@ -457,11 +499,17 @@ def test_optuna_search_minimizes_the_metric_train_returns(tmp_path):
     result = run_cli(
         "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
         *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "schedule.timesteps=50", f"hydra.sweep.dir={tmp_path}", timeout=900,
+        "schedule.timesteps=50", "logger=wandb", f"hydra.sweep.dir={tmp_path}", timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [p for p in tmp_path.iterdir() if (p / "train_metrics.json").is_file()]
-    assert len(runs) == 2 and all("optimizer.lr=" in p.name and "model.dropout=" in p.name for p in runs)
+    assert len(runs) == 2 and all("optimizer.lr-" in p.name and "+model.dropout-" in p.name for p in runs)
+    for run in runs:  # each trial its own W&B run, with the values it was named by in its config
+        (wandb_run,) = runs_in(run)
+        sampled = dict(part.split("-", 1) for part in run.name.split("+"))
+        assert wandb_run.name == run.name and wandb_run.exit_code == 0 and max(wandb_run.steps) == 2
+        assert wandb_run.config["optimizer"]["lr"] == float(sampled["optimizer.lr"])
+        assert wandb_run.config["model"]["dropout"] == float(sampled["model.dropout"])
     values = [json.loads((p / "train_metrics.json").read_text())["val/elbo_bpd"] for p in runs]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(values), rel=1e-6)

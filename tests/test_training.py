@@ -157,6 +157,65 @@ def test_fake_mnist_trains_with_the_mnist_unet(tmp_path):
     assert metrics["global_step"] == 2 and metrics["val/elbo_bpd"] > 0
 
 
+def test_loss_curve_has_one_row_per_optimizer_step_with_its_full_loss(tmp_path):
+    """trainer.accumulate_grad_batches=2: loss_curve.csv has steps 0, 1, 2 once each (not -1, 0, 0, 1, 1), and a step's
+    loss is the mean of its batches' losses, not half of each (Lightning hands the hooks the loss divided by 2)."""
+    from types import SimpleNamespace
+
+    from diffusion_elbo.lightning.callbacks import LossJournal
+
+    journal = LossJournal(str(tmp_path / "unit" / "loss_curve.csv"))
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2)
+    journal.on_train_start(trainer, None)
+    for batch, (loss, step_after) in enumerate([(1.0, 0), (3.0, 1), (5.0, 1), (7.0, 2)]):
+        trainer.global_step = step_after
+        journal.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss / 2)}, None, batch)
+    assert (tmp_path / "unit" / "loss_curve.csv").read_text() == "step,loss\n0,2\n1,6\n"
+
+    cfg = compose_train(
+        tmp_path / "run",
+        [
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "data.batch_size=8",
+            "logger=none",
+        ],
+    )
+    assert train(cfg, str(tmp_path / "run"))["global_step"] == 3
+    with open(tmp_path / "run" / "loss_curve.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_model_summary_counts_the_networks_flops(tmp_path):
+    """The model summary's FLOPs column is the network's cost on one example (it showed 0 without an example input)."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from diffusion_elbo.builders import build_module
+
+    module, _ = build_module(compose_train(tmp_path, []))
+    summary = ModelSummary(module, max_depth=1)
+    assert summary.total_flops > 0 and summary.flop_counts["net"]
+
+
+def test_more_cpu_processes_than_cores_start_with_a_warning(monkeypatch, caplog):
+    """trainer.devices=4 on the CPU of a 2-core machine says so (the processes share the cores) instead of nothing."""
+    import lightning as L
+
+    from diffusion_elbo import training
+
+    monkeypatch.setattr(training, "usable_cores", lambda: 2)
+    for devices, warned in ((4, True), (2, False)):
+        caplog.clear()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy="ddp", logger=False, enable_checkpointing=False
+        )
+        with caplog.at_level("WARNING", logger="diffusion_elbo.training"):
+            training.warn_if_processes_exceed_cores(trainer)
+        assert ("trainer.devices=4 starts 4 training processes" in caplog.text) == warned, caplog.text
+        assert ("2 core(s)" in caplog.text) == warned
+
+
 def test_wandb_offline_run_files_are_written(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -321,8 +380,10 @@ def test_torch_compile_trains_the_same_weights_layout(tmp_path):
 
 def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artifacts(tmp_path, monkeypatch):
     """What reaches W&B, read back from the offline run file: val/elbo_bpd's summary is its minimum over the run and
-    it is plotted against the global step; the schedule summary is in the config and summary (not a step-0 point);
-    tags; checkpoints as model artifacts with logger.wandb.log_model=true."""
+    it is plotted against the global step; the schedule summary is in the config and summary (not a step-0 point),
+    its plot under schedule/plot, not the key "schedule" whose fields would sit among the schedule/ scalars; Lightning's
+    own epoch and learning rate under train/; the top-level tags=[...]; checkpoints as model artifacts with
+    logger.wandb.log_model=true."""
     import wandb
 
     from tests.wandb_records import of_type, read_records
@@ -334,7 +395,7 @@ def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artif
     cfg = compose_train(
         run_dir,
         ["logger=wandb", "trainer.max_steps=4", "trainer.val_check_interval=2", "schedule.timesteps=100",
-         "logger.wandb.tags=[digits,smoke]", "logger.wandb.log_model=true"],
+         "tags=[digits,smoke]", "logger.wandb.log_model=true"],
     )  # fmt: skip
     train(cfg, str(run_dir))
     wandb.finish()  # the run file is complete once the run ends (a script's exit does this)
@@ -350,6 +411,9 @@ def test_wandb_run_holds_min_summaries_the_schedule_summary_tags_and_model_artif
     assert float(summary["schedule/alpha_bar_T"]) > 0
     history_keys = {i.key or "/".join(i.nested_key) for h in of_type(records, "history") for i in h.item}
     assert "schedule/alpha_bar_T" not in history_keys and "val/elbo_bpd" in history_keys
+    images = {k.removesuffix("/_type") for k in summary if k.endswith("/_type") and "images" in summary[k]}
+    assert "schedule/plot" in images and "schedule" not in images  # its fields apart from the schedule/ scalars
+    assert {"train/epoch", "train/lr-AdamW"} <= history_keys and not {"epoch", "lr-AdamW"} & history_keys
     # the per-t profile and rate-distortion as a table with line plots (custom charts) after each validation
     tables = {k.rsplit("/", 1)[0] for k in history_keys if k.startswith("profile/") and k.endswith("/_type")}
     assert tables == {"profile/table", "profile/term_vs_t_table", "profile/rate_distortion_table"}, tables

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -62,12 +63,32 @@ def _sweep_overrides(sweep_dir: str | None) -> list[str]:
     return [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
 
 
+# characters Hydra's override grammar reads in an unquoted value (besides ``/``): a folder named with these alone can be
+# pasted into ``ckpt_path=<run>/checkpoints/last.ckpt`` as it is; ``=`` and ``,`` (a sweep) cannot
+_UNSAFE_IN_OVERRIDE = re.compile(r"[^A-Za-z0-9_.+@-]+")
+
+
+def _name_part(text: str) -> str:
+    """``text`` with each run of characters an unquoted override value cannot hold turned into one ``_``
+    (``[1,2]`` -> ``1_2``, ``hydra/launcher`` -> ``hydra_launcher``)."""
+    return _UNSAFE_IN_OVERRIDE.sub("_", text).strip("_")
+
+
 def swept_dirname(
-    task_overrides: list[str], job_num: int | str, sweep_dir: str | None = None, sweeper_params=None
+    task_overrides: list[str],
+    job_num: int | str,
+    sweep_dir: str | None = None,
+    sweeper_params=None,
+    kv_sep: str = "-",
+    item_sep: str = "+",
 ) -> str:
-    """Readable sweep subdirectory: only the swept overrides of this job (``schedule=cosine``), the sweep read
-    with Hydra's own override grammar (:func:`_sweep_overrides`), and the keys of a sweeper's own search space
-    (``hydra.sweeper.params``, e.g. Optuna's); the job number when nothing was swept by hand."""
+    """Readable sweep subdirectory: only the swept overrides of this job (``schedule-cosine``,
+    ``optimizer.lr-0.001+model.dropout-0.1``), the sweep read with Hydra's own override grammar
+    (:func:`_sweep_overrides`), and the keys of a sweeper's own search space (``hydra.sweeper.params``, e.g. Optuna's);
+    the job number when nothing was swept by hand. ``kv_sep`` and ``item_sep`` are Hydra's
+    ``hydra.job.config.override_dirname`` settings; with the defaults (not ``=`` and ``,``, which Hydra's grammar
+    reads as an assignment and a sweep) the folder's path can be pasted into an override as it is:
+    ``python src/eval.py ckpt_path=<sweep>/schedule-cosine/checkpoints/last.ckpt``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -75,8 +96,13 @@ def swept_dirname(
     except Exception:  # overrides this parser cannot read: fall back to the job number
         return str(job_num)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(sweeper_params or {})
-    parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
-    return ",".join(parts).replace("/", "_") if parts else str(job_num)
+    parts = []
+    for override in task_overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in swept:
+            parts.append(f"{_name_part(key)}{kv_sep}{_name_part(value)}")
+    return item_sep.join(parts) if parts else str(job_num)
 
 
 def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | None, default: str) -> str:

@@ -555,6 +555,24 @@ def evaluate_continuous(
     )
 
 
+def _training_run_group_and_name(run_dir: Path, train_cfg: dict) -> tuple[str | None, str | None]:
+    """The W&B group and name the training run in ``run_dir`` was given, so the eval's records of the resumed run say
+    the same: ``logger.wandb.group``/``name`` when set, else for a job of a sweep (its ``.hydra/hydra.yaml`` says
+    MULTIRUN) the sweep's group and the job's folder name, as :func:`~diffusion_elbo.training.sweep_group_and_name`
+    gave them; None (the run's own) otherwise."""
+    from diffusion_elbo.training import sweep_group
+
+    wandb_cfg = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb") or {}
+    group, name = wandb_cfg.get("group"), wandb_cfg.get("name")
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        hydra_cfg = OmegaConf.load(hydra_yaml).hydra
+        if str(hydra_cfg.mode) == "MULTIRUN":  # the job's folder sits directly in the sweep's (hydra.sweep.subdir)
+            group = group or sweep_group(hydra_cfg.job.name, run_dir.parent)
+            name = name or run_dir.name
+    return group, name
+
+
 def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> None:
     """The eval's scalars as ``test/<key>`` in the summary of the checkpoint's own W&B run (same id, resumed), so a
     dashboard shows them beside the run's training curves. Nothing is logged for a run trained without W&B."""
@@ -568,12 +586,15 @@ def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> Non
     import wandb
 
     project = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb.project") or "diffusion-elbo"
+    group, name = _training_run_group_and_name(run_dir, train_cfg)
     if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before the eval's resumes
         wandb.finish()
     run = wandb.init(
         id=id_file.read_text().strip(),
         resume="allow",
         project=project,
+        group=group,
+        name=name,
         dir=str(run_dir),
         mode=resolve_wandb_mode(cfg.wandb.mode),
     )

@@ -35,8 +35,12 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None, None
-    group = f"{hc.job.name}-{Path(hc.sweep.dir).name}"
-    return group, Path(hc.runtime.output_dir).name  # the sweep subdirectory: its swept overrides
+    return sweep_group(hc.job.name, hc.sweep.dir), Path(hc.runtime.output_dir).name  # the job's folder name
+
+
+def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs, e.g. ``train-2026-12-04_14-30-00``: the job's name and the sweep folder's."""
+    return f"{job_name}-{Path(sweep_dir).name}"
 
 
 # the bounds whose W&B summary is the best (lowest) value of the run, not the last one
@@ -52,6 +56,32 @@ def define_wandb_metrics(trainer: L.Trainer) -> None:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             for key in MIN_SUMMARY_METRICS:
                 logger.experiment.define_metric(key, summary="min", step_metric="trainer/global_step")
+
+
+@contextmanager
+def wandb_run_ends_with_the_job(loggers: list) -> Iterator[None]:
+    """Finish this process's W&B run when the job ends, however it ends, with the status the process exits with: 0 when
+    the job returns or stops on SIGTERM (Lightning's ``SIGTERMException`` is ``SystemExit(None)``; the run resumes
+    later), a ``SystemExit``'s own code (Ctrl-C: Lightning exits with 1), 1 for any other exception (W&B then shows the
+    run as failed). Lightning's WandbLogger never finishes its run, and a new WandbLogger in the same process reuses a
+    run in progress, so without this every job after the first of a multirun (the basic and joblib launchers and
+    Optuna run many jobs in one process) wrote into the first job's run, under its name and config."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not any(isinstance(logger, WandbLogger) for logger in loggers):
+        yield
+        return
+    import wandb
+
+    try:
+        yield
+    except BaseException as exc:
+        if wandb.run is not None:
+            code = exc.code if isinstance(exc, SystemExit) else 1
+            wandb.run.finish(exit_code=code if isinstance(code, int) else int(code is not None))
+        raise
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=0)
 
 
 # what Lightning's subprocess launcher writes into the launching process's environment
@@ -90,6 +120,28 @@ def ddp_children_run_this_job(output_dir: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a scheduler or container may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def warn_if_processes_exceed_cores(trainer: L.Trainer) -> None:
+    """A warning when ``trainer.devices`` CPU processes outnumber the cores: each then gets less than one core, every
+    step waits for the slowest, and the run is slower than on fewer processes (it would otherwise start silently)."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    cores = usable_cores()
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores and trainer.global_rank == 0:
+        log.warning(
+            "trainer.devices=%d starts %d training processes on the CPU, and this machine gives this run %d core(s): "
+            "they share them, and the run is slower than with trainer.devices=%d or fewer (or a GPU: trainer=gpu)",
+            trainer.num_devices,
+            trainer.num_devices,
+            cores,
+            cores,
+        )
 
 
 def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
@@ -166,6 +218,23 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     callbacks = build_callbacks(cfg)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
+    with wandb_run_ends_with_the_job(loggers):
+        return _fit(
+            cfg,
+            output_dir,
+            module=module,
+            datamodule=datamodule,
+            ckpt_path=ckpt_path,
+            callbacks=callbacks,
+            loggers=loggers,
+        )
+
+
+def _fit(
+    cfg: DictConfig, output_dir: str, *, module, datamodule, ckpt_path: str | None, callbacks: list, loggers: list
+) -> dict[str, float | str]:
+    """Fit ``module`` with the Trainer of ``cfg.trainer``; returns the last logged metrics (and writes
+    train_metrics.json)."""
     if not loggers or OmegaConf.select(cfg, "trainer.fast_dev_run"):
         # LearningRateMonitor refuses a Trainer without a logger (logger=none; fast_dev_run turns loggers off)
         dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
@@ -180,6 +249,7 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir, plugins=plugins
     )
+    warn_if_processes_exceed_cores(trainer)
     for logger in trainer.loggers:  # the resolved config, once per run
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     define_wandb_metrics(trainer)

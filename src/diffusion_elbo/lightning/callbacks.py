@@ -249,13 +249,14 @@ class ScheduleSummary(L.Callback):
             for row in zip(t.tolist(), gamma.tolist(), slope.tolist(), strict=True):
                 f.write(",".join(f"{v:.8g}" for v in row) + "\n")
         title = f"{logsnr.name}, step {trainer.global_step}: gamma(0) = {gamma[0]:.3f}, gamma(1) = {gamma[-1]:.3f}"
-        log_image(trainer, "schedule", save_logsnr_plot(t.numpy(), gamma, slope, stem.with_suffix(".png"), title))
+        log_image(trainer, "schedule/plot", save_logsnr_plot(t.numpy(), gamma, slope, stem.with_suffix(".png"), title))
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         schedule = pl_module.schedule
         path = save_schedule_plot(schedule, Path(trainer.default_root_dir) / "schedule.png")
-        log_image(trainer, "schedule", path)
+        # not "schedule": the key of an image is a section of its own on W&B, where schedule/* scalars are shown
+        log_image(trainer, "schedule/plot", path)
         log_snr = schedule.log_snr()
         summary = {
             "schedule/log_snr_1": float(log_snr[0]),
@@ -484,12 +485,18 @@ class LastCheckpoint(L.Callback):
 
 
 class LossJournal(L.Callback):
-    """``loss_curve.csv`` in the run directory: the training loss of every step, exactly once. On resume the
-    steps the interrupted run logged after its last checkpoint are dropped before the run goes on, so the
-    curve has neither gaps nor repeats however often the run was killed."""
+    """``loss_curve.csv`` in the run directory: the training loss of every optimizer step, exactly once. On resume the
+    steps the interrupted run logged after its last checkpoint are dropped before the run goes on, so the curve has
+    neither gaps nor repeats however often the run was killed. With ``trainer.accumulate_grad_batches=k`` a step's
+    row is the mean loss of its k batches (the loss whose gradient the step applied), written when the step is taken.
+
+    Kept beside the loggers' files because it is written under every logger (``logger=none`` too) and survives
+    resumes without repeated rows, which CSVLogger's ``metrics.csv`` does not."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self._batch_losses: list[float] = []  # the full losses of the batches since the last optimizer step
+        self._steps_done = 0
 
     @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -501,14 +508,23 @@ class LossJournal(L.Callback):
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("step,loss\n" + "".join(f"{line}\n" for line in keep))
         tmp.replace(self.path)
+        self._batch_losses, self._steps_done = [], trainer.global_step
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:  # a skipped batch
+        if loss is not None:  # None: a skipped batch
+            # Lightning hands the hooks the loss divided by accumulate_grad_batches, the share each batch's gradient has
+            self._batch_losses.append(float(loss) * trainer.accumulate_grad_batches)
+        if trainer.global_step == self._steps_done:  # still accumulating: no optimizer step after this batch
             return
+        self._steps_done = trainer.global_step
+        if not self._batch_losses:
+            return
+        step_loss = sum(self._batch_losses) / len(self._batch_losses)
+        self._batch_losses = []
         with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step - 1},{float(loss):.8g}\n")
+            f.write(f"{trainer.global_step - 1},{step_loss:.8g}\n")
             f.flush()
 
 

@@ -139,6 +139,11 @@ class DiffusionModule(L.LightningModule):
         self.val_elbo = ELBOMetric(self.num_dims)
         self.val_profile = ProfileMetric(num_stratified_timesteps(schedule.T, val_strata), self.num_dims)
         self.last_profile: dict[str, Tensor] | None = None  # per-t view of the last validation, for callbacks
+        # one example at chain step 1 for the model summary, whose FLOPs column is 0 without it; not under
+        # torch.compile, whose first call would compile inside the summary's FLOP counter
+        self.example_input_array = (
+            None if compile else (torch.zeros(1, *self.data_shape), torch.ones(1, dtype=torch.long))
+        )
 
     @property
     def generator(self) -> torch.Generator:
