@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,22 @@ def test_missing_mnist_files_fail_at_once_saying_where_to_put_them(tmp_path):
     )
     assert result.returncode == 2
     assert "train-images-idx3-ubyte" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+def test_resume_without_the_run_folder_is_refused_with_the_command_that_resumes(tmp_path):
+    """`ckpt_path=last` alone would start from scratch in a new folder: refused (status 2) before any work, giving
+    the exact command for the newest run that has a checkpoint (its overrides and folder)."""
+    old = tmp_path / "outputs" / "train" / "runs" / "2026-01-01_00-00-00"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (old / ".hydra").mkdir()
+    (old / ".hydra" / "overrides.yaml").write_text("- schedule=cosine\n- ckpt_path=last\n")
+    result = run_cli("train.py", *FAST, "ckpt_path=last", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "none was given" in result.stderr
+    command = "src/train.py schedule=cosine hydra.run.dir=outputs/train/runs/2026-01-01_00-00-00 ckpt_path=last`"
+    assert re.search(r"`python \S*" + re.escape(command), result.stderr), result.stderr
+    assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/step_*.ckpt"))
 
 
 @pytest.mark.slow

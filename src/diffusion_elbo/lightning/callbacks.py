@@ -456,8 +456,9 @@ class LastCheckpoint(L.Callback):
       rank receives: saving is a collective, and an error on one rank would leave the others waiting.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, resume_hint: str = "ckpt_path=last") -> None:
         self.dirpath = dirpath
+        self.resume_hint = resume_hint  # what the log says to run next; src/train.py sets the full command
 
     def _save(self, trainer: L.Trainer, why: str) -> None:
         path = Path(self.dirpath) / "last.ckpt"
@@ -465,7 +466,7 @@ class LastCheckpoint(L.Callback):
         for cb in trainer.checkpoint_callbacks:  # so ModelCheckpoint knows last.ckpt is current
             if isinstance(cb, ModelCheckpoint) and cb.save_last:
                 cb.last_model_path = str(path)
-        log.warning("%s: saved %s at step %d; resume with ckpt_path=last", why, path, trainer.global_step)
+        log.warning("%s: saved %s at step %d; resume with: %s", why, path, trainer.global_step, self.resume_hint)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
