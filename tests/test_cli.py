@@ -72,6 +72,20 @@ def test_eval_cli_bad_values_fail_at_start_with_clear_message(tmp_path, args, fr
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        # Hydra alone would advise +trainer.max_step=5, which then fails inside Lightning's Trainer
+        ("trainer.max_step=5", "error: trainer.max_step is not an argument of Trainer: did you mean trainer.max_steps"),
+        ("callbacks.ema.decay=high", "error: invalid config:\n  - callbacks.ema.decay='high' must be float"),
+    ],
+)
+def test_bad_trainer_and_callback_keys_fail_at_start_naming_the_key(tmp_path, arg, message):
+    result = run_cli("train.py", *FAST, arg, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
 def test_unknown_config_group_option_names_the_choices(tmp_path):
     result = run_cli("train.py", "model=unet_huge", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0

@@ -127,6 +127,29 @@ def run_dir_chosen() -> bool:
     return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in hydra_cfg.overrides.hydra)
 
 
+TRAINER_TARGET = "lightning.pytorch.Trainer"  # conf/trainer/default.yaml
+
+
+def check_trainer_overrides(args: list[str]) -> None:
+    """Refuse ``trainer.<name>=...`` on the command line where the Trainer takes no ``name`` (``trainer.max_step``),
+    naming the closest argument, with status 2. Hydra would refuse it too, advising ``+trainer.max_step``, which then
+    fails inside Lightning; every Trainer argument is a key of ``trainer/``, so no ``+`` is ever needed there."""
+    from diffusion_elbo.config import constructor_parameters, not_an_argument
+
+    found = constructor_parameters(TRAINER_TARGET)
+    if found is None:
+        return
+    owner, params = found
+    named = [n for n in params if n != "self"]
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        group, _, name = arg.split("=", 1)[0].lstrip("+~").partition(".")
+        if group == "trainer" and name and "." not in name and name not in params:
+            print(f"error: {not_an_argument('trainer', name, named, owner)}", file=sys.stderr)
+            raise SystemExit(2)
+
+
 class SweepChecks(Callback):
     """Hydra callback: refuses, before any job runs, a multirun whose launcher cannot host the jobs' DDP processes."""
 
