@@ -35,9 +35,13 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
         "schedule.timesteps=100",
         "data.mean=0.5",
         "data.std=0.8",
+        "progress_every_s=0",
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr
+    # not a terminal: progress lines in the log say how far it is and how long it has left
+    progress = [line for line in result.stdout.splitlines() if "eval -ELBO: " in line]
+    assert progress and all(", ETA " in line for line in progress) and "1000/1000 examples done" in progress[-1]
     path = metrics_path(result.stdout)
     assert path == tmp_path / "metrics.json"
     m = json.loads(path.read_text())
@@ -148,8 +152,12 @@ def test_train_then_eval_and_sample_checkpoint(tmp_path):
 
     for sampler in (["sampler=ddpm", "sampler.steps=10"], ["sampler=ddim", "sampler.steps=5"]):
         out = tmp_path / sampler[0].replace("=", "-")
-        result = run_cli("sample.py", f"ckpt_path={ckpt}", *sampler, "num_samples=10", f"hydra.run.dir={out}")
+        result = run_cli(
+            "sample.py", f"ckpt_path={ckpt}", *sampler, "num_samples=10", "progress_every_s=0", f"hydra.run.dir={out}"
+        )
         assert result.returncode == 0, result.stderr[-3000:]
+        progress = [line for line in result.stdout.splitlines() if "sampling (" in line and ", ETA " in line]
+        assert progress and "(100.0%)" in progress[-1]
         samples = np.load(out / "samples.npz")["samples"]
         assert samples.shape == (10, 1, 8, 8) and np.isfinite(samples).all()
         assert str(np.load(out / "samples.npz")["spacing"]) == "time"

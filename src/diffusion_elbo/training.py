@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
@@ -203,6 +203,8 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
             callback.resume_hint = resume_command(output_dir)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:  # Lightning refuses a bar it is told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers or OmegaConf.select(cfg, "trainer.fast_dev_run"):
         # LearningRateMonitor refuses a Trainer without a logger (logger=none; fast_dev_run turns loggers off)
         dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
