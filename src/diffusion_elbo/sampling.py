@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.builders import resolve_device
 from diffusion_elbo.checkpoints import LoadedRun, load_for_eval, sampler_spacing
@@ -61,7 +61,12 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     from rich.progress import Progress
 
     total = num_batches * steps_per_batch
-    lines = ProgressLog(f"sampling ({sampler.name})", total, "steps x batches", every_s=float(cfg.progress_every_s))
+    lines = ProgressLog(
+        f"sampling ({sampler.name})",
+        total,
+        "steps x batches",
+        every_s=float(OmegaConf.select(cfg, "progress_every_s", default=30.0)),
+    )
 
     def progress(step: int, steps: int) -> None:
         bar.advance(task, 1)

@@ -461,18 +461,22 @@ class LastCheckpoint(L.Callback):
         self.dirpath = dirpath
         self.resume_hint = resume_hint  # what the log says to run next; src/train.py sets the full command
 
-    def _save(self, trainer: L.Trainer, why: str) -> None:
+    def _save(self, trainer: L.Trainer, why: str, *, stopped: bool = True) -> None:
         path = Path(self.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
         for cb in trainer.checkpoint_callbacks:  # so ModelCheckpoint knows last.ckpt is current
             if isinstance(cb, ModelCheckpoint) and cb.save_last:
                 cb.last_model_path = str(path)
-        log.warning("%s: saved %s at step %d; resume with: %s", why, path, trainer.global_step, self.resume_hint)
+        if stopped:  # a run cut short: say how to go on
+            log.warning("%s: saved %s at step %d; resume with: %s", why, path, trainer.global_step, self.resume_hint)
+        else:
+            log.info("%s: saved %s at step %d", why, path, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
         if trainer.global_step > 0 and trainer.global_step not in saved:
-            self._save(trainer, "run ended between checkpoints")
+            cut_short = trainer.max_steps < 0 or trainer.global_step < trainer.max_steps  # max_time, not max_steps
+            self._save(trainer, "run ended between checkpoints", stopped=cut_short)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
