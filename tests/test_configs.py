@@ -89,9 +89,9 @@ def test_validate_config_lists_every_problem():
         (["callbacks.ema.decay=high"], "callbacks.ema.decay='high' must be float (EMA's argument decay: float)"),
         (["+trainer.max_step=5"], "trainer.max_step is not an argument of Trainer: did you mean trainer.max_steps=...?"),
         (["+callbacks.ema.decy=0.9"], "callbacks.ema.decy is not an argument of EMA: did you mean callbacks.ema.decay"),
-        (["data=mnist"], "never reaches; it runs at [28, 14, 7]: the model does not fit the data; for this data use "
+        (["data=mnist"], "never reaches; it runs at [28, 14, 7]: the model does not fit the data; with data=mnist use "
          "model=unet_mnist (or experiment=mnist_unet)"),
-        (["data=cifar10"], "for this data use model=unet_cifar10 (or experiment=cifar10_ddpm)"),
+        (["data=cifar10"], "with data=cifar10 use model=unet_cifar10 (or experiment=cifar10_ddpm)"),
         (["trainer=gpu"], "trainer.accelerator=gpu (trainer=gpu) but torch"),
         (["callbacks.fid.features=inception"], "callbacks.fid.features=inception needs torch-fidelity, which is not "
          "installed here: use callbacks.fid.features=classifier"),

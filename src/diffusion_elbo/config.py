@@ -307,9 +307,9 @@ def _constructor_problems(cfg: DictConfig, key: str) -> list[str]:
 
 # the model preset of each image data set whose size the default UNet (8x8 digits) does not fit
 UNET_PRESETS = {
-    "MNISTDataModule": "model=unet_mnist (or experiment=mnist_unet)",
-    "CIFAR10DataModule": "model=unet_cifar10 (or experiment=cifar10_ddpm)",
-    "DigitsDataModule": "model=unet",
+    "MNISTDataModule": "with data=mnist use model=unet_mnist (or experiment=mnist_unet)",
+    "CIFAR10DataModule": "with data=cifar10 use model=unet_cifar10 (or experiment=cifar10_ddpm)",
+    "DigitsDataModule": "with data=digits use model=unet",
 }
 
 
@@ -331,7 +331,7 @@ def _unet_problems(cfg: DictConfig) -> list[str]:
     except (ValueError, TypeError, AttributeError) as exc:
         data = str(OmegaConf.select(cfg, "data._target_", default="")).rsplit(".", 1)[-1]
         preset = UNET_PRESETS.get(data)
-        fix = f"for this data use {preset}" if preset else "set model.attention_resolutions to sizes it runs at"
+        fix = preset or "set model.attention_resolutions to sizes it runs at"
         return [f"{exc}: the model does not fit the data; {fix}"]
     return []
 
