@@ -6,18 +6,35 @@ ARGS ?=
 # pytest-xdist workers: the suite is mostly small processes, so 2 workers on 2 cores shorten it a lot
 # (tests/conftest.py splits the cores' threads between them). WORKERS=0 runs it in one process.
 WORKERS ?= 2
+# PEP 668: a system Python that refuses `pip install` (Debian, Ubuntu: an EXTERNALLY-MANAGED file next to its standard
+# library, outside a virtual environment) gets a virtual environment in .venv, and everything here runs in it. Any
+# other Python (a venv, conda, pyenv as in CI) is used as it is.
+EXTERNALLY_MANAGED := $(shell $(PY) -c "import os, sys, sysconfig; print(int(sys.prefix == sys.base_prefix and os.path.isfile(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))))" 2>/dev/null)
+ifeq ($(EXTERNALLY_MANAGED),1)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+else
+VENV :=
+PYTHON := $(PY)
+endif
 
 .PHONY: install train test lint
-install:
+install: $(if $(VENV),$(VENV)/bin/python)
 	# torch first: a CPU machine gets the local 2.13.0 CPU build; a GPU machine keeps its own torch.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev,launchers]"
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev,launchers]"
+ifneq ($(VENV),)
+	@echo "installed into $(VENV) ($(PY) is externally managed): run '. $(VENV)/bin/activate' before python src/train.py ..."
+endif
+
+.venv/bin/python:
+	$(PY) -m venv .venv || { echo "error: $(PY) cannot make a virtual environment: install its venv module (Debian, Ubuntu: sudo apt install python3-venv) and run make again"; rm -rf .venv; exit 2; }
 
 train: install
-	$(PY) src/train.py $(ARGS)
+	$(PYTHON) src/train.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -n $(WORKERS) --dist worksteal $(ARGS)
+	$(PYTHON) -m pytest -n $(WORKERS) --dist worksteal $(ARGS)
 
 lint:
 	ruff check . && ruff format --check .

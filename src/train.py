@@ -3,10 +3,12 @@
 Sweeps: python src/train.py -m schedule=linear,cosine,sigmoid
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
+from diffusion_elbo.cli import CONFIG_PATH, check_trainer_overrides, register_resolvers, run_job
 from diffusion_elbo.training import train
 
 
@@ -19,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     register_resolvers()
+    check_trainer_overrides(sys.argv[1:])
     main()

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,13 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
         "schedule.timesteps=100",
         "data.mean=0.5",
         "data.std=0.8",
+        "progress_every_s=0",
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr
+    # not a terminal: progress lines in the log say how far it is and how long it has left
+    progress = [line for line in result.stdout.splitlines() if "eval -ELBO: " in line]
+    assert progress and all(", ETA " in line for line in progress) and "1000/1000 examples done" in progress[-1]
     path = metrics_path(result.stdout)
     assert path == tmp_path / "metrics.json"
     m = json.loads(path.read_text())
@@ -75,6 +80,20 @@ def test_eval_cli_bad_values_fail_at_start_with_clear_message(tmp_path, args, fr
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        # Hydra alone would advise +trainer.max_step=5, which then fails inside Lightning's Trainer
+        ("trainer.max_step=5", "error: trainer.max_step is not an argument of Trainer: did you mean trainer.max_steps"),
+        ("callbacks.ema.decay=high", "error: invalid config:\n  - callbacks.ema.decay='high' must be float"),
+    ],
+)
+def test_bad_trainer_and_callback_keys_fail_at_start_naming_the_key(tmp_path, arg, message):
+    result = run_cli("train.py", *FAST, arg, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
 def test_unknown_config_group_option_names_the_choices(tmp_path):
     result = run_cli("train.py", "model=unet_huge", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
@@ -93,6 +112,22 @@ def test_missing_mnist_files_fail_at_once_saying_where_to_put_them(tmp_path):
     )
     assert result.returncode == 2
     assert "train-images-idx3-ubyte" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+def test_resume_without_the_run_folder_is_refused_with_the_command_that_resumes(tmp_path):
+    """`ckpt_path=last` alone would start from scratch in a new folder: refused (status 2) before any work, giving
+    the exact command for the newest run that has a checkpoint (its overrides and folder)."""
+    old = tmp_path / "outputs" / "train" / "runs" / "2026-01-01_00-00-00"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (old / ".hydra").mkdir()
+    (old / ".hydra" / "overrides.yaml").write_text("- schedule=cosine\n- ckpt_path=last\n")
+    result = run_cli("train.py", *FAST, "ckpt_path=last", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "none was given" in result.stderr
+    command = "src/train.py schedule=cosine hydra.run.dir=outputs/train/runs/2026-01-01_00-00-00 ckpt_path=last`"
+    assert re.search(r"`python \S*" + re.escape(command), result.stderr), result.stderr
+    assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/step_*.ckpt"))
 
 
 @pytest.mark.slow
@@ -121,8 +156,12 @@ def test_train_then_eval_and_sample_checkpoint(tmp_path):
 
     for sampler in (["sampler=ddpm", "sampler.steps=10"], ["sampler=ddim", "sampler.steps=5"]):
         out = tmp_path / sampler[0].replace("=", "-")
-        result = run_cli("sample.py", f"ckpt_path={ckpt}", *sampler, "num_samples=10", f"hydra.run.dir={out}")
+        result = run_cli(
+            "sample.py", f"ckpt_path={ckpt}", *sampler, "num_samples=10", "progress_every_s=0", f"hydra.run.dir={out}"
+        )
         assert result.returncode == 0, result.stderr[-3000:]
+        progress = [line for line in result.stdout.splitlines() if "sampling (" in line and ", ETA " in line]
+        assert progress and "(100.0%)" in progress[-1]
         samples = np.load(out / "samples.npz")["samples"]
         assert samples.shape == (10, 1, 8, 8) and np.isfinite(samples).all()
         assert str(np.load(out / "samples.npz")["spacing"]) == "time"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -41,7 +42,9 @@ def test_experiment_presets_compose_and_build(experiment):
 @pytest.mark.parametrize(
     "group", ["schedule", "loss", "optimizer", "lr_scheduler", "sampler", "trainer", "logger", "callbacks"]
 )
-def test_every_option_of_a_group_composes(group):
+def test_every_option_of_a_group_composes(group, monkeypatch):
+    # trainer=gpu composes; on a machine without a GPU it is refused (test_keys_the_project_does_not_own_...)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for option in options(group):
         if group == "schedule" and option == "custom":
             cfg = compose_with(["schedule=custom", "schedule.betas=[0.1,0.2,0.3]"])
@@ -77,6 +80,31 @@ def test_validate_config_lists_every_problem():
         "callbacks.fid.spacing='sigma'",  # the FID callback samples on the run's grid
     ):
         assert fragment in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be int (Trainer's argument max_steps: int)"),
+        (["callbacks.ema.decay=high"], "callbacks.ema.decay='high' must be float (EMA's argument decay: float)"),
+        (["+trainer.max_step=5"], "trainer.max_step is not an argument of Trainer: did you mean trainer.max_steps=...?"),
+        (["+callbacks.ema.decy=0.9"], "callbacks.ema.decy is not an argument of EMA: did you mean callbacks.ema.decay"),
+        (["data=mnist"], "never reaches; it runs at [28, 14, 7]: the model does not fit the data; with data=mnist use "
+         "model=unet_mnist (or experiment=mnist_unet)"),
+        (["data=cifar10"], "with data=cifar10 use model=unet_cifar10 (or experiment=cifar10_ddpm)"),
+        (["trainer=gpu"], "trainer.accelerator=gpu (trainer=gpu) but torch"),
+        (["callbacks.fid.features=inception"], "callbacks.fid.features=inception needs torch-fidelity, which is not "
+         "installed here: use callbacks.fid.features=classifier"),
+    ],
+)  # fmt: skip
+def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrides, problem):
+    """Lightning's Trainer and the callbacks' arguments are checked against their constructors, the UNet against the
+    data, the config against the machine: one line naming the key and the fix, before anything is built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("diffusion_elbo.config.module_available", lambda name: False)
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_with(overrides))
+    assert str(err.value).count("\n  - ") == 1 and problem in str(err.value)
 
 
 def test_sampling_a_checkpoint_uses_its_own_grid_unless_told():

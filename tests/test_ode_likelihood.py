@@ -4,6 +4,7 @@ distributions under their exact score, Hutchinson's estimator, dequantization, a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
@@ -202,16 +203,25 @@ def _compose_eval(tmp_path, overrides):
         return compose("eval", overrides=overrides)
 
 
-def test_eval_likelihood_both_reports_the_ode_beside_the_bound(tmp_path):
+def test_eval_likelihood_both_reports_the_ode_beside_the_bound(tmp_path, caplog):
     """src/eval.py likelihood=both: the ODE keys, NFE and time, the paired difference (equal to the per-example CSV's),
-    and on the Gaussian oracle an ODE likelihood equal to the true NLL within 1e-3 bits/dim."""
+    and on the Gaussian oracle an ODE likelihood equal to the true NLL within 1e-3 bits/dim. Outside a terminal both
+    evaluations log their progress (examples done, NFE, time left)."""
     from diffusion_elbo.evaluation import paired_difference, run_eval
 
     cfg = _compose_eval(
         tmp_path,
-        ["likelihood=both", "data.mean=0.5", "data.std=0.6", "schedule=linear", "num_examples=300", "batch_size=128"],
-    )
-    m = run_eval(cfg, tmp_path)
+        ["likelihood=both", "data.mean=0.5", "data.std=0.6", "schedule=linear", "num_examples=300", "batch_size=128",
+         "progress_every_s=0"],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="diffusion_elbo.progress"):
+        m = run_eval(cfg, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_elbo.progress"]
+    ode = [line for line in lines if line.startswith("ODE likelihood: ")]
+    assert [line.split(" (")[0] for line in ode] == [f"ODE likelihood: {n}/300 examples" for n in (128, 256, 300)]
+    assert all(", ETA " in line and " NFE in the last solve" in line for line in ode), ode
+    elbo = [line for line in lines if line.startswith("eval -ELBO: ")]
+    assert elbo[-1].startswith("eval -ELBO: 3000/3000 ") and "300/300 examples done" in elbo[-1], elbo[-1:]
     assert m["likelihood"] == "both" and m["ode_num_examples"] == m["num_examples"] == 300
     assert abs(m["ode_gap_bpd"]) < 1e-3 and abs(m["ode_gap_bpd"]) < 4 * m["ode_gap_bpd_se"] + 1e-4
     assert m["ode_dequantization"] == "none" and m["ode_t_start"] == 1.0

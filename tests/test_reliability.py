@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -371,11 +372,15 @@ def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
         "+callbacks.sigint.step=7",
         "+callbacks.sigint.signum=2",
     )
-    _, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
     assert _last(run_dir)["global_step"] == 7, err[-3000:]
-    proc = start_train(run_dir, "ckpt_path=last")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    # the log gives the command that resumes this run in its folder; followed as printed, it does
+    command = shlex.split(next(line for line in (out + err).splitlines() if "resume with: " in line).split(": ")[-1])
+    assert command[0] == "python" and f"hydra.run.dir={run_dir}" in command and command[-1] == "ckpt_path=last"
+    proc = subprocess.run(
+        [sys.executable, *command[1:]], cwd=REPO_ROOT, env=fault_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert loss_steps(run_dir) == list(range(40))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -114,6 +115,18 @@ def test_resume_continues_at_saved_step_with_lr_schedule_and_ema(tmp_path):
     # EMA kept averaging across the restart: 10 updates in all.
     last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert int(last["averaging_state"]["n_averaged"]) == 10
+
+
+def test_a_run_outside_a_terminal_logs_its_progress_over_all_steps_with_an_eta(tmp_path, caplog):
+    """No terminal (a batch job's log): the bars are off, and progress lines count the run's steps, not an epoch's
+    batches, with the time left."""
+    overrides = ["trainer.max_steps=4", "trainer.enable_progress_bar=true", "callbacks.progress_bar.log_every_s=0"]
+    with caplog.at_level(logging.INFO, logger="diffusion_elbo.progress"):
+        train(compose_train(tmp_path, [*overrides, "callbacks.progress_bar.interactive=false"]), str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_elbo.progress"]
+    assert [line.split(" (")[0] for line in lines] == [f"train: {step}/4 steps" for step in range(1, 5)]
+    assert all(", elapsed " in line and ", ETA " in line and "train/loss" in line for line in lines), lines
+    assert lines[-1].startswith("train: 4/4 steps (100.0%)") and ", ETA 0:00" in lines[-1]
 
 
 def test_importance_sampler_history_survives_checkpoints(tmp_path):

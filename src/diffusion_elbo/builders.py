@@ -128,9 +128,15 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks in config order (sample_grid before ema, so samples use the EMA weights)."""
+    """Callbacks in config order (sample_grid before ema, so samples use the EMA weights); no progress bar under
+    ``trainer.enable_progress_bar=false`` (Lightning refuses a bar it is told not to show)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
     callbacks_cfg = OmegaConf.select(cfg, "callbacks") or {}
-    return [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def wandb_host() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -119,6 +120,60 @@ def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | 
     if likelihood and likelihood != "elbo":
         name += f"-{likelihood}"
     return str(ckpt.parent.parent / "eval" / name)
+
+
+def _shown_path(path: str | Path) -> str:
+    """``path`` as a user types it: relative to the current directory when inside it (Hydra resolves a relative
+    ``hydra.run.dir`` against it), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resume_command(run_dir: str | Path, overrides: list[str] | None = None) -> str:
+    """The shell command that resumes the training run in ``run_dir``: the run's own overrides (``overrides``, by
+    default this job's), its folder as ``hydra.run.dir`` (without it Hydra would make a new, empty folder) and
+    ``ckpt_path=last`` (the newest complete checkpoint in ``<run_dir>/checkpoints``)."""
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "src/train.py"
+    if overrides is None:
+        overrides = [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    return shlex.join(["python", _shown_path(script), *keep, f"hydra.run.dir={_shown_path(run_dir)}", "ckpt_path=last"])
+
+
+def run_dir_chosen() -> bool:
+    """Whether this job's folder was named by the user (``hydra.run.dir=...``, or ``hydra.sweep.dir=...`` in a
+    multirun) rather than made new from the date and time; True outside Hydra (``train(cfg, output_dir)``)."""
+    if not HydraConfig.initialized():
+        return True
+    hydra_cfg = HydraConfig.get()
+    key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in hydra_cfg.overrides.hydra)
+
+
+TRAINER_TARGET = "lightning.pytorch.Trainer"  # conf/trainer/default.yaml
+
+
+def check_trainer_overrides(args: list[str]) -> None:
+    """Refuse ``trainer.<name>=...`` on the command line where the Trainer takes no ``name`` (``trainer.max_step``),
+    naming the closest argument, with status 2. Hydra would refuse it too, advising ``+trainer.max_step``, which then
+    fails inside Lightning; every Trainer argument is a key of ``trainer/``, so no ``+`` is ever needed there."""
+    from diffusion_elbo.config import constructor_parameters, not_an_argument
+
+    found = constructor_parameters(TRAINER_TARGET)
+    if found is None:
+        return
+    owner, params = found
+    named = [n for n in params if n != "self"]
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        group, _, name = arg.split("=", 1)[0].lstrip("+~").partition(".")
+        if group == "trainer" and name and "." not in name and name not in params:
+            print(f"error: {not_an_argument('trainer', name, named, owner)}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 class SweepChecks(Callback):

@@ -6,10 +6,17 @@ turns them into one :class:`ConfigError` that names the key, the bad value and h
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import inspect
+import types
+import typing
 from collections.abc import Iterable
 from enum import Enum
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_elbo.core import (
     DecoderVariance,
@@ -129,6 +136,11 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     split = OmegaConf.select(cfg, "split", default=None)
     if split is not None and split not in ("train", "val", "test"):
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
+    problems.extend(_constructor_problems(cfg, "trainer"))
+    for name in OmegaConf.select(cfg, "callbacks", default=None) or {}:
+        problems.extend(_constructor_problems(cfg, f"callbacks.{name}"))
+    problems.extend(_unet_problems(cfg))
+    problems.extend(_environment_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -203,4 +215,148 @@ def _variance_loss_problems(cfg: DictConfig) -> list[str]:
             f"loss.mean_loss={mean_loss!r} is not an MSE loss; choose one of {' | '.join(m.value for m in MSE_LOSSES)}"
         )
     _check_range(cfg, "loss.vlb_weight", problems, minimum=0.0)
+    return problems
+
+
+# ---- keys the project does not own: Lightning's Trainer and the callbacks' constructors, the machine -----------------
+
+
+def _type_name(annotation: object) -> str:
+    """``int``, ``int or null``, ``'32-true' | 'bf16-mixed' ...``: an annotation as a user reads it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _fits(value: object, annotation: object) -> bool:
+    """Whether a config value can be passed as an argument of this annotation. Lenient where the annotation is not a
+    plain type: a node with ``_target_`` (built by instantiate), a list or dict for a container, an unknown class."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (inspect.Parameter.empty, typing.Any):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, DictConfig | ListConfig):
+        return annotation not in (bool, int, float, str)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    cls = origin or annotation
+    return not isinstance(cls, type) or isinstance(value, cls)
+
+
+def not_an_argument(key: str, name: str, params: Iterable[str], owner: str) -> str:
+    """The problem line for ``<key>.<name>``, which ``owner``'s constructor does not take, with the closest match."""
+    close = difflib.get_close_matches(name, list(params), n=1)
+    fix = f"did you mean {key}.{close[0]}=...?" if close else f"its arguments are {', '.join(params)}"
+    return f"{key}.{name} is not an argument of {owner}: {fix}"
+
+
+def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Parameter]] | None:
+    """The name and the parameters (annotations resolved) of the constructor of ``target`` (a ``_target_`` string);
+    None where it cannot be imported or read."""
+    try:
+        obj = get_object(target)
+        signature = inspect.signature(obj, eval_str=True)
+    except Exception:  # an unimportable target fails later in instantiate, with its own message
+        return None
+    return getattr(obj, "__name__", target), dict(signature.parameters)
+
+
+def _constructor_problems(cfg: DictConfig, key: str) -> list[str]:
+    """Each key of the node ``key`` (``trainer``, ``callbacks.ema``) checked against its ``_target_``'s constructor:
+    a key it does not take (a misspelling), a value of the wrong type (``trainer.max_steps=abc``)."""
+    node = OmegaConf.select(cfg, key, default=None)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return []
+    found = constructor_parameters(str(node._target_))
+    if found is None:
+        return []
+    owner, params = found
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"]
+    problems = []
+    for name in node:
+        name = str(name)
+        if name.startswith("_"):
+            continue
+        if name not in params:
+            if not takes_any:
+                problems.append(not_an_argument(key, name, named, owner))
+            continue
+        if OmegaConf.is_interpolation(node, name) or OmegaConf.is_missing(node, name):
+            continue  # the project's own wiring (${data.channels}, ${paths.output_dir}); resolved later
+        value, annotation = node[name], params[name].annotation
+        if not _fits(value, annotation):
+            kind = _type_name(annotation)
+            problems.append(f"{key}.{name}={value!r} must be {kind} ({owner}'s argument {name}: {kind})")
+    return problems
+
+
+# the model preset of each image data set whose size the default UNet (8x8 digits) does not fit
+UNET_PRESETS = {
+    "MNISTDataModule": "with data=mnist use model=unet_mnist (or experiment=mnist_unet)",
+    "CIFAR10DataModule": "with data=cifar10 use model=unet_cifar10 (or experiment=cifar10_ddpm)",
+    "DigitsDataModule": "with data=digits use model=unet",
+}
+
+
+def _unet_problems(cfg: DictConfig) -> list[str]:
+    """A UNet whose levels do not fit the data's image size (``data=mnist`` with the digits UNet): the UNet's own
+    shape check, named before any data is read, with the model preset of that data."""
+    from diffusion_elbo.models.unet import _validate
+
+    if not str(OmegaConf.select(cfg, "model._target_", default="")).endswith("UNet"):
+        return []
+    try:
+        _validate(
+            int(cfg.data.image_size),
+            int(cfg.model.model_channels),
+            list(cfg.model.channel_mult),
+            int(cfg.model.num_res_blocks),
+            list(cfg.model.attention_resolutions),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        data = str(OmegaConf.select(cfg, "data._target_", default="")).rsplit(".", 1)[-1]
+        preset = UNET_PRESETS.get(data)
+        fix = preset or "set model.attention_resolutions to sizes it runs at"
+        return [f"{exc}: the model does not fit the data; {fix}"]
+    return []
+
+
+def module_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _environment_problems(cfg: DictConfig) -> list[str]:
+    """What this machine lacks for the config: a GPU for ``trainer.accelerator=gpu``, torch-fidelity for the
+    Inception FID."""
+    problems = []
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(
+            f"trainer.accelerator={accelerator} (trainer=gpu) but torch {torch.__version__} sees no CUDA GPU on this "
+            "machine: use trainer=cpu, or trainer=default (accelerator auto: the GPU where there is one)"
+        )
+    for key in ("callbacks.fid", "fid"):
+        features = OmegaConf.select(cfg, f"{key}.features", default=None)
+        wanted = (OmegaConf.select(cfg, f"{key}.num_samples", default=0) or 0) > 0
+        if features == "inception" and wanted and not module_available("torch_fidelity"):
+            problems.append(
+                f"{key}.features=inception needs torch-fidelity, which is not installed here: use "
+                f"{key}.features=classifier, or {key}.num_samples=0, or install the fid extra as the README says "
+                "(keeping your torch)"
+            )
     return problems

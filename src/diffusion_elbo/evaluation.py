@@ -25,6 +25,7 @@ from diffusion_elbo.core import (
 from diffusion_elbo.core.elbo import Denoiser, example_generator
 from diffusion_elbo.core.ode import Likelihood, dequantization_start_time
 from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser
+from diffusion_elbo.progress import ProgressLog, interactive
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # of the cached analytic variance tables (<ckpt>.analytic-N.pt)
@@ -205,6 +206,7 @@ def evaluate_ode(
     atol: float = 1e-5,
     method: str = "dopri5",
     true_nll=None,
+    progress=None,
 ) -> ODESummary:
     """-log p(x0) of the probability-flow ODE (:func:`~diffusion_elbo.core.ode.ode_nll_nats`) for every example of
     ``dataset`` (items (x0, y)).
@@ -215,6 +217,7 @@ def evaluate_ode(
     generator (:func:`example_generator`). Under torch.distributed the examples are sharded over the ranks without
     padding (rank r takes r, r + W, ...), each rank runs the plain model (no DDP wrapper: nothing to synchronize inside
     the solver, so ranks with different step counts cannot hang), and the per-example results are gathered.
+    ``progress(examples_done, nfe)``: called after each solve (examples of all ranks, estimated from this one's).
     """
     import time
 
@@ -261,6 +264,8 @@ def evaluate_ode(
         # -log P(x0) <= E_q[-log p(y) + log q(y | x0)], the expectation over the S samples
         nll = (result.nll + log_q).view(len(chunk), samples).mean(dim=1).cpu()  # (b,)
         nfe.append(result.nfe)
+        if progress is not None:
+            progress(min(len(dataset), (start + len(chunk)) * world), result.nfe)
         for j, i in enumerate(chunk):
             results[i] = nll[j]
         if true_nll is not None:
@@ -613,14 +618,19 @@ def _run_elbo(
     _, world = _rank_world()
     total_steps = math.ceil(len(dataset) / world / int(cfg.batch_size)) * schedule.T
     columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not _interactive()) as bar:
+    lines = ProgressLog("eval -ELBO", total_steps, "timesteps x batches", every_s=_progress_every_s(cfg))
+    with Progress(*columns, transient=True, disable=not interactive()) as bar:
         task = bar.add_task("eval", total=total_steps)
-        last = {"t": 0}
+        last = {"t": 0, "done": 0}
 
         def progress(t: int, T: int) -> None:
             # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
             bar.advance(task, t - last["t"])
+            last["done"] += t - last["t"]
             last["t"] = t % T
+            batches = last["done"] // T
+            examples = min(len(dataset), batches * int(cfg.batch_size) * world)
+            lines.update(last["done"], f"{examples}/{len(dataset)} examples done, t {t}/{T} of this batch")
 
         return evaluate_elbo(
             model,
@@ -650,10 +660,12 @@ def _run_ode(cfg, model, schedule, dataset, datamodule, parametrization, device,
         o.divergence,
         f", {int(o.probes)} probe(s)" if o.divergence == "hutchinson" else "",
     )
+    lines = ProgressLog("ODE likelihood", len(dataset), "examples", every_s=_progress_every_s(cfg))
     return evaluate_ode(
         model,
         schedule,
         dataset,
+        progress=lambda done, nfe: lines.update(done, f"{nfe} NFE in the last solve"),
         parametrization=parametrization,
         num_bins=datamodule.num_bins,
         seed=int(cfg.seed),
@@ -796,7 +808,7 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, t
     }
 
 
-def _interactive() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
+def _progress_every_s(cfg: DictConfig) -> float:
+    """Seconds between progress lines in the log when the output is not a terminal (``progress_every_s``)."""
+    every_s = OmegaConf.select(cfg, "progress_every_s", default=None)
+    return 30.0 if every_s is None else float(every_s)

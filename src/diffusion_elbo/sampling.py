@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.builders import resolve_device
 from diffusion_elbo.checkpoints import LoadedRun, load_for_eval, sampler_spacing
 from diffusion_elbo.config import validate_config
+from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import save_samples
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,21 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
 
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"sampling ({sampler.name}, {steps_per_batch} steps)", total=num_batches * steps_per_batch)
+    total = num_batches * steps_per_batch
+    lines = ProgressLog(
+        f"sampling ({sampler.name})",
+        total,
+        "steps x batches",
+        every_s=float(OmegaConf.select(cfg, "progress_every_s", default=30.0)),
+    )
+
+    def progress(step: int, steps: int) -> None:
+        bar.advance(task, 1)
+        done = (len(batches) * steps_per_batch) + step
+        lines.update(done, f"{sum(len(b) for b in batches)}/{cfg.num_samples} samples done, step {step}/{steps}")
+
+    with Progress(transient=True, disable=not interactive()) as bar:
+        task = bar.add_task(f"sampling ({sampler.name}, {steps_per_batch} steps)", total=total)
         while remaining > 0:
             n = min(remaining, int(cfg.batch_size))
             batches.append(
@@ -71,7 +85,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
                     eta=sampler.get("eta", 0.0),
                     spacing=spacing,
                     generator=generator,
-                    progress=lambda i, total: bar.advance(task, 1),
+                    progress=progress,
                     variance=variance,
                     cap_final_noise=bool(sampler.get("cap_final_noise", False)),
                 ).cpu()

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
-from diffusion_elbo.cli import UserError
+from diffusion_elbo.cli import UserError, resume_command, run_dir_chosen
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
-from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
+from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,41 @@ def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
     if previous and ckpt_path is None:
         raise UserError(
             f"{out} already holds a training run ({previous[0].name}); it is not overwritten. Resume it with "
-            f"ckpt_path=last, or start a new run in another directory (drop hydra.run.dir=... or pick a new one)."
+            f"`{resume_command(out)}`, or start a new run in another directory (drop hydra.run.dir=... or pick a new "
+            "one)."
         )
+
+
+def newest_run_with_checkpoint(runs_dir: Path, *, exclude: Path) -> Path | None:
+    """The run folder under ``runs_dir`` whose newest checkpoint was written last (the run a user most likely means
+    to resume); ``exclude`` is this job's own new folder."""
+    newest, newest_time = None, float("-inf")
+    for run in sorted(runs_dir.glob("*/")) if runs_dir.is_dir() else []:
+        written = [p.stat().st_mtime for p in (run / "checkpoints").glob("*.ckpt")]
+        if written and run.resolve() != exclude.resolve() and max(written) > newest_time:
+            newest, newest_time = run, max(written)
+    return newest
+
+
+def check_resume_folder(output_dir: str | Path, ckpt_path: str | None) -> None:
+    """``ckpt_path=last`` resumes the run in this job's folder. Refuse it where the folder is new (no
+    ``hydra.run.dir`` given): the run would start from scratch somewhere else. Say which folder to add, with the
+    exact command for the newest run that has a checkpoint."""
+    out = Path(output_dir)
+    if ckpt_path != "last" or run_dir_chosen() or list((out / "checkpoints").glob("*.ckpt")):
+        return
+    newest = newest_run_with_checkpoint(out.parent, exclude=out)
+    if newest is None:
+        example = "e.g. `python src/train.py ckpt_path=last hydra.run.dir=outputs/train/runs/<run>`"
+    else:
+        overrides_file = newest / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+        example = f"for the newest run with a checkpoint: `{resume_command(newest, overrides)}`"
+    raise UserError(
+        "ckpt_path=last resumes the run in the folder named by hydra.run.dir, and none was given: this command would "
+        f"start from scratch in the new folder {out}. Add hydra.run.dir=<the run's folder> (and the overrides the run "
+        f"was started with, in its .hydra/overrides.yaml), {example}"
+    )
 
 
 def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -208,6 +241,7 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, outp
 def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     """Train the configured model; returns the last logged metrics (also saved to train_metrics.json)."""
     validate_config(cfg)
+    check_resume_folder(output_dir, cfg.ckpt_path)
     check_output_dir(output_dir, cfg.ckpt_path)
     L.seed_everything(int(cfg.seed), workers=True)
     if OmegaConf.select(cfg, "matmul_precision"):
@@ -216,6 +250,9 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     module, datamodule = build_module(cfg)
     ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir)
     callbacks = build_callbacks(cfg)
+    for callback in callbacks:  # the command its log line gives after a Ctrl-C, SIGTERM or crash
+        if isinstance(callback, LastCheckpoint):
+            callback.resume_hint = resume_command(output_dir)
     group, name = sweep_group_and_name()
     loggers = build_loggers(cfg, output_dir, group=group, name=name)
     with wandb_run_ends_with_the_job(loggers):
@@ -274,7 +311,7 @@ def _fit(
             raise UserError(
                 f"another process of this {trainer.world_size}-process run died near step {trainer.global_step}, so "
                 f"the run was stopped ({str(exc).splitlines()[0][:200]}). Its own log above says why; the checkpoints "
-                "are intact: resume with ckpt_path=last."
+                f"are intact: resume with `{resume_command(output_dir)}`."
             ) from exc
         raise
 

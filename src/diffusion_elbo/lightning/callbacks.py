@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
 log = logging.getLogger(__name__)
@@ -457,21 +458,26 @@ class LastCheckpoint(L.Callback):
       rank receives: saving is a collective, and an error on one rank would leave the others waiting.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, resume_hint: str = "ckpt_path=last") -> None:
         self.dirpath = dirpath
+        self.resume_hint = resume_hint  # what the log says to run next; src/train.py sets the full command
 
-    def _save(self, trainer: L.Trainer, why: str) -> None:
+    def _save(self, trainer: L.Trainer, why: str, *, stopped: bool = True) -> None:
         path = Path(self.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
         for cb in trainer.checkpoint_callbacks:  # so ModelCheckpoint knows last.ckpt is current
             if isinstance(cb, ModelCheckpoint) and cb.save_last:
                 cb.last_model_path = str(path)
-        log.warning("%s: saved %s at step %d; resume with ckpt_path=last", why, path, trainer.global_step)
+        if stopped:  # a run cut short: say how to go on
+            log.warning("%s: saved %s at step %d; resume with: %s", why, path, trainer.global_step, self.resume_hint)
+        else:
+            log.info("%s: saved %s at step %d", why, path, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
         if trainer.global_step > 0 and trainer.global_step not in saved:
-            self._save(trainer, "run ended between checkpoints")
+            cut_short = trainer.max_steps < 0 or trainer.global_step < trainer.max_steps  # max_time, not max_steps
+            self._save(trainer, "run ended between checkpoints", stopped=cut_short)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -482,6 +488,47 @@ class LastCheckpoint(L.Callback):
             self._save(trainer, "interrupted (SIGINT)")
         elif trainer.world_size == 1 and trainer.global_step > 0:
             self._save(trainer, f"stopped by {type(exception).__name__}")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with its main bar over the whole run in optimizer steps (``trainer.max_steps``), with the
+    rate and the time left, instead of Lightning's per-epoch bar (``Epoch 2/-2 ... 6/11``: an epoch of digits is 11
+    batches, and a diffusion run counts steps). Where the output is not a terminal the bars are off and the log gets
+    a line every ``log_every_s`` seconds instead: ``train: 200/10000 steps (2.0%), elapsed 1:04, ETA 52:20, loss ...``.
+    The rate is measured from the step the run started at, validation included."""
+
+    def __init__(self, refresh_rate: int = 1, log_every_s: float = 60.0, interactive: bool | None = None) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.log_every_s = log_every_s
+        self.interactive = interactive
+        self.lines: ProgressLog | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tty = interactive() if self.interactive is None else self.interactive
+        if not tty:
+            self.disable()  # tqdm in a log file is one line of carriage returns
+        super().on_train_start(trainer, pl_module)
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar = self.train_progress_bar
+        bar.reset(total=total)
+        bar.initial = bar.n = trainer.global_step  # a resumed run: the rate counts this run's steps
+        bar.set_description("train")
+        if not tty and trainer.is_global_zero and total is not None:
+            self.lines = ProgressLog("train", total, "steps", every_s=self.log_every_s, enabled=True)
+            self.lines.restart(trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # one bar for the whole run: not reset at each pass over the data
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        metrics = self.get_metrics(trainer, pl_module)
+        if self.is_enabled and (step % self.refresh_rate == 0 or step == self.train_progress_bar.total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(metrics)  # refreshes the bar
+        if self.lines is not None:
+            shown = {k: v for k, v in metrics.items() if k != "v_num"}
+            self.lines.update(step, ", ".join(f"{k} {v}" for k, v in shown.items()))
 
 
 class LossJournal(L.Callback):
