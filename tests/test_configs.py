@@ -107,6 +107,43 @@ def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrid
     assert str(err.value).count("\n  - ") == 1 and problem in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["schedule.timesteps=1"], "schedule.timesteps=1 must be >= 2: a chain needs t = 1 (the decoder) and at least "
+         "one diffusion step"),
+        (["schedule=logsnr_cosine", "loss=vdm", "schedule.timesteps=0"], "schedule.timesteps=0 must be >= 1: the T of "
+         "the T-step bound (or schedule.timesteps=null"),
+        (["val_strata=0"], "val_strata=0 must be >= 1: it is the number of strata"),
+        (["val_strata=-3"], "val_strata=-3 must be >= 1"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be > 0: validate every N training steps"),
+        (["ckpt_path=<run>"], "ckpt_path=<run> is a folder, not a checkpoint file: point it at a .ckpt file, e.g. "
+         "ckpt_path=<run>/checkpoints/last.ckpt"),
+    ],
+    ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0", "ckpt-dir"],
+)  # fmt: skip
+def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path, overrides, problem):
+    """Each of these trained until the first validation (or the first step) and then crashed with a traceback
+    (``'float' object is not iterable``, a division by zero, "does not exist" for a folder)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    overrides = [o.replace("<run>", str(tmp_path)) for o in overrides]
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_with(overrides))
+    assert str(err.value).count("\n  - ") == 1 and problem.replace("<run>", str(tmp_path)) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["schedule.timesteps=2"], ["val_strata=1"], ["schedule=logsnr_cosine", "loss=vdm", "schedule.timesteps=1"]],
+    ids=["discrete-T-2", "val-strata-1", "continuous-T-1"],
+)
+def test_the_smallest_values_that_train_are_accepted(overrides):
+    """The limits above are the tightest: these values train and validate (a discrete chain of 2 steps, one stratum,
+    the 1-step bound of a continuous-time schedule)."""
+    validate_config(compose_with(overrides))
+
+
 def test_sampling_a_checkpoint_uses_its_own_grid_unless_told():
     from diffusion_elbo.checkpoints import sampler_spacing
 

@@ -285,8 +285,9 @@ def test_every_n_val_callbacks_keep_their_cadence_across_a_resume(tmp_path):
         (["schedule=custom", "schedule.betas=[0.1,1.5]"], ["t=2: beta=1.5"]),
         (["data=image_folder", "data.root=/nonexistent/images", "data.image_size=8"], ["/nonexistent/images"]),
         (["data=image_folder", "data.root=.", "data.image_size=10"], ["image_size=10", "multiple of 4"]),
+        (["val_strata=0", "trainer.val_check_interval=0"], ["val_strata=0 must be >= 1", "val_check_interval=0"]),
     ],
-    ids=["negative-lr", "batch-size-0", "beta-above-1", "missing-folder", "bad-image-size"],
+    ids=["negative-lr", "batch-size-0", "beta-above-1", "missing-folder", "bad-image-size", "found-late-values"],
 )
 def test_bad_training_inputs_fail_with_clear_messages(tmp_path, args, fragments):
     result = run_cli("train.py", *args, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")

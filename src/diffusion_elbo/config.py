@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Iterable
 from enum import Enum
+from pathlib import Path
 
 import torch
 from hydra.utils import get_object
@@ -58,20 +59,23 @@ def _check_range(
     minimum: float | None = None,
     positive: bool = False,
     integer: bool = False,
+    fix: str = "",
 ) -> None:
+    """A number in range; ``fix``, where given, follows the problem after a colon (what the key means, a value)."""
     value = OmegaConf.select(cfg, key, default=None)
     if value is None:
         return
+    suffix = f": {fix}" if fix else ""
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        problems.append(f"{key}={value!r} must be an integer")
+        problems.append(f"{key}={value!r} must be an integer{suffix}")
         return
     if not isinstance(value, int | float) or isinstance(value, bool):
-        problems.append(f"{key}={value!r} must be a number")
+        problems.append(f"{key}={value!r} must be a number{suffix}")
         return
     if positive and not value > 0:
-        problems.append(f"{key}={value!r} must be > 0")
+        problems.append(f"{key}={value!r} must be > 0{suffix}")
     if minimum is not None and value < minimum:
-        problems.append(f"{key}={value!r} must be >= {minimum}")
+        problems.append(f"{key}={value!r} must be >= {minimum}{suffix}")
 
 
 def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
@@ -105,7 +109,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     for key in ("ode.rtol", "ode.atol", "ode.t_start"):
         _check_range(cfg, key, problems, positive=True)
     if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
-        _check_range(cfg, "schedule.timesteps", problems, minimum=1, integer=True)
+        _check_timesteps(cfg, continuous, problems)
     if continuous:
         problems.extend(_continuous_problems(cfg))
     elif schedule_name is not None:  # options of the continuous-time bound, set on a discrete schedule
@@ -124,6 +128,16 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
     _check_range(cfg, "continuous_strata", problems, minimum=1, integer=True)
+    _check_range(
+        cfg,
+        "val_strata",
+        problems,
+        minimum=1,
+        integer=True,
+        fix="it is the number of strata of 2..T the validation ELBO draws a timestep from (the default is 32)",
+    )
+    problems.extend(_trainer_value_problems(cfg))
+    problems.extend(_ckpt_path_problems(cfg))
     for key in ("optimizer.lr", "data.std"):
         _check_range(cfg, key, problems, positive=True)
     if OmegaConf.select(cfg, "task_name") == "train" and OmegaConf.select(cfg, "variance") == "analytic":
@@ -143,6 +157,57 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     problems.extend(_environment_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_timesteps(cfg: DictConfig, continuous: bool, problems: list[str]) -> None:
+    """T of a named schedule. A discrete chain needs T >= 2: t = 1 is the decoder p(x_0 | x_1) and the validation
+    ELBO's per-t profile has at least one diffusion step t >= 2 besides it. A continuous-time schedule's
+    ``schedule.timesteps`` is the T of its T-step bound (null: T -> infinity), for which T = 1 is a bound too."""
+    if continuous:
+        _check_range(
+            cfg,
+            "schedule.timesteps",
+            problems,
+            minimum=1,
+            integer=True,
+            fix="the T of the T-step bound (or schedule.timesteps=null for the continuous-time bound)",
+        )
+        return
+    _check_range(
+        cfg,
+        "schedule.timesteps",
+        problems,
+        minimum=2,
+        integer=True,
+        fix="a chain needs t = 1 (the decoder) and at least one diffusion step (e.g. schedule.timesteps=1000)",
+    )
+
+
+def _trainer_value_problems(cfg: DictConfig) -> list[str]:
+    """Values of the Trainer's arguments whose type fits (checked by :func:`_constructor_problems`) but which fail
+    only once training runs: ``val_check_interval=0`` divides by zero after the first step."""
+    problems: list[str] = []
+    _check_range(
+        cfg,
+        "trainer.val_check_interval",
+        problems,
+        positive=True,
+        fix="validate every N training steps (an integer >= 1, e.g. trainer.val_check_interval=1000) or after a "
+        "fraction of each epoch (a float in (0, 1]); to validate never, set trainer.limit_val_batches=0",
+    )
+    return problems
+
+
+def _ckpt_path_problems(cfg: DictConfig) -> list[str]:
+    """``ckpt_path`` names a checkpoint file (or ``last``); a folder would be reported as missing when it is read."""
+    ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
+    if not isinstance(ckpt_path, str) or ckpt_path == "last" or not Path(ckpt_path).is_dir():
+        return []
+    folder = Path(ckpt_path)
+    found = [p for p in (folder / "last.ckpt", folder / "checkpoints" / "last.ckpt") if p.is_file()]
+    found += sorted(folder.glob("*.ckpt")) + sorted(folder.glob("checkpoints/*.ckpt"))
+    fix = f"ckpt_path={found[0]}" if found else "ckpt_path=<run dir>/checkpoints/last.ckpt"
+    return [f"ckpt_path={ckpt_path} is a folder, not a checkpoint file: point it at a .ckpt file, e.g. {fix}"]
 
 
 def _continuous_problems(cfg: DictConfig) -> list[str]:
