@@ -22,6 +22,7 @@ from PIL import Image
 from diffusion_elbo.builders import wandb_run_id
 from diffusion_elbo.checkpoints import CheckpointError
 from diffusion_elbo.cli import UserError
+from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.module import NonFiniteLossError
 from diffusion_elbo.training import train
 
@@ -200,6 +201,36 @@ def test_nonfinite_loss_can_skip_batches_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="Skipping this batch"):
         train(cfg, str(tmp_path))
     assert loss_steps(tmp_path) == [0, 1, 2, 3]  # the skipped batches left no loss behind
+
+
+def test_nonfinite_skip_stops_after_nonfinite_max_skips_batches_in_a_row(tmp_path):
+    """A model whose every batch is non-finite does not recover: nonfinite=skip stops after nonfinite_max_skips skipped
+    batches in a row, naming why and the key, instead of skipping to trainer.max_steps and exiting 0."""
+    cfg = compose_train(
+        tmp_path,
+        [
+            *NAN_AFTER_4,
+            "trainer.max_steps=40",
+            "nonfinite=skip",
+            "nonfinite_max_skips=3",
+            "trainer.val_check_interval=100",
+        ],
+    )
+    with pytest.warns(UserWarning, match="Skipping this batch"), pytest.raises(NonFiniteLossError) as err:
+        train(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert "3 batches in a row" in msg and "nonfinite_max_skips=3" in msg and "global step 6" in msg
+    assert loss_steps(tmp_path) == [0, 1, 2, 3]
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert kept["global_step"] == 6  # two skipped steps counted, the third stopped the run
+
+
+def test_metrics_files_are_strict_json_with_null_for_non_finite_values(tmp_path):
+    """A run that ended with NaN metrics wrote bare NaN, which strict JSON readers refuse."""
+    metrics = {"val/elbo_bpd": float("nan"), "train/loss": float("inf"), "per_t": [1.0, float("-inf")], "step": 3}
+    text = write_metrics(metrics, tmp_path, "train_metrics.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in {text}"))
+    assert strict == {"val/elbo_bpd": None, "train/loss": None, "per_t": [1.0, None], "step": 3}
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

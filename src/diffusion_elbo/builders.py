@@ -98,6 +98,7 @@ def _module_options(cfg: DictConfig, optimizer, lr_scheduler) -> dict:
         "clip_denoised": OmegaConf.select(cfg, "clip_denoised", default=True),
         "seed": int(OmegaConf.select(cfg, "seed", default=0)),
         "nonfinite": OmegaConf.select(cfg, "nonfinite", default="error"),
+        "nonfinite_max_skips": OmegaConf.select(cfg, "nonfinite_max_skips", default=20),
         "compile": bool(OmegaConf.select(cfg, "compile", default=False)),
         "channels_last": bool(OmegaConf.select(cfg, "channels_last", default=False)),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -136,6 +136,14 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         integer=True,
         fix="it is the number of strata of 2..T the validation ELBO draws a timestep from (the default is 32)",
     )
+    _check_range(
+        cfg,
+        "nonfinite_max_skips",
+        problems,
+        minimum=1,
+        integer=True,
+        fix="the batches in a row nonfinite=skip may skip before training stops (default 20)",
+    )
     problems.extend(_trainer_value_problems(cfg))
     problems.extend(_ckpt_path_problems(cfg))
     for key in ("optimizer.lr", "data.std"):

@@ -311,12 +311,26 @@ def _gather_ode(results: dict, trues: dict, nfe: list, seconds: float, dims):
     return merged, merged_true, all_nfe, total_seconds, num_dims
 
 
+def finite_or_null(value):
+    """``value`` with every NaN and infinity (in nested dicts and lists too) replaced by None, so that it is strict
+    JSON: Python's ``json`` would write bare ``NaN``, which other readers (``jq``, JavaScript, pandas' strict mode)
+    refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_metrics(metrics: dict, output_dir: str | Path, name: str = "metrics.json") -> Path:
-    """Write ``metrics`` as JSON atomically (a crash never leaves a half-written file)."""
+    """Write ``metrics`` as strict JSON (a non-finite value as null) atomically (a crash never leaves a half-written
+    file)."""
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.write_text(json.dumps(finite_or_null(metrics), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 

@@ -93,6 +93,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         clip_denoised: bool = True,
         seed: int = 0,
         nonfinite: str = "error",
+        nonfinite_max_skips: int = 20,
         compile: bool = False,
         channels_last: bool = False,
         config: dict | None = None,
@@ -142,6 +143,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             clip_denoised=clip_denoised,
             seed=seed,
             nonfinite=nonfinite,
+            nonfinite_max_skips=nonfinite_max_skips,
             compile=compile,
             channels_last=channels_last,
             config=config,
@@ -217,6 +219,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             if self.nonfinite == "skip":
                 return self._skip_batch(message)
             raise NonFiniteLossError(message)
+        self._skips_in_a_row = 0
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         if self._logging_this_step():
             self._log_continuous(terms, log_snr)

@@ -76,6 +76,8 @@ class DiffusionModule(L.LightningModule):
         nonfinite: what a non-finite loss does: ``error`` stops at that step with the step, its timesteps and the
             ELBO term that went non-finite; ``skip`` warns the same and skips the batch. A non-finite gradient
             always stops. Either way the checkpoints already written are kept.
+        nonfinite_max_skips: under ``nonfinite=skip``, how many batches in a row may be skipped before training stops
+            as with ``error``: a run whose every batch is non-finite does not recover, and would skip to max_steps.
         compile: run the network through ``torch.compile`` (the weights and checkpoints stay those of ``net``).
         channels_last: keep image tensors and conv weights in NHWC layout (faster convolutions on GPUs).
         config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
@@ -100,6 +102,7 @@ class DiffusionModule(L.LightningModule):
         clip_denoised: bool = True,
         seed: int = 0,
         nonfinite: str = "error",
+        nonfinite_max_skips: int = 20,
         compile: bool = False,
         channels_last: bool = False,
         config: dict | None = None,
@@ -127,6 +130,10 @@ class DiffusionModule(L.LightningModule):
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} is not an option; choose error or skip")
         self.nonfinite = nonfinite
+        if not nonfinite_max_skips >= 1:
+            raise ValueError(f"nonfinite_max_skips={nonfinite_max_skips!r} must be >= 1")
+        self.nonfinite_max_skips = int(nonfinite_max_skips)
+        self._skips_in_a_row = 0  # batches skipped since the last finite one; the same on every rank (they agree)
         self.compile = compile
         self.channels_last = channels_last and len(self.data_shape) == 3
         self._compiled: nn.Module | None = None  # not a submodule: the state dict stays that of ``net``
@@ -239,6 +246,7 @@ class DiffusionModule(L.LightningModule):
             if self.nonfinite == "skip":
                 return self._skip_batch(message)
             raise NonFiniteLossError(message)
+        self._skips_in_a_row = 0
 
         if isinstance(self.timestep_sampler, ImportanceSampler):
             t_all, term_all = self.all_gather(t), self.all_gather(term.detach())
@@ -254,7 +262,16 @@ class DiffusionModule(L.LightningModule):
         Lightning refuses None under DDP, so there every rank (they agree, :meth:`_all_ranks_finite`) returns a zero
         loss over every parameter, which keeps DDP's gradient all-reduce in step, and :meth:`optimizer_step` drops
         the (zero) gradients before the update, so the optimizer leaves weights and moments alone; the step counter
-        still advances."""
+        still advances. After ``nonfinite_max_skips`` skipped batches in a row it raises instead; every rank counts
+        the same batches (they skip together), so every rank stops at the same step."""
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.nonfinite_max_skips:
+            raise NonFiniteLossError(
+                f"{self._skips_in_a_row} batches in a row had a non-finite loss and were skipped (nonfinite=skip), "
+                f"the limit nonfinite_max_skips={self.nonfinite_max_skips}: training is not recovering, so it stops "
+                f"at global step {self.global_step} instead of skipping every batch to trainer.max_steps. The last "
+                f"one: {message} To allow longer runs of skips, raise nonfinite_max_skips."
+            )
         rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
