@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 
+from diffusion_elbo.data import GaussianDataModule
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO
 from diffusion_elbo.models import MLPDenoiser
 
@@ -86,3 +87,12 @@ class RaiseAtStep(L.Callback):
             return
         if trainer.global_step == self.step:
             raise RuntimeError(f"injected failure after step {self.step}")
+
+
+class NaNData(GaussianDataModule):
+    """Gaussian data whose every 5th example holds a NaN (broken data: a corrupt file, a division by zero)."""
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        x0 = super().sample(n, generator)
+        x0[::5, 0] = float("nan")
+        return x0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -17,13 +18,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion_elbo.builders import wandb_run_id
 from diffusion_elbo.checkpoints import CheckpointError
-from diffusion_elbo.cli import UserError
+from diffusion_elbo.cli import UserError, write_failure
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.module import NonFiniteLossError
+from diffusion_elbo.report import collect_runs
 from diffusion_elbo.training import train
 
 from .helpers import FAST, REPO_ROOT, compose_train, run_cli
@@ -113,6 +116,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert loss_steps(run_dir) == list(range(40))
+
+
+def test_a_run_that_finishes_after_a_failed_attempt_is_reported_finished(tmp_path):
+    """The failure.json of an attempt that failed (then resumed to the end) is removed when the run finishes, so the
+    sweep report no longer lists the run as failed."""
+    run = tmp_path / "job"
+    tiny = ["data=gaussian", "data.dim=2", "model=mlp", "model.hidden_dim=32", "schedule.timesteps=50"]
+    cfg = compose_train(run, [*tiny, "trainer.max_steps=2", "trainer.val_check_interval=100"])
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    write_failure(run, NonFiniteLossError("non-finite loss at global step 1"))
+    assert [r["status"] for r in collect_runs(tmp_path)] == ["failed"]
+    train(cfg, str(run))
+    assert not (run / "failure.json").exists()
+    assert [r["status"] for r in collect_runs(tmp_path)] == ["finished"]
 
 
 @pytest.mark.slow
@@ -223,6 +241,20 @@ def test_nonfinite_skip_stops_after_nonfinite_max_skips_batches_in_a_row(tmp_pat
     assert loss_steps(tmp_path) == [0, 1, 2, 3]
     kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert kept["global_step"] == 6  # two skipped steps counted, the third stopped the run
+
+
+def test_nan_in_the_data_is_named_as_the_cause_not_the_learning_rate(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        ["data=gaussian", "data._target_=tests.faults.NaNData", "data.dim=2", "data.batch_size=10", "model=mlp",
+         "model.hidden_dim=32", "schedule.timesteps=50", "trainer.max_steps=4", "trainer.val_check_interval=100"],
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert re.search(r"non-finite data at global step 0: [1-9]\d* of the batch's 10 examples", msg), msg
+    assert "hold NaN or inf in x0" in msg
+    assert "a lower optimizer.lr will not help" in msg and "Try a lower" not in msg
 
 
 def test_metrics_files_are_strict_json_with_null_for_non_finite_values(tmp_path):

@@ -213,6 +213,20 @@ def write_failure(output_dir: str | Path, exc: BaseException) -> Path:
     return path
 
 
+def clear_failure(output_dir: str | Path) -> None:
+    """Remove ``<run dir>/failure.json`` of an earlier attempt of a run that has now finished (resumed to its end), so
+    the sweep report and a person browsing the runs see it as finished; the log keeps what it said."""
+    path = Path(output_dir) / FAILURE_FILE
+    if not path.is_file():
+        return
+    try:
+        said = json.loads(path.read_text()).get("message", "")
+    except (OSError, ValueError):
+        said = "(unreadable)"
+    log.info("the run finished: removing %s of an earlier attempt, which said: %s", path, said[:500])
+    path.unlink(missing_ok=True)
+
+
 def run_job(job: Callable[[DictConfig, str], Any], cfg: DictConfig) -> Any:
     """Run ``job(cfg, output_dir)`` in the Hydra run directory. Any failure writes ``failure.json`` there. A user
     error (bad value, missing file) exits with status 2 and its message only, so the fix is the first thing the user

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
-from diffusion_elbo.cli import UserError, resume_command, run_dir_chosen
+from diffusion_elbo.cli import UserError, clear_failure, resume_command, run_dir_chosen
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
@@ -321,6 +321,7 @@ def _fit(
     if trainer.is_global_zero:
         path = write_metrics(metrics, output_dir, "train_metrics.json")
         log.info("final metrics written to %s", path)
+        clear_failure(output_dir)  # a resumed run that finished is no longer the attempt that failed
         best = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
         if best:
             log.info("last checkpoint: %s", best)

@@ -215,7 +215,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             self.log("train/aux_v_mse", aux.detach(), on_step=True, on_epoch=False)
             loss = loss + self.aux_weight * aux
         if not self._all_ranks_finite(loss):
-            message = self._continuous_nonfinite_message(loss, terms, t)
+            message = self._nonfinite_data_message(batch[0]) or self._continuous_nonfinite_message(loss, terms, t)
             if self.nonfinite == "skip":
                 return self._skip_batch(message)
             raise NonFiniteLossError(message)

@@ -242,7 +242,7 @@ class DiffusionModule(L.LightningModule):
             with torch.no_grad():
                 term = self._terms(x0, x_t, t, out) if term is None else term
                 prior = prior_kl_nats(self.schedule, x0.float()) if prior is None else prior
-            message = self._nonfinite_message(loss, term, prior, t)
+            message = self._nonfinite_data_message(x0) or self._nonfinite_message(loss, term, prior, t)
             if self.nonfinite == "skip":
                 return self._skip_batch(message)
             raise NonFiniteLossError(message)
@@ -323,6 +323,22 @@ class DiffusionModule(L.LightningModule):
             metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
             metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
         self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _nonfinite_data_message(self, x0: Tensor) -> str | None:
+        """The message for a batch whose data x0 (B, *D) hold NaN or inf, None for finite data. Called only once the loss
+        is non-finite (NaN data always make it so), so finite steps pay nothing; named before any ELBO term, since
+        no optimizer setting repairs the data."""
+        bad = ~torch.isfinite(x0.detach()).flatten(1).all(dim=1)  # (B,)
+        if not bad.any():
+            return None
+        where = bad.nonzero().flatten().tolist()
+        return (
+            f"non-finite data at global step {self.global_step}: {len(where)} of the batch's {x0.shape[0]} examples "
+            f"(positions {where[:10]}{'...' if len(where) > 10 else ''} in the batch) hold NaN or inf in x0, so the "
+            "loss went non-finite. The data are broken, not the training (a lower optimizer.lr will not help): check "
+            "the data set's files and its preprocessing (a division by zero in a normalization, a corrupt image); "
+            "nonfinite=skip trains on past such batches. Checkpoints already written are kept."
+        )
 
     def _nonfinite_message(self, loss: Tensor, term: Tensor, prior: Tensor, t: Tensor) -> str:
         bad = ~torch.isfinite(term)
