@@ -65,7 +65,7 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
     "args, fragments",
     [
         (["parametrization=eps2"], ["parametrization='eps2' is not an option", "eps | x0 | v"]),
-        (["schedule.timesteps=0"], ["schedule.timesteps=0 must be >= 1"]),
+        (["schedule.timesteps=0"], ["schedule.timesteps=0 must be >= 2"]),
         (["schedule=linear", "schedule.timesteps=10"], ["beta(s) outside (0, 1)", "t=10"]),
         (["data.std=-1"], ["data.std=-1"]),
         (["variance=tiny", "batch_size=0"], ["variance='tiny'", "batch_size=0 must be >= 1"]),
