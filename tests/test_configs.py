@@ -117,10 +117,14 @@ def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrid
         (["val_strata=0"], "val_strata=0 must be >= 1: it is the number of strata"),
         (["val_strata=-3"], "val_strata=-3 must be >= 1"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be > 0: validate every N training steps"),
+        (["schedule.timesteps=20", "callbacks.fid.num_samples=0"], "sampler.steps=50 sampling steps exceed the "
+         "chain's schedule.timesteps=20 (callbacks.sample_grid samples during training): use sampler.steps=20 or "
+         "fewer"),
         (["ckpt_path=<run>"], "ckpt_path=<run> is a folder, not a checkpoint file: point it at a .ckpt file, e.g. "
          "ckpt_path=<run>/checkpoints/last.ckpt"),
     ],
-    ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0", "ckpt-dir"],
+    ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0",
+         "sampler-steps-above-T", "ckpt-dir"],
 )  # fmt: skip
 def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path, overrides, problem):
     """Each of these trained until the first validation (or the first step) and then crashed with a traceback
@@ -135,12 +139,17 @@ def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path,
 
 @pytest.mark.parametrize(
     "overrides",
-    [["schedule.timesteps=2"], ["val_strata=1"], ["schedule=logsnr_cosine", "loss=vdm", "schedule.timesteps=1"]],
-    ids=["discrete-T-2", "val-strata-1", "continuous-T-1"],
+    [
+        ["schedule.timesteps=2", "sampler.steps=2", "callbacks.fid.steps=2"],
+        ["val_strata=1"],
+        ["schedule=logsnr_cosine", "loss=vdm", "schedule.timesteps=1"],
+        ["data=gaussian", "model=mlp", "schedule.timesteps=20", "sampler.steps=20"],
+    ],
+    ids=["discrete-T-2", "val-strata-1", "continuous-T-1", "no-fid-without-images"],
 )
 def test_the_smallest_values_that_train_are_accepted(overrides):
     """The limits above are the tightest: these values train and validate (a discrete chain of 2 steps, one stratum,
-    the 1-step bound of a continuous-time schedule)."""
+    the 1-step bound of a continuous-time schedule; FID's 50 steps on 20-step vector data, where FID does not run)."""
     validate_config(compose_with(overrides))
 
 

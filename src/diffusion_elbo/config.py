@@ -189,6 +189,32 @@ def _check_timesteps(cfg: DictConfig, continuous: bool, problems: list[str]) -> 
         integer=True,
         fix="a chain needs t = 1 (the decoder) and at least one diffusion step (e.g. schedule.timesteps=1000)",
     )
+    timesteps = OmegaConf.select(cfg, "schedule.timesteps", default=None)
+    if isinstance(timesteps, int) and not isinstance(timesteps, bool) and timesteps >= 2:
+        problems.extend(_sampling_steps_problems(cfg, timesteps))
+
+
+def _sampling_steps_problems(cfg: DictConfig, timesteps: int) -> list[str]:
+    """The callbacks that sample during training walk at most the chain's T steps: more fail at the first validation
+    that samples (the sample grid at the first, FID at its ``every_n_val``-th), after all the training before it."""
+    problems = []
+    # FID runs on image data only, and with the classifier features only on labelled images (not an image folder)
+    images = OmegaConf.select(cfg, "data.image_size", default=None) is not None
+    labelled = not str(OmegaConf.select(cfg, "data._target_", default="")).endswith("ImageFolderDataModule")
+    fid_runs = images and (labelled or OmegaConf.select(cfg, "callbacks.fid.features", default=None) != "classifier")
+    for name in ("sample_grid", "fid") if fid_runs else ("sample_grid",):
+        node = OmegaConf.select(cfg, f"callbacks.{name}", default=None)
+        if not isinstance(node, DictConfig) or not (OmegaConf.select(node, "num_samples", default=0) or 0) > 0:
+            continue
+        steps = OmegaConf.select(node, "steps", default=None)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > timesteps:
+            # the key the user sets: the sample grid's steps are ${sampler.steps}
+            key = "sampler.steps" if OmegaConf.is_interpolation(node, "steps") else f"callbacks.{name}.steps"
+            problems.append(
+                f"{key}={steps} sampling steps exceed the chain's schedule.timesteps={timesteps} (callbacks.{name} "
+                f"samples during training): use {key}={timesteps} or fewer, or callbacks.{name}.num_samples=0"
+            )
+    return problems
 
 
 def _trainer_value_problems(cfg: DictConfig) -> list[str]:
