@@ -237,10 +237,10 @@ def test_nonfinite_skip_stops_after_nonfinite_max_skips_batches_in_a_row(tmp_pat
     with pytest.warns(UserWarning, match="Skipping this batch"), pytest.raises(NonFiniteLossError) as err:
         train(cfg, str(tmp_path))
     msg = str(err.value)
-    assert "3 batches in a row" in msg and "nonfinite_max_skips=3" in msg and "global step 6" in msg
+    assert "4 batches in a row" in msg and "nonfinite_max_skips=3" in msg and "stops at global step 7" in msg
     assert loss_steps(tmp_path) == [0, 1, 2, 3]
     kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert kept["global_step"] == 6  # two skipped steps counted, the third stopped the run
+    assert kept["global_step"] == 7  # steps 4, 5, 6 skipped (counted, no update); the fourth NaN batch stopped the run
 
 
 def test_nan_in_the_data_is_named_as_the_cause_not_the_learning_rate(tmp_path):

@@ -142,7 +142,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         problems,
         minimum=1,
         integer=True,
-        fix="the batches in a row nonfinite=skip may skip before training stops (default 20)",
+        fix="the batches in a row nonfinite=skip may skip before the next non-finite one stops training (default 20)",
     )
     problems.extend(_trainer_value_problems(cfg))
     problems.extend(_ckpt_path_problems(cfg))

@@ -262,15 +262,15 @@ class DiffusionModule(L.LightningModule):
         Lightning refuses None under DDP, so there every rank (they agree, :meth:`_all_ranks_finite`) returns a zero
         loss over every parameter, which keeps DDP's gradient all-reduce in step, and :meth:`optimizer_step` drops
         the (zero) gradients before the update, so the optimizer leaves weights and moments alone; the step counter
-        still advances. After ``nonfinite_max_skips`` skipped batches in a row it raises instead; every rank counts
-        the same batches (they skip together), so every rank stops at the same step."""
+        still advances. After ``nonfinite_max_skips`` skipped batches in a row, the next non-finite one raises
+        instead; every rank counts the same batches (they skip together), so every rank stops at the same step."""
         self._skips_in_a_row += 1
-        if self._skips_in_a_row >= self.nonfinite_max_skips:
+        if self._skips_in_a_row > self.nonfinite_max_skips:
             raise NonFiniteLossError(
-                f"{self._skips_in_a_row} batches in a row had a non-finite loss and were skipped (nonfinite=skip), "
-                f"the limit nonfinite_max_skips={self.nonfinite_max_skips}: training is not recovering, so it stops "
-                f"at global step {self.global_step} instead of skipping every batch to trainer.max_steps. The last "
-                f"one: {message} To allow longer runs of skips, raise nonfinite_max_skips."
+                f"{self._skips_in_a_row} batches in a row had a non-finite loss: nonfinite=skip skipped "
+                f"nonfinite_max_skips={self.nonfinite_max_skips} of them and stops at global step {self.global_step}, "
+                "since training is not recovering (it would skip every batch to trainer.max_steps). The last batch: "
+                f"{message} To skip longer runs of batches, raise nonfinite_max_skips."
             )
         rank_zero_warn(message + " Skipping this batch (nonfinite=skip).")
         trainer = self._trainer
