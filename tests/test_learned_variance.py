@@ -127,12 +127,72 @@ def test_hybrid_elbo_half_trains_only_the_variance_channels():
 
 
 def test_hybrid_vlb_weight_is_nichol_and_dhariwal_normalisation():
-    # lambda L_vlb with L_vlb in bits/dim and T/1000 scaling: for uniform t, L_t / p(t) = T L_t
+    # their code: loss = mse + vb * T / 1000 with vb = L_t in bits/dim at one uniform t (lambda = 0.001 is the
+    # 1/1000); ours multiplies the sampled term L_t / p(t) = T L_t (nats over D dims) by hybrid_vlb_weight
     D, T, lam = 64, 4000, 0.001
     term_nats, weight = 3.0, float(T)
-    ours = hybrid_vlb_weight(lam, T, D) * term_nats * weight
-    theirs = lam * (term_nats / D / math.log(2.0)) * (T / 1000.0)
+    ours = hybrid_vlb_weight(lam, D) * term_nats * weight
+    theirs = (term_nats / D / math.log(2.0)) * T / 1000.0
     assert ours == pytest.approx(theirs)
+    assert hybrid_vlb_weight(2 * lam, D) == pytest.approx(2 * hybrid_vlb_weight(lam, D))
+
+
+def test_hybrid_training_loss_is_their_mse_plus_vb_times_t_over_1000(tmp_path):
+    """The module's loss=hybrid on one batch, written out as improved-diffusion's training_losses does it:
+    mean_flat((eps - eps_hat)^2) + vb * T / 1000, vb the ELBO term at the batch's t in bits/dim."""
+    from diffusion_elbo.builders import build_module
+    from diffusion_elbo.core.elbo import term_from_output
+    from diffusion_elbo.core.reverse import split_output
+
+    from .helpers import compose_train
+
+    T = 200
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=toy2d",
+            "model=mlp",
+            "variance=learned_range",
+            "loss=hybrid",
+            "parametrization=eps",
+            f"schedule.timesteps={T}",
+        ],
+    )
+    torch.manual_seed(0)
+    module, datamodule = build_module(cfg)
+    torch.nn.init.normal_(module.net.output.weight, std=0.1)
+    datamodule.setup("fit")
+    x0 = next(iter(datamodule.train_dataloader()))[0]
+    seen = {}
+    denoise = module.denoise
+
+    def recording(x_t, t):
+        seen.update(x_t=x_t, t=t, out=denoise(x_t, t))
+        return seen["out"]
+
+    module.denoise = recording
+    with pytest.warns(UserWarning):  # self.log without a trainer
+        loss = module.training_step((x0,), 0)
+    x_t, t, out = seen["x_t"], seen["t"], seen["out"]
+    mean_out, _ = split_output(out, "learned_range")
+    eps = (x_t - module.schedule.gather("alpha_bar", t, x0).sqrt() * x0) / (
+        1 - module.schedule.gather("alpha_bar", t, x0)
+    ).sqrt()
+    mse = (eps - mean_out).pow(2).mean(dim=1)
+    term = term_from_output(
+        module.schedule,
+        x0,
+        x_t,
+        t,
+        out,
+        parametrization="eps",
+        variance="learned_range",
+        decoder_variance=module.decoder_variance,
+        num_bins=module.num_bins,
+    )
+    vb = term / x0.shape[1] / math.log(2.0)
+    theirs = (mse + vb * T / 1000.0).mean()
+    torch.testing.assert_close(loss, theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_training_the_learned_range_finds_the_kl_optimal_variance():

@@ -60,12 +60,14 @@ def x0_weight(loss: LossType | str, schedule: NoiseSchedule, t: Tensor) -> Tenso
     raise ValueError(f"loss '{kind.value}' is not an MSE weighting; it is evaluated by core.elbo")
 
 
-def hybrid_vlb_weight(vlb_weight: float, num_timesteps: int, num_dims: int) -> float:
+def hybrid_vlb_weight(vlb_weight: float, num_dims: int) -> float:
     """The factor that turns the sampled ELBO term L_t / p(t) (nats summed over D dims) into lambda L_vlb of
-    Nichol & Dhariwal (2021, sec. 3.1 and their code): the term in bits per dim, scaled by 1 / 1000 so that
-    lambda = 0.001 means the same at any T (for uniform t, L_t / p(t) = T L_t, and T L_t / 1000 is their
-    L_t (T / 1000))."""
-    return vlb_weight / (1000.0 * num_dims * math.log(2.0))
+    Nichol & Dhariwal (2021, eq. 16, sec. 3.1) with L_vlb in bits per dim: lambda / (D ln 2).
+
+    Their code adds ``vb * T / 1000`` to the MSE, ``vb`` being L_t in bits/dim at one uniform t; that is
+    lambda L_vlb = lambda T L_t at lambda = 0.001 (L_vlb = sum_t L_t, estimated by T L_t), which is why 0.001
+    means the same at any T. For uniform t, L_t / p(t) = T L_t already carries the T, so no further T/1000 here."""
+    return vlb_weight / (num_dims * math.log(2.0))
 
 
 def weighted_mse(

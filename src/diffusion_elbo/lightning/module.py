@@ -234,7 +234,7 @@ class DiffusionModule(L.LightningModule):
             mse = weighted_mse(mse_loss, self.parametrization, self.schedule, t, mean_out.float(), target.float())
             per_example = mse * weight / self.schedule.T  # weight/T = 1 for uniform t
             if hybrid:
-                scale = hybrid_vlb_weight(self.vlb_weight, self.schedule.T, self.num_dims)
+                scale = hybrid_vlb_weight(self.vlb_weight, self.num_dims)
                 per_example = per_example + scale * term * weight
         loss = per_example.mean()
         self._last_t = t
