@@ -117,13 +117,17 @@ def reconstruction_nats(x0: Tensor, z0: Tensor, gamma_0: Tensor, num_bins: int |
 def chain_denoiser(model: GammaDenoiser, chain: NoiseSchedule, parametrization: Parametrization | str):
     """The model as a denoiser ``(x_t, t) -> out`` of the chain from :meth:`LogSNRSchedule.discretize`: the network
     gets gamma = log((1 - alpha_bar_t) / alpha_bar_t) of chain step t (integer, or a real time of the chain's
-    interpolation, as the probability-flow ODE asks), and at the decoder step t = 1 the output is that of the
-    identity denoiser x0_hat = x_1 / alpha_0, which makes the chain's decoder the continuous model's p(x | z_0)."""
+    interpolation, as the probability-flow ODE asks), and at the decoder step t = 1 (integer t only: a real t = 1.0 is the
+    network at gamma_min) the output is that of the identity denoiser x0_hat = x_1 / alpha_0, which makes the chain's
+    decoder the continuous model's p(x | z_0)."""
 
     def denoise(x_t: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = chain.signal_noise(t)  # (B,) float64
         gamma = 2.0 * (torch.log(sigma) - torch.log(alpha))
         out = model(x_t, gamma.to(x_t.dtype))
+        # the decoder is chain step 1 (integer t); a real t = 1.0 (the ODE's t0) is the noise level gamma_min
+        if t.is_floating_point():
+            return out
         at_decoder = t == 1
         if not bool(at_decoder.any()):
             return out
@@ -174,9 +178,11 @@ def continuous_terms(
     num_bins: int | None,
     timesteps: int | None = None,
     log_snr: LogSNR | None = None,
+    log_snr_s: LogSNR | None = None,
 ) -> ContinuousTerms:
     """The three terms for x0 (B, *D) at times from u (B,) with noise eps (B, *D) (the same eps forms z_0 and z_t).
-    Gradients reach the network and the schedule's parameters (``log_snr`` may pass a precomputed gamma(t))."""
+    Gradients reach the network and the schedule's parameters (``log_snr`` and, for T steps, ``log_snr_s`` may pass
+    precomputed gamma(t) and gamma(s), e.g. to route their gradients with :func:`route_bound_gradient`)."""
     t, s = step_times(u.to(x0.dtype), timesteps)
     at_t = schedule(t) if log_snr is None else log_snr
     gamma_0, gamma_1 = schedule.endpoints(like=x0)
@@ -184,7 +190,7 @@ def continuous_terms(
     z_t = alpha_t * x0 + sigma_t * eps
     eps_hat = eps_from_output(parametrization, z_t, at_t.gamma, model(z_t, at_t.gamma))
     sq = sum_flat((eps - eps_hat) ** 2)
-    gamma_s = None if s is None else schedule(s).gamma
+    gamma_s = None if s is None else (schedule(s) if log_snr_s is None else log_snr_s).gamma
     diffusion = diffusion_nats(sq, at_t.gamma, at_t.slope, gamma_s, timesteps)
     alpha_0, sigma_0 = alpha_sigma(gamma_0)
     z_0 = alpha_0 * x0 + sigma_0 * eps
@@ -224,7 +230,8 @@ def route_bound_gradient(log_snr: LogSNR, weights: Tensor) -> None:
     gamma'(t_i) of example i (only the diffusion term D_i depends on them; reconstruction and prior see the endpoints
     through their own evaluation) is divided by w_i, so the learned endpoints settle where the bound is tightest, as in
     VDM. The network's gradient is untouched: it trains on the weighted loss. weights (B,); a no-op for fixed
-    schedules."""
+    schedules. For T steps D_i also uses gamma(s_i): route the gradient of that :class:`LogSNR` too (pass it to
+    :func:`continuous_terms` as ``log_snr_s``)."""
     inverse = (1.0 / weights).detach()
     for tensor in (log_snr.gamma, log_snr.slope):
         if tensor.requires_grad:

@@ -197,17 +197,20 @@ class ContinuousDiffusionModule(DiffusionModule):
         u = self._draw_u(x0.shape[0])
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         with torch.autocast(device_type=self.device.type, enabled=False):  # the schedule and terms in float32
-            t, _ = step_times(u.float(), self.timesteps)
+            t, s = step_times(u.float(), self.timesteps)
             log_snr = self.logsnr(t)
+            log_snr_s = None if s is None else self.logsnr(s)  # the T-step term's gamma(s)
         if self.loss_type is LossType.SIMPLE:
             loss, terms = self._simple_loss(x0, eps, log_snr), None
         else:
-            terms = self._terms(x0, u, eps, log_snr)
+            terms = self._terms(x0, u, eps, log_snr, log_snr_s)
             weights = self._training_weights(log_snr)
             per_example = terms.weighted_total(weights) / self.num_dims
             loss = per_example.mean()
             if weights is not None:  # the network trains on the weighted loss, the schedule on the bound
-                route_bound_gradient(log_snr, weights)
+                for at in (log_snr, log_snr_s):
+                    if at is not None:
+                        route_bound_gradient(at, weights)
             if self.variance_gradient and bool(torch.isfinite(loss)):
                 route_variance_gradient(log_snr, per_example, weights)
         if x_aux is not None:
@@ -246,7 +249,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             return None
         return sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
 
-    def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr) -> ContinuousTerms:
+    def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr, log_snr_s=None) -> ContinuousTerms:
         with torch.autocast(device_type=self.device.type, enabled=False):
             return continuous_terms(
                 self._network_float32,
@@ -258,6 +261,7 @@ class ContinuousDiffusionModule(DiffusionModule):
                 num_bins=self.num_bins,
                 timesteps=self.timesteps,
                 log_snr=log_snr,
+                log_snr_s=log_snr_s,
             )
 
     def _network_float32(self, z_t: Tensor, gamma: Tensor) -> Tensor:
