@@ -42,3 +42,16 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     # No test may reach the network or a W&B account.
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of one short default-recipe run (the FAST settings, schedule.timesteps=50, 6 steps), trained once per
+    test process in-process, for tests that need a checkpoint to evaluate or sample and do not test training itself.
+    Copy it (:func:`copy_of_checkpoint`) before writing anything next to it."""
+    from diffusion_elbo.training import train
+    from tests.helpers import compose_train
+
+    run_dir = tmp_path_factory.mktemp("trained_checkpoint") / "run"
+    train(compose_train(run_dir, ["schedule.timesteps=50"]), str(run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"

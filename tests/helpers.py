@@ -87,3 +87,14 @@ def write_fake_mnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int 
     ]:
         with gzip.open(root / name, "wb") as f:
             f.write(payload)
+
+
+def copy_of_checkpoint(ckpt: Path, run_dir: Path) -> Path:
+    """A copy of ``ckpt`` as ``<run_dir>/checkpoints/last.ckpt`` (a run folder of its own, so caches, evals and samples
+    written next to it stay this test's)."""
+    import shutil
+
+    target = run_dir / "checkpoints" / "last.ckpt"
+    target.parent.mkdir(parents=True)
+    shutil.copy2(ckpt, target)
+    return target

@@ -90,22 +90,29 @@ def test_training_with_analytic_variance_is_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
+def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path, trained_checkpoint):
     import json
 
-    from .helpers import FAST, run_cli
+    from hydra import compose, initialize_config_dir
 
-    run = tmp_path / "run"
-    assert run_cli("train.py", *FAST, "schedule.timesteps=50", f"hydra.run.dir={run}").returncode == 0
-    ckpt = run / "checkpoints" / "last.ckpt"
+    from diffusion_elbo.evaluation import run_eval
+
+    from .helpers import CONF_DIR, copy_of_checkpoint, run_cli
+
+    ckpt = copy_of_checkpoint(trained_checkpoint, tmp_path / "run")
     args = [f"ckpt_path={ckpt}", "num_examples=16", "fid.num_samples=0", "analytic.num_examples=32"]
+
+    def eval_here(variance: str, out: str) -> None:  # src/eval.py's job in this process (no start-up cost)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("eval", overrides=[*args, f"variance={variance}", "wandb.enabled=false"])
+        run_eval(cfg, tmp_path / out)
+
     first = run_cli("eval.py", *args, "variance=analytic", f"hydra.run.dir={tmp_path / 'e1'}")
     assert first.returncode == 0, first.stderr[-2000:]
     cache = ckpt.parent / "last.ckpt.analytic-32.pt"
     table = torch.load(cache, weights_only=True)["table"]
     assert table.shape == (51,) and (table[1:] > 0).all()
-    small = run_cli("eval.py", *args, "variance=small", f"hydra.run.dir={tmp_path / 'e2'}")
-    assert small.returncode == 0
+    eval_here("small", "e2")
     m_analytic = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     m_small = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert m_analytic["variance"] == "analytic" and m_small["variance"] == "small"
@@ -117,9 +124,8 @@ def test_checkpoint_analytic_variance_is_estimated_once_and_cached(tmp_path):
     diff, se = paired_difference(tmp_path / "e1" / "per_example.csv", tmp_path / "e2" / "per_example.csv")
     assert diff == pytest.approx(m_analytic["bpd"] - m_small["bpd"], abs=1e-6)
     assert se > 0
-    # from the cache, the same command gives the same number: the estimate draws from its own generator
-    again = run_cli("eval.py", *args, "variance=analytic", f"hydra.run.dir={tmp_path / 'e3'}")
-    assert again.returncode == 0
+    # from the cache, the same job gives the same number: the estimate draws from its own generator
+    eval_here("analytic", "e3")
     assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["bpd"] == m_analytic["bpd"]
     # a checkpoint trained with a fixed variance has no variance output to evaluate as learned_range
     refused = run_cli("eval.py", *args, "variance=learned_range", f"hydra.run.dir={tmp_path / 'e4'}")
@@ -179,13 +185,13 @@ def test_analytic_variance_keeps_the_sample_spread_on_short_chains(sampler, name
 
 
 @pytest.mark.slow
-def test_sample_cli_with_analytic_variance_writes_samples_and_records_the_variance(tmp_path):
+def test_sample_cli_with_analytic_variance_writes_samples_and_records_the_variance(tmp_path, trained_checkpoint):
     import numpy as np
 
-    from .helpers import FAST, run_cli
+    from .helpers import copy_of_checkpoint, run_cli
 
     run = tmp_path / "run"
-    assert run_cli("train.py", *FAST, "schedule.timesteps=50", f"hydra.run.dir={run}").returncode == 0
+    copy_of_checkpoint(trained_checkpoint, run)
     out = tmp_path / "samples"
     result = run_cli(
         "sample.py",

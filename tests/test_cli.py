@@ -16,7 +16,7 @@ from PIL import Image
 from diffusion_elbo.core import make_schedule
 from diffusion_elbo.core.gaussian_data import oracle_expected_terms
 
-from .helpers import FAST, REPO_ROOT, run_cli
+from .helpers import FAST, REPO_ROOT, copy_of_checkpoint, run_cli
 from .wandb_records import runs_in
 
 LN2 = math.log(2.0)
@@ -465,21 +465,16 @@ def test_joblib_with_ddp_is_refused_before_any_job_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path):
+def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path, trained_checkpoint):
     """src/eval.py trainer.devices=N: examples sharded without padding (7 examples: 4/3 and 3/2/2), each with its own
     noise, so bpd, its terms and every example's value agree with one process to 1e-6; the ODE too (one example per
     solve)."""
-    run = tmp_path / "run"
-    result = run_cli(
-        "train.py", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.timesteps=40",
-        "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = copy_of_checkpoint(trained_checkpoint, tmp_path / "run")
     metrics, examples = {}, {}
     for world in (1, 2, 3):
         out = tmp_path / f"eval{world}"
         result = run_cli(
-            "eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_examples=7", "batch_size=3",
+            "eval.py", f"ckpt_path={ckpt}", "num_examples=7", "batch_size=3",
             # one example per ODE solve: examples solved together share the adaptive steps (a batch effect of 1e-4)
             "likelihood=both", "ode.batch_size=1", "fid.num_samples=0", "wandb.enabled=false", "trainer.accelerator=cpu",
             f"trainer.devices={world}", f"hydra.run.dir={out}", timeout=900,

@@ -459,14 +459,15 @@ def test_wandb_credentials_are_looked_up_for_the_configured_server(tmp_path, mon
 @pytest.mark.parametrize(
     ("overrides", "runs"),
     [
-        ([], ((1, 180), (2, 180), (3, 180), (1, 7), (3, 7))),
+        ([], ((1, 180), (2, 180), (1, 7), (3, 7))),
         (["schedule=learned", "loss=vdm", "model.model_channels=16"], ((1, 180), (3, 180))),
     ],
 )
 def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overrides, runs):
     """val/elbo_bpd, its terms and SEs, and the per-t profile on 1, 2 and 3 gloo processes agree to 1e-6 relative:
     every example draws its timesteps and noise from its own seed, and the val split is sharded without padding
-    (180 digits: 90/90 and 60/60/60; 3 processes of 7 examples would be uneven, tested with val_examples=7)."""
+    (180 digits: 90/90 on 2, and 60/60/60 on 3 for the learned schedule; 3 processes of 7 examples are uneven,
+    3/2/2, tested with val_examples=7)."""
     import subprocess
     import sys
 
