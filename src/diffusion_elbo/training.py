@@ -22,8 +22,9 @@ from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
 from diffusion_elbo.cli import UserError, clear_failure, resume_command, run_dir_chosen
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
-from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
+from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumedOptimizerSettings
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
+from diffusion_elbo.resume import check_resume_config
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,8 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """Resolve ``last`` and check a checkpoint's tensors fit the configured model, naming the keys that do not."""
+    """Resolve ``last``; check the checkpoint's config allows this job's (:func:`check_resume_config`: the same model,
+    noise process and data) and that its tensors fit the configured model, naming the keys that do not."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
@@ -220,7 +222,9 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, outp
         log.info("resuming from %s", path)
     else:
         path = Path(ckpt_path)
-    state = read_checkpoint(path)["state_dict"]
+    checkpoint = read_checkpoint(path)
+    check_resume_config(checkpoint["diffusion_elbo_config"], module.config, path=path)
+    state = checkpoint["state_dict"]
     own = module.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -250,6 +254,8 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     module, datamodule = build_module(cfg)
     ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir)
     callbacks = build_callbacks(cfg)
+    if ckpt_path is not None:  # this job's optimizer settings over those Lightning restores from the checkpoint
+        callbacks.append(ResumedOptimizerSettings())
     for callback in callbacks:  # the command its log line gives after a Ctrl-C, SIGTERM or crash
         if isinstance(callback, LastCheckpoint):
             callback.resume_hint = resume_command(output_dir)
