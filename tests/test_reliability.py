@@ -23,11 +23,12 @@ from PIL import Image
 
 from diffusion_elbo.builders import wandb_run_id
 from diffusion_elbo.checkpoints import CheckpointError
-from diffusion_elbo.cli import UserError, write_failure
+from diffusion_elbo.cli import RunProtected, UserError, write_failure
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.module import NonFiniteLossError
 from diffusion_elbo.report import collect_runs
 from diffusion_elbo.resume import ResumeChanges, check_resume_config, compare_resume_config
+from diffusion_elbo.run_dir import check_run_dir_free, hold_run_dir
 from diffusion_elbo.training import train
 
 from .helpers import FAST, REPO_ROOT, compose_train, run_cli
@@ -695,3 +696,88 @@ def test_a_resume_with_a_new_lr_trains_at_it_and_a_new_noise_process_is_refused(
         train(compose_train(tmp_path, [*new_lr, "trainer.max_steps=6"]), str(tmp_path))
     assert "applied" not in caplog.text and _last(tmp_path)["lr_schedulers"][0]["base_lrs"] == [1e-5]
     assert loss_steps(tmp_path) == list(range(6))
+
+
+def test_a_run_folder_has_one_owner_and_a_finished_run_is_never_overwritten(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        train(compose_train(run, [*TINY, "trainer.max_steps=2"]), str(run))
+    files = ("checkpoints/last.ckpt", "loss_curve.csv", "train_metrics.json")
+    before = {name: (a / name).read_bytes() for name in files}
+    other = b / "checkpoints" / "last.ckpt"
+    with pytest.raises(RunProtected, match=f"holds a finished training run .*ckpt_path={other} is another run's"):
+        train(compose_train(a, [*TINY, "trainer.max_steps=4", f"ckpt_path={other}"]), str(a))
+    with pytest.raises(RunProtected, match="at step 2 and trainer.max_steps=2: the run is finished"):
+        train(compose_train(a, [*TINY, "trainer.max_steps=2", "ckpt_path=last"]), str(a))
+    with (
+        hold_run_dir(a),
+        pytest.raises(RunProtected, match=f"{a} is in use by another training job \\(pid {os.getpid()}"),
+    ):
+        train(compose_train(a, [*TINY, "trainer.max_steps=4", "ckpt_path=last"]), str(a))
+    assert {name: (a / name).read_bytes() for name in files} == before
+    # a DDP rank > 0 of the job that holds the folder is not refused
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with hold_run_dir(a), hold_run_dir(a):
+        pass
+    monkeypatch.delenv("LOCAL_RANK")
+    # the run's own last.ckpt with a larger trainer.max_steps trains it longer
+    assert train(compose_train(a, [*TINY, "trainer.max_steps=4", "ckpt_path=last"]), str(a))["global_step"] == 4
+    assert loss_steps(a) == [0, 1, 2, 3]
+
+
+def test_the_run_lock_is_released_when_its_process_is_killed(tmp_path):
+    hold = (
+        "import sys, time\n"
+        "from diffusion_elbo.run_dir import hold_run_dir\n"
+        "with hold_run_dir(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        with pytest.raises(RunProtected, match=f"in use by another training job \\(pid {proc.pid} on "):
+            check_run_dir_free(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    check_run_dir_free(tmp_path)  # the OS released the lock with the process: nothing stale
+    with hold_run_dir(tmp_path):
+        pass
+
+
+@pytest.mark.slow
+def test_a_run_started_in_the_same_second_gets_its_own_folder_and_a_held_folder_is_refused(tmp_path):
+    """`python src/train.py` twice in one second: both wrote to runs/<that second>. Here every folder name the run
+    could be given in the next minute is taken beforehand, so it must write to <name>_1. Then a resume that changes the
+    noise process, and a job into a folder another job holds, are refused before Hydra writes its .hydra/ there, and
+    write no failure.json."""
+    from datetime import datetime, timedelta
+
+    runs = tmp_path / "train" / "runs"
+    now = datetime.now()
+    taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(60)}
+    for name in taken:
+        (runs / name).mkdir(parents=True)
+    result = run_cli("train.py", *FAST, *TINY, "trainer.max_steps=2", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = [p for p in runs.iterdir() if p.name not in taken]
+    assert len(new) == 1 and new[0].name.endswith("_1") and new[0].name[:-2] in taken, new
+    assert json.loads((new[0] / "train_metrics.json").read_text())["global_step"] == 2
+    assert all(not any((runs / name).iterdir()) for name in taken)
+    # a resume into it with another noise process: refused before Hydra replaces the run's .hydra/ config
+    own = (new[0] / ".hydra" / "overrides.yaml").read_text()
+    result = run_cli(
+        "train.py", *FAST, *TINY, "trainer.max_steps=4", f"hydra.run.dir={new[0]}", "ckpt_path=last",
+        "schedule.timesteps=200",
+    )  # fmt: skip
+    assert result.returncode == 2 and "schedule.timesteps: checkpoint 50, now 200" in result.stderr
+    assert (new[0] / ".hydra" / "overrides.yaml").read_text() == own and not (new[0] / "failure.json").exists()
+
+    held = tmp_path / "held"
+    with hold_run_dir(held):
+        result = run_cli("train.py", *FAST, *TINY, f"hydra.run.dir={held}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {held} is in use by another training job (pid {os.getpid()}" in result.stderr
+    assert sorted(p.name for p in held.iterdir()) == [".run.lock"]
