@@ -44,17 +44,23 @@ def _own_resume_command(out: Path) -> str:
 
 
 def _lock_or_refuse(fd: int, out: Path) -> None:
-    """``flock`` the open lock file ``fd`` of folder ``out``, or raise :class:`RunProtected` naming its owner."""
+    """``flock`` the open lock file ``fd`` of folder ``out``, or raise :class:`RunProtected` naming its owner. On a
+    file system without ``flock`` (Lustre mounted without ``-o flock``: ENOSYS) the job goes on unprotected, with a
+    warning, rather than not starting."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
     except BlockingIOError:
         owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that has not written its id yet"
-        raise RunProtected(
-            f"{out} is in use by another training job ({owner}): a run folder has one owner at a time, and a second "
-            "job there would interleave its loss curve with that job's and overwrite its checkpoints. Wait for that "
-            f"job to end (or stop it; resume it then with `{_own_resume_command(out)}`), or start this run in a folder of "
-            "its own (drop hydra.run.dir=... for a new one)."
-        ) from None
+    except OSError as exc:
+        log.warning("%s cannot be locked (%s): this run's folder is not protected from a second job", out, exc)
+        return
+    raise RunProtected(
+        f"{out} is in use by another training job ({owner}): a run folder has one owner at a time, and a second job "
+        "there would interleave its loss curve with that job's and overwrite its checkpoints. Wait for that job to end "
+        f"(or stop it; resume it then with `{_own_resume_command(out)}`), or start this run in a folder of its own "
+        "(drop hydra.run.dir=... for a new one)."
+    )
 
 
 @contextmanager
