@@ -23,10 +23,12 @@ from PIL import Image
 
 from diffusion_elbo.builders import wandb_run_id
 from diffusion_elbo.checkpoints import CheckpointError
-from diffusion_elbo.cli import UserError, write_failure
+from diffusion_elbo.cli import RunProtected, UserError, write_failure
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.module import NonFiniteLossError
 from diffusion_elbo.report import collect_runs
+from diffusion_elbo.resume import ResumeChanges, check_resume_config, compare_resume_config
+from diffusion_elbo.run_dir import check_run_dir_free, hold_run_dir
 from diffusion_elbo.training import train
 
 from .helpers import FAST, REPO_ROOT, compose_train, run_cli
@@ -312,8 +314,17 @@ def test_checkpoint_from_another_model_shape_names_the_mismatched_keys(tmp_path)
     train(compose_train(tmp_path / "a", ["schedule.timesteps=100", "trainer.max_steps=2"]), str(tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     cfg = compose_train(tmp_path / "b", ["schedule.timesteps=100", "model.model_channels=16", f"ckpt_path={ckpt}"])
-    with pytest.raises(CheckpointError, match=r"mismatched \['net\..*checkpoint \(\d+"):
+    # the run's config names the key first (test_a_resume_may_change_the_lr_but_not_the_model_or_the_noise_process)
+    with pytest.raises(CheckpointError, match=r"model.model_channels: checkpoint 32, now 16"):
         train(cfg, str(tmp_path / "b"))
+    # tensors that do not fit a model of the checkpoint's own config (a file edited or written by another version)
+    from diffusion_elbo.builders import build_module
+    from diffusion_elbo.training import check_checkpoint_fits
+
+    module, _ = build_module(compose_train(tmp_path / "b", ["schedule.timesteps=100", "model.model_channels=16"]))
+    module.config = torch.load(ckpt, weights_only=False)["diffusion_elbo_config"]
+    with pytest.raises(CheckpointError, match=r"mismatched \['net\..*checkpoint \(\d+"):
+        check_checkpoint_fits(module, str(ckpt), tmp_path / "b", cfg=cfg)
 
 
 def test_resumed_runs_keep_their_wandb_run_id(tmp_path):
@@ -612,3 +623,161 @@ def test_fused_adamw_under_bf16_mixed_trains_and_clips_gradients(tmp_path):
     assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(0.5, rel=1e-5)
     module.configure_gradient_clipping(optimizer, 1e-3, "value")
     assert all(g.abs().max().item() <= 1e-3 for g in grads)
+
+
+# a 2-D Gaussian and a small MLP: a few training steps take well under a second
+TINY = ["data=gaussian", "data.dim=2", "model=mlp", "model.hidden_dim=32", "schedule.timesteps=50",
+        "trainer.val_check_interval=100", "callbacks.model_checkpoint.every_n_train_steps=100"]  # fmt: skip
+
+
+def _resolved(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_a_resume_may_change_the_lr_but_not_the_model_or_the_noise_process(tmp_path):
+    """The policy of docs/faults.md on the checkpoint's config against the new one, key by key."""
+    saved = _resolved(compose_train(tmp_path, TINY))
+    new = _resolved(
+        compose_train(
+            tmp_path,
+            [*TINY, "optimizer.lr=1e-5", "schedule.timesteps=200", "parametrization=eps", "trainer.max_steps=10",
+             "data.batch_size=7", "optimizer.foreach=false", "sampler.steps=20"],
+        )
+    )  # fmt: skip
+    changes = compare_resume_config(saved, new)
+    assert [str(c) for c in changes.refused] == [
+        "parametrization: checkpoint v, now eps",
+        "schedule.timesteps: checkpoint 50, now 200",
+    ]
+    assert [str(c) for c in changes.applied] == ["optimizer.lr: checkpoint 0.001, now 1e-05"]
+    assert [c.key for c in changes.kept] == ["optimizer.foreach"]
+    assert {"data.batch_size", "trainer.max_steps", "sampler.steps"} <= {c.key for c in changes.allowed}
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(saved, new, path=ckpt)
+    msg = str(err.value)
+    assert "schedule.timesteps: checkpoint 50, now 200" in msg and "parametrization: checkpoint v, now eps" in msg
+    assert "e.g. parametrization=v schedule.timesteps=50" in msg and str(tmp_path / "run" / ".hydra") in msg
+    # another schedule altogether: its name, and the keys only one of the two schedules has
+    cosine = compare_resume_config(saved, _resolved(compose_train(tmp_path, [*TINY, "schedule=cosine"])))
+    assert "schedule.name: checkpoint sigmoid, now cosine" in [str(c) for c in cosine.refused]
+    assert "schedule.tau: checkpoint 1.0, now (not set)" in [str(c) for c in cosine.refused]
+    assert compare_resume_config(saved, saved) == ResumeChanges([], [], [], [])
+
+
+def test_a_resume_with_a_new_lr_trains_at_it_and_a_new_noise_process_is_refused(tmp_path, caplog):
+    """Before, `ckpt_path=last optimizer.lr=1e-5` trained on at the checkpoint's lr (Lightning restores the optimizer
+    and scheduler state after configure_optimizers) while the new checkpoint recorded 1e-5, and schedule.timesteps
+    or parametrization changed with no word."""
+    base = [*TINY, "lr_scheduler.warmup_steps=10"]
+    train(compose_train(tmp_path, [*base, "trainer.max_steps=3"]), str(tmp_path))
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    for change, named in [
+        ("schedule.timesteps=200", "schedule.timesteps: checkpoint 50, now 200"),
+        ("parametrization=eps", "parametrization: checkpoint v, now eps"),
+    ]:
+        with pytest.raises(CheckpointError, match="another model, noise process or data") as err:
+            train(compose_train(tmp_path, [*base, "trainer.max_steps=5", "ckpt_path=last", change]), str(tmp_path))
+        assert named in str(err.value)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before and loss_steps(tmp_path) == [0, 1, 2]
+
+    new_lr = [*base, "ckpt_path=last", "optimizer.lr=1e-5"]
+    with caplog.at_level("INFO", logger="diffusion_elbo"):
+        train(compose_train(tmp_path, [*new_lr, "trainer.max_steps=5"]), str(tmp_path))
+    assert "resume: optimizer.lr 0.001 -> 1e-05 applied" in caplog.text
+    last = _last(tmp_path)
+    group = last["optimizer_states"][0]["param_groups"][0]
+    assert last["lr_schedulers"][0]["base_lrs"] == [1e-5] and group["initial_lr"] == 1e-5
+    assert group["lr"] == pytest.approx(1e-5 * 6 / 10)  # the warm-up goes on at its step 5, towards the new peak
+    assert last["diffusion_elbo_config"]["optimizer"]["lr"] == 1e-5
+    # resumed again with the run's (new) config: nothing to apply, the lr stays
+    caplog.clear()
+    with caplog.at_level("INFO", logger="diffusion_elbo"):
+        train(compose_train(tmp_path, [*new_lr, "trainer.max_steps=6"]), str(tmp_path))
+    assert "applied" not in caplog.text and _last(tmp_path)["lr_schedulers"][0]["base_lrs"] == [1e-5]
+    assert loss_steps(tmp_path) == list(range(6))
+
+
+def test_a_run_folder_has_one_owner_and_a_finished_run_is_never_overwritten(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        train(compose_train(run, [*TINY, "trainer.max_steps=2"]), str(run))
+    files = ("checkpoints/last.ckpt", "loss_curve.csv", "train_metrics.json")
+    before = {name: (a / name).read_bytes() for name in files}
+    other = b / "checkpoints" / "last.ckpt"
+    with pytest.raises(RunProtected, match=f"holds a finished training run .*ckpt_path={other} is another run's"):
+        train(compose_train(a, [*TINY, "trainer.max_steps=4", f"ckpt_path={other}"]), str(a))
+    with pytest.raises(RunProtected, match="at step 2 and trainer.max_steps=2: the run is finished"):
+        train(compose_train(a, [*TINY, "trainer.max_steps=2", "ckpt_path=last"]), str(a))
+    with (
+        hold_run_dir(a),
+        pytest.raises(RunProtected, match=f"{a} is in use by another training job \\(pid {os.getpid()}"),
+    ):
+        train(compose_train(a, [*TINY, "trainer.max_steps=4", "ckpt_path=last"]), str(a))
+    assert {name: (a / name).read_bytes() for name in files} == before
+    # a DDP rank > 0 of the job that holds the folder is not refused
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with hold_run_dir(a), hold_run_dir(a):
+        pass
+    monkeypatch.delenv("LOCAL_RANK")
+    # the run's own last.ckpt with a larger trainer.max_steps trains it longer
+    assert train(compose_train(a, [*TINY, "trainer.max_steps=4", "ckpt_path=last"]), str(a))["global_step"] == 4
+    assert loss_steps(a) == [0, 1, 2, 3]
+
+
+def test_the_run_lock_is_released_when_its_process_is_killed(tmp_path):
+    hold = (
+        "import sys, time\n"
+        "from diffusion_elbo.run_dir import hold_run_dir\n"
+        "with hold_run_dir(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        with pytest.raises(RunProtected, match=f"in use by another training job \\(pid {proc.pid} on "):
+            check_run_dir_free(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    check_run_dir_free(tmp_path)  # the OS released the lock with the process: nothing stale
+    with hold_run_dir(tmp_path):
+        pass
+
+
+@pytest.mark.slow
+def test_a_run_started_in_the_same_second_gets_its_own_folder_and_a_held_folder_is_refused(tmp_path):
+    """`python src/train.py` twice in one second: both wrote to runs/<that second>. Here every folder name the run
+    could be given in the next minute is taken beforehand, so it must write to <name>_1. Then a resume that changes the
+    noise process, and a job into a folder another job holds, are refused before Hydra writes its .hydra/ there, and
+    write no failure.json."""
+    from datetime import datetime, timedelta
+
+    runs = tmp_path / "train" / "runs"
+    now = datetime.now()
+    taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(60)}
+    for name in taken:
+        (runs / name).mkdir(parents=True)
+    result = run_cli("train.py", *FAST, *TINY, "trainer.max_steps=2", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = [p for p in runs.iterdir() if p.name not in taken]
+    assert len(new) == 1 and new[0].name.endswith("_1") and new[0].name[:-2] in taken, new
+    assert json.loads((new[0] / "train_metrics.json").read_text())["global_step"] == 2
+    assert all(not any((runs / name).iterdir()) for name in taken)
+    # a resume into it with another noise process: refused before Hydra replaces the run's .hydra/ config
+    own = (new[0] / ".hydra" / "overrides.yaml").read_text()
+    result = run_cli(
+        "train.py", *FAST, *TINY, "trainer.max_steps=4", f"hydra.run.dir={new[0]}", "ckpt_path=last",
+        "schedule.timesteps=200",
+    )  # fmt: skip
+    assert result.returncode == 2 and "schedule.timesteps: checkpoint 50, now 200" in result.stderr
+    assert (new[0] / ".hydra" / "overrides.yaml").read_text() == own and not (new[0] / "failure.json").exists()
+
+    held = tmp_path / "held"
+    with hold_run_dir(held):
+        result = run_cli("train.py", *FAST, *TINY, f"hydra.run.dir={held}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {held} is in use by another training job (pid {os.getpid()}" in result.stderr
+    assert sorted(p.name for p in held.iterdir()) == [".run.lock"]

@@ -29,6 +29,12 @@ class UserError(Exception):
     """An error caused by the user's input (config, files); shown without a traceback."""
 
 
+class RunProtected(UserError):
+    """A job refused because it would overwrite a run (its folder in use by another job, a run there this job would
+    replace, a finished run resumed with nothing left to train): the job writes nothing there, not even its
+    failure.json, which would mark that run as failed."""
+
+
 class JobFailedError(Exception):
     """One job of a multirun failed on bad input: an Exception (not SystemExit), so Hydra records it and runs the
     remaining jobs, then exits non-zero at the end of the sweep."""
@@ -240,7 +246,8 @@ def run_job(job: Callable[[DictConfig, str], Any], cfg: DictConfig) -> Any:
         return job(cfg, output_dir)
     except (InstantiationException, *USER_ERRORS) as exc:
         cause = _root_cause(exc)
-        write_failure(output_dir, cause)
+        if not isinstance(cause, RunProtected):
+            write_failure(output_dir, cause)
         if not isinstance(cause, USER_ERRORS):
             raise
         # the traceback goes to the run's log file; the terminal gets the message and the fix

@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
-from diffusion_elbo.cli import UserError, clear_failure, resume_command, run_dir_chosen
+from diffusion_elbo.cli import RunProtected, UserError, clear_failure, resume_command, run_dir_chosen
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.evaluation import write_metrics
-from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
+from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumedOptimizerSettings
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
+from diffusion_elbo.resume import check_resume_config
+from diffusion_elbo.run_dir import check_output_dir, hold_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +146,16 @@ def warn_if_processes_exceed_cores(trainer: L.Trainer) -> None:
         )
 
 
-def check_output_dir(output_dir: str | Path, ckpt_path: str | None) -> None:
-    """Refuse to start a new run in a directory that already holds one: it would overwrite its checkpoints."""
-    out = Path(output_dir)
-    previous = sorted((out / "checkpoints").glob("*.ckpt")) + [p for p in [out / "train_metrics.json"] if p.exists()]
-    if previous and ckpt_path is None:
-        raise UserError(
-            f"{out} already holds a training run ({previous[0].name}); it is not overwritten. Resume it with "
-            f"`{resume_command(out)}`, or start a new run in another directory (drop hydra.run.dir=... or pick a new "
-            "one)."
+def check_steps_left(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
+    """Refuse a resume from a checkpoint already at ``trainer.max_steps``: nothing is left to train, and the job would
+    overwrite the finished run's train_metrics.json with a near-empty one. Training longer is a larger max_steps."""
+    max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1) or -1)
+    step = int(checkpoint.get("global_step", 0))
+    if max_steps > 0 and step >= max_steps and not OmegaConf.select(cfg, "trainer.fast_dev_run"):
+        raise RunProtected(
+            f"checkpoint {path} is at step {step} and trainer.max_steps={max_steps}: the run is finished and nothing "
+            f"is left to train. To train it longer, resume with a larger trainer.max_steps (e.g. "
+            f"trainer.max_steps={2 * step}); to evaluate it, `python src/eval.py ckpt_path={path}`."
         )
 
 
@@ -206,8 +209,12 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
     return best
 
 
-def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """Resolve ``last`` and check a checkpoint's tensors fit the configured model, naming the keys that do not."""
+def check_checkpoint_fits(
+    module: L.LightningModule, ckpt_path: str | None, output_dir: str | Path, *, cfg: DictConfig
+) -> str | None:
+    """Resolve ``last``; check the checkpoint's config allows this job's (:func:`check_resume_config`: the same model,
+    noise process and data), that steps are left to train and that its tensors fit the configured
+    model, naming the keys that do not."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
@@ -220,7 +227,10 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str | None, outp
         log.info("resuming from %s", path)
     else:
         path = Path(ckpt_path)
-    state = read_checkpoint(path)["state_dict"]
+    checkpoint = read_checkpoint(path)
+    check_resume_config(checkpoint["diffusion_elbo_config"], module.config, path=path)
+    check_steps_left(cfg, checkpoint, path)
+    state = checkpoint["state_dict"]
     own = module.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -242,14 +252,21 @@ def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     """Train the configured model; returns the last logged metrics (also saved to train_metrics.json)."""
     validate_config(cfg)
     check_resume_folder(output_dir, cfg.ckpt_path)
+    with hold_run_dir(output_dir):  # one job per run folder, until this one ends
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     check_output_dir(output_dir, cfg.ckpt_path)
     L.seed_everything(int(cfg.seed), workers=True)
     if OmegaConf.select(cfg, "matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     module, datamodule = build_module(cfg)
-    ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir)
+    ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir, cfg=cfg)
     callbacks = build_callbacks(cfg)
+    if ckpt_path is not None:  # this job's optimizer settings over those Lightning restores from the checkpoint
+        callbacks.append(ResumedOptimizerSettings())
     for callback in callbacks:  # the command its log line gives after a Ctrl-C, SIGTERM or crash
         if isinstance(callback, LastCheckpoint):
             callback.resume_hint = resume_command(output_dir)

@@ -490,6 +490,69 @@ class LastCheckpoint(L.Callback):
             self._save(trainer, f"stopped by {type(exception).__name__}")
 
 
+class ResumedOptimizerSettings(L.Callback):
+    """A resumed run trains with the optimizer settings of its config (``lr``, ``weight_decay``, ``betas``, ``eps``),
+    not those of the checkpoint. Lightning builds the optimizer from the config, then loads the checkpoint's optimizer
+    and LR-scheduler state over it, so ``ckpt_path=... optimizer.lr=1e-5`` went on at the old rate while the new
+    checkpoints recorded 1e-5. The configured values are read at ``on_fit_start`` (before that restore) and set back
+    at ``on_train_start`` (after it), with a log line for each change. A new ``lr`` is the LR schedule's new peak (its
+    ``base_lrs`` and the group's ``initial_lr``): the current rate is scaled by new / old, so a warm-up or decay goes
+    on from the restored step towards the new peak. A no-op when nothing changed (and in a run started afresh)."""
+
+    SETTINGS = ("lr", "weight_decay", "betas", "eps")
+
+    def __init__(self) -> None:
+        self._configured: list[list[dict[str, Any]]] = []  # per optimizer, per param group
+
+    @staticmethod
+    def _peak_lrs(trainer: L.Trainer, index: int, optimizer: torch.optim.Optimizer) -> list[float]:
+        """The groups' base learning rates: the scheduler's ``base_lrs`` (a scheduler has already scaled ``lr``)."""
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizer and hasattr(config.scheduler, "base_lrs"):
+                return [float(lr) for lr in config.scheduler.base_lrs]
+        return [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._configured = []
+        for i, optimizer in enumerate(trainer.optimizers):
+            peaks = self._peak_lrs(trainer, i, optimizer)
+            self._configured.append(
+                [
+                    {**{k: group[k] for k in self.SETTINGS if k in group}, "lr": peak}
+                    for group, peak in zip(optimizer.param_groups, peaks, strict=True)
+                ]
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for i, (optimizer, configured) in enumerate(zip(trainer.optimizers, self._configured, strict=True)):
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            restored_peaks = self._peak_lrs(trainer, i, optimizer)
+            for j, (group, wanted) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
+                where = "" if (i, j) == (0, 0) else f" (optimizer {i}, param group {j})"
+                for key, value in wanted.items():
+                    old = restored_peaks[j] if key == "lr" else group.get(key)
+                    if key != "lr" and isinstance(old, (list, tuple)):
+                        old, value = tuple(old), tuple(value)
+                    if old == value:
+                        continue
+                    if key == "lr":
+                        group["lr"] = group["lr"] * value / old if old else value
+                        group["initial_lr"] = value
+                        for scheduler in schedulers:
+                            if hasattr(scheduler, "base_lrs"):
+                                scheduler.base_lrs[j] = value
+                            if hasattr(scheduler, "_last_lr"):
+                                scheduler._last_lr[j] = group["lr"]
+                    else:
+                        group[key] = value
+                    if trainer.is_global_zero:
+                        log.info("resume: optimizer.%s%s %s -> %s applied", key, where, _shown(old), _shown(value))
+
+
+def _shown(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
 class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with its main bar over the whole run in optimizer steps (``trainer.max_steps``), with the
     rate and the time left, instead of Lightning's per-epoch bar (``Epoch 2/-2 ... 6/11``: an epoch of digits is 11
