@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -444,6 +446,90 @@ class Toy2DMetrics(L.Callback):
                 title=f"step {trainer.global_step}: energy distance {ed:.4f} ± {ed_se:.4f}",
             )
             log_image(trainer, "samples_vs_data", path)
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) stop training at the next optimizer-step boundary, at
+    the same step on every process, so ``last.ckpt`` holds that step and the job exits within a step.
+
+    A scheduler (SLURM, Kubernetes) sends SIGTERM to every process of a job, and Ctrl-C sends SIGINT to the whole
+    process group. Lightning's own handling runs a collective inside the SIGTERM handler and raises SIGINT's
+    KeyboardInterrupt wherever each rank happens to be, so under DDP the ranks entered the checkpoint save (itself a
+    collective) at different points and could hang until the process group's timeout. Here the handler only records
+    the signal; at the start of each optimizer step every rank takes part in one reduction ("did any process get
+    a signal?") and, if so, all raise together: ``SIGTERMException`` for SIGTERM (exit status 0, Lightning's
+    convention) and ``KeyboardInterrupt`` for SIGINT (status 1), whose ``on_exception`` hooks (:class:`LastCheckpoint`)
+    save at that step. A second Ctrl-C stops at once. A signal ignored when training starts (SIGINT of a background
+    job) stays ignored. The handlers are installed for the training loop only and restored after it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None  # the first signal this process got
+        self._previous: dict[int, Any] = {}
+        self._checked_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received, self._checked_step = None, -1
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN:
+                continue
+            self._previous[signum] = current
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning(
+                "%s received: training stops at the next step on every process, with last.ckpt at that step%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._checked_step:  # inside a step's gradient accumulation
+            return
+        self._checked_step = trainer.global_step
+        # 0: no signal, 1: SIGTERM, 2: SIGINT; under DDP the largest over the ranks, one reduction per step, so every
+        # rank stops at this step if any got a signal (a rank that got none stops like the one that did)
+        code = {None: 0, signal.SIGTERM: 1, signal.SIGINT: 2}[self.received]
+        if trainer.world_size > 1:
+            reduced = trainer.strategy.reduce(
+                torch.tensor([code], device=trainer.strategy.root_device), reduce_op="max"
+            )
+            code = int(reduced.item())
+        if code == 0:
+            return
+        signum = signal.SIGINT if code == 2 else signal.SIGTERM
+        self._restore()
+        log.info("stopping at step %d on %s", trainer.global_step, signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SIGTERMException
+
+    def _restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.received is not None:
+            log.warning("%s arrived after the last step: the run finished", signal.Signals(self.received).name)
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
 
 class LastCheckpoint(L.Callback):
