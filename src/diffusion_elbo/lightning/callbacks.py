@@ -488,7 +488,8 @@ class StopOnSignal(L.Callback):
                 signal.Signals(signum).name,
                 " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
             )
-        elif signum == signal.SIGINT:
+        elif signum == signal.SIGINT:  # a second Ctrl-C: at once (Lightning then ignores further ones while saving)
+            self._restore()
             raise KeyboardInterrupt
 
     def on_train_batch_start(
