@@ -427,6 +427,31 @@ def test_an_exception_leaves_last_at_the_last_completed_step(tmp_path):
     assert _last(tmp_path)["global_step"] == 7
 
 
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path):
+    """The disk fills up while last.ckpt is rewritten at step 6 (saves: step 3, last 3, step 6, last 6): torch.save's
+    "enforce fail at inline_container.cc ... unexpected pos" becomes a user error that says the disk is full, names
+    the file and the fix; the temporary file is removed and last.ckpt still holds step 3."""
+    tiny = ["data=gaussian", "data.dim=2", "model=mlp", "model.hidden_dim=32", "schedule.timesteps=50"]
+    cfg = compose_train(tmp_path, [*tiny, "checkpoint_io._target_=tests.faults.DiskFullOnSave",
+                                   "+checkpoint_io.full_on_save=4"])  # fmt: skip
+    with pytest.raises(UserError) as err:
+        train(cfg, str(tmp_path))
+    assert "unexpected pos" in str(err.value.__cause__)  # what torch.save raises on a full disk
+    message = str(err.value)
+    assert message.startswith(
+        f"no space left on device writing the checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert (
+        "the previous last.ckpt is kept" in message and "hydra.run.dir=" in message and "unexpected pos" not in message
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_0000003.ckpt",
+        "step_0000006.ckpt",
+    ]
+    assert _last(tmp_path)["global_step"] == 3
+
+
 @pytest.mark.slow
 def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
     run_dir = tmp_path / "run"
