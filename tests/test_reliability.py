@@ -153,20 +153,23 @@ def test_a_resume_with_other_checkpoint_settings_keeps_last_ckpt_current(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
+def test_a_failing_ddp_rank_stops_the_run_quickly_and_the_runs_files_name_its_error(tmp_path):
+    """The loss goes NaN on rank 1 only (nonfinite=error): rank 1 stops with NonFiniteLossError and rank 0, waiting in
+    a collective, sees it die; both stop within seconds. failure.json, train.log and the sweep report give rank 1's
+    own error and step first, not only "another process died"; rank 1's record is failure.rank1.json."""
+    run_dir = tmp_path / "run"
     started = time.time()
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO_ROOT / "src" / "train.py"),
-            *RUN,
+            *FAST,
+            *NAN_AFTER_4,
+            "+model.rank=1",
             "trainer.devices=2",
             "trainer.strategy=ddp",
-            "+callbacks.die._target_=tests.faults.SignalAtStep",
-            "+callbacks.die.step=3",
-            "+callbacks.die.rank=1",
-            "+callbacks.die.signum=9",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.val_check_interval=100",
+            f"hydra.run.dir={run_dir}",
         ],
         cwd=REPO_ROOT,
         env=fault_env(),
@@ -175,9 +178,41 @@ def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
         timeout=240,
     )
     elapsed = time.time() - started
-    assert proc.returncode != 0
-    assert "another process of this 2-process run died" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    cause = "rank 1 failed at step 4: NonFiniteLossError: non-finite loss (nan) at global step 4"
+    assert f"error: {cause}" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert json.loads((run_dir / "failure.json").read_text())["message"].startswith(cause)
+    rank1 = json.loads((run_dir / "failure.rank1.json").read_text())
+    assert (rank1["rank"], rank1["step"], rank1["error"]) == (1, 4, "NonFiniteLossError")
+    log = (run_dir / "train.log").read_text()
+    assert "rank 1: NonFiniteLossError: non-finite loss (nan) at global step 4" in log  # rank 1's own line
+    assert f"PeerDiedError: {cause}" in log  # rank 0's
+    assert collect_runs(tmp_path)[0]["failure"].startswith(f"PeerDiedError: {cause}")
     assert elapsed < 120
+
+
+def test_a_rank_that_left_no_record_is_reported_as_before_and_stale_records_are_ignored(tmp_path):
+    """rank 0's message when another rank died: a record of an earlier attempt (older than this one's start) and a
+    rank that only saw another die are not causes; with none left it says the process left no record."""
+    from types import SimpleNamespace
+
+    from diffusion_elbo.training import PeerDiedError, peer_died_message
+
+    trainer = SimpleNamespace(world_size=3, global_rank=0, global_step=7)
+    died = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:9618")
+    write_failure(tmp_path, NonFiniteLossError("an earlier attempt's"), rank=1, step=2)
+    since = time.time() + 1  # the earlier record is older than this attempt
+    os.utime(tmp_path / "failure.rank1.json", (since - 5, since - 5))
+    write_failure(tmp_path, PeerDiedError("another process died"), rank=2, step=7)
+    os.utime(tmp_path / "failure.rank2.json", (since + 1, since + 1))
+    message = peer_died_message(trainer, died, tmp_path, since=since, wait_s=0.0)
+    assert (
+        message.startswith("another process of this 3-process run died near step 7") and "no failure record" in message
+    )
+    write_failure(tmp_path, NonFiniteLossError("non-finite loss (nan) at global step 7"), rank=1, step=7)
+    os.utime(tmp_path / "failure.rank1.json", (since + 1, since + 1))
+    message = peer_died_message(trainer, died, tmp_path, since=since, wait_s=0.0)
+    assert message.startswith("rank 1 failed at step 7: NonFiniteLossError: non-finite loss (nan) at global step 7")
 
 
 # a 2-D MLP whose output turns NaN after 4 training forward passes
