@@ -335,6 +335,22 @@ def test_same_seed_on_cpu_gives_the_same_loss_curve(tmp_path):
     assert (tmp_path / "c" / "loss_curve.csv").read_text() != curves[0]
 
 
+@pytest.mark.slow
+def test_a_resumed_run_repeats_the_uninterrupted_runs_losses_exactly(tmp_path):
+    """12 steps in one go, and the same run stopped at step 6 (mid-epoch: 4 batches an epoch here), resumed to step 8
+    (an epoch's last batch) and resumed to 12, each from its periodic checkpoint: the same loss at every step. The data
+    order resumes mid-epoch (EpochSampler), the dropout masks continue (torch's global generator is in the checkpoint;
+    dropout 0.1) and validations (every 4 steps, which the resumed run does not repeat) draw nothing from it."""
+    run = ["data=gaussian", "data.dim=2", "data.num_train=64", "data.batch_size=16", "model=mlp", "model.hidden_dim=32",
+           "model.dropout=0.1", "schedule.timesteps=50", "trainer.val_check_interval=4",
+           "callbacks.model_checkpoint.every_n_train_steps=2", "lr_scheduler.warmup_steps=2"]  # fmt: skip
+    train(compose_train(tmp_path / "a", [*run, "trainer.max_steps=12"]), str(tmp_path / "a"))
+    for steps, resume in ((6, []), (8, ["ckpt_path=last"]), (12, ["ckpt_path=last"])):
+        train(compose_train(tmp_path / "b", [*run, f"trainer.max_steps={steps}", *resume]), str(tmp_path / "b"))
+    whole, resumed = ((tmp_path / name / "loss_curve.csv").read_text().splitlines() for name in ("a", "b"))
+    assert len(whole) == 13 and resumed == whole
+
+
 def test_a_run_directory_that_holds_a_run_is_never_overwritten(tmp_path):
     train(compose_train(tmp_path, ["schedule.timesteps=100", "trainer.max_steps=3"]), str(tmp_path))
     before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from diffusion_elbo.cli import (
     write_failure,
 )
 from diffusion_elbo.config import validate_config
+from diffusion_elbo.data.base import DiffusionDataModule
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
@@ -344,7 +346,9 @@ def _fit(
     log.info("job %s: process %d of %d starts", Path(output_dir).name, trainer.global_rank, trainer.world_size)
     started = time.time()  # the other ranks' failure records of this attempt are newer
     try:
-        with ddp_children_run_this_job(output_dir):
+        with ddp_children_run_this_job(output_dir), warnings.catch_warnings():
+            if isinstance(datamodule, DiffusionDataModule):  # its training order resumes mid-epoch (EpochSampler)
+                warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except Exception as exc:
         if trainer.world_size > 1 and trainer.global_rank > 0:
