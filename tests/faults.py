@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 
@@ -38,6 +40,51 @@ class KillMidWrite(AtomicCheckpointIO):
             finally:
                 torch.save = original
         return super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class _FillsUp(io.RawIOBase):
+    """A writable file that takes ``room`` bytes, then raises ``OSError(ENOSPC)`` as a full disk does."""
+
+    def __init__(self, file, room: int) -> None:
+        super().__init__()
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class DiskFullOnSave(AtomicCheckpointIO):
+    """The disk fills up ``room`` bytes into its ``full_on_save``-th checkpoint: ``torch.save`` meets the
+    ``OSError(ENOSPC)`` a full disk gives and reacts as it does then (it raises its own ``RuntimeError``)."""
+
+    def __init__(self, full_on_save: int = 2, room: int = 1000) -> None:
+        super().__init__()
+        self.full_on_save, self.room = full_on_save, room
+        self.saves = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.saves += 1
+        if self.saves != self.full_on_save:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        original = torch.save
+
+        def save_until_full(obj, f, *args, **kwargs):
+            return original(obj, _FillsUp(f, self.room), *args, **kwargs)
+
+        torch.save = save_until_full
+        try:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        finally:
+            torch.save = original
 
 
 class SignalAtStep(L.Callback):

@@ -155,20 +155,23 @@ def test_a_resume_with_other_checkpoint_settings_keeps_last_ckpt_current(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
+def test_a_failing_ddp_rank_stops_the_run_quickly_and_the_runs_files_name_its_error(tmp_path):
+    """The loss goes NaN on rank 1 only (nonfinite=error): rank 1 stops with NonFiniteLossError and rank 0, waiting in
+    a collective, sees it die; both stop within seconds. failure.json, train.log and the sweep report give rank 1's
+    own error and step first, not only "another process died"; rank 1's record is failure.rank1.json."""
+    run_dir = tmp_path / "run"
     started = time.time()
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO_ROOT / "src" / "train.py"),
-            *RUN,
+            *FAST,
+            *NAN_AFTER_4,
+            "+model.rank=1",
             "trainer.devices=2",
             "trainer.strategy=ddp",
-            "+callbacks.die._target_=tests.faults.SignalAtStep",
-            "+callbacks.die.step=3",
-            "+callbacks.die.rank=1",
-            "+callbacks.die.signum=9",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.val_check_interval=100",
+            f"hydra.run.dir={run_dir}",
         ],
         cwd=REPO_ROOT,
         env=fault_env(),
@@ -177,9 +180,41 @@ def test_a_dying_ddp_rank_stops_the_whole_run_quickly(tmp_path):
         timeout=240,
     )
     elapsed = time.time() - started
-    assert proc.returncode != 0
-    assert "another process of this 2-process run died" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    cause = "rank 1 failed at step 4: NonFiniteLossError: non-finite loss (nan) at global step 4"
+    assert f"error: {cause}" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert json.loads((run_dir / "failure.json").read_text())["message"].startswith(cause)
+    rank1 = json.loads((run_dir / "failure.rank1.json").read_text())
+    assert (rank1["rank"], rank1["step"], rank1["error"]) == (1, 4, "NonFiniteLossError")
+    log = (run_dir / "train.log").read_text()
+    assert "rank 1: NonFiniteLossError: non-finite loss (nan) at global step 4" in log  # rank 1's own line
+    assert f"PeerDiedError: {cause}" in log  # rank 0's
+    assert collect_runs(tmp_path)[0]["failure"].startswith(f"PeerDiedError: {cause}")
     assert elapsed < 120
+
+
+def test_a_rank_that_left_no_record_is_reported_as_before_and_stale_records_are_ignored(tmp_path):
+    """rank 0's message when another rank died: a record of an earlier attempt (older than this one's start) and a
+    rank that only saw another die are not causes; with none left it says the process left no record."""
+    from types import SimpleNamespace
+
+    from diffusion_elbo.training import PeerDiedError, peer_died_message
+
+    trainer = SimpleNamespace(world_size=3, global_rank=0, global_step=7)
+    died = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:9618")
+    write_failure(tmp_path, NonFiniteLossError("an earlier attempt's"), rank=1, step=2)
+    since = time.time() + 1  # the earlier record is older than this attempt
+    os.utime(tmp_path / "failure.rank1.json", (since - 5, since - 5))
+    write_failure(tmp_path, PeerDiedError("another process died"), rank=2, step=7)
+    os.utime(tmp_path / "failure.rank2.json", (since + 1, since + 1))
+    message = peer_died_message(trainer, died, tmp_path, since=since, wait_s=0.0)
+    assert (
+        message.startswith("another process of this 3-process run died near step 7") and "no failure record" in message
+    )
+    write_failure(tmp_path, NonFiniteLossError("non-finite loss (nan) at global step 7"), rank=1, step=7)
+    os.utime(tmp_path / "failure.rank1.json", (since + 1, since + 1))
+    message = peer_died_message(trainer, died, tmp_path, since=since, wait_s=0.0)
+    assert message.startswith("rank 1 failed at step 7: NonFiniteLossError: non-finite loss (nan) at global step 7")
 
 
 # a 2-D MLP whose output turns NaN after 4 training forward passes
@@ -300,6 +335,22 @@ def test_same_seed_on_cpu_gives_the_same_loss_curve(tmp_path):
         compose_train(tmp_path / "c", ["schedule.timesteps=100", "trainer.max_steps=8", "seed=7"]), str(tmp_path / "c")
     )
     assert (tmp_path / "c" / "loss_curve.csv").read_text() != curves[0]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_repeats_the_uninterrupted_runs_losses_exactly(tmp_path):
+    """12 steps in one go, and the same run stopped at step 6 (mid-epoch: 4 batches an epoch here), resumed to step 8
+    (an epoch's last batch) and resumed to 12, each from its periodic checkpoint: the same loss at every step. The data
+    order resumes mid-epoch (EpochSampler), the dropout masks continue (torch's global generator is in the checkpoint;
+    dropout 0.1) and validations (every 4 steps, which the resumed run does not repeat) draw nothing from it."""
+    run = ["data=gaussian", "data.dim=2", "data.num_train=64", "data.batch_size=16", "model=mlp", "model.hidden_dim=32",
+           "model.dropout=0.1", "schedule.timesteps=50", "trainer.val_check_interval=4",
+           "callbacks.model_checkpoint.every_n_train_steps=2", "lr_scheduler.warmup_steps=2"]  # fmt: skip
+    train(compose_train(tmp_path / "a", [*run, "trainer.max_steps=12"]), str(tmp_path / "a"))
+    for steps, resume in ((6, []), (8, ["ckpt_path=last"]), (12, ["ckpt_path=last"])):
+        train(compose_train(tmp_path / "b", [*run, f"trainer.max_steps={steps}", *resume]), str(tmp_path / "b"))
+    whole, resumed = ((tmp_path / name / "loss_curve.csv").read_text().splitlines() for name in ("a", "b"))
+    assert len(whole) == 13 and resumed == whole
 
 
 def test_a_run_directory_that_holds_a_run_is_never_overwritten(tmp_path):
@@ -436,6 +487,31 @@ def test_an_exception_leaves_last_at_the_last_completed_step(tmp_path):
     with pytest.raises(RuntimeError, match="injected failure after step 7"):
         train(cfg, str(tmp_path))
     assert _last(tmp_path)["global_step"] == 7
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path):
+    """The disk fills up while last.ckpt is rewritten at step 6 (saves: step 3, last 3, step 6, last 6): torch.save's
+    "enforce fail at inline_container.cc ... unexpected pos" becomes a user error that says the disk is full, names
+    the file and the fix; the temporary file is removed and last.ckpt still holds step 3."""
+    tiny = ["data=gaussian", "data.dim=2", "model=mlp", "model.hidden_dim=32", "schedule.timesteps=50"]
+    cfg = compose_train(tmp_path, [*tiny, "checkpoint_io._target_=tests.faults.DiskFullOnSave",
+                                   "+checkpoint_io.full_on_save=4"])  # fmt: skip
+    with pytest.raises(UserError) as err:
+        train(cfg, str(tmp_path))
+    assert "unexpected pos" in str(err.value.__cause__)  # what torch.save raises on a full disk
+    message = str(err.value)
+    assert message.startswith(
+        f"no space left on device writing the checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert (
+        "the previous last.ckpt is kept" in message and "hydra.run.dir=" in message and "unexpected pos" not in message
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_0000003.ckpt",
+        "step_0000006.ckpt",
+    ]
+    assert _last(tmp_path)["global_step"] == 3
 
 
 @pytest.mark.slow

@@ -36,7 +36,11 @@ def build_schedule(cfg: DictConfig) -> NoiseSchedule:
 
 
 def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
-    return instantiate(cfg.data)
+    """The data module of ``cfg.data``; its training order is seeded with the run's ``seed``."""
+    datamodule = instantiate(cfg.data)
+    if isinstance(datamodule, DiffusionDataModule):
+        datamodule.order_seed = int(OmegaConf.select(cfg, "seed", default=0))
+    return datamodule
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -208,20 +210,89 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("eval_run_dir", eval_run_dir, replace=True)
 
 
-def write_failure(output_dir: str | Path, exc: BaseException) -> Path:
-    """``<run dir>/failure.json``: why the job stopped (error type, message, the traceback's last lines), so a sweep
-    report and a person browsing the runs see it without the logs."""
-    path = Path(output_dir) / FAILURE_FILE
+def process_rank() -> int:
+    """This process's global rank: Lightning's, once its strategy set it up, else from the launcher's environment
+    variables (0 in a single process)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def failure_path(output_dir: str | Path, rank: int = 0) -> Path:
+    """``<run dir>/failure.json`` of the job (rank 0), ``failure.rank<r>.json`` of a process r > 0 of a DDP run."""
+    return Path(output_dir) / (FAILURE_FILE if rank == 0 else f"failure.rank{rank}.json")
+
+
+def _write_json_atomically(path: Path, record: dict) -> None:
+    """Write to a temporary file, then rename it over ``path``: a reader (rank 0, the sweep report) never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_failure(
+    output_dir: str | Path, exc: BaseException, *, rank: int | None = None, step: int | None = None
+) -> Path:
+    """Why this process stopped (error type, message, the traceback's last lines, its rank and the training step when
+    known), so a sweep report and a person browsing the runs see it without the logs: ``failure.json`` for rank 0 (the
+    job), ``failure.rank<r>.json`` for another rank of a DDP run, which rank 0 reads to name the cause
+    (:func:`rank_failures`). A record this process already wrote keeps its step when ``step`` is not given."""
+    rank = process_rank() if rank is None else rank
+    path = failure_path(output_dir, rank)
+    if step is None:
+        step = _own_record(path).get("step")
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    record = {"status": "failed", "error": type(exc).__name__, "message": str(exc), "traceback": "".join(lines)[-4000:]}
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    record = {
+        "status": "failed",
+        "error": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(lines)[-4000:],
+        "rank": rank,
+        "step": step,
+        "pid": os.getpid(),
+    }
+    _write_json_atomically(path, record)
     return path
 
 
+def _own_record(path: Path) -> dict:
+    """The failure record at ``path`` if this process wrote it, else {}."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("pid") == os.getpid() else {}
+
+
+def rank_failures(output_dir: str | Path, *, since: float, wait_s: float = 10.0, skip_errors=()) -> list[dict]:
+    """The failure records of the ranks > 0 of a DDP run written at or after ``since`` (this attempt's start; older
+    ones are an earlier attempt's), waiting up to ``wait_s`` seconds for the first: a rank writes its record while it
+    stops, and its peers may notice it is gone a moment before. Records whose error is in ``skip_errors`` (a rank that
+    only saw another die) are left out. Sorted by rank."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for path in sorted(Path(output_dir).glob("failure.rank*.json")):
+            try:
+                if path.stat().st_mtime < since:
+                    continue
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("error") not in skip_errors:
+                records.append({**record, "file": path.name})
+        if records or time.monotonic() >= deadline:
+            return sorted(records, key=lambda r: r.get("rank", 0))
+        time.sleep(0.2)
+
+
 def clear_failure(output_dir: str | Path) -> None:
-    """Remove ``<run dir>/failure.json`` of an earlier attempt of a run that has now finished (resumed to its end), so
-    the sweep report and a person browsing the runs see it as finished; the log keeps what it said."""
+    """Remove ``<run dir>/failure.json`` (and the ranks' ``failure.rank<r>.json``) of an earlier attempt of a run that
+    has now finished (resumed to its end), so the sweep report and a person browsing the runs see it as finished; the
+    log keeps what it said."""
+    for rank_record in Path(output_dir).glob("failure.rank*.json"):
+        rank_record.unlink(missing_ok=True)
     path = Path(output_dir) / FAILURE_FILE
     if not path.is_file():
         return
@@ -258,5 +329,9 @@ def run_job(job: Callable[[DictConfig, str], Any], cfg: DictConfig) -> Any:
             raise JobFailedError(f"{type(cause).__name__}: {cause}") from None
         raise SystemExit(2) from None
     except Exception as exc:
-        write_failure(output_dir, exc)
+        path = write_failure(output_dir, exc)
+        # the run's log gets the error too (Hydra prints the traceback to the terminal only); under DDP each rank's
+        # lines go to the same log, so a rank > 0 says which it is
+        rank = process_rank()
+        log.error("%s%s: %s (recorded in %s)", f"rank {rank}: " if rank else "", type(exc).__name__, exc, path.name)
         raise

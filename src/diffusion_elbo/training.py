@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,17 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_elbo.builders import build_callbacks, build_loggers, build_module
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
-from diffusion_elbo.cli import RunProtected, UserError, clear_failure, resume_command, run_dir_chosen
+from diffusion_elbo.cli import (
+    RunProtected,
+    UserError,
+    clear_failure,
+    rank_failures,
+    resume_command,
+    run_dir_chosen,
+    write_failure,
+)
 from diffusion_elbo.config import validate_config
+from diffusion_elbo.data.base import DiffusionDataModule
 from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumedOptimizerSettings
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
@@ -248,6 +259,38 @@ def check_checkpoint_fits(
     return str(path)
 
 
+# what a collective raises when another process of the run is gone (gloo, NCCL)
+PEER_DIED_MARKERS = ("Connection closed by peer", "remote worker", "NCCL communicator")
+
+
+class PeerDiedError(UserError):
+    """This process of a DDP run stopped because another one died; the message names that one's error if it left a
+    record (``failure.rank<r>.json``)."""
+
+
+def peer_died_message(
+    trainer: L.Trainer, exc: BaseException, output_dir: str | Path, *, since: float, wait_s: float = 10.0
+) -> str:
+    """Why a DDP run stopped, for the process that saw another die: the other ranks' own errors, read from the
+    failure records they wrote (``rank 1 failed at step 4: NonFiniteLossError: ...``), first, so failure.json, the
+    log and the sweep report show the real cause; a rank killed outright (SIGKILL, out of memory) leaves none."""
+    records = [r for r in rank_failures(output_dir, since=since, wait_s=wait_s, skip_errors=(PeerDiedError.__name__,))
+               if r.get("rank") != trainer.global_rank]  # fmt: skip
+    resume = f"the checkpoints are intact: resume with `{resume_command(output_dir)}`."
+    if not records:
+        return (
+            f"another process of this {trainer.world_size}-process run died near step {trainer.global_step}, so "
+            f"the run was stopped ({str(exc).splitlines()[0][:200]}). It left no failure record (killed outright: "
+            f"SIGKILL, out of memory?); its own log above says why. {resume}"
+        )
+    causes = "; ".join(
+        f"rank {r.get('rank')} failed at step {r.get('step')}: {r.get('error')}: "
+        f"{(str(r.get('message') or '').splitlines() or [''])[0][:1000]} (traceback in {r['file']})"
+        for r in records
+    )
+    return f"{causes}. Another process of this {trainer.world_size}-process run died, so the run was stopped; {resume}"
+
+
 def train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
     """Train the configured model; returns the last logged metrics (also saved to train_metrics.json)."""
     validate_config(cfg)
@@ -319,17 +362,19 @@ def _fit(
         module.variance.value,
     )
     log.info("job %s: process %d of %d starts", Path(output_dir).name, trainer.global_rank, trainer.world_size)
+    started = time.time()  # the other ranks' failure records of this attempt are newer
     try:
-        with ddp_children_run_this_job(output_dir):
+        with ddp_children_run_this_job(output_dir), warnings.catch_warnings():
+            if isinstance(datamodule, DiffusionDataModule):  # its training order resumes mid-epoch (EpochSampler)
+                warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except RuntimeError as exc:
-        peer_died = any(m in str(exc) for m in ("Connection closed by peer", "remote worker", "NCCL communicator"))
+    except Exception as exc:
+        if trainer.world_size > 1 and trainer.global_rank > 0:
+            # this rank's own record, with its step: rank 0 reads it when it sees this process stop, and names it
+            write_failure(output_dir, exc, rank=trainer.global_rank, step=trainer.global_step)
+        peer_died = isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_DIED_MARKERS)
         if trainer.world_size > 1 and peer_died:
-            raise UserError(
-                f"another process of this {trainer.world_size}-process run died near step {trainer.global_step}, so "
-                f"the run was stopped ({str(exc).splitlines()[0][:200]}). Its own log above says why; the checkpoints "
-                f"are intact: resume with `{resume_command(output_dir)}`."
-            ) from exc
+            raise PeerDiedError(peer_died_message(trainer, exc, output_dir, since=started)) from exc
         raise
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

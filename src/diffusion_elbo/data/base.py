@@ -8,9 +8,11 @@ example's index in the split, so its noise can come from its own seed (the same 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
@@ -42,6 +44,33 @@ class ShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EpochSampler(DistributedSampler):
+    """The training order, resumable mid-epoch: epoch e is ``torch.randperm`` of a generator seeded with seed + e
+    (DistributedSampler's recipe, which Lightning itself uses under DDP), split over W ranks (rank r reads every W-th
+    example; the last ones repeat to even the shards). It draws nothing from torch's global generator, so the order
+    depends on the seed and the epoch alone. :meth:`resume_at` makes the next pass over that epoch start after the
+    examples already trained on, so a run resumed from a checkpoint reads the rest of the epoch in the order the
+    uninterrupted run would have. A DistributedSampler, so Lightning uses it as it is (and calls ``set_epoch``)."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._resume: tuple[int, int] | None = None  # (epoch, examples of this rank's shard to skip)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start at ``epoch``, after the first ``skip`` examples of this rank's shard of it (once)."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip)
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # this rank's shard of epoch self.epoch's permutation
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if epoch == self.epoch:  # Lightning moved on to the next epoch otherwise (the saved one had ended)
+                indices = indices[skip:]
+        return iter(indices)
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -79,6 +108,9 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # the seed of the training order (EpochSampler): src/train.py sets the run's seed
+        self.order_seed = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint: see load_state_dict
 
     @property
     def num_dims(self) -> int:
@@ -94,10 +126,51 @@ class DiffusionDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=_own_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, "train", self.batch_size, shuffle=True)
+        """Batches of the train split in the :class:`EpochSampler` order of ``order_seed``, sharded over DDP ranks; in
+        a run resumed from a checkpoint, the first pass continues the saved epoch after the batches already trained
+        on."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not created the train split")
+        trainer = getattr(self, "trainer", None)  # set when attached to a Trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.order_seed)
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.resume_at(epoch, batches * self.batch_size)
+            self._resume_at = None
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(sampler) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=_own_generator(),
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training order is, for checkpoints (Lightning saves it): the epoch and how many of its batches
+        were trained on, from the fit loop's own counters, so that on resume this data module skips exactly the
+        batches Lightning counts as done. A checkpoint written after the epoch's last batch points at the next."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epochs = trainer.fit_loop.epoch_progress.current  # processed: the epochs ended (the index of the next)
+        epoch, batches = epochs.processed, 0
+        if epochs.started > epochs.processed:  # within an epoch: the batches of it trained on so far
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if batches >= trainer.num_training_batches:  # its last: the next epoch starts afresh
+                epoch, batches = epoch + 1, 0
+        return {"train_epoch": int(epoch), "train_batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where a checkpoint left it (checkpoints without it start a new epoch 0 order)."""
+        if "train_epoch" in state_dict:
+            self._resume_at = (int(state_dict["train_epoch"]), int(state_dict["train_batches"]))
 
     def val_dataloader(self) -> DataLoader:
         """The first ``val_examples`` examples of the val split (all ranks together), with their indices, sharded
@@ -118,6 +191,7 @@ class DiffusionDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=_own_generator(),
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -129,6 +203,13 @@ class DiffusionDataModule(L.LightningDataModule):
         if dataset is None:
             raise ValueError(f"unknown or empty split '{split}'; use train, val or test (after setup())")
         return dataset
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader's generator: each pass draws its workers' base seed from it, and without one from torch's global
+    generator, which dropout uses; a validation then shifted the dropout masks of the training steps after it, and a
+    run resumed from a checkpoint (which restores the global generator) would not repeat them."""
+    return torch.Generator().manual_seed(0)
 
 
 class GeneratedDataModule(DiffusionDataModule):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from diffusion_elbo.cli import UserError
 from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
@@ -538,8 +541,9 @@ class LastCheckpoint(L.Callback):
     periodic checkpoint (ModelCheckpoint writes only every ``every_n_train_steps``):
 
     - ``trainer.max_steps`` or ``trainer.max_time`` reached: at the end of fit, unless that step was just saved;
-    - SIGTERM (what SLURM and most schedulers send before preemption): Lightning stops at the next batch boundary with
-      a ``SIGTERMException``, the checkpoint is written and the process exits cleanly (status 0);
+    - SIGTERM (what SLURM and most schedulers send before preemption): :class:`StopOnSignal` stops every process at
+      the next step boundary with a ``SIGTERMException``, the checkpoint is written and the job exits cleanly
+      (status 0);
     - Ctrl-C (SIGINT, ``KeyboardInterrupt``) and any other exception: written before the run stops, with the step
       counter of the last completed optimizer step. Under several processes only for SIGTERM and SIGINT, which every
       rank receives: saving is a collective, and an error on one rank would leave the others waiting.
@@ -573,6 +577,8 @@ class LastCheckpoint(L.Callback):
             self._save(trainer, "SIGTERM")
         elif isinstance(exception, KeyboardInterrupt):
             self._save(trainer, "interrupted (SIGINT)")
+        elif isinstance(exception, CheckpointDiskFullError):
+            return  # the disk is full: another write would fail too, and the last complete checkpoint is kept
         elif trainer.world_size == 1 and trainer.global_step > 0:
             self._save(trainer, f"stopped by {type(exception).__name__}")
 
@@ -725,9 +731,32 @@ class LossJournal(L.Callback):
             f.flush()
 
 
+# errnos of a write that found no room: the disk (ENOSPC) or the user's quota (EDQUOT) is full
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointDiskFullError(UserError):
+    """A checkpoint could not be written because its file system is full; the previous checkpoint is kept."""
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ``OSError`` (ENOSPC or EDQUOT) behind ``exc``, or None. ``torch.save`` into a file object swallows the
+    write's ``OSError`` and raises ``RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...``
+    when it next checks its position; the ``OSError`` survives only as that error's ``__context__``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, fsyncs it, then renames it over the target: a crash
-    mid-write leaves the previous checkpoint intact (rename is atomic on POSIX file systems)."""
+    mid-write leaves the previous checkpoint intact (rename is atomic on POSIX file systems). A full disk ends the
+    run with :class:`CheckpointDiskFullError`, naming the file and the fix; the temporary file is removed and the
+    previous checkpoint of that name is left as it was."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if "://" in str(path) and not str(path).startswith("file://"):  # remote storage: no rename there
@@ -741,7 +770,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            if disk_full_cause(exc) is None:
+                raise
+            tmp.unlink(missing_ok=True)  # before measuring what is free: the partial file held some of it
+            raise CheckpointDiskFullError(disk_full_message(path)) from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
         return None
+
+
+def disk_full_message(path: Path) -> str:
+    """What to do when ``path`` (a checkpoint) could not be written for lack of space."""
+    try:
+        free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there now)"
+    except OSError:
+        free = ""
+    kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+    return (
+        f"no space left on device writing the checkpoint {path}{free}: {kept}, and training stopped. Free space on "
+        f"that file system (old runs under outputs/, data/cache), or move the run folder {path.parent.parent} to a "
+        "disk with room and resume it there (hydra.run.dir=<new folder> ckpt_path=last); new runs can be put "
+        "elsewhere with paths.log_dir=<folder on a bigger disk>."
+    )

@@ -367,6 +367,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         return super().sample(num_samples, **kwargs)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self.refresh_schedule()
 
     # ------------------------------------------------------------------------------------ optimizers

@@ -142,6 +142,8 @@ class DiffusionModule(L.LightningModule):
         self._skipping = False  # a batch skipped under DDP (nonfinite=skip): its zero gradients are dropped
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        self._torch_rng_state: dict[str, Tensor] | None = None  # from a checkpoint: see on_train_start
+        self._rng_before_validation: dict[str, Tensor] | None = None
         self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
         self.val_profile = ProfileMetric(num_stratified_timesteps(schedule.T, val_strata), self.num_dims)
@@ -517,11 +519,45 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_elbo_config"] = self.config
         checkpoint["generator_state"] = self.generator.get_state()
+        # torch's global generators: dropout draws from them (the module's generator draws t and the noise)
+        checkpoint["torch_rng_state"] = self._global_rng_state()
         if isinstance(self.timestep_sampler, ImportanceSampler):
             checkpoint["importance_sampler"] = self.timestep_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "generator_state" in checkpoint:
             self._generator, self._generator_state = None, checkpoint["generator_state"]
+        self._torch_rng_state = checkpoint.get("torch_rng_state")
         if isinstance(self.timestep_sampler, ImportanceSampler) and "importance_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["importance_sampler"])
+
+    def on_train_start(self) -> None:
+        """Restore torch's global generators (dropout) as the checkpoint left them, at the last moment before the
+        first training step, so what ran in between (building and loading) draws nothing the steps would see. The
+        ranks of a DDP run draw the same dropout stream (one seed for all), so rank 0's state, the one saved, fits
+        each."""
+        if self._torch_rng_state is not None:
+            self._set_global_rng_state(self._torch_rng_state)
+            self._torch_rng_state = None
+
+    def on_validation_start(self) -> None:
+        self._rng_before_validation = self._global_rng_state()
+
+    def on_validation_end(self) -> None:
+        """Put torch's global generators back as they were before this validation (the callbacks' work included):
+        the dropout masks of the training steps after it are then those of a run that did not validate here, so a run
+        resumed from a checkpoint written just before a validation (which it does not repeat) draws the same ones."""
+        if self._rng_before_validation is not None:
+            self._set_global_rng_state(self._rng_before_validation)
+            self._rng_before_validation = None
+
+    def _global_rng_state(self) -> dict[str, Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_global_rng_state(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
