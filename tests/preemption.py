@@ -61,8 +61,11 @@ class Preempted:
 
     @property
     def ok(self) -> bool:
-        agreed = len(set(self.stop_steps)) == 1 and self.last_ckpt_step == self.stop_steps[0]
-        return self.returncode is not None and not self.leftover and agreed and self.logged_steps == self.last_ckpt_step
+        """The job exited, left no process, last.ckpt holds the last trained step, and the ranks that said where they
+        stopped (StopOnSignal's log line; Lightning's own handling says nothing) agree with it."""
+        agreed = all(step == self.last_ckpt_step for step in self.stop_steps)
+        exited = self.returncode is not None and not self.leftover
+        return exited and agreed and self.last_ckpt_step is not None and self.logged_steps == self.last_ckpt_step
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
