@@ -64,13 +64,15 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["parametrization=eps2"], ["parametrization='eps2' is not an option", "eps | x0 | v"]),
-        (["schedule.timesteps=0"], ["schedule.timesteps=0 must be >= 2"]),
+        # every bad key is named at once, in one error
+        (
+            ["parametrization=eps2", "schedule.timesteps=0", "data.std=-1", "variance=tiny", "batch_size=0"],
+            ["parametrization='eps2' is not an option", "eps | x0 | v", "schedule.timesteps=0 must be >= 2",
+             "data.std=-1", "variance='tiny'", "batch_size=0 must be >= 1"],
+        ),
         (["schedule=linear", "schedule.timesteps=10"], ["beta(s) outside (0, 1)", "t=10"]),
-        (["data.std=-1"], ["data.std=-1"]),
-        (["variance=tiny", "batch_size=0"], ["variance='tiny'", "batch_size=0 must be >= 1"]),
     ],
-)
+)  # fmt: skip
 def test_eval_cli_bad_values_fail_at_start_with_clear_message(tmp_path, args, fragments):
     result = run_cli("eval.py", *args, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2

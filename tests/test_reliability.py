@@ -327,12 +327,12 @@ def test_mixed_precision_keeps_elbo_terms_in_float32_and_finite(tmp_path, precis
 
 def test_same_seed_on_cpu_gives_the_same_loss_curve(tmp_path):
     curves = []
-    for name in ("a", "b"):
-        train(compose_train(tmp_path / name, ["schedule.timesteps=100", "trainer.max_steps=8"]), str(tmp_path / name))
+    for name in ("a", "b"):  # 5 steps: one validation (at 3) between them, which must not shift what follows
+        train(compose_train(tmp_path / name, ["schedule.timesteps=100", "trainer.max_steps=5"]), str(tmp_path / name))
         curves.append((tmp_path / name / "loss_curve.csv").read_text())
-    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 9
+    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 6
     train(
-        compose_train(tmp_path / "c", ["schedule.timesteps=100", "trainer.max_steps=8", "seed=7"]), str(tmp_path / "c")
+        compose_train(tmp_path / "c", ["schedule.timesteps=100", "trainer.max_steps=5", "seed=7"]), str(tmp_path / "c")
     )
     assert (tmp_path / "c" / "loss_curve.csv").read_text() != curves[0]
 
