@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
@@ -47,16 +48,154 @@ def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
 def run_cli(
     script: str, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run src/<script> in a subprocess, as a user would (``env`` adds environment variables)."""
+    """Run src/<script> in a process of its own, as a user would: ``python src/<script> <args>`` (``env`` adds
+    environment variables)."""
+    return run_python(REPO_ROOT / "src" / script, *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_python(
+    script: str | Path, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in a process of its own, waited for (``env`` adds environment variables); see
+    :func:`popen_python`."""
+    proc = popen_python(script, *args, cwd=cwd, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # the command and everything it started go, as subprocess.run's kill does
+        proc.kill_group()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def popen_python(script: str | Path, *args: str, cwd: Path | None = None, env: dict | None = None):
+    """``python <script> <args>`` started in a process of its own, with its stdout and stderr captured as text: a
+    :class:`subprocess.Popen`-like handle (``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``).
+    The process is forked from this test process's zygote (tests/zygote.py), which has the third-party libraries
+    imported already; it is a fresh interpreter where DIFFUSION_ELBO_TESTS_FRESH_PROCESSES=1."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "src" / script), *args],
-        cwd=cwd or REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cwd = Path(cwd or REPO_ROOT)
+    argv = [str(cwd / script), *args]
+    if os.environ.get("DIFFUSION_ELBO_TESTS_FRESH_PROCESSES") == "1":
+        return _FreshProcess(
+            [sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return _zygote().start(argv, cwd=cwd, env=env)
+
+
+class _FreshProcess(subprocess.Popen):
+    def kill_group(self) -> None:
+        self.kill()
+
+
+class _Zygote:
+    """Client of tests/zygote.py: one per test process, started at its first command."""
+
+    def __init__(self) -> None:
+        import atexit
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="zygote-"))
+        self.socket = str(self.dir / "s")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "tests" / "zygote.py"), self.socket], stdout=subprocess.PIPE, text=True
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"tests/zygote.py did not start (exit status {self.proc.wait()})")
+        self.count = 0
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        import shutil
+
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start(self, argv: list[str], *, cwd: Path, env: dict) -> _ForkedProcess:
+        import json
+        import socket
+
+        self.count += 1
+        out, err = self.dir / f"{self.count}.out", self.dir / f"{self.count}.err"
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket)
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        reader = conn.makefile("r")
+        pid = json.loads(reader.readline())["pid"]
+        return _ForkedProcess([sys.executable, *argv], pid, conn, reader, out, err)
+
+
+class _ForkedProcess:
+    """A command forked by the zygote, seen as :class:`subprocess.Popen` sees its child."""
+
+    def __init__(self, args: list[str], pid: int, conn, reader, out: Path, err: Path) -> None:
+        self.args, self.pid, self.returncode = args, pid, None
+        self._conn, self._reader, self._out, self._err = conn, reader, out, err
+
+    def _status(self, timeout: float | None) -> None:
+        import json
+
+        if self.returncode is not None:
+            return
+        self._conn.settimeout(timeout)
+        try:
+            line = self._reader.readline()
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(self.args, timeout, _read(self._out), _read(self._err)) from None
+        if not line:
+            raise RuntimeError(f"the test zygote ended before the command {self.args} did")
+        self.returncode = json.loads(line)["returncode"]
+        self._conn.close()
+
+    def poll(self) -> int | None:
+        import select
+
+        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
+            self._status(None)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._status(timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self._status(timeout)
+        out, err = _read(self._out), _read(self._err)
+        self._out.unlink(missing_ok=True)
+        self._err.unlink(missing_ok=True)
+        return out, err
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def kill_group(self) -> None:
+        """The command and every process it started (it leads its own process group)."""
+        import signal
+
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+_ZYGOTE: _Zygote | None = None
+
+
+def _zygote() -> _Zygote:
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+        _ZYGOTE = _Zygote()
+    return _ZYGOTE
 
 
 def write_fake_mnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> None:

@@ -467,13 +467,13 @@ def test_joblib_with_ddp_is_refused_before_any_job_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path, trained_checkpoint):
-    """src/eval.py trainer.devices=N: examples sharded without padding (7 examples: 4/3 and 3/2/2), each with its own
-    noise, so bpd, its terms and every example's value agree with one process to 1e-6; the ODE too (one example per
-    solve)."""
+def test_eval_on_1_and_3_processes_gives_the_same_numbers(tmp_path, trained_checkpoint):
+    """src/eval.py trainer.devices=N: examples sharded without padding (7 examples: 3/2/2 on 3 processes), each with
+    its own noise, so bpd, its terms and every example's value agree with one process to 1e-6; the ODE too (one example
+    per solve). 3 processes: uneven shards and a rank that is neither first nor last (2 added nothing and cost 30 s)."""
     ckpt = copy_of_checkpoint(trained_checkpoint, tmp_path / "run")
     metrics, examples = {}, {}
-    for world in (1, 2, 3):
+    for world in (1, 3):
         out = tmp_path / f"eval{world}"
         result = run_cli(
             "eval.py", f"ckpt_path={ckpt}", "num_examples=7", "batch_size=3",
@@ -488,7 +488,7 @@ def test_eval_on_1_2_and_3_processes_gives_the_same_numbers(tmp_path, trained_ch
         metrics[world] = json.loads((out / "metrics.json").read_text())
         with open(out / "per_example.csv") as f:
             examples[world] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    for world in (2, 3):
+    for world in (3,):
         assert metrics[world]["num_examples"] == 7 and len(examples[world]) == 7
         for key in ("bpd", "bpd_se", "ode_bpd", "elbo_minus_ode_bpd"):
             assert metrics[world][key] == pytest.approx(metrics[1][key], rel=1e-6), (world, key)

@@ -343,7 +343,7 @@ def test_ode_evaluation_shards_examples_without_padding_and_gives_the_single_pro
     """3 gloo processes (11 examples: uneven shards, 4/4/3) give every example once, in order. Solved one example at a
     time the numbers are bit-identical to one process (per-example probes); in batches of 4, whose adaptive steps are
     shared, equal to the solver's tolerance. Each rank runs the plain model: nothing waits on another rank mid-solve.
-    (src/eval.py on 2 and 3 processes, one example per solve, is tested in test_cli.py.)"""
+    (src/eval.py on 1 and 3 processes, one example per solve, is tested in test_cli.py.)"""
     import torch.multiprocessing as mp
 
     single = {bs: _sharded_ode(bs) for bs in (1, 4)}

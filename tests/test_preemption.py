@@ -5,13 +5,11 @@ and the run resumes from there. benchmarks/preemption.py repeats this 20 times p
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
+from .helpers import run_cli
 from .preemption import DDP_RUN, REPO_ROOT, preempt
 
 
@@ -32,11 +30,9 @@ def test_a_signal_to_every_ddp_process_stops_all_at_one_step_then_resumes(tmp_pa
     # resumed as printed, to 5 steps more: the loss curve has no gap and no repeat
     target = result.last_ckpt_step + 5
     overrides = [o for o in DDP_RUN if not o.startswith("trainer.max_steps")]
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "src" / "train.py"), *overrides, f"trainer.max_steps={target}",
-         f"hydra.run.dir={run_dir}", "ckpt_path=last"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+    proc = run_cli(
+        "train.py", *overrides, f"trainer.max_steps={target}", f"hydra.run.dir={run_dir}", "ckpt_path=last",
+        timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [int(line.split(",")[0]) for line in (run_dir / "loss_curve.csv").read_text().splitlines()[1:]]

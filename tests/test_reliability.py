@@ -31,7 +31,7 @@ from diffusion_elbo.resume import ResumeChanges, check_resume_config, compare_re
 from diffusion_elbo.run_dir import check_run_dir_free, hold_run_dir
 from diffusion_elbo.training import train
 
-from .helpers import FAST, REPO_ROOT, compose_train, run_cli
+from .helpers import FAST, REPO_ROOT, compose_train, popen_python, run_cli, run_python
 
 # A small, quick digits run: checkpoint every 5 steps, rare validation.
 RUN = [
@@ -49,15 +49,9 @@ def fault_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def start_train(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "src" / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *args],
-        cwd=REPO_ROOT,
-        env=fault_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_train(run_dir: Path, *args: str):
+    """``python src/train.py <RUN> hydra.run.dir=<run_dir> <args>`` started, as a Popen-like handle."""
+    return popen_python(REPO_ROOT / "src" / "train.py", *RUN, f"hydra.run.dir={run_dir}", *args, env=fault_env())
 
 
 def loss_steps(run_dir: Path) -> list[int]:
@@ -107,19 +101,6 @@ def test_sigkill_at_random_points_and_mid_checkpoint_write_then_resume_exactly(t
         torch.load(ckpt, weights_only=False)  # every checkpoint on disk is complete
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_train(run_dir, "+callbacks.sigterm._target_=tests.faults.SignalAtStep", "+callbacks.sigterm.step=7")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
-    proc = start_train(run_dir, "ckpt_path=last")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert loss_steps(run_dir) == list(range(40))
-
-
 def test_a_run_that_finishes_after_a_failed_attempt_is_reported_finished(tmp_path):
     """The failure.json of an attempt that failed (then resumed to the end) is removed when the run finishes, so the
     sweep report no longer lists the run as failed."""
@@ -161,22 +142,16 @@ def test_a_failing_ddp_rank_stops_the_run_quickly_and_the_runs_files_name_its_er
     own error and step first, not only "another process died"; rank 1's record is failure.rank1.json."""
     run_dir = tmp_path / "run"
     started = time.time()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "src" / "train.py"),
-            *FAST,
-            *NAN_AFTER_4,
-            "+model.rank=1",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "trainer.val_check_interval=100",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=REPO_ROOT,
+    proc = run_cli(
+        "train.py",
+        *FAST,
+        *NAN_AFTER_4,
+        "+model.rank=1",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.val_check_interval=100",
+        f"hydra.run.dir={run_dir}",
         env=fault_env(),
-        capture_output=True,
-        text=True,
         timeout=240,
     )
     elapsed = time.time() - started
@@ -528,9 +503,7 @@ def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
     # the log gives the command that resumes this run in its folder; followed as printed, it does
     command = shlex.split(next(line for line in (out + err).splitlines() if "resume with: " in line).split(": ")[-1])
     assert command[0] == "python" and f"hydra.run.dir={run_dir}" in command and command[-1] == "ckpt_path=last"
-    proc = subprocess.run(
-        [sys.executable, *command[1:]], cwd=REPO_ROOT, env=fault_env(), capture_output=True, text=True
-    )
+    proc = run_python(command[1], *command[2:], env=fault_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert loss_steps(run_dir) == list(range(40))
 
@@ -588,25 +561,19 @@ def test_nonfinite_skip_under_ddp_skips_on_every_rank_instead_of_hanging(tmp_pat
     loss went non-finite), so the importance sampler's all_gather and DDP's all-reduce never wait on a rank that
     returned early; the run ends normally."""
     started = time.time()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "src" / "train.py"),
-            *FAST,
-            *NAN_AFTER_4,
-            "+model.rank=1",
-            "loss=elbo",  # importance-sampled t: an all_gather every step
-            "nonfinite=skip",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "trainer.max_steps=6",
-            "trainer.val_check_interval=100",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO_ROOT,
+    proc = run_cli(
+        "train.py",
+        *FAST,
+        *NAN_AFTER_4,
+        "+model.rank=1",
+        "loss=elbo",  # importance-sampled t: an all_gather every step
+        "nonfinite=skip",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=100",
+        f"hydra.run.dir={tmp_path / 'run'}",
         env=fault_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -663,10 +630,7 @@ def test_two_nodes_on_localhost_train_once_and_evaluate_like_one_process(tmp_pat
     common = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_examples=5", "fid.num_samples=0",
               "wandb.enabled=false", "trainer.accelerator=cpu"]  # fmt: skip
     single = tmp_path / "eval1"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "src" / "eval.py"), *common, f"hydra.run.dir={single}"],
-        cwd=REPO_ROOT, env=fault_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_cli("eval.py", *common, f"hydra.run.dir={single}", env=fault_env())
     assert result.returncode == 0, result.stderr[-3000:]
     nodes = tmp_path / "eval2"
     for result in _two_nodes("eval.py", [*common, "trainer.num_nodes=2", f"hydra.run.dir={nodes}"], 29533, REPO_ROOT):

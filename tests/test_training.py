@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -468,19 +467,14 @@ def test_validation_numbers_are_the_same_on_1_2_and_3_processes(tmp_path, overri
     every example draws its timesteps and noise from its own seed, and the val split is sharded without padding
     (180 digits: 90/90 on 2, and 60/60/60 on 3 for the learned schedule; 3 processes of 7 examples are uneven,
     3/2/2, tested with val_examples=7)."""
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO_ROOT
+    from tests.helpers import REPO_ROOT, run_python
 
     results = {}
     for world, examples in runs:
         out = tmp_path / f"w{world}-{examples}.json"
-        proc = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "tests" / "validate_world.py"), str(world), str(out),
-             f"data.val_examples={examples}", "data.eval_batch_size=32", *overrides],
-            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-            timeout=600,
+        proc = run_python(
+            REPO_ROOT / "tests" / "validate_world.py", str(world), str(out), f"data.val_examples={examples}",
+            "data.eval_batch_size=32", *overrides, env={"PYTHONPATH": str(REPO_ROOT)},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[(world, examples)] = json.loads(out.read_text())
