@@ -550,7 +550,7 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.evaluation import run_eval
     from diffusion_elbo.training import train
-    from tests.helpers import compose_train
+    from tests.helpers import compose_train, run_cli
     from tests.test_ode_likelihood import _compose_eval
 
     run_dir = tmp_path / "run"
@@ -607,6 +607,17 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     # both bound the same model: the 100-step chain's bound sits above the continuous one, or within noise of it
     assert m["chain_minus_continuous_bpd"] > -4 * m["chain_minus_continuous_bpd_se"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["continuous"]["bpd"] == c["bpd"]
+    # src/eval.py on 2 processes: both bounds sharded over the ranks (each example with its own draws) give the same
+    result = run_cli(
+        "eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8", "fid.num_samples=0",
+        "wandb.enabled=false", "continuous_strata=16", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"hydra.run.dir={tmp_path / 'eval2'}", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert two["continuous"]["num_examples"] == two["num_examples"] == 8
+    for key in ("bpd", "bpd_se"):
+        assert two[key] == pytest.approx(m[key], rel=1e-5) and two["continuous"][key] == pytest.approx(c[key], rel=1e-5)
     samples = module.sample(4, sampler="ddpm", generator=torch.Generator().manual_seed(0))
     ddim = module.sample(4, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(0))
     assert samples.shape == ddim.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()

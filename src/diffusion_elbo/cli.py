@@ -21,6 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffusion_elbo.records import write_json
+
 # conf/ at the repository root, next to src/
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -223,14 +225,6 @@ def failure_path(output_dir: str | Path, rank: int = 0) -> Path:
     return Path(output_dir) / (FAILURE_FILE if rank == 0 else f"failure.rank{rank}.json")
 
 
-def _write_json_atomically(path: Path, record: dict) -> None:
-    """Write to a temporary file, then rename it over ``path``: a reader (rank 0, the sweep report) never sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def write_failure(
     output_dir: str | Path, exc: BaseException, *, rank: int | None = None, step: int | None = None
 ) -> Path:
@@ -252,7 +246,7 @@ def write_failure(
         "step": step,
         "pid": os.getpid(),
     }
-    _write_json_atomically(path, record)
+    write_json(path, record, indent=1)
     return path
 
 

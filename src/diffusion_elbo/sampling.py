@@ -25,8 +25,8 @@ def sampling_analytic_table(cfg: DictConfig, run: LoadedRun, device: torch.devic
     ``analytic.num_examples`` training examples. The estimate has its own generator (seed + 1), so the samples are
     the same whether the table was cached or estimated. ``cfg`` needs ckpt_path, seed, analytic.num_examples,
     batch_size and max_batch."""
+    from diffusion_elbo.analytic import analytic_table
     from diffusion_elbo.core.reverse import mean_denoiser
-    from diffusion_elbo.evaluation import analytic_table
 
     estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
     mean_model = mean_denoiser(run.model, run.variance)

@@ -32,9 +32,9 @@ from diffusion_elbo.cli import (
 )
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.data.base import DiffusionDataModule
-from diffusion_elbo.evaluation import write_metrics
 from diffusion_elbo.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumedOptimizerSettings
 from diffusion_elbo.lightning.environments import SubmititLocalEnvironment
+from diffusion_elbo.records import write_metrics
 from diffusion_elbo.resume import check_resume_config
 from diffusion_elbo.run_dir import check_output_dir, hold_run_dir
 

@@ -1,0 +1,395 @@
+"""The ``src/eval.py`` job: the likelihoods a config asks for (the exact -ELBO, the probability-flow ODE, a
+continuous-time model's own bound), FID for image checkpoints, then metrics.json, per_example.csv, the console
+summary and the checkpoint's W&B run."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import Subset
+
+from diffusion_elbo.analytic import analytic_table
+from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance, nats_to_bits_per_dim, standard_error
+from diffusion_elbo.core.ode import Likelihood
+from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser
+from diffusion_elbo.evaluation.estimators import (
+    ELBOSummary,
+    ODESummary,
+    evaluate_continuous,
+    evaluate_elbo,
+    evaluate_ode,
+)
+from diffusion_elbo.evaluation.runner import barrier, launch_processes, rank_world
+from diffusion_elbo.progress import ProgressLog, interactive
+from diffusion_elbo.records import write_metrics, write_per_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Subject:
+    """What is evaluated: a checkpoint's model (or one built from the config, such as an oracle) on its data split."""
+
+    network: torch.nn.Module  # the network as trained (its variance outputs included)
+    model: object  # the denoiser the bound evaluates: the network with the asked-for reverse variance
+    schedule: object
+    datamodule: object
+    dataset: object
+    parametrization: str
+    trained_variance: str
+    variance: str
+    decoder_variance: str
+    loaded: object = None  # the checkpoint (checkpoints.load_for_eval), None for a model built from the config
+
+
+def _subject(cfg: DictConfig, device: torch.device) -> _Subject:
+    from diffusion_elbo.builders import build_datamodule, build_model, build_schedule
+
+    loaded = None
+    if cfg.ckpt_path is not None:
+        from diffusion_elbo.checkpoints import load_for_eval
+
+        loaded = load_for_eval(cfg.ckpt_path, device)
+        network, schedule, datamodule = loaded.model, loaded.schedule, loaded.datamodule
+        parametrization, trained_variance = loaded.parametrization, loaded.variance.value
+        trained_decoder = loaded.decoder_variance
+    else:
+        schedule = build_schedule(cfg)
+        datamodule = build_datamodule(cfg)
+        # a model built here has variance outputs only when learned_range is asked for (build_model)
+        trained_variance = cfg.variance if cfg.variance == ReverseVariance.LEARNED_RANGE.value else "small"
+        network = build_model(cfg)
+        parametrization = cfg.parametrization
+        trained_decoder = DecoderVariance.CLIPPED.value
+    variance = str(ReverseVariance(cfg.variance or trained_variance).value)
+    network = network.to(device).eval()
+    datamodule.setup("test" if cfg.split == "test" else "fit")
+    dataset = datamodule.split(cfg.split)
+    if cfg.num_examples is not None:
+        dataset = Subset(dataset, range(min(int(cfg.num_examples), len(dataset))))
+    return _Subject(
+        network=network,
+        model=denoiser_for(network, trained_variance, variance),
+        schedule=schedule.to(device),
+        datamodule=datamodule,
+        dataset=dataset,
+        parametrization=parametrization,
+        trained_variance=trained_variance,
+        variance=variance,
+        decoder_variance=DecoderVariance(cfg.get("decoder_variance") or trained_decoder).value,
+        loaded=loaded,
+    )
+
+
+def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile (``likelihood=elbo``), the probability-flow
+    ODE's likelihood (``ode``) or both, and a continuous-time model's own bound beside the chain's, saved to
+    metrics.json and per_example.csv. Under ``trainer.devices=N`` every estimator is sharded over the N processes."""
+    from diffusion_elbo.builders import resolve_device
+    from diffusion_elbo.config import validate_config
+
+    validate_config(cfg)
+    fabric = launch_processes(cfg)
+    device = fabric.device if fabric is not None else resolve_device(cfg.device)
+    s = _subject(cfg, device)
+    likelihood = Likelihood(cfg.get("likelihood") or Likelihood.ELBO.value)
+    true_nll = getattr(s.datamodule, "true_nll_nats", None)
+    metrics: dict = {}
+    columns: dict[str, Tensor] = {}  # per-example bits/dim, in data order
+    if likelihood is not Likelihood.ODE:
+        summary = _run_elbo(cfg, s, _reverse_variance(cfg, s, device), device, true_nll)
+        metrics.update(summary.metrics())
+        columns["bpd"] = nats_to_bits_per_dim(summary.total / summary.num_dims)
+    if likelihood is not Likelihood.ELBO:
+        ode = _run_ode(cfg, s, mean_denoiser(s.network, s.trained_variance), device, true_nll)
+        metrics.update(ode.metrics())
+        columns["ode_bpd"] = nats_to_bits_per_dim(ode.nll / ode.num_dims)
+    if _is_continuous(s.loaded) and likelihood is not Likelihood.ODE:
+        # a continuous-time model: its own bound (T -> infinity, or its training T) beside the chain's exact T-step one
+        continuous = evaluate_continuous(
+            s.loaded.module,
+            s.dataset,
+            strata=int(OmegaConf.select(cfg, "continuous_strata", default=64)),
+            seed=int(cfg.seed),
+            device=device,
+            batch_size=int(cfg.batch_size),
+            max_batch=int(cfg.max_batch),
+        )
+        metrics["continuous"] = continuous.metrics()
+        metrics["continuous"]["timesteps"] = s.loaded.module.timesteps  # null: the continuous-time bound
+        columns["continuous_bpd"] = nats_to_bits_per_dim(continuous.total / continuous.num_dims)
+    if rank_world()[0] != 0:  # the other ranks' examples are in rank 0's results; it alone writes them
+        return metrics
+    metrics.update(_paired_differences(columns))
+    metrics.update(
+        {
+            "likelihood": likelihood.value,
+            "split": cfg.split,
+            "schedule": s.schedule.name,
+            "timesteps": s.schedule.T,
+            "parametrization": str(Parametrization(s.parametrization).value),
+            "variance": s.variance,
+            "trained_variance": s.trained_variance,
+            # sigma_1^2 of small/large (analytic and learned_range have their own)
+            "decoder_variance": s.decoder_variance,
+            "ckpt_path": cfg.ckpt_path,
+        }
+    )
+    if s.loaded is not None and _wants_fid(cfg, s.datamodule):
+        metrics.update(_checkpoint_fid(cfg, s.loaded.module, s.datamodule, device, s.loaded.config))
+    path = write_metrics(metrics, output_dir)
+    write_per_example(columns, output_dir)
+    if s.loaded is not None and OmegaConf.select(cfg, "wandb.enabled", default=False):
+        _log_to_training_run(cfg, s.loaded.config, metrics)
+    log.info(_summary_line(metrics))
+    log.info("metrics written to %s", path)
+    print(f"metrics: {path}")
+    return metrics
+
+
+def _is_continuous(loaded) -> bool:
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    return loaded is not None and isinstance(loaded.module, ContinuousDiffusionModule)
+
+
+def _reverse_variance(cfg: DictConfig, s: _Subject, device: torch.device):
+    """The reverse variance the bound uses: its name, or for ``analytic`` its table (estimated by rank 0 and cached
+    next to the checkpoint; the other ranks read the cache)."""
+    if s.variance != ReverseVariance.ANALYTIC.value:
+        return s.variance
+    # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
+    estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
+    rank = rank_world()[0]
+    if rank == 0:
+        table = analytic_table(cfg, s.model, s.schedule, s.datamodule, s.parametrization, device, estimation)
+    barrier()
+    if rank != 0:
+        table = analytic_table(cfg, s.model, s.schedule, s.datamodule, s.parametrization, device, estimation)
+    return table
+
+
+def _paired_differences(columns: dict[str, Tensor]) -> dict:
+    """Per-example differences of two likelihoods of the same examples, with their standard errors (paired: far
+    smaller than either SE): the chain's T-step bound minus a continuous model's own, and the bound minus the ODE's
+    -log-likelihood (how far the bound sits above the model's own likelihood)."""
+    out = {}
+    for name, a, b in (("chain_minus_continuous", "bpd", "continuous_bpd"), ("elbo_minus_ode", "bpd", "ode_bpd")):
+        if a in columns and b in columns:
+            diff = columns[a] - columns[b]
+            out[f"{name}_bpd"] = float(diff.mean())
+            out[f"{name}_bpd_se"] = standard_error(diff)
+    return out
+
+
+def _training_run_group_and_name(run_dir: Path, train_cfg: dict) -> tuple[str | None, str | None]:
+    """The W&B group and name the training run in ``run_dir`` was given, so the eval's records of the resumed run say
+    the same: ``logger.wandb.group``/``name`` when set, else for a job of a sweep (its ``.hydra/hydra.yaml`` says
+    MULTIRUN) the sweep's group and the job's folder name, as :func:`~diffusion_elbo.training.sweep_group_and_name`
+    gave them; None (the run's own) otherwise."""
+    from diffusion_elbo.training import sweep_group
+
+    wandb_cfg = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb") or {}
+    group, name = wandb_cfg.get("group"), wandb_cfg.get("name")
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        hydra_cfg = OmegaConf.load(hydra_yaml).hydra
+        if str(hydra_cfg.mode) == "MULTIRUN":  # the job's folder sits directly in the sweep's (hydra.sweep.subdir)
+            group = group or sweep_group(hydra_cfg.job.name, run_dir.parent)
+            name = name or run_dir.name
+    return group, name
+
+
+def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> None:
+    """The eval's scalars as ``test/<key>`` in the summary of the checkpoint's own W&B run (same id, resumed), so a
+    dashboard shows them beside the run's training curves. Nothing is logged for a run trained without W&B."""
+    from diffusion_elbo.builders import resolve_wandb_mode
+
+    run_dir = Path(cfg.ckpt_path).resolve().parent.parent
+    id_file = run_dir / "wandb_run_id.txt"
+    if not id_file.is_file():
+        log.info("no W&B run to add the eval to (%s has no wandb_run_id.txt)", run_dir)
+        return
+    import wandb
+
+    project = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb.project") or "diffusion-elbo"
+    group, name = _training_run_group_and_name(run_dir, train_cfg)
+    if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before the eval's resumes
+        wandb.finish()
+    run = wandb.init(
+        id=id_file.read_text().strip(),
+        resume="allow",
+        project=project,
+        group=group,
+        name=name,
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(cfg.wandb.mode),
+    )
+    try:
+        scalars = {f"test/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str) and k != "ckpt_path"}
+        run.summary.update({**scalars, "test/ckpt": Path(cfg.ckpt_path).name})
+    finally:
+        run.finish()
+
+
+def _run_elbo(cfg: DictConfig, s: _Subject, variance, device: torch.device, true_nll) -> ELBOSummary:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    _, world = rank_world()
+    dataset = s.dataset
+    total_steps = math.ceil(len(dataset) / world / int(cfg.batch_size)) * s.schedule.T
+    columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    lines = ProgressLog("eval -ELBO", total_steps, "timesteps x batches", every_s=_progress_every_s(cfg))
+    with Progress(*columns, transient=True, disable=not interactive()) as bar:
+        task = bar.add_task("eval", total=total_steps)
+        last = {"t": 0, "done": 0}
+
+        def progress(t: int, T: int) -> None:
+            # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
+            bar.advance(task, t - last["t"])
+            last["done"] += t - last["t"]
+            last["t"] = t % T
+            batches = last["done"] // T
+            examples = min(len(dataset), batches * int(cfg.batch_size) * world)
+            lines.update(last["done"], f"{examples}/{len(dataset)} examples done, t {t}/{T} of this batch")
+
+        return evaluate_elbo(
+            s.model,
+            s.schedule,
+            dataset,
+            parametrization=s.parametrization,
+            variance=variance,
+            decoder_variance=s.decoder_variance,
+            num_bins=s.datamodule.num_bins,
+            seed=int(cfg.seed),
+            device=device,
+            batch_size=int(cfg.batch_size),
+            max_batch=int(cfg.max_batch),
+            true_nll=true_nll,
+            progress=progress,
+        )
+
+
+def _run_ode(cfg: DictConfig, s: _Subject, model, device: torch.device, true_nll) -> ODESummary:
+    dataset = s.dataset
+    o = cfg.ode
+    log.info(
+        "probability-flow ODE likelihood of %d examples (%s, rtol %g, atol %g, %s divergence%s)",
+        len(dataset),
+        o.method,
+        float(o.rtol),
+        float(o.atol),
+        o.divergence,
+        f", {int(o.probes)} probe(s)" if o.divergence == "hutchinson" else "",
+    )
+    lines = ProgressLog("ODE likelihood", len(dataset), "examples", every_s=_progress_every_s(cfg))
+    return evaluate_ode(
+        model,
+        s.schedule,
+        dataset,
+        progress=lambda done, nfe: lines.update(done, f"{nfe} NFE in the last solve"),
+        parametrization=s.parametrization,
+        num_bins=s.datamodule.num_bins,
+        seed=int(cfg.seed),
+        device=device,
+        batch_size=int(o.batch_size or cfg.batch_size),
+        t_start=None if o.t_start is None else float(o.t_start),
+        divergence=o.divergence,
+        probes=int(o.probes),
+        dequantization_samples=int(o.dequantization_samples),
+        dequantization=o.get("dequantization") or "uniform",
+        rtol=float(o.rtol),
+        atol=float(o.atol),
+        method=o.method,
+        true_nll=true_nll,
+    )
+
+
+def _summary_line(metrics: dict) -> str:
+    parts = []
+    if "bpd" in metrics:
+        line = f"bpd = {metrics['bpd']:.4f} ± {metrics['bpd_se']:.4f} (-ELBO, reverse variance {metrics['variance']})"
+        if "true_nll_bpd" in metrics:
+            line += f" (true NLL {metrics['true_nll_bpd']:.4f} bpd, gap {metrics['gap_bpd']:.4f} ± {metrics['gap_bpd_se']:.4f})"
+        parts.append(line)
+    if "ode_bpd" in metrics:
+        bound = ", a dequantization bound" if metrics["ode_dequantization"] != "none" else ""
+        line = (
+            f"ODE bpd = {metrics['ode_bpd']:.4f} ± {metrics['ode_bpd_se']:.4f} (probability-flow likelihood{bound}; "
+            f"{metrics['ode_nfe']:.0f} NFE per solve, {metrics['ode_seconds_per_example']:.3f} s per example)"
+        )
+        if "ode_gap_bpd" in metrics:
+            line += f" (minus true NLL: {metrics['ode_gap_bpd']:.4f} ± {metrics['ode_gap_bpd_se']:.4f})"
+        parts.append(line)
+    if "continuous" in metrics:
+        c = metrics["continuous"]
+        kind = "continuous-time" if c["timesteps"] is None else f"{c['timesteps']}-step"
+        parts.append(f"{kind} bound = {c['bpd']:.4f} ± {c['bpd_se']:.4f} bpd (the model's own estimator)")
+    if "elbo_minus_ode_bpd" in metrics:
+        parts.append(f"-ELBO - ODE NLL = {metrics['elbo_minus_ode_bpd']:.4f} ± {metrics['elbo_minus_ode_bpd_se']:.4f}")
+    if "fid" in metrics:
+        line = f"FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
+        if metrics.get("fid_classifier_accuracy") is not None:
+            line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
+        parts.append(line)
+    return "; ".join(parts)
+
+
+def _wants_fid(cfg: DictConfig, datamodule) -> bool:
+    fid_cfg = cfg.get("fid")
+    if fid_cfg is None or int(fid_cfg.num_samples) < 1 or len(datamodule.data_shape) != 3:
+        return False
+    if fid_cfg.features == "classifier" and not datamodule.has_labels:
+        log.info("FID skipped: %s has no labels for the feature classifier", type(datamodule).__name__)
+        return False
+    return True
+
+
+def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, train_config: dict) -> dict:
+    from diffusion_elbo.checkpoints import sampler_spacing
+    from diffusion_elbo.fid import make_fid
+    from diffusion_elbo.lightning.callbacks import compute_fid
+
+    f = cfg.fid
+    spacing = sampler_spacing(OmegaConf.select(f, "spacing", default=None), train_config)
+    fid = make_fid(
+        datamodule,
+        features=f.features,
+        cache_dir=f.cache_dir,
+        weights_path=f.weights_path,
+        classifier_steps=int(f.classifier_steps),
+        device=device,
+    )
+    value = compute_fid(
+        module,
+        fid,
+        int(f.num_samples),
+        0,
+        1,
+        sampler=f.sampler,
+        steps=f.steps,
+        eta=float(f.eta),
+        spacing=spacing,
+        batch_size=int(f.batch_size),
+        seed=int(cfg.seed),
+    )
+    return {
+        "fid": value,
+        "fid_features": f.features,
+        "fid_num_samples": int(f.num_samples),
+        # the grid is named only where it is not DDIM's evenly spaced timesteps, so earlier records stay comparable
+        "fid_sampler": f"{f.sampler}-{f.steps or 'T'}" + ("" if spacing == "time" else f"-{spacing}"),
+        "fid_classifier_accuracy": fid.classifier_accuracy,
+    }
+
+
+def _progress_every_s(cfg: DictConfig) -> float:
+    """Seconds between progress lines in the log when the output is not a terminal (``progress_every_s``)."""
+    every_s = OmegaConf.select(cfg, "progress_every_s", default=None)
+    return 30.0 if every_s is None else float(every_s)
