@@ -30,6 +30,19 @@ from diffusion_elbo.evaluation.runner import map_examples, rank_world
 ELBO_TERMS = ("total", "reconstruction", "prior", "denoising")
 
 
+def bpd_and_se(nats_per_dim: Tensor) -> tuple[float, float]:
+    """Mean bits/dim over examples and its standard error, from per-example nats/dim (N,)."""
+    return float(nats_to_bits_per_dim(nats_per_dim.mean())), nats_to_bits_per_dim(standard_error(nats_per_dim))
+
+
+def gap_to_true_nll(nats_per_dim: Tensor, true_per_dim: Tensor) -> tuple[float, float, float, float]:
+    """(true NLL bpd, its SE, the gap bpd, the gap's SE) from per-example nats/dim (N,) of an estimate and of the data's
+    true NLL: the gap is paired per example, so its SE is much smaller than either SE alone."""
+    bpd, _ = bpd_and_se(nats_per_dim)
+    true_bpd, true_se = bpd_and_se(true_per_dim)
+    return true_bpd, true_se, bpd - true_bpd, nats_to_bits_per_dim(standard_error(nats_per_dim - true_per_dim))
+
+
 @dataclass
 class ELBOSummary:
     """-ELBO over a set of examples: per-example totals and terms, in nats summed over dims."""
@@ -46,9 +59,10 @@ class ELBOSummary:
         """The metrics.json dictionary: bits/dim with its standard error over examples, terms as losses."""
         d = self.num_dims
         nats_per_dim = self.total / d
+        bpd, bpd_se = bpd_and_se(nats_per_dim)
         out = {
-            "bpd": float(nats_to_bits_per_dim(nats_per_dim.mean())),
-            "bpd_se": nats_to_bits_per_dim(standard_error(nats_per_dim)),
+            "bpd": bpd,
+            "bpd_se": bpd_se,
             "nats_per_dim": float(nats_per_dim.mean()),
             "terms_nats_per_dim": {
                 "reconstruction": float(self.reconstruction.mean() / d),
@@ -60,12 +74,8 @@ class ELBOSummary:
             "num_dims": d,
         }
         if self.true_nll is not None:
-            true_per_dim = self.true_nll / d
-            out["true_nll_bpd"] = float(nats_to_bits_per_dim(true_per_dim.mean()))
-            out["true_nll_bpd_se"] = nats_to_bits_per_dim(standard_error(true_per_dim))
-            # paired difference: its SE is much smaller than either SE alone
-            out["gap_bpd"] = out["bpd"] - out["true_nll_bpd"]
-            out["gap_bpd_se"] = nats_to_bits_per_dim(standard_error(nats_per_dim - true_per_dim))
+            keys = ("true_nll_bpd", "true_nll_bpd_se", "gap_bpd", "gap_bpd_se")
+            out.update(zip(keys, gap_to_true_nll(nats_per_dim, self.true_nll / d), strict=True))
         return out
 
 
@@ -141,9 +151,10 @@ class ODESummary:
         """The ``ode_*`` keys of metrics.json: bits/dim with its standard error over examples, NFE and time."""
         nats_per_dim = self.nll / self.num_dims
         n = int(self.nll.numel())
+        bpd, bpd_se = bpd_and_se(nats_per_dim)
         out = {
-            "ode_bpd": float(nats_to_bits_per_dim(nats_per_dim.mean())),
-            "ode_bpd_se": nats_to_bits_per_dim(standard_error(nats_per_dim)),
+            "ode_bpd": bpd,
+            "ode_bpd_se": bpd_se,
             "ode_nfe": sum(self.nfe) / len(self.nfe),  # per solve (a batch of examples shares the solver's steps)
             "ode_nfe_max": max(self.nfe),
             "ode_seconds": self.seconds,
@@ -154,9 +165,9 @@ class ODESummary:
             "ode_num_examples": n,
         }
         if self.true_nll is not None:
-            true_per_dim = self.true_nll / self.num_dims
-            out["ode_gap_bpd"] = out["ode_bpd"] - float(nats_to_bits_per_dim(true_per_dim.mean()))
-            out["ode_gap_bpd_se"] = nats_to_bits_per_dim(standard_error(nats_per_dim - true_per_dim))
+            _, _, out["ode_gap_bpd"], out["ode_gap_bpd_se"] = gap_to_true_nll(
+                nats_per_dim, self.true_nll / self.num_dims
+            )
         return out
 
 
