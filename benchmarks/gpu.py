@@ -327,7 +327,9 @@ def vdm_section(root: Path, args: argparse.Namespace, device: torch.device, reco
     results = {}
     for name, amp in [("fp32", False), ("bf16_autocast", True)]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            summary = evaluate_continuous(module, subset, strata=8, seed=0, device=device, batch_size=128)
+            summary = evaluate_continuous(
+                **module.to(device).bound_inputs(), dataset=subset, strata=8, seed=0, device=device, batch_size=128
+            )
         results[name] = summary
     d = results["fp32"].num_dims
     per_example = {k: nats_to_bits_per_dim(v.total / d) for k, v in results.items()}

@@ -685,3 +685,49 @@ def test_learned_schedule_endpoints_follow_the_schedule_to_its_device():
     schedule = make_logsnr_schedule(name="learned", gamma_min=-13.3, gamma_max=5.0, hidden=4).to("meta")
     gamma_0, gamma_1 = schedule.endpoints()
     assert gamma_0.device.type == gamma_1.device.type == "meta"
+
+
+@pytest.mark.parametrize("timesteps", [None, 1000])
+def test_the_gaussian_oracle_on_continuous_schedules_gives_the_closed_form_bound_from_the_cli(tmp_path, timesteps):
+    """`python src/eval.py data=gaussian model=gaussian_oracle schedule=logsnr_linear|logsnr_cosine` (no checkpoint):
+    the oracle's continuous-time bound equals the closed form, which depends on the endpoints only (VDM eq. 20), within
+    4 SE for both shapes, and the two shapes agree within 4 SE of their paired difference; with
+    schedule.timesteps=1000 each shape's 1000-step bound equals its own closed form. The chain's exact T-step bound
+    beside it (as for a continuous checkpoint) equals the 1000-step closed form too: before, the oracle crashed on a
+    continuous schedule, and the chain took the discrete default decoder (38.6 instead of 1.81 bpd)."""
+    from diffusion_elbo.records import paired_difference
+    from tests.helpers import run_cli
+
+    closed_bpd = {}
+    for name in ("logsnr_linear", "logsnr_cosine"):
+        out = tmp_path / name
+        result = run_cli(
+            "eval.py", "data=gaussian", "model=gaussian_oracle", f"schedule={name}",
+            f"schedule.timesteps={'null' if timesteps is None else timesteps}", f"data.mean={MEAN}", f"data.std={STD}",
+            "num_examples=500", "continuous_strata=16", "wandb.enabled=false", f"hydra.run.dir={out}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        m = json.loads((out / "metrics.json").read_text())
+        c = m["continuous"]
+        assert c["timesteps"] == timesteps and c["num_examples"] == m["num_examples"] == 500 and "bpd" in m
+        schedule = (LinearLogSNR if name == "logsnr_linear" else CosineLogSNR)(-13.3, 5.0)
+        closed = (
+            gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)["total"]
+            if timesteps is None
+            else _t_step_closed_form(schedule, timesteps)
+        )
+        se = c["bpd_se"] * math.log(2.0)
+        assert abs(c["nats_per_dim"] - closed) < 4 * se, (name, c["nats_per_dim"], closed, se)
+        assert c["gap_bpd"] > 0  # a bound on the data's true NLL
+        # the chain's exact bound (T + 1 = 1001 steps: z_{k/T}, k = 0..1000; sigma_0^2 = beta_1 as a continuous model's
+        # chain) is the 1000-step one
+        assert m["decoder_variance"] == "beta" and m["timesteps"] == 1001
+        chain = _t_step_closed_form(schedule, 1000)
+        assert abs(m["nats_per_dim"] - chain) < 4 * m["bpd_se"] * math.log(2.0), (name, m["nats_per_dim"], chain)
+        closed_bpd[name] = closed / math.log(2.0)
+    diff, diff_se = paired_difference(
+        tmp_path / "logsnr_linear" / "per_example.csv", tmp_path / "logsnr_cosine" / "per_example.csv",
+        "continuous_bpd",
+    )  # fmt: skip
+    # the same bound in continuous time; the 1000-step ones differ by their shapes' O(1/T) terms
+    assert abs(diff - (closed_bpd["logsnr_linear"] - closed_bpd["logsnr_cosine"])) < 4 * diff_se

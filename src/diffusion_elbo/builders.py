@@ -43,12 +43,14 @@ def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
     return datamodule
 
 
-def build_model(cfg: DictConfig) -> torch.nn.Module:
+def build_model(cfg: DictConfig, schedule: NoiseSchedule | None = None) -> torch.nn.Module:
     """The network of ``cfg.model``; with ``variance=learned_range`` it outputs twice the data's channels (the
     mean, then v of Nichol & Dhariwal's interpolated variance): the UNet's ``out_channels`` and the MLP's
-    ``out_dim`` are set to twice their inputs when left null."""
+    ``out_dim`` are set to twice their inputs when left null. ``schedule``: the chain for a model that takes one (the
+    closed-form oracles), in place of ``cfg.schedule`` (a continuous-time schedule's discretization)."""
+    chain = {"schedule": schedule} if schedule is not None and "schedule" in cfg.model else {}
     if OmegaConf.select(cfg, "variance") != "learned_range":
-        return instantiate(cfg.model)
+        return instantiate(cfg.model, **chain)
     for out_key, in_key in (("out_channels", "in_channels"), ("out_dim", "dim")):
         if out_key in cfg.model:
             doubled = 2 * int(cfg.model[in_key])
@@ -58,7 +60,7 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
                     f"variance=learned_range needs model.{out_key}={doubled} (mean and variance); it is set to "
                     f"{chosen}: leave model.{out_key}=null"
                 )
-            return instantiate(cfg.model, **{out_key: doubled})
+            return instantiate(cfg.model, **{out_key: doubled}, **chain)
     raise ValueError(
         f"variance=learned_range needs a network that outputs a variance, and {cfg.model._target_} cannot: use "
         "model=unet (images) or model=mlp (vectors), or a fixed variance (small | large)"

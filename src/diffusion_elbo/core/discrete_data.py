@@ -52,8 +52,15 @@ def discrete_oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, probs: T
     """E[x0 | x_t] for i.i.d. K-level data with level probabilities ``probs`` (K,): the Bayes-optimal (MSE) x0
     prediction, (B, *D) in x_t's dtype. Computed in float64 (softmax over the K levels of each dimension). ``t`` (B,):
     steps (LongTensor) or real times of the schedule's continuous interpolation (float)."""
-    levels = grid_levels(probs.numel(), device=x_t.device)  # (K,)
     a, sigma = schedule.signal_noise(t)  # (B,) float64
+    return discrete_posterior_mean(x_t, a, sigma, probs)
+
+
+def discrete_posterior_mean(x_t: Tensor, a: Tensor, sigma: Tensor, probs: Tensor) -> Tensor:
+    """E[x0 | x_t] for i.i.d. K-level data with level probabilities ``probs`` (K,) at x_t = a x0 + sigma eps, with a
+    and sigma (B,) the scales at each example's noise level (float64): (B, *D) in x_t's dtype, from a float64 softmax
+    over the K levels of each dimension."""
+    levels = grid_levels(probs.numel(), device=x_t.device)  # (K,)
     a = a.view(-1, *([1] * x_t.ndim))  # (B, 1, ..., 1, 1)
     var = sigma.pow(2).view_as(a)
     residual = x_t.double().unsqueeze(-1) - a * levels  # (B, *D, K)

@@ -24,7 +24,9 @@ from diffusion_elbo.core import (
     standard_error,
 )
 from diffusion_elbo.core.elbo import Denoiser, example_generator
+from diffusion_elbo.core.logsnr import LogSNRSchedule
 from diffusion_elbo.core.ode import dequantization_start_time
+from diffusion_elbo.core.vdm import GammaDenoiser
 from diffusion_elbo.evaluation.runner import map_examples, rank_world
 
 ELBO_TERMS = ("total", "reconstruction", "prior", "denoising")
@@ -266,17 +268,28 @@ def _num_dims_at(mapped, position: int) -> int:
 
 
 def evaluate_continuous(
-    module, dataset, *, strata: int, seed: int, device: torch.device, batch_size: int = 256, max_batch: int = 512
+    denoiser: GammaDenoiser,
+    logsnr: LogSNRSchedule,
+    dataset,
+    *,
+    parametrization: Parametrization | str,
+    num_bins: int | None,
+    strata: int,
+    seed: int,
+    device: torch.device,
+    timesteps: int | None = None,
+    chain_timesteps: int = 1000,
+    batch_size: int = 256,
+    max_batch: int = 512,
+    true_nll=None,
 ) -> ELBOSummary:
-    """The continuous model's own bound (:func:`~diffusion_elbo.core.vdm.stratified_continuous_elbo`, ``strata``
-    times per example) over ``dataset``; every example draws its times and noise from its own generator
+    """The continuous-time bound (``timesteps=None``; the T-step one of the same model for an integer T) of
+    ``denoiser`` under ``logsnr`` over ``dataset`` (:func:`~diffusion_elbo.core.vdm.stratified_continuous_elbo`,
+    ``strata`` times per example). Every example draws its times and noise from its own generator
     (:func:`~diffusion_elbo.core.vdm.continuous_example_draws`), so the numbers do not depend on the batching or on the
-    number of processes."""
+    number of processes. A continuous model gives its inputs with ``module.bound_inputs()``; an oracle its
+    ``x0_at_log_snr`` with ``parametrization="x0"``. ``true_nll``: optional callable x0 -> (B,) nats."""
     from diffusion_elbo.core.vdm import continuous_example_draws, stratified_continuous_elbo
-
-    module = module.to(device).eval()
-    module.refresh_schedule()
-    module._note_precision()
 
     def evaluate(x0: Tensor, indices: list[int]):
         x0 = x0.float()
@@ -284,19 +297,22 @@ def evaluate_continuous(
             torch.tensor(indices), seed, strata, tuple(x0.shape[1:])
         )  # (B, K), (B, K, *D)
         result = stratified_continuous_elbo(
-            module._network_float32,
-            module.logsnr,
+            denoiser,
+            logsnr,
             x0,
-            parametrization=module.parametrization,
-            num_bins=module.num_bins,
+            parametrization=parametrization,
+            num_bins=num_bins,
             strata=strata,
             u=u.to(device),
             eps=eps.to(device),
-            timesteps=module.timesteps,
-            chain_timesteps=module.eval_timesteps,
+            timesteps=timesteps,
+            chain_timesteps=chain_timesteps,
             max_batch=max_batch,
         )
-        return {name: getattr(result, name) for name in ELBO_TERMS}, (result.per_t.sum(dim=0).cpu(), result.num_dims)
+        columns = {name: getattr(result, name) for name in ELBO_TERMS}
+        if true_nll is not None:
+            columns["true_nll"] = true_nll(x0)
+        return columns, (result.per_t.sum(dim=0).cpu(), result.num_dims)
 
     mapped = map_examples(dataset, evaluate, batch_size=batch_size, device=device)
     c = mapped.columns
@@ -304,4 +320,5 @@ def evaluate_continuous(
         **{name: c[name] for name in ELBO_TERMS},
         per_t=mapped.summed(0) / c["total"].shape[0],
         num_dims=_num_dims(mapped),
+        true_nll=c.get("true_nll"),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Subset
@@ -49,7 +50,8 @@ class _Subject:
 
 
 def _subject(cfg: DictConfig, device: torch.device) -> _Subject:
-    from diffusion_elbo.builders import build_datamodule, build_model, build_schedule
+    from diffusion_elbo.builders import build_datamodule, build_model, build_schedule, is_continuous
+    from diffusion_elbo.lightning.continuous import CHAIN_DECODER_VARIANCE
 
     loaded = None
     if cfg.ckpt_path is not None:
@@ -64,9 +66,9 @@ def _subject(cfg: DictConfig, device: torch.device) -> _Subject:
         datamodule = build_datamodule(cfg)
         # a model built here has variance outputs only when learned_range is asked for (build_model)
         trained_variance = cfg.variance if cfg.variance == ReverseVariance.LEARNED_RANGE.value else "small"
-        network = build_model(cfg)
+        network = build_model(cfg, schedule=schedule)  # an oracle's chain: the one the bound is evaluated on
         parametrization = cfg.parametrization
-        trained_decoder = DecoderVariance.CLIPPED.value
+        trained_decoder = (CHAIN_DECODER_VARIANCE if is_continuous(cfg) else DecoderVariance.CLIPPED).value
     variance = str(ReverseVariance(cfg.variance or trained_variance).value)
     network = network.to(device).eval()
     datamodule.setup("test" if cfg.split == "test" else "fit")
@@ -110,19 +112,21 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
         ode = _run_ode(cfg, s, mean_denoiser(s.network, s.trained_variance), device, true_nll)
         metrics.update(ode.metrics())
         columns["ode_bpd"] = nats_to_bits_per_dim(ode.nll / ode.num_dims)
-    if _is_continuous(s.loaded) and likelihood is not Likelihood.ODE:
-        # a continuous-time model: its own bound (T -> infinity, or its training T) beside the chain's exact T-step one
+    bound = _continuous_bound_inputs(cfg, s, device) if likelihood is not Likelihood.ODE else None
+    if bound is not None:
+        # continuous time: the model's own bound (T -> infinity, or its T-step one) beside the chain's exact T-step one
         continuous = evaluate_continuous(
-            s.loaded.module,
-            s.dataset,
+            **bound,
+            dataset=s.dataset,
             strata=int(OmegaConf.select(cfg, "continuous_strata", default=64)),
             seed=int(cfg.seed),
             device=device,
             batch_size=int(cfg.batch_size),
             max_batch=int(cfg.max_batch),
+            true_nll=true_nll,
         )
         metrics["continuous"] = continuous.metrics()
-        metrics["continuous"]["timesteps"] = s.loaded.module.timesteps  # null: the continuous-time bound
+        metrics["continuous"]["timesteps"] = bound["timesteps"]  # null: the continuous-time bound
         columns["continuous_bpd"] = nats_to_bits_per_dim(continuous.total / continuous.num_dims)
     if rank_world()[0] != 0:  # the other ranks' examples are in rank 0's results; it alone writes them
         return metrics
@@ -153,10 +157,27 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
     return metrics
 
 
-def _is_continuous(loaded) -> bool:
+def _continuous_bound_inputs(cfg: DictConfig, s: _Subject, device: torch.device) -> dict | None:
+    """The inputs of :func:`evaluate_continuous` where the subject has a continuous-time bound: a continuous-time
+    checkpoint (its network, learned or fixed log-SNR schedule and T), or a closed-form oracle built from the config on
+    a continuous-time schedule (``x0_at_log_snr``); None otherwise."""
+    from diffusion_elbo.builders import is_continuous
     from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+    from diffusion_elbo.models.oracle import ClosedFormOracle
 
-    return loaded is not None and isinstance(loaded.module, ContinuousDiffusionModule)
+    if s.loaded is not None:
+        module = s.loaded.module
+        return module.to(device).bound_inputs() if isinstance(module, ContinuousDiffusionModule) else None
+    if not (is_continuous(cfg) and isinstance(s.network, ClosedFormOracle)):
+        return None
+    return {
+        "denoiser": s.network.x0_at_log_snr,
+        "logsnr": instantiate(cfg.schedule).to(device),
+        "parametrization": Parametrization.X0,
+        "num_bins": s.datamodule.num_bins,
+        "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),
+        "chain_timesteps": s.schedule.T,
+    }
 
 
 def _reverse_variance(cfg: DictConfig, s: _Subject, device: torch.device):

@@ -41,6 +41,11 @@ from diffusion_elbo.lightning.module import LN2, VAL_EXAMPLE_SEED, VAL_SEED, Dif
 CONDITIONING_SCALE = 1000.0
 
 
+# The decoder variance of a continuous-time model's discretized chain (its exact T-step bound, sampling, the ODE):
+# sigma_0^2 = beta_1 of the chain, the variance of z_0 given x in continuous time
+CHAIN_DECODER_VARIANCE = DecoderVariance.BETA
+
+
 class ContinuousDiffusionModule(DiffusionModule):
     """A diffusion model in continuous time t in [0, 1] with a log-SNR schedule (Kingma et al. 2021).
 
@@ -134,7 +139,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             num_bins=num_bins,
             parametrization=parametrization,
             variance=ReverseVariance.SMALL.value,  # the bound's reverse kernels: q(z_s | z_t, x = x_hat)
-            decoder_variance=DecoderVariance.BETA.value,  # sigma_0^2 = beta_1 of the chain
+            decoder_variance=CHAIN_DECODER_VARIANCE.value,
             loss=loss_type.value,
             timestep_sampling=TimestepSampling.UNIFORM.value,
             optimizer=optimizer,
@@ -171,6 +176,23 @@ class ContinuousDiffusionModule(DiffusionModule):
         """Rebuild the discretized chain from the schedule's current (e.g. EMA or loaded) parameters."""
         if self.logsnr.learned:
             self.schedule = self.logsnr.discretize(self.eval_timesteps).to(self.device)
+
+    def bound_inputs(self) -> dict:
+        """What :func:`~diffusion_elbo.evaluation.evaluate_continuous` takes to evaluate this model's own bound: the
+        denoiser in the log-SNR interface (the network under the autocast active now, its output read in float32), the
+        schedule, the parametrization, the data's levels and T (None: continuous time). Leaves the module in eval mode
+        with its chain rebuilt from the schedule's current parameters."""
+        self.eval()
+        self.refresh_schedule()
+        self._note_precision()
+        return {
+            "denoiser": self._network_float32,
+            "logsnr": self.logsnr,
+            "parametrization": self.parametrization,
+            "num_bins": self.num_bins,
+            "timesteps": self.timesteps,
+            "chain_timesteps": self.eval_timesteps,
+        }
 
     def conditioning(self, gamma: Tensor) -> Tensor:
         """The network's noise-level input, (B,): 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo)."""
