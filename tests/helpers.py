@@ -63,6 +63,7 @@ def run_python(
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # the command and everything it started go, as subprocess.run's kill does
         proc.kill_group()
+        proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -77,14 +78,17 @@ def popen_python(script: str | Path, *args: str, cwd: Path | None = None, env: d
     argv = [str(cwd / script), *args]
     if os.environ.get("DIFFUSION_ELBO_TESTS_FRESH_PROCESSES") == "1":
         return _FreshProcess(
-            [sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+            [sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its own process group, as a forked one's: a timeout kills what it started
+        )  # fmt: skip
     return _zygote().start(argv, cwd=cwd, env=env)
 
 
 class _FreshProcess(subprocess.Popen):
     def kill_group(self) -> None:
-        self.kill()
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, 9)
 
 
 class _Zygote:
@@ -105,10 +109,15 @@ class _Zygote:
         atexit.register(self.close)
 
     def close(self) -> None:
+        """SIGTERM first: the zygote then kills the commands still running before it exits."""
         import shutil
 
-        self.proc.kill()
-        self.proc.wait()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def start(self, argv: list[str], *, cwd: Path, env: dict) -> _ForkedProcess:
@@ -121,38 +130,49 @@ class _Zygote:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.socket)
         conn.sendall(json.dumps(request).encode() + b"\n")
-        reader = conn.makefile("r")
-        pid = json.loads(reader.readline())["pid"]
-        return _ForkedProcess([sys.executable, *argv], pid, conn, reader, out, err)
+        proc = _ForkedProcess([sys.executable, *argv], conn, out, err)
+        proc.pid = json.loads(proc._line(None))["pid"]
+        return proc
 
 
 class _ForkedProcess:
     """A command forked by the zygote, seen as :class:`subprocess.Popen` sees its child."""
 
-    def __init__(self, args: list[str], pid: int, conn, reader, out: Path, err: Path) -> None:
-        self.args, self.pid, self.returncode = args, pid, None
-        self._conn, self._reader, self._out, self._err = conn, reader, out, err
+    def __init__(self, args: list[str], conn, out: Path, err: Path) -> None:
+        self.args, self.pid, self.returncode = args, None, None
+        self._conn, self._buffer, self._out, self._err = conn, b"", out, err
+
+    def _line(self, timeout: float | None) -> bytes:
+        """The zygote's next line (b"" if it closed the connection); TimeoutExpired if none comes within ``timeout``.
+        Read from the socket itself, with a buffer of its own: both lines may arrive in one read, and a timed-out
+        socket file could not be read again."""
+        import select
+
+        while b"\n" not in self._buffer:
+            if not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout, _read(self._out), _read(self._err))
+            chunk = self._conn.recv(65536)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
 
     def _status(self, timeout: float | None) -> None:
         import json
 
         if self.returncode is not None:
             return
-        self._conn.settimeout(timeout)
-        try:
-            line = self._reader.readline()
-        except TimeoutError:
-            raise subprocess.TimeoutExpired(self.args, timeout, _read(self._out), _read(self._err)) from None
+        line = self._line(timeout)
         if not line:
             raise RuntimeError(f"the test zygote ended before the command {self.args} did")
         self.returncode = json.loads(line)["returncode"]
         self._conn.close()
 
     def poll(self) -> int | None:
-        import select
-
-        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
-            self._status(None)
+        if self.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._status(0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import run_python
+from tests.helpers import popen_python, run_python
 
 PROBE = """
 import json, os, random, signal, sys
@@ -51,7 +51,8 @@ def test_a_forked_command_sees_what_a_fresh_interpreter_sees(tmp_path):
         assert seen["path0"] == str(script.parent) and seen["pythonpath_first"] == str(extra)
         assert seen["probe_env"] == "x y" and seen["threads"] == 1 and seen["stdin"] == ""
         assert seen["name"] == "__main__" and seen["file"] == seen["main_file"] == str(script)
-        assert seen["sigint"] and seen["sigterm"]
+        # the signal dispositions a fresh interpreter gets from this process (SIGINT ignored where pytest's is)
+        assert (seen["sigint"], seen["sigterm"]) == (got[2]["sigint"], got[2]["sigterm"])
     # seeded from the OS in each process, as a fresh interpreter does, not copied from the zygote
     assert got[0]["random"] != got[1]["random"] and got[0]["np_random"] != got[1]["np_random"]
 
@@ -69,3 +70,11 @@ def test_an_uncaught_exception_exits_1_with_its_traceback_and_a_timeout_kills_th
     with pytest.raises(subprocess.TimeoutExpired):
         run_python(sleeper, cwd=tmp_path, timeout=2)
     assert time.time() - started < 10
+    # a wait that timed out can be waited on again, as a Popen can
+    proc = popen_python(sleeper, cwd=tmp_path)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.5)
+    assert proc.poll() is None
+    proc.kill_group()
+    proc.communicate(timeout=10)
+    assert proc.returncode == -9

@@ -55,6 +55,12 @@ PREIMPORT = (
 )
 
 
+# As this process started: the signal dispositions its parent gave it (a command started by a shell that ignores
+# SIGINT keeps it ignored, as a fresh interpreter does) and its PYTHONPATH entries (a command gets its own instead)
+STARTUP_SIGNALS = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+STARTUP_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 def _preimport() -> None:
     for name in PREIMPORT:
         with contextlib.suppress(ImportError):
@@ -79,10 +85,10 @@ def _send(conn: socket.socket, payload: dict) -> None:
 def _become_the_command(request: dict) -> None:
     """In the forked child: set up the process as ``python <argv>`` would have it, then run the script."""
     os.setpgid(0, 0)
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig, handler in STARTUP_SIGNALS.items():
+        signal.signal(sig, handler)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python ignores SIGPIPE at start-up (and raises BrokenPipeError)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -95,7 +101,8 @@ def _become_the_command(request: dict) -> None:
     os.close(null)
     script = os.path.abspath(request["argv"][0])
     pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = [os.path.dirname(script), *pythonpath, *[p for p in sys.path[1:] if p not in pythonpath]]
+    rest = [p for p in sys.path[1:] if p not in pythonpath and p not in STARTUP_PYTHONPATH]
+    sys.path[:] = [os.path.dirname(script), *pythonpath, *rest]
     sys.argv = [script, *request["argv"][1:]]
     import random
 
@@ -106,6 +113,10 @@ def _become_the_command(request: dict) -> None:
     np.random.seed()  # noqa: NPY002 (the legacy global state a fresh interpreter seeds)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # Lightning reads the process's rank from RANK / LOCAL_RANK / SLURM_PROCID when it is imported: read it again here
+    from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
+
+    rank_zero_only.rank = _get_rank() or 0
     import runpy
 
     runpy.run_path(script, run_name="__main__")
@@ -113,6 +124,10 @@ def _become_the_command(request: dict) -> None:
 
 
 def serve(path: str) -> None:
+    # a signal to the zygote (the test run interrupted, its client closing) ends it through the finally below, which
+    # takes the running commands with it: they lead process groups of their own, so a terminal's Ctrl-C misses them
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     _preimport()
     parent = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,34 +135,39 @@ def serve(path: str) -> None:
     server.listen(16)
     print("ready", flush=True)
     waiting: dict[int, socket.socket] = {}
-    while os.getppid() == parent:
-        readable, _, _ = select.select([server], [], [], 0.02 if waiting else 1.0)
-        if readable:
-            conn, _ = server.accept()
-            request = json.loads(_read_line(conn))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                _become_the_command(request)  # does not return: it ends in the interpreter's exit
-            _send(conn, {"pid": pid})
-            waiting[pid] = conn
-        while waiting:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            conn = waiting.pop(pid, None)
-            if conn is not None:
-                _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
-                conn.close()
-    for pid in waiting:  # the test process is gone: take its commands with it
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+    child = False
+    try:
+        while os.getppid() == parent:
+            readable, _, _ = select.select([server], [], [], 0.02 if waiting else 1.0)
+            if readable:
+                conn, _ = server.accept()
+                request = json.loads(_read_line(conn))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    child = True
+                    for other in (server, conn, *waiting.values()):
+                        other.close()
+                    _become_the_command(request)  # does not return: it ends in the interpreter's exit
+                _send(conn, {"pid": pid})
+                waiting[pid] = conn
+            while waiting:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                conn = waiting.pop(pid, None)
+                if conn is not None:
+                    _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
+                    conn.close()
+    finally:
+        if not child:  # the zygote ends (its test process gone, a signal, an error): its commands end with it
+            for pid in waiting:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

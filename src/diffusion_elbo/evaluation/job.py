@@ -176,7 +176,7 @@ def _continuous_bound_inputs(cfg: DictConfig, s: _Subject, device: torch.device)
         "parametrization": Parametrization.X0,
         "num_bins": s.datamodule.num_bins,
         "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),
-        "chain_timesteps": s.schedule.T,
+        "chain_timesteps": int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
     }
 
 

@@ -84,27 +84,27 @@ def map_examples(
     rank receives all ranks' results (one all_gather_object at the end). Raises ValueError for an empty dataset."""
     rank, world = rank_world()
     indices = list(range(rank, len(dataset), world))
-    rows: dict[int, dict[str, Tensor]] = {}
+    done: list[int] = []  # this rank's examples in the order evaluated
+    parts: dict[str, list[Tensor]] = {}  # name -> this rank's batches of values
     extras: list[Any] = []
     for start in range(0, len(indices), int(batch_size)):
         chunk = indices[start : start + int(batch_size)]
         x0 = torch.stack([dataset[i][0] for i in chunk]).to(device)
         columns, extra = evaluate(x0, chunk)
-        values = {name: column.detach().double().cpu() for name, column in columns.items()}
-        rows.update({i: {name: v[j] for name, v in values.items()} for j, i in enumerate(chunk)})
+        for name, column in columns.items():
+            parts.setdefault(name, []).append(column.detach().double().cpu())
+        done.extend(chunk)
         extras.append(extra)
-    all_extras = [extras]
-    if world > 1:
+    shards = [(done, {name: torch.cat(values) for name, values in parts.items()}, extras)]
+    if world > 1:  # one gather of whole columns per rank
         import torch.distributed as dist
 
-        parts = [None] * world
-        dist.all_gather_object(parts, (rows, extras))
-        rows, all_extras = {}, []
-        for part_rows, part_extras in parts:
-            rows.update(part_rows)
-            all_extras.append(part_extras)
-    if not rows:
+        shards = [None] * world
+        dist.all_gather_object(shards, (done, {name: torch.cat(v) for name, v in parts.items()}, extras))
+    order = [i for shard_done, _, _ in shards for i in shard_done]
+    if not order:
         raise ValueError(NO_EXAMPLES)
-    order = sorted(rows)
-    names = rows[order[0]].keys()
-    return Mapped({name: torch.stack([rows[i][name] for i in order]) for name in names}, all_extras)
+    position = torch.argsort(torch.tensor(order))  # row k of the result: example k of the dataset
+    names = next(columns for _, columns, _ in shards if columns).keys()
+    merged = {name: torch.cat([columns[name] for _, columns, _ in shards if columns])[position] for name in names}
+    return Mapped(merged, [shard_extras for _, _, shard_extras in shards])
