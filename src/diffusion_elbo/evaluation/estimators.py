@@ -118,12 +118,21 @@ def evaluate_elbo(
             generators=[example_generator(seed, i) for i in indices],
             progress=progress,
         )
-        columns = {name: getattr(result, name) for name in ELBO_TERMS}
-        if true_nll is not None:
-            columns["true_nll"] = true_nll(x0)
-        return columns, (result.per_t.sum(dim=0).double().cpu(), result.num_dims)
+        return _elbo_batch(result, x0, true_nll)
 
-    mapped = map_examples(dataset, evaluate, batch_size=batch_size, device=device)
+    return _elbo_summary(map_examples(dataset, evaluate, batch_size=batch_size, device=device))
+
+
+def _elbo_batch(result, x0: Tensor, true_nll) -> tuple[dict[str, Tensor], tuple[Tensor, int]]:
+    """One batch's per-example -ELBO terms (and the data's true NLL, where known) for :func:`map_examples`, with the
+    batch's per-t sum (float64) and the number of dims as its extra."""
+    columns = {name: getattr(result, name) for name in ELBO_TERMS}
+    if true_nll is not None:
+        columns["true_nll"] = true_nll(x0)
+    return columns, (result.per_t.sum(dim=0).double().cpu(), result.num_dims)
+
+
+def _elbo_summary(mapped) -> ELBOSummary:
     c = mapped.columns
     return ELBOSummary(
         **{name: c[name] for name in ELBO_TERMS},
@@ -309,16 +318,6 @@ def evaluate_continuous(
             chain_timesteps=chain_timesteps,
             max_batch=max_batch,
         )
-        columns = {name: getattr(result, name) for name in ELBO_TERMS}
-        if true_nll is not None:
-            columns["true_nll"] = true_nll(x0)
-        return columns, (result.per_t.sum(dim=0).cpu(), result.num_dims)
+        return _elbo_batch(result, x0, true_nll)
 
-    mapped = map_examples(dataset, evaluate, batch_size=batch_size, device=device)
-    c = mapped.columns
-    return ELBOSummary(
-        **{name: c[name] for name in ELBO_TERMS},
-        per_t=mapped.summed(0) / c["total"].shape[0],
-        num_dims=_num_dims(mapped),
-        true_nll=c.get("true_nll"),
-    )
+    return _elbo_summary(map_examples(dataset, evaluate, batch_size=batch_size, device=device))
