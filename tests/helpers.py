@@ -86,9 +86,11 @@ def popen_python(script: str | Path, *args: str, cwd: Path | None = None, env: d
 
 class _FreshProcess(subprocess.Popen):
     def kill_group(self) -> None:
+        import signal
+
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, 9)
+                os.killpg(self.pid, signal.SIGKILL)
 
 
 class _Zygote:
