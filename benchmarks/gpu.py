@@ -285,15 +285,17 @@ def eval_throughput(net: torch.nn.Module, schedule, x0: torch.Tensor, rows: int,
 
 def sampling_throughput(module, num_samples: int, device: torch.device) -> dict:
     """DDIM-50 images/s of ``module.sample`` (the sample.py and FID path), float32 and under bf16 autocast."""
+    from diffusion_elbo.core.samplers import DDIMSampler
+
     module = module.to(device).eval()
     out = {"num_samples": num_samples, "steps": 50}
     for name, amp in [("fp32", False), ("bf16_autocast", True)]:
         g = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            module.sample(8, sampler="ddim", steps=50, generator=g)  # warm-up
+            module.sample(8, DDIMSampler(steps=50), generator=g)  # warm-up
             sync(device)
             start = time.perf_counter()
-            x = module.sample(num_samples, sampler="ddim", steps=50, generator=g)
+            x = module.sample(num_samples, DDIMSampler(steps=50), generator=g)
             sync(device)
         out[name] = {"images_per_s": num_samples / (time.perf_counter() - start), "finite": bool(x.isfinite().all())}
     return out
@@ -379,6 +381,7 @@ def inception_section(module, datamodule, args: argparse.Namespace, device: torc
 
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    from diffusion_elbo.core.samplers import DDIMSampler
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
@@ -397,7 +400,7 @@ def inception_section(module, datamodule, args: argparse.Namespace, device: torc
     reference_s = time.perf_counter() - start
     start = time.perf_counter()
     value = compute_fid(
-        module.to(device).eval(), fid, args.fid_samples, 0, 1, sampler="ddim", steps=50, eta=0.0, batch_size=500, seed=0
+        module.to(device).eval(), fid, args.fid_samples, 0, 1, sampler=DDIMSampler(steps=50), batch_size=500, seed=0
     )
     return {
         "ran": True,

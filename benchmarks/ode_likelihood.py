@@ -58,7 +58,7 @@ def oracle_table() -> None:
     for name in ("linear", "cosine"):
         for deq in ("uniform", "truncated_normal"):
             overrides = ["data=discrete_toy", "model=discrete_oracle", f"schedule={name}", "schedule.timesteps=1000",
-                         "likelihood=both", "ode.dequantization_samples=4", f"ode.dequantization={deq}"]  # fmt: skip
+                         "likelihood=both", "likelihood.ode.dequantization_samples=4", f"likelihood.ode.dequantization={deq}"]  # fmt: skip
             label = f"discrete17-{name}-1000-{deq}"
             m = evaluate(overrides, OUT / "oracle" / label)
             rows.append(_row(label, m, data="discrete_toy K=17", schedule=name))
@@ -97,7 +97,7 @@ def checkpoints_table(table: str, ckpts: list[str], render_only: bool = False) -
                 m = json.loads((keep / "metrics.json").read_text())
             else:
                 overrides = [f"ckpt_path={path}", f"likelihood={how[0]}", "fid.num_samples=0"]
-                overrides += [f"variance={name}"] if how[0] != "ode" else [f"ode.dequantization={how[1]}"]
+                overrides += [f"variance={name}"] if how[0] != "ode" else [f"likelihood.ode.dequantization={how[1]}"]
                 m = evaluate(overrides, keep)
             rows.append(_row(f"{label}-{name}", m, model=label, variance=shown))
     header = "| model | variance | test -ELBO (bpd) | ODE (bpd) | -ELBO - ODE (paired) | NFE | s / example |\n"

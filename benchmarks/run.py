@@ -282,6 +282,7 @@ def bench_eval(rounds: int, overrides: list[str], batch: int, timesteps: int, ro
 # ----------------------------------------------------------------------------------------- 3 sampling
 def bench_sampling(ckpt: str, num_samples: int, cache_dir: str) -> dict:
     from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
@@ -289,12 +290,11 @@ def bench_sampling(ckpt: str, num_samples: int, cache_dir: str) -> dict:
     run = load_for_eval(ckpt, device)
     fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
     out = {"num_samples": num_samples, "classifier_accuracy": fid.classifier_accuracy, "global_step": run.global_step}
-    for name, sampler, steps in [("ddim50", "ddim", 50), ("ddim100", "ddim", 100), ("ddpm1000", "ddpm", None)]:
+    grid = [("ddim50", DDIMSampler(steps=50)), ("ddim100", DDIMSampler(steps=100)), ("ddpm1000", AncestralSampler())]
+    for name, sampler in grid:
         sync(device)
         start = time.perf_counter()
-        value = compute_fid(
-            run.module, fid, num_samples, 0, 1, sampler=sampler, steps=steps, eta=0.0, batch_size=500, seed=0
-        )
+        value = compute_fid(run.module, fid, num_samples, 0, 1, sampler=sampler, batch_size=500, seed=0)
         sync(device)
         out[name] = {"ms_per_sample": 1e3 * (time.perf_counter() - start) / num_samples, "fid": value}
     return out

@@ -29,17 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import machine, machine_line, sync  # noqa: E402  (benchmarks/run.py: machine description, device sync)
 
 
-def cells(learns_variance: bool) -> list[tuple[str, str, bool, str]]:
-    """(sampler, variance, cap_final_noise, label) rows of one checkpoint's table. ``small`` adds noise of
+def cells(learns_variance: bool) -> list[tuple[type, str, bool, str]]:
+    """(sampler class, variance, cap_final_noise, label) rows of one checkpoint's table. ``small`` adds noise of
     sqrt(beta_1) = 0.01 at the step to x_1 at any step count, below the cap, so it has no capped row."""
+    from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
+
     variances = ["large", "analytic"] + (["learned_range"] if learns_variance else [])
-    rows = [("ddpm", "small", False, "ancestral")]
+    rows = [(AncestralSampler, "small", False, "ancestral")]
     for variance in variances:
-        rows += [("ddpm", variance, False, "ancestral"), ("ddpm", variance, True, "ancestral, capped x_1 noise")]
+        rows += [
+            (AncestralSampler, variance, False, "ancestral"),
+            (AncestralSampler, variance, True, "ancestral, capped x_1 noise"),
+        ]
     rows += [
-        ("ddim", "none", False, "DDIM eta=0"),
-        ("ddim", "analytic", False, "Analytic-DDIM eta=0"),
-        ("ddim", "analytic", True, "Analytic-DDIM eta=0, capped x_1 noise"),
+        (DDIMSampler, "none", False, "DDIM eta=0"),
+        (DDIMSampler, "analytic", False, "Analytic-DDIM eta=0"),
+        (DDIMSampler, "analytic", True, "Analytic-DDIM eta=0, capped x_1 noise"),
     ]
     return rows
 
@@ -72,8 +77,8 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
             sync(device)
             start = time.perf_counter()
             value = compute_fid(
-                run.module, fid, num_samples, 0, 1, sampler=sampler, steps=n, eta=0.0, batch_size=500, seed=0,
-                variance=chosen, cap_final_noise=cap,
+                run.module, fid, num_samples, 0, 1, sampler=sampler(steps=n, cap_final_noise=cap), batch_size=500,
+                seed=0, variance=chosen,
             )  # fmt: skip
             sync(device)
             row["fid"][n] = value
@@ -87,6 +92,7 @@ def seed_spread(ckpt: str, steps: int, num_samples: int, seeds: int, cache_dir: 
     """The FID noise floor: DDIM eta=0 at ``steps`` from seeds 0..seeds-1 (other x_T, same model). Differences
     between cells of one table are smaller than this spread suggests (they share x_T), but not much smaller."""
     from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.samplers import DDIMSampler
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
@@ -94,7 +100,7 @@ def seed_spread(ckpt: str, steps: int, num_samples: int, seeds: int, cache_dir: 
     run = load_for_eval(ckpt, device)
     fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
     fids = [
-        compute_fid(run.module, fid, num_samples, 0, 1, sampler="ddim", steps=steps, eta=0.0, batch_size=500, seed=seed)
+        compute_fid(run.module, fid, num_samples, 0, 1, sampler=DDIMSampler(steps=steps), batch_size=500, seed=seed)
         for seed in range(seeds)
     ]
     print(

@@ -62,6 +62,7 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     """Classifier FID of ``num_samples`` DDIM-50 samples of the checkpoint (its EMA weights) against the train split,
     once per sampling seed (other x_T and noise), with the functions ``src/eval.py`` uses."""
     from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.samplers import DDIMSampler
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
@@ -69,7 +70,7 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     loaded.datamodule.setup("fit")
     fid = make_fid(loaded.datamodule, cache_dir=ROOT / "data" / "cache")
     return [
-        compute_fid(loaded.module, fid, num_samples, 0, 1, sampler="ddim", steps=50, eta=0.0, batch_size=256, seed=s)
+        compute_fid(loaded.module, fid, num_samples, 0, 1, sampler=DDIMSampler(steps=50), batch_size=256, seed=s)
         for s in seeds
     ]
 

@@ -12,7 +12,7 @@ terms) of each run's checkpoints against steps, through the ``src/eval.py`` path
 every model, and a continuous model's own bound beside it. ``variance``: the spread of the one-sample training
 estimator of a trained continuous model under its learned schedule and under fixed shapes with the same endpoints
 (the network, conditioned on the noise level, is unchanged; the expected bound is the same for all of them).
-``spacing``: classifier FID of DDIM samples on timesteps evenly spaced in t or in log-SNR (``fid.spacing``), with how
+``spacing``: classifier FID of DDIM samples on timesteps evenly spaced in t or in log-SNR (``fid.sampler.spacing``), with how
 many of the steps fall in the noisy half (log SNR < 0), where a sample's shape is decided.
 """
 
@@ -125,7 +125,7 @@ def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: i
             ckpt = Path(run_dir) / "checkpoints" / f"step_{step:07d}.ckpt"
             if not ckpt.is_file():
                 continue
-            overrides = [f"ckpt_path={ckpt}", "fid.num_samples=0", "wandb.enabled=false", f"continuous_strata={strata}"]
+            overrides = [f"ckpt_path={ckpt}", "fid.num_samples=0", "wandb.enabled=false", f"likelihood.continuous.strata={strata}"]
             if num_examples:
                 overrides.append(f"num_examples={num_examples}")
             keep = OUT / "curve" / f"{label}-{step}"
@@ -181,7 +181,7 @@ def fid(checkpoints: list[str]) -> None:
 
 def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: bool) -> None:
     """Classifier FID (2000 DDIM samples, eta 0) of each ``label=ckpt`` on each ``steps:spacing`` grid and sampling
-    seed, through src/eval.py (``fid.steps``, ``fid.spacing``, ``seed``). Every grid starts from the same x_T for a
+    seed, through src/eval.py (``fid.sampler.steps``, ``fid.sampler.spacing``, ``seed``). Every grid starts from the same x_T for a
     given seed, so the grids are compared pairwise."""
     from bounds import evaluate
 
@@ -198,8 +198,8 @@ def spacing(checkpoints: list[str], grids: list[str], seeds: list[int], append: 
             steps, kind = grid.split(":")
             visited = torch.tensor(spaced_timesteps(loaded.schedule, int(steps), kind))
             for seed in seeds:
-                overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.steps={steps}",
-                             f"fid.spacing={kind}", f"seed={seed}", "wandb.enabled=false"]  # fmt: skip
+                overrides = [f"ckpt_path={ckpt}", "num_examples=1", "fid.num_samples=2000", f"fid.sampler.steps={steps}",
+                             f"fid.sampler.spacing={kind}", f"seed={seed}", "wandb.enabled=false"]  # fmt: skip
                 m = evaluate(overrides, keep=OUT / "spacing" / f"{label}-{steps}-{kind}-seed{seed}")
                 # a row is replaced only by the same checkpoint, grid and seed under the same feature classifier:
                 # FIDs of other classifiers stay, in their own group of the table

@@ -26,11 +26,11 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "callbacks.sample_grid.num_samples=4",
-    "callbacks.sample_grid.steps=5",
+    "sampler.steps=5",
     "callbacks.model_checkpoint.every_n_train_steps=3",
     "callbacks.fid.num_samples=0",
     "callbacks.toy2d_metrics.num_samples=200",
-    "callbacks.toy2d_metrics.steps=5",
+    "callbacks.toy2d_metrics.sampler.steps=5",
     "val_strata=4",
     "logger=csv",
 ]

@@ -200,7 +200,7 @@ def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
         "callbacks.fid.every_n_val=2",
         "callbacks.fid.classifier_steps=30",
         f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
-        "callbacks.fid.steps=5",
+        "callbacks.fid.sampler.steps=5",
         f"hydra.run.dir={tmp_path / 'run'}",
         timeout=900,
     )
@@ -478,7 +478,7 @@ def test_eval_on_1_and_3_processes_gives_the_same_numbers(tmp_path, trained_chec
         result = run_cli(
             "eval.py", f"ckpt_path={ckpt}", "num_examples=7", "batch_size=3",
             # one example per ODE solve: examples solved together share the adaptive steps (a batch effect of 1e-4)
-            "likelihood=both", "ode.batch_size=1", "fid.num_samples=0", "wandb.enabled=false", "trainer.accelerator=cpu",
+            "likelihood=both", "likelihood.ode.batch_size=1", "fid.num_samples=0", "wandb.enabled=false", "trainer.accelerator=cpu",
             f"trainer.devices={world}", f"hydra.run.dir={out}", timeout=900,
             # one thread per process in every run: the thread count changes the float32 rounding of the network, which
             # the adaptive ODE solver amplifies to ~5e-6 (1 process would otherwise use both cores, N processes one each)

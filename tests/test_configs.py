@@ -76,8 +76,8 @@ def test_validate_config_lists_every_problem():
         "loss.name='l1'",
         "optimizer.lr=-1 must be > 0",
         "data.batch_size=0",
-        "sampler.spacing='sigma' is not an option; choose one of time | logsnr",
-        "callbacks.fid.spacing='sigma'",  # the FID callback samples on the run's grid
+        "sampler.spacing='sigma' is not an option; choose time | logsnr",
+        "callbacks.fid.sampler.spacing='sigma'",  # the FID callback samples on the run's grid
     ):
         assert fragment in msg
 
@@ -140,7 +140,7 @@ def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path,
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["schedule.timesteps=2", "sampler.steps=2", "callbacks.fid.steps=2"],
+        ["schedule.timesteps=2", "sampler.steps=2", "callbacks.fid.sampler.steps=2"],
         ["val_strata=1"],
         ["schedule=logsnr_cosine", "loss=vdm", "schedule.timesteps=1"],
         ["data=gaussian", "model=mlp", "schedule.timesteps=20", "sampler.steps=20"],

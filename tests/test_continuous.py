@@ -21,6 +21,7 @@ from diffusion_elbo.core.logsnr import (
     float64_gamma,
     make_logsnr_schedule,
 )
+from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
 from diffusion_elbo.core.schedules import InvalidScheduleError, make_schedule
 from diffusion_elbo.core.timesteps import low_discrepancy_uniform, make_timestep_sampler
 from diffusion_elbo.core.vdm import (
@@ -598,7 +599,7 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
         assert key in header
     m = run_eval(
         _compose_eval(tmp_path, [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8",
-                                 "fid.num_samples=0", "wandb.enabled=false", "continuous_strata=16"]),
+                                 "fid.num_samples=0", "wandb.enabled=false", "likelihood.continuous.strata=16"]),
         tmp_path / "eval",
     )  # fmt: skip
     assert m["timesteps"] == 101 and m["decoder_variance"] == "beta" and m["continuous"]["timesteps"] is None
@@ -610,7 +611,7 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     # src/eval.py on 2 processes: both bounds sharded over the ranks (each example with its own draws) give the same
     result = run_cli(
         "eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8", "fid.num_samples=0",
-        "wandb.enabled=false", "continuous_strata=16", "trainer.accelerator=cpu", "trainer.devices=2",
+        "wandb.enabled=false", "likelihood.continuous.strata=16", "trainer.accelerator=cpu", "trainer.devices=2",
         f"hydra.run.dir={tmp_path / 'eval2'}", env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -618,15 +619,15 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     assert two["continuous"]["num_examples"] == two["num_examples"] == 8
     for key in ("bpd", "bpd_se"):
         assert two[key] == pytest.approx(m[key], rel=1e-5) and two["continuous"][key] == pytest.approx(c[key], rel=1e-5)
-    samples = module.sample(4, sampler="ddpm", generator=torch.Generator().manual_seed(0))
-    ddim = module.sample(4, sampler="ddim", steps=10, generator=torch.Generator().manual_seed(0))
+    samples = module.sample(4, AncestralSampler(), generator=torch.Generator().manual_seed(0))
+    ddim = module.sample(4, DDIMSampler(steps=10), generator=torch.Generator().manual_seed(0))
     assert samples.shape == ddim.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
     # the preset samples on evenly spaced log-SNR, and sampling the checkpoint keeps its grid unless told otherwise
     from diffusion_elbo.checkpoints import sampler_spacing
 
-    assert cfg.callbacks.fid.spacing == cfg.callbacks.sample_grid.spacing == "logsnr"
+    assert cfg.callbacks.fid.sampler.spacing == cfg.callbacks.sample_grid.sampler.spacing == "logsnr"
     assert sampler_spacing(None, loaded.config) == "logsnr"
-    on_logsnr = module.sample(4, sampler="ddim", steps=10, spacing="logsnr", generator=torch.Generator().manual_seed(0))
+    on_logsnr = module.sample(4, DDIMSampler(steps=10, spacing="logsnr"), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(on_logsnr).all()  # (6 steps leave the schedule near its linear start: the same grid here)
 
 
@@ -704,7 +705,7 @@ def test_the_gaussian_oracle_on_continuous_schedules_gives_the_closed_form_bound
         result = run_cli(
             "eval.py", "data=gaussian", "model=gaussian_oracle", f"schedule={name}",
             f"schedule.timesteps={'null' if timesteps is None else timesteps}", f"data.mean={MEAN}", f"data.std={STD}",
-            "num_examples=500", "continuous_strata=16", "wandb.enabled=false", f"hydra.run.dir={out}",
+            "num_examples=500", "likelihood.continuous.strata=16", "wandb.enabled=false", f"hydra.run.dir={out}",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         m = json.loads((out / "metrics.json").read_text())

@@ -168,6 +168,7 @@ def test_fid_sample_set_is_the_same_on_1_2_and_3_processes(tmp_path):
     """Every FID sample starts from its own x_T (its index's seed), so the ranks' shares of a DDIM (eta = 0) sample
     set together are the single-process set, sample for sample."""
     from diffusion_elbo.builders import build_module
+    from diffusion_elbo.core.samplers import DDIMSampler
     from diffusion_elbo.lightning.callbacks import fid_samples
     from tests.helpers import compose_train
 
@@ -176,7 +177,7 @@ def test_fid_sample_set_is_the_same_on_1_2_and_3_processes(tmp_path):
     with torch.no_grad():
         for p in module.net.conv_out.parameters():  # a network whose output is not zero, so samples differ
             p.normal_(0, 0.05)
-    options = {"sampler": "ddim", "steps": 5, "eta": 0.0, "batch_size": 3, "seed": 7}
+    options = {"sampler": DDIMSampler(steps=5), "batch_size": 3, "seed": 7}
     sets = {}
     for world in (1, 2, 3):
         found = {}

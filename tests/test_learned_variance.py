@@ -12,6 +12,7 @@ from diffusion_elbo.core.analytic import oracle_analytic_variance_table
 from diffusion_elbo.core.gaussian_data import oracle_expected_terms
 from diffusion_elbo.core.losses import hybrid_vlb_weight
 from diffusion_elbo.core.reverse import learned_range_logvar, split_output, stop_mean_gradient
+from diffusion_elbo.core.samplers import AncestralSampler
 from diffusion_elbo.models import GaussianOracle
 
 MEAN, STD = 0.5, 0.8
@@ -310,7 +311,7 @@ def test_sampling_a_fixed_variance_model_with_learned_range_is_refused(tmp_path)
 
     module, _ = build_module(compose_train(tmp_path))
     with pytest.raises(ValueError, match="needs a model trained with it"):
-        module.sample(2, sampler="ddpm", steps=2, variance="learned_range")
+        module.sample(2, AncestralSampler(steps=2), variance="learned_range")
 
 
 @pytest.mark.slow

@@ -272,14 +272,14 @@ def test_ode_on_k_level_data_is_a_dequantization_bound_above_the_true_nll(tmp_pa
         "likelihood=ode",
     ]
     one = run_eval(_compose_eval(tmp_path, common), tmp_path / "one")
-    four = run_eval(_compose_eval(tmp_path, [*common, "ode.dequantization_samples=4"]), tmp_path / "four")
+    four = run_eval(_compose_eval(tmp_path, [*common, "likelihood.ode.dequantization_samples=4"]), tmp_path / "four")
     assert one["ode_dequantization"] == "uniform"
     assert one["ode_gap_bpd"] > 4 * one["ode_gap_bpd_se"]
     assert four["ode_gap_bpd"] > 4 * four["ode_gap_bpd_se"]
     assert abs(four["ode_bpd"] - one["ode_bpd"]) < 4 * one["ode_gap_bpd_se"]
     assert four["ode_gap_bpd_se"] < 0.8 * one["ode_gap_bpd_se"]
     # the forward noise at t0, truncated to the bin, fits the model's density there better than a flat one
-    tn = run_eval(_compose_eval(tmp_path, [*common, "ode.dequantization=truncated_normal"]), tmp_path / "tn")
+    tn = run_eval(_compose_eval(tmp_path, [*common, "likelihood.ode.dequantization=truncated_normal"]), tmp_path / "tn")
     assert tn["ode_dequantization"] == "truncated_normal" and tn["ode_gap_bpd"] > 4 * tn["ode_gap_bpd_se"]
     assert tn["ode_gap_bpd"] < 0.7 * one["ode_gap_bpd"]
 
@@ -287,19 +287,30 @@ def test_ode_on_k_level_data_is_a_dequantization_bound_above_the_true_nll(tmp_pa
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("likelihood=exact", "likelihood='exact' is not an option"),
-        ("ode.method=euler", "ode.method='euler' is not an adaptive torchdiffeq solver"),
-        ("ode.divergence=trace", "ode.divergence='trace' is not an option"),
-        ("ode.probes=0", "ode.probes=0 must be >= 1"),
+        ("likelihood.ode.method=euler", "likelihood.ode.method='euler' is not an adaptive torchdiffeq solver"),
+        ("likelihood.ode.divergence=trace", "likelihood.ode.divergence='trace' is not an option; choose hutchinson"),
+        ("likelihood.ode.probes=0", "likelihood.ode.probes=0 must be an integer >= 1"),
+        ("likelihood.ode.rtol=-1", "likelihood.ode.rtol=-1 must be a number > 0"),
+        ("likelihood.ode.metod=rk4", "likelihood.ode.metod is not an argument of ProbabilityFlowODE: did you mean"),
     ],
 )
 def test_bad_ode_settings_are_refused_before_anything_runs(tmp_path, override, fragment):
+    """Each estimator checks its own arguments; the config check builds it first and names the key and the fix."""
     from diffusion_elbo.config import ConfigError
     from diffusion_elbo.evaluation import run_eval
 
+    override = override.replace("likelihood.ode.metod", "+likelihood.ode.metod")
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
-        run_eval(_compose_eval(tmp_path, [override]), tmp_path)
+        run_eval(_compose_eval(tmp_path, ["likelihood=ode", override]), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_an_unknown_likelihood_names_the_choices(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="likelihood/exact") as err:
+        _compose_eval(tmp_path, ["likelihood=exact"])
+    assert all(option in str(err.value) for option in ("both", "elbo", "ode"))
 
 
 def _ode_worker(rank: int, world: int, init_file: str, out_file: str) -> None:

@@ -20,19 +20,68 @@ from diffusion_elbo.data.base import DiffusionDataModule
 log = logging.getLogger(__name__)
 
 
-def is_continuous(cfg: DictConfig) -> bool:
-    """Whether ``cfg.schedule`` is a continuous-time log-SNR schedule (``schedule=logsnr_* | learned``)."""
-    from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
+# the keys of a continuous-time schedule's node that configure the bound and the chain built from it (read by the
+# module), not the log-SNR function: the schedule's own constructor never sees them
+CHAIN_KEYS = ("timesteps", "eval_timesteps", "variance_gradient", "lr")
 
-    return OmegaConf.select(cfg, "schedule.name") in CONTINUOUS_SCHEDULES
+
+def is_continuous(cfg: DictConfig) -> bool:
+    """Whether ``cfg.schedule`` is a continuous-time log-SNR schedule: its ``_target_`` is a
+    :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` or returns one (``schedule=logsnr_* | learned``, or a schedule
+    of one's own, ``docs/extending.md``)."""
+    target = OmegaConf.select(cfg, "schedule._target_", default=None)
+    return target is not None and builds_logsnr(str(target))
+
+
+def builds_logsnr(target: str) -> bool:
+    """Whether the ``_target_`` string names a LogSNRSchedule class or a function annotated to return one."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from diffusion_elbo.core.logsnr import LogSNRSchedule
+
+    try:
+        obj = get_object(target)
+    except Exception:  # an unimportable target fails in instantiate, with Hydra's message
+        return False
+    if not isinstance(obj, type):
+        try:
+            obj = inspect.signature(obj, eval_str=True).return_annotation
+        except (TypeError, ValueError, NameError):
+            return False
+    return isinstance(obj, type) and issubclass(obj, LogSNRSchedule)
+
+
+def build_logsnr(cfg: DictConfig):
+    """The continuous-time schedule of ``cfg.schedule`` (a LogSNRSchedule), built from its node without the
+    :data:`CHAIN_KEYS`."""
+    node = OmegaConf.to_container(cfg.schedule, resolve=True)
+    return instantiate({k: v for k, v in node.items() if k not in CHAIN_KEYS})
 
 
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:
     """The discrete chain of ``cfg.schedule``; a continuous-time schedule discretized at its ``eval_timesteps``."""
-    schedule = instantiate(cfg.schedule)
     if is_continuous(cfg):
-        return schedule.discretize(int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)))
-    return schedule
+        return build_logsnr(cfg).discretize(int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)))
+    return instantiate(cfg.schedule)
+
+
+def build_estimators(cfg: DictConfig) -> dict:
+    """The likelihood estimators of ``cfg.likelihood``, by name, in config order (each an object of the group)."""
+    nodes = OmegaConf.select(cfg, "likelihood") or {}
+    return {str(name): instantiate(node) for name, node in nodes.items() if node is not None}
+
+
+def build_sampler(node: DictConfig, train_config: dict | None = None):
+    """The :class:`~diffusion_elbo.core.samplers.Sampler` of a ``sampler`` node (``sampler``, ``fid.sampler``); a
+    ``spacing`` left null takes the checkpoint's own ``sampler.spacing`` from ``train_config`` (time where it has
+    none)."""
+    from diffusion_elbo.checkpoints import sampler_spacing
+
+    if "spacing" in node and node.spacing is None:
+        return instantiate(node, spacing=sampler_spacing(None, train_config or {}))
+    return instantiate(node)
 
 
 def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
@@ -116,7 +165,7 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
 
     return ContinuousDiffusionModule(
         net=net,
-        logsnr=instantiate(cfg.schedule),
+        logsnr=build_logsnr(cfg),
         data_shape=datamodule.data_shape,
         num_bins=datamodule.num_bins,
         parametrization=cfg.parametrization,

@@ -116,7 +116,23 @@ def swept_dirname(
     return item_sep.join(parts) if parts else str(job_num)
 
 
-def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | None, default: str) -> str:
+# the estimators of likelihood=elbo: the exact bound, and a continuous-time model's own beside it
+ELBO_ESTIMATORS = ("elbo", "continuous")
+
+
+def likelihood_name(likelihood) -> str:
+    """The ``likelihood`` node (its estimators by name) as folders and records name it: ``elbo``, ``ode``, ``both``
+    (the two), or the estimators' names joined by ``+`` (``elbo+iw``)."""
+    if likelihood is None or isinstance(likelihood, str):
+        return likelihood or "elbo"
+    names = [str(k) for k in likelihood if likelihood[k] is not None]
+    shown = [n for n in names if n not in ELBO_ESTIMATORS]
+    if "elbo" in names:
+        shown = ["both"] if shown == ["ode"] else ["elbo", *shown]
+    return "+".join(shown) or "elbo"
+
+
+def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood, default: str) -> str:
     """Where ``src/eval.py`` writes: for a checkpoint of a training run (``<run>/checkpoints/<name>.ckpt``) the run's
     own ``<run>/eval/<name>-<variance>`` (``-ode``/``-both`` appended for those likelihoods; ``trained`` when the
     checkpoint's own variance is used), so the results sit with the run and its sweep report finds them. Hydra's
@@ -127,8 +143,8 @@ def eval_run_dir(ckpt_path: str | None, variance: str | None, likelihood: str | 
     if ckpt.parent.name != "checkpoints":  # a checkpoint outside a run directory
         return default
     name = f"{ckpt.stem}-{variance or 'trained'}"
-    if likelihood and likelihood != "elbo":
-        name += f"-{likelihood}"
+    if likelihood_name(likelihood) != "elbo":
+        name += f"-{likelihood_name(likelihood)}"
     return str(ckpt.parent.parent / "eval" / name)
 
 

@@ -25,12 +25,10 @@ from diffusion_elbo.core import (
     Parametrization,
     ReverseVariance,
     ScheduleName,
-    Spacing,
     TimestepSampling,
 )
 from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
 from diffusion_elbo.core.losses import MSE_LOSSES
-from diffusion_elbo.core.ode import ODE_METHODS, Dequantization, Divergence, Likelihood
 
 
 class ConfigError(ValueError):
@@ -39,6 +37,12 @@ class ConfigError(ValueError):
 
 def _choices(enum: type[Enum]) -> str:
     return " | ".join(member.value for member in enum)
+
+
+def _target_name(cfg: DictConfig, key: str) -> str | None:
+    """The class (or function) name of the node's ``_target_``, None where it has none."""
+    target = OmegaConf.select(cfg, f"{key}._target_", default=None)
+    return None if target is None else str(target).rsplit(".", 1)[-1]
 
 
 def _check_choice(cfg: DictConfig, key: str, enum: type[Enum], problems: list[str]) -> None:
@@ -84,30 +88,21 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "parametrization", Parametrization, problems)
     _check_choice(cfg, "variance", ReverseVariance, problems)
     _check_choice(cfg, "decoder_variance", DecoderVariance, problems)
-    schedule_name = OmegaConf.select(cfg, "schedule.name", default=None)
-    continuous = schedule_name in CONTINUOUS_SCHEDULES
-    if schedule_name is not None and not continuous and schedule_name not in {m.value for m in ScheduleName}:
+    from diffusion_elbo.builders import is_continuous
+
+    # the built-in schedules are named (schedule.name); one's own is named by its class
+    schedule_name = OmegaConf.select(cfg, "schedule.name", default=None) or _target_name(cfg, "schedule")
+    continuous = is_continuous(cfg)
+    named = OmegaConf.select(cfg, "schedule.name", default=None) is not None
+    if named and not continuous and schedule_name not in {m.value for m in ScheduleName}:
         problems.append(
             f"schedule.name={schedule_name!r} is not an option; choose one of {_choices(ScheduleName)} (discrete) or "
             f"{' | '.join(CONTINUOUS_SCHEDULES)} (continuous time)"
         )
     _check_choice(cfg, "loss.name", LossType, problems)
     _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
-    _check_choice(cfg, "likelihood", Likelihood, problems)
-    _check_choice(cfg, "ode.divergence", Divergence, problems)
-    _check_choice(cfg, "ode.dequantization", Dequantization, problems)
-    _check_choice(cfg, "sampler.spacing", Spacing, problems)
-    _check_choice(cfg, "fid.spacing", Spacing, problems)
-    _check_choice(cfg, "callbacks.fid.spacing", Spacing, problems)
-    method = OmegaConf.select(cfg, "ode.method", default=None)
-    if method is not None and method not in ODE_METHODS:
-        problems.append(
-            f"ode.method={method!r} is not an adaptive torchdiffeq solver; choose one of {' | '.join(ODE_METHODS)}"
-        )
-    for key in ("ode.probes", "ode.dequantization_samples", "ode.batch_size"):
-        _check_range(cfg, key, problems, minimum=1, integer=True)
-    for key in ("ode.rtol", "ode.atol", "ode.t_start"):
-        _check_range(cfg, key, problems, positive=True)
+    for key in object_nodes(cfg):
+        problems.extend(object_problems(cfg, key))
     if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
         _check_timesteps(cfg, continuous, problems)
     if continuous:
@@ -127,7 +122,6 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
-    _check_range(cfg, "continuous_strata", problems, minimum=1, integer=True)
     _check_range(
         cfg,
         "val_strata",
@@ -206,10 +200,11 @@ def _sampling_steps_problems(cfg: DictConfig, timesteps: int) -> list[str]:
         node = OmegaConf.select(cfg, f"callbacks.{name}", default=None)
         if not isinstance(node, DictConfig) or not (OmegaConf.select(node, "num_samples", default=0) or 0) > 0:
             continue
-        steps = OmegaConf.select(node, "steps", default=None)
+        steps = OmegaConf.select(node, "sampler.steps", default=None)
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > timesteps:
-            # the key the user sets: the sample grid's steps are ${sampler.steps}
-            key = "sampler.steps" if OmegaConf.is_interpolation(node, "steps") else f"callbacks.{name}.steps"
+            # the key the user sets: the sample grid's sampler is ${sampler}
+            shared = OmegaConf.is_interpolation(node, "sampler")
+            key = "sampler.steps" if shared else f"callbacks.{name}.sampler.steps"
             problems.append(
                 f"{key}={steps} sampling steps exceed the chain's schedule.timesteps={timesteps} (callbacks.{name} "
                 f"samples during training): use {key}={timesteps} or fewer, or callbacks.{name}.num_samples=0"
@@ -374,7 +369,44 @@ def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Paramete
     return getattr(obj, "__name__", target), dict(signature.parameters)
 
 
-def _constructor_problems(cfg: DictConfig, key: str) -> list[str]:
+# the nodes that build one object of an extension point by ``_target_`` (the sample grid's sampler is ``${sampler}``)
+OBJECT_NODES = ("sampler", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
+
+
+def object_nodes(cfg: DictConfig) -> list[str]:
+    """The keys of every extension point's object in ``cfg``: :data:`OBJECT_NODES` and each estimator of
+    ``likelihood``."""
+    estimators = OmegaConf.select(cfg, "likelihood", default=None)
+    named = [f"likelihood.{k}" for k in estimators] if isinstance(estimators, DictConfig) else []
+    return [*OBJECT_NODES, *named]
+
+
+def object_problems(cfg: DictConfig, key: str) -> list[str]:
+    """The node ``key`` (an object of an extension point: a sampler, a likelihood estimator, ...) checked before any
+    work: its keys against its ``_target_``'s constructor (:func:`_constructor_problems`), then the object built once,
+    so its own argument checks run (their ``ValueError`` starts with the argument, ``steps=0 must be ...``, and gets
+    the node's key in front). A ``spacing`` left null (the checkpoint's own, filled in later) is built as ``time``."""
+    node = OmegaConf.select(cfg, key, default=None)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return []
+    filled = {"spacing": "time"} if "spacing" in node and node.spacing is None else {}
+    problems = _constructor_problems(cfg, key, unchecked=filled)
+    if problems or constructor_parameters(str(node._target_)) is None:
+        return problems  # an unimportable target fails in instantiate, with Hydra's message
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(node, **filled)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, ValueError | TypeError):
+            raise
+        return [f"{key}.{cause}" if "=" in str(cause).split(" ", 1)[0] else f"{key}: {cause}"]
+    return problems
+
+
+def _constructor_problems(cfg: DictConfig, key: str, unchecked: Iterable[str] = ()) -> list[str]:
     """Each key of the node ``key`` (``trainer``, ``callbacks.ema``) checked against its ``_target_``'s constructor:
     a key it does not take (a misspelling), a value of the wrong type (``trainer.max_steps=abc``)."""
     node = OmegaConf.select(cfg, key, default=None)
@@ -395,7 +427,7 @@ def _constructor_problems(cfg: DictConfig, key: str) -> list[str]:
             if not takes_any:
                 problems.append(not_an_argument(key, name, named, owner))
             continue
-        if OmegaConf.is_interpolation(node, name) or OmegaConf.is_missing(node, name):
+        if OmegaConf.is_interpolation(node, name) or OmegaConf.is_missing(node, name) or name in unchecked:
             continue  # the project's own wiring (${data.channels}, ${paths.output_dir}); resolved later
         value, annotation = node[name], params[name].annotation
         if not _fits(value, annotation):

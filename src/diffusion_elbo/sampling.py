@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_elbo.builders import resolve_device
-from diffusion_elbo.checkpoints import LoadedRun, load_for_eval, sampler_spacing
+from diffusion_elbo.builders import build_sampler, resolve_device
+from diffusion_elbo.checkpoints import LoadedRun, load_for_eval
 from diffusion_elbo.config import validate_config
 from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import save_samples
@@ -52,8 +52,8 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
     variance = variance_name
     if variance_name == "analytic":
         variance = sampling_analytic_table(cfg, run, device)
-    sampler = cfg.sampler
-    spacing = sampler_spacing(sampler.get("spacing"), run.config)
+    sampler = build_sampler(cfg.sampler, run.config)
+    spacing = sampler.spacing.value
     batches, remaining = [], int(cfg.num_samples)
     num_batches = math.ceil(remaining / int(cfg.batch_size))
     steps_per_batch = sampler.steps or run.schedule.T
@@ -77,19 +77,7 @@ def run_sample(cfg: DictConfig, output_dir: str) -> Path:
         task = bar.add_task(f"sampling ({sampler.name}, {steps_per_batch} steps)", total=total)
         while remaining > 0:
             n = min(remaining, int(cfg.batch_size))
-            batches.append(
-                module.sample(
-                    n,
-                    sampler=sampler.name,
-                    steps=sampler.steps,
-                    eta=sampler.get("eta", 0.0),
-                    spacing=spacing,
-                    generator=generator,
-                    progress=progress,
-                    variance=variance,
-                    cap_final_noise=bool(sampler.get("cap_final_noise", False)),
-                ).cpu()
-            )
+            batches.append(module.sample(n, sampler, generator=generator, progress=progress, variance=variance).cpu())
             remaining -= n
     samples = torch.cat(batches)
     out = Path(output_dir)

@@ -226,16 +226,11 @@ def make_logsnr_schedule(
     base: str = "linear",
     base_timesteps: int = 1000,
     hidden: int = 1024,
-    timesteps: int | None = None,
-    eval_timesteps: int = 1000,
-    variance_gradient: bool = True,
-    lr: float | None = None,
 ) -> LogSNRSchedule:
     """A continuous-time schedule by config name: ``logsnr_linear | logsnr_cosine | logsnr_discrete | learned``.
     ``logsnr_discrete`` maps the beta schedule ``base`` (any ``schedule=`` name) with ``base_timesteps`` steps to its
-    log-SNR, whose endpoints are the base's own. ``timesteps``, ``eval_timesteps`` and ``variance_gradient`` belong to
-    the config group but are read by the module (:class:`ContinuousDiffusionModule`), not here."""
-    del timesteps, eval_timesteps, variance_gradient
+    log-SNR, whose endpoints are the base's own. The group's ``timesteps``, ``eval_timesteps``, ``variance_gradient``
+    and ``lr`` configure the bound and its chain (the module reads them; ``builders.CHAIN_KEYS``), not this function."""
     from diffusion_elbo.core.schedules import make_schedule
 
     kinds = {

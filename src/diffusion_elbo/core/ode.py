@@ -37,15 +37,6 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-class Likelihood(str, Enum):
-    """What ``src/eval.py`` computes: the exact T-step bound (``elbo``), the probability-flow ODE's likelihood (``ode``),
-    or both on the same examples with their paired difference (``both``)."""
-
-    ELBO = "elbo"
-    ODE = "ode"
-    BOTH = "both"
-
-
 class Divergence(str, Enum):
     """How div f is computed: ``hutchinson`` (E[v^T J v] over Rademacher probes v, one vector-Jacobian product per
     probe; Hutchinson 1989, Grathwohl et al. 2019) or ``exact`` (the Jacobian's trace by D autograd passes)."""
@@ -193,7 +184,7 @@ def ode_nll_nats(
         raise ValueError("divergence=hutchinson needs probes (B, P, *D), e.g. rademacher((B, P, *D), generator)")
     if not 0.0 < t_start < schedule.T:
         # at t = 0 the noise is zero and the score eps_hat / sigma is 0 / 0
-        raise ValueError(f"ode.t_start must lie in (0, T) = (0, {schedule.T}); got {t_start}")
+        raise ValueError(f"likelihood.ode.t_start must lie in (0, T) = (0, {schedule.T}); got {t_start}")
     batch = x.shape[0]
     net_dtype = x.dtype
     a0, _ = schedule.signal_noise(torch.tensor([t_start], dtype=torch.float64, device=x.device))
@@ -222,7 +213,7 @@ def ode_nll_nats(
     # evaluating the drift at t > T where the schedule is not defined)
     if method not in ODE_METHODS:
         raise ValueError(
-            f"ode.method={method!r}: choose an adaptive torchdiffeq solver, one of {' | '.join(ODE_METHODS)}"
+            f"likelihood.ode.method={method!r}: choose an adaptive torchdiffeq solver, one of {' | '.join(ODE_METHODS)}"
         )
     options = {"step_t": times[1:]}
     z_path, div_path = odeint(rhs, (z0, zeros), times, rtol=rtol, atol=atol, method=method, options=options)

@@ -1,13 +1,16 @@
-"""Samplers for any denoiser model(x_t, t): ancestral DDPM and DDIM.
+"""Samplers for any denoiser model(x_t, t): ancestral DDPM and DDIM, as functions and as the objects the ``sampler``
+config group builds (:class:`Sampler`, the extension point for a sampler of one's own).
 
-Both run under ``torch.no_grad``, draw all randomness from the given generator, and report progress
+All run under ``torch.no_grad``, draw all randomness from the given generator, and report progress
 through ``progress(step, num_steps)``. ``shape`` is (N, *D) of the samples to draw.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -15,7 +18,13 @@ from torch import Tensor
 
 from diffusion_elbo.core.elbo import Denoiser
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0
-from diffusion_elbo.core.reverse import ReverseVariance, VarianceSpec, p_mean_variance
+from diffusion_elbo.core.reverse import (
+    ReverseVariance,
+    VarianceSpec,
+    denoiser_for,
+    mean_denoiser,
+    p_mean_variance,
+)
 from diffusion_elbo.core.schedules import NoiseSchedule
 
 Progress = Callable[[int, int], None]
@@ -209,3 +218,152 @@ def final_noise_cap(num_bins: int | None) -> float | None:
     if num_bins is None:
         return None
     return (1.0 / (num_bins - 1)) / math.sqrt(2.0 / math.pi)
+
+
+# ---- the sampler objects of the ``sampler`` config group ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What a sampler walks: a trained network on a T-step chain, as a LightningModule or a closed-form oracle gives it.
+
+    ``denoise(x_t, t)`` is the network's raw output at chain steps t (B,) in 1..T, read through ``parametrization``;
+    under ``network_variance=learned_range`` it holds the mean's channels, then v's (dim 1). ``variance`` is the reverse
+    variance to sample with: a :class:`ReverseVariance` name or a (T + 1,) table of sigma_t^2 (the analytic one).
+    ``clip_denoised`` clamps x0_hat to [-1, 1]; ``num_bins`` is K for K-level data (None: continuous data)."""
+
+    denoise: Denoiser
+    schedule: NoiseSchedule
+    parametrization: Parametrization
+    network_variance: ReverseVariance = ReverseVariance.SMALL
+    variance: VarianceSpec = ReverseVariance.SMALL
+    clip_denoised: bool = False
+    num_bins: int | None = None
+
+    def mean_model(self) -> Denoiser:
+        """The network restricted to its mean output (all of it unless it learned a variance)."""
+        return mean_denoiser(self.denoise, self.network_variance)
+
+    def x0_hat(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x0_hat(x_t, t) (B, *D) in data units, clamped to [-1, 1] where ``clip_denoised``."""
+        x0 = predict_x0(self.parametrization, self.schedule, x_t, t, self.mean_model()(x_t, t))
+        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
+
+
+class Sampler(ABC):
+    """Draws samples from a :class:`Chain`: the interface a sampler of one's own implements (``docs/extending.md``).
+
+    The constructor takes the sampler's config keys and checks them: a ``ValueError`` whose message starts with the
+    argument and its value (``steps=0 must be ...``; the config check puts the node's key in front) and says what
+    works; :meth:`sample` returns (N, *D) samples in data units. ``steps`` (None: all T) and ``spacing`` choose the
+    timesteps visited (:func:`spaced_timesteps`); ``cap_final_noise`` caps, on K-level data, the noise of the step that
+    produces x_1 (:func:`final_noise_cap`). ``name`` labels samples and records (``ddim-50``)."""
+
+    name = "sampler"
+
+    def __init__(
+        self, steps: int | None = None, spacing: Spacing | str = Spacing.TIME, cap_final_noise: bool = False
+    ) -> None:
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps={steps!r} must be an integer >= 1 (or null: all T steps of the chain)")
+        try:
+            self.spacing = Spacing(spacing)
+        except ValueError:
+            raise ValueError(
+                f"spacing={spacing!r} is not an option; choose {' | '.join(s.value for s in Spacing)}"
+            ) from None
+        self.steps = steps
+        self.cap_final_noise = bool(cap_final_noise)
+
+    def num_steps(self, chain: Chain) -> int:
+        """The network calls per sample: ``steps``, or the chain's T."""
+        return self.steps or chain.schedule.T
+
+    def final_noise_std(self, chain: Chain) -> float | None:
+        return final_noise_cap(chain.num_bins) if self.cap_final_noise else None
+
+    @property
+    def label(self) -> str:
+        """``ddim-50``, ``ddpm-T``, ``ddim-50-logsnr``: the sampler as records and titles name it."""
+        return f"{self.name}-{self.steps or 'T'}" + ("" if self.spacing is Spacing.TIME else f"-{self.spacing.value}")
+
+    @abstractmethod
+    def sample(
+        self,
+        chain: Chain,
+        shape: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        x_T: Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> Tensor:
+        """(N, *D) samples of ``shape`` from ``chain``, all randomness from ``generator``; ``x_T`` fixes the start."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label})"
+
+
+class AncestralSampler(Sampler):
+    """Ancestral sampling with the chain's reverse variance (Ho et al. 2020, Alg. 2; respaced to ``steps`` as Nichol &
+    Dhariwal 2021, sec. 4): :func:`ancestral_sample`."""
+
+    name = "ddpm"
+
+    def sample(self, chain, shape, *, generator=None, device="cpu", x_T=None, progress=None) -> Tensor:
+        model = denoiser_for(chain.denoise, chain.network_variance, chain.variance)
+        return ancestral_sample(
+            model,
+            chain.schedule,
+            shape,
+            parametrization=chain.parametrization,
+            variance=chain.variance,
+            clip_denoised=chain.clip_denoised,
+            generator=generator,
+            device=device,
+            x_T=x_T,
+            steps=self.steps,
+            spacing=self.spacing,
+            progress=progress,
+            final_noise_std=self.final_noise_std(chain),
+        )
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021) on ``steps`` timesteps (default 50), noise ``eta`` (0: deterministic); with an analytic
+    variance table, Analytic-DDIM's KL-optimal noise (Bao et al. 2022): :func:`ddim_sample`."""
+
+    name = "ddim"
+
+    def __init__(
+        self,
+        steps: int | None = 50,
+        eta: float = 0.0,
+        spacing: Spacing | str = Spacing.TIME,
+        cap_final_noise: bool = False,
+    ) -> None:
+        super().__init__(steps=steps, spacing=spacing, cap_final_noise=cap_final_noise)
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or eta < 0:
+            raise ValueError(f"eta={eta!r} must be a number >= 0 (0: deterministic DDIM, 1: DDPM's noise)")
+        self.eta = float(eta)
+
+    def sample(self, chain, shape, *, generator=None, device="cpu", x_T=None, progress=None) -> Tensor:
+        from diffusion_elbo.core.analytic import x0_error_from_variance
+
+        table = chain.variance if isinstance(chain.variance, Tensor) else None
+        return ddim_sample(
+            chain.mean_model(),
+            chain.schedule,
+            shape,
+            parametrization=chain.parametrization,
+            steps=self.num_steps(chain),
+            eta=self.eta,
+            spacing=self.spacing,
+            clip_denoised=chain.clip_denoised,
+            generator=generator,
+            device=device,
+            x_T=x_T,
+            progress=progress,
+            x0_error=None if table is None else x0_error_from_variance(chain.schedule, table),
+            final_noise_std=self.final_noise_std(chain),
+        )

@@ -4,12 +4,17 @@ runner.map_examples` (sharded over processes, per-example randomness, results in
 - :func:`evaluate_elbo`: the exact T-step -ELBO with its three terms and per-t profile (``likelihood=elbo``);
 - :func:`evaluate_ode`: -log p(x0) of the probability-flow ODE (``likelihood=ode``);
 - :func:`evaluate_continuous`: a continuous-time model's own bound (VDM), beside the chain's T-step one.
+
+and the objects of the ``likelihood`` config group that run them (:class:`LikelihoodEstimator`, the extension point
+for an estimator of one's own): :class:`ExactELBO`, :class:`ContinuousBound`, :class:`ProbabilityFlowODE`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -321,3 +326,232 @@ def evaluate_continuous(
         return _elbo_batch(result, x0, true_nll)
 
     return _elbo_summary(map_examples(dataset, evaluate, batch_size=batch_size, device=device))
+
+
+# ---- the estimator objects of the ``likelihood`` config group -----------------------------------------------------------
+
+
+@dataclass
+class EvalSubject:
+    """What an estimator evaluates: a model on a T-step chain, as a checkpoint or a config (an oracle) gives it.
+
+    ``network(x_t, t)`` is the network as trained (its variance channels included); ``model`` the denoiser under the
+    asked-for reverse ``variance`` (the network's mean half where it learned a variance that is not asked for);
+    ``mean_model`` its mean output alone (what the ODE integrates). t are chain steps (B,) in 1..T (float between them
+    for the ODE). ``reverse_variance()`` is the variance the bound uses: ``variance``'s name, or for ``analytic`` its
+    (T + 1,) table, estimated on first use. ``continuous_bound``: the inputs of :func:`evaluate_continuous` where the
+    subject has a continuous-time bound of its own (a continuous-time checkpoint, an oracle on a log-SNR schedule)."""
+
+    network: Denoiser
+    model: Denoiser
+    mean_model: Denoiser
+    schedule: NoiseSchedule
+    parametrization: str
+    trained_variance: str
+    variance: str
+    decoder_variance: str
+    num_bins: int | None
+    continuous_bound: dict | None = None
+    variance_table: Callable[[], Tensor] | None = None
+    _table: Tensor | None = field(default=None, repr=False)
+
+    def reverse_variance(self) -> str | Tensor:
+        if self.variance != ReverseVariance.ANALYTIC.value or self.variance_table is None:
+            return self.variance
+        if self._table is None:
+            self._table = self.variance_table()
+        return self._table
+
+
+@dataclass
+class EvalRun:
+    """How the eval job runs every estimator: per-example seeds from ``seed``, examples per batch, rows per network
+    call, the device, the data's exact NLL (a callable x0 -> (B,) nats, where known) and the seconds between progress
+    lines in a log (``progress_every_s``)."""
+
+    seed: int
+    device: torch.device
+    batch_size: int = 256
+    max_batch: int = 512
+    true_nll: Callable[[Tensor], Tensor] | None = None
+    progress_every_s: float = 30.0
+
+
+@dataclass
+class Estimate:
+    """An estimator's result: ``metrics`` go into metrics.json (its own keys, e.g. ``ode_bpd``), ``columns`` (N,)
+    per-example bits/dim in data order into per_example.csv (e.g. ``ode_bpd``)."""
+
+    metrics: dict
+    columns: dict[str, Tensor]
+
+
+class LikelihoodEstimator(ABC):
+    """-log p(x0), or a bound on it, for every example of a data split: the interface an estimator of one's own
+    implements (``docs/extending.md``). The constructor takes its config keys and checks them (a ``ValueError`` that
+    starts with the argument, ``probes=0 must be ...``); :meth:`evaluate` returns an :class:`Estimate`, or None where
+    the subject has nothing for this estimator (a discrete model and the continuous-time bound). Run it through
+    :func:`~diffusion_elbo.evaluation.runner.map_examples` with :func:`example_generator` for its randomness, and its
+    numbers are the same on 1 or N processes."""
+
+    @abstractmethod
+    def evaluate(self, subject: EvalSubject, dataset, run: EvalRun) -> Estimate | None:
+        """The estimate over ``dataset`` (items (x0, y, ...)), or None where it does not apply to ``subject``."""
+
+
+def _positive_int(name: str, value, fix: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1{fix}")
+    return value
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name}={value!r} must be a number > 0")
+    return float(value)
+
+
+class ExactELBO(LikelihoodEstimator):
+    """The exact T-step -ELBO (all T terms of every example) with its three terms and per-t profile:
+    :func:`evaluate_elbo`. Its keys are metrics.json's top-level ``bpd``, ``terms_nats_per_dim``, ... ."""
+
+    def evaluate(self, subject: EvalSubject, dataset, run: EvalRun) -> Estimate:
+        import math
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from diffusion_elbo.progress import ProgressLog, interactive
+
+        _, world = rank_world()
+        total_steps = math.ceil(len(dataset) / world / run.batch_size) * subject.schedule.T
+        columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        lines = ProgressLog("eval -ELBO", total_steps, "timesteps x batches", every_s=run.progress_every_s)
+        variance = subject.reverse_variance()
+        with Progress(*columns, transient=True, disable=not interactive()) as bar:
+            task = bar.add_task("eval", total=total_steps)
+            last = {"t": 0, "done": 0}
+
+            def progress(t: int, T: int) -> None:
+                # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
+                bar.advance(task, t - last["t"])
+                last["done"] += t - last["t"]
+                last["t"] = t % T
+                batches = last["done"] // T
+                examples = min(len(dataset), batches * run.batch_size * world)
+                lines.update(last["done"], f"{examples}/{len(dataset)} examples done, t {t}/{T} of this batch")
+
+            summary = evaluate_elbo(
+                subject.model,
+                subject.schedule,
+                dataset,
+                parametrization=subject.parametrization,
+                variance=variance,
+                decoder_variance=subject.decoder_variance,
+                num_bins=subject.num_bins,
+                seed=run.seed,
+                device=run.device,
+                batch_size=run.batch_size,
+                max_batch=run.max_batch,
+                true_nll=run.true_nll,
+                progress=progress,
+            )
+        return Estimate(summary.metrics(), {"bpd": nats_to_bits_per_dim(summary.total / summary.num_dims)})
+
+
+class ContinuousBound(LikelihoodEstimator):
+    """A continuous-time model's own bound (T -> infinity, or its T-step one; VDM), from ``strata`` stratified times
+    per example (:func:`evaluate_continuous`), under ``continuous`` in metrics.json; None for a discrete model."""
+
+    def __init__(self, strata: int = 64) -> None:
+        self.strata = _positive_int("strata", strata)
+
+    def evaluate(self, subject: EvalSubject, dataset, run: EvalRun) -> Estimate | None:
+        bound = subject.continuous_bound
+        if bound is None:
+            return None
+        summary = evaluate_continuous(
+            **bound,
+            dataset=dataset,
+            strata=self.strata,
+            seed=run.seed,
+            device=run.device,
+            batch_size=run.batch_size,
+            max_batch=run.max_batch,
+            true_nll=run.true_nll,
+        )
+        metrics = summary.metrics()
+        metrics["timesteps"] = bound["timesteps"]  # null: the continuous-time bound
+        return Estimate(
+            {"continuous": metrics}, {"continuous_bpd": nats_to_bits_per_dim(summary.total / summary.num_dims)}
+        )
+
+
+class ProbabilityFlowODE(LikelihoodEstimator):
+    """-log p(x0) of the model's probability-flow ODE (Song et al. 2021), dequantized on K-level data: the
+    :func:`evaluate_ode` arguments as config keys, checked here; the ``ode_*`` keys of metrics.json."""
+
+    def __init__(
+        self,
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        divergence: str = "hutchinson",
+        probes: int = 1,
+        dequantization: str = "uniform",
+        dequantization_samples: int = 1,
+        t_start: float | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        from diffusion_elbo.core.ode import ODE_METHODS, Dequantization, Divergence
+
+        if method not in ODE_METHODS:
+            raise ValueError(
+                f"method={method!r} is not an adaptive torchdiffeq solver; choose one of {' | '.join(ODE_METHODS)}"
+            )
+        for name, value, enum in (("divergence", divergence, Divergence), ("dequantization", dequantization,
+                                                                           Dequantization)):  # fmt: skip
+            if value not in {m.value for m in enum}:
+                raise ValueError(f"{name}={value!r} is not an option; choose {' | '.join(m.value for m in enum)}")
+        self.method, self.divergence, self.dequantization = method, divergence, dequantization
+        self.rtol, self.atol = _positive("rtol", rtol), _positive("atol", atol)
+        self.probes = _positive_int("probes", probes)
+        self.dequantization_samples = _positive_int("dequantization_samples", dequantization_samples)
+        self.t_start = None if t_start is None else _positive("t_start", t_start)
+        self.batch_size = None if batch_size is None else _positive_int("batch_size", batch_size, " (or null)")
+
+    def evaluate(self, subject: EvalSubject, dataset, run: EvalRun) -> Estimate:
+        import logging
+
+        from diffusion_elbo.progress import ProgressLog
+
+        logging.getLogger(__name__).info(
+            "probability-flow ODE likelihood of %d examples (%s, rtol %g, atol %g, %s divergence%s)",
+            len(dataset),
+            self.method,
+            self.rtol,
+            self.atol,
+            self.divergence,
+            f", {self.probes} probe(s)" if self.divergence == "hutchinson" else "",
+        )
+        lines = ProgressLog("ODE likelihood", len(dataset), "examples", every_s=run.progress_every_s)
+        summary = evaluate_ode(
+            subject.mean_model,
+            subject.schedule,
+            dataset,
+            progress=lambda done, nfe: lines.update(done, f"{nfe} NFE in the last solve"),
+            parametrization=subject.parametrization,
+            num_bins=subject.num_bins,
+            seed=run.seed,
+            device=run.device,
+            batch_size=self.batch_size or run.batch_size,
+            t_start=self.t_start,
+            divergence=self.divergence,
+            probes=self.probes,
+            dequantization_samples=self.dequantization_samples,
+            dequantization=self.dequantization,
+            rtol=self.rtol,
+            atol=self.atol,
+            method=self.method,
+            true_nll=run.true_nll,
+        )
+        return Estimate(summary.metrics(), {"ode_bpd": nats_to_bits_per_dim(summary.nll / summary.num_dims)})

@@ -5,51 +5,35 @@ summary and the checkpoint's W&B run."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Subset
 
 from diffusion_elbo.analytic import analytic_table
-from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance, nats_to_bits_per_dim, standard_error
-from diffusion_elbo.core.ode import Likelihood
+from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance, standard_error
 from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser
-from diffusion_elbo.evaluation.estimators import (
-    ELBOSummary,
-    ODESummary,
-    evaluate_continuous,
-    evaluate_elbo,
-    evaluate_ode,
-)
+from diffusion_elbo.evaluation.estimators import EvalRun, EvalSubject
 from diffusion_elbo.evaluation.runner import barrier, launch_processes, rank_world
-from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.records import write_metrics, write_per_example
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Subject:
-    """What is evaluated: a checkpoint's model (or one built from the config, such as an oracle) on its data split."""
+class _Evaluated:
+    """The eval job's subject (:class:`EvalSubject`, what the estimators see) with its data and its checkpoint."""
 
-    network: torch.nn.Module  # the network as trained (its variance outputs included)
-    model: object  # the denoiser the bound evaluates: the network with the asked-for reverse variance
-    schedule: object
+    subject: EvalSubject
     datamodule: object
     dataset: object
-    parametrization: str
-    trained_variance: str
-    variance: str
-    decoder_variance: str
     loaded: object = None  # the checkpoint (checkpoints.load_for_eval), None for a model built from the config
 
 
-def _subject(cfg: DictConfig, device: torch.device) -> _Subject:
+def _subject(cfg: DictConfig, device: torch.device) -> _Evaluated:
     from diffusion_elbo.builders import build_datamodule, build_model, build_schedule, is_continuous
     from diffusion_elbo.lightning.continuous import CHAIN_DECODER_VARIANCE
 
@@ -75,65 +59,58 @@ def _subject(cfg: DictConfig, device: torch.device) -> _Subject:
     dataset = datamodule.split(cfg.split)
     if cfg.num_examples is not None:
         dataset = Subset(dataset, range(min(int(cfg.num_examples), len(dataset))))
-    return _Subject(
+    subject = EvalSubject(
         network=network,
         model=denoiser_for(network, trained_variance, variance),
+        mean_model=mean_denoiser(network, trained_variance),
         schedule=schedule.to(device),
-        datamodule=datamodule,
-        dataset=dataset,
         parametrization=parametrization,
         trained_variance=trained_variance,
         variance=variance,
         decoder_variance=DecoderVariance(cfg.get("decoder_variance") or trained_decoder).value,
-        loaded=loaded,
+        num_bins=datamodule.num_bins,
     )
+    evaluated = _Evaluated(subject=subject, datamodule=datamodule, dataset=dataset, loaded=loaded)
+    subject.continuous_bound = _continuous_bound_inputs(cfg, evaluated, device)
+    subject.variance_table = lambda: _analytic_variance(cfg, evaluated, device)
+    return evaluated
 
 
 def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """The ``src/eval.py`` job: exact bits/dim with its terms and per-t profile (``likelihood=elbo``), the probability-flow
-    ODE's likelihood (``ode``) or both, and a continuous-time model's own bound beside the chain's, saved to
-    metrics.json and per_example.csv. Under ``trainer.devices=N`` every estimator is sharded over the N processes."""
-    from diffusion_elbo.builders import resolve_device
+    """The ``src/eval.py`` job: each estimator of ``likelihood`` (the exact bits/dim with its terms and per-t profile, a
+    continuous-time model's own bound, the probability-flow ODE's likelihood, or one's own) on the same examples, their
+    paired differences, FID for image checkpoints, saved to metrics.json and per_example.csv. Under
+    ``trainer.devices=N`` every estimator is sharded over the N processes."""
+    from diffusion_elbo.builders import build_estimators, resolve_device
+    from diffusion_elbo.cli import likelihood_name
     from diffusion_elbo.config import validate_config
 
     validate_config(cfg)
     fabric = launch_processes(cfg)
     device = fabric.device if fabric is not None else resolve_device(cfg.device)
-    s = _subject(cfg, device)
-    likelihood = Likelihood(cfg.get("likelihood") or Likelihood.ELBO.value)
-    true_nll = getattr(s.datamodule, "true_nll_nats", None)
+    e = _subject(cfg, device)
+    s = e.subject
+    run = EvalRun(
+        seed=int(cfg.seed),
+        device=device,
+        batch_size=int(cfg.batch_size),
+        max_batch=int(cfg.max_batch),
+        true_nll=getattr(e.datamodule, "true_nll_nats", None),
+        progress_every_s=_progress_every_s(cfg),
+    )
     metrics: dict = {}
     columns: dict[str, Tensor] = {}  # per-example bits/dim, in data order
-    if likelihood is not Likelihood.ODE:
-        summary = _run_elbo(cfg, s, _reverse_variance(cfg, s, device), device, true_nll)
-        metrics.update(summary.metrics())
-        columns["bpd"] = nats_to_bits_per_dim(summary.total / summary.num_dims)
-    if likelihood is not Likelihood.ELBO:
-        ode = _run_ode(cfg, s, mean_denoiser(s.network, s.trained_variance), device, true_nll)
-        metrics.update(ode.metrics())
-        columns["ode_bpd"] = nats_to_bits_per_dim(ode.nll / ode.num_dims)
-    bound = _continuous_bound_inputs(cfg, s, device) if likelihood is not Likelihood.ODE else None
-    if bound is not None:
-        # continuous time: the model's own bound (T -> infinity, or its T-step one) beside the chain's exact T-step one
-        continuous = evaluate_continuous(
-            **bound,
-            dataset=s.dataset,
-            strata=int(OmegaConf.select(cfg, "continuous_strata", default=64)),
-            seed=int(cfg.seed),
-            device=device,
-            batch_size=int(cfg.batch_size),
-            max_batch=int(cfg.max_batch),
-            true_nll=true_nll,
-        )
-        metrics["continuous"] = continuous.metrics()
-        metrics["continuous"]["timesteps"] = bound["timesteps"]  # null: the continuous-time bound
-        columns["continuous_bpd"] = nats_to_bits_per_dim(continuous.total / continuous.num_dims)
+    for estimator in build_estimators(cfg).values():
+        estimate = estimator.evaluate(s, e.dataset, run)
+        if estimate is not None:
+            metrics.update(estimate.metrics)
+            columns.update(estimate.columns)
     if rank_world()[0] != 0:  # the other ranks' examples are in rank 0's results; it alone writes them
         return metrics
     metrics.update(_paired_differences(columns))
     metrics.update(
         {
-            "likelihood": likelihood.value,
+            "likelihood": likelihood_name(OmegaConf.select(cfg, "likelihood")),
             "split": cfg.split,
             "schedule": s.schedule.name,
             "timesteps": s.schedule.T,
@@ -145,63 +122,66 @@ def run_eval(cfg: DictConfig, output_dir: str | Path) -> dict:
             "ckpt_path": cfg.ckpt_path,
         }
     )
-    if s.loaded is not None and _wants_fid(cfg, s.datamodule):
-        metrics.update(_checkpoint_fid(cfg, s.loaded.module, s.datamodule, device, s.loaded.config))
+    if e.loaded is not None and _wants_fid(cfg, e.datamodule):
+        metrics.update(_checkpoint_fid(cfg, e.loaded.module, e.datamodule, device, e.loaded.config))
     path = write_metrics(metrics, output_dir)
     write_per_example(columns, output_dir)
-    if s.loaded is not None and OmegaConf.select(cfg, "wandb.enabled", default=False):
-        _log_to_training_run(cfg, s.loaded.config, metrics)
+    if e.loaded is not None and OmegaConf.select(cfg, "wandb.enabled", default=False):
+        _log_to_training_run(cfg, e.loaded.config, metrics)
     log.info(_summary_line(metrics))
     log.info("metrics written to %s", path)
     print(f"metrics: {path}")
     return metrics
 
 
-def _continuous_bound_inputs(cfg: DictConfig, s: _Subject, device: torch.device) -> dict | None:
+def _continuous_bound_inputs(cfg: DictConfig, e: _Evaluated, device: torch.device) -> dict | None:
     """The inputs of :func:`evaluate_continuous` where the subject has a continuous-time bound: a continuous-time
     checkpoint (its network, learned or fixed log-SNR schedule and T), or a closed-form oracle built from the config on
     a continuous-time schedule (``x0_at_log_snr``); None otherwise."""
-    from diffusion_elbo.builders import is_continuous
+    from diffusion_elbo.builders import build_logsnr, is_continuous
     from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
     from diffusion_elbo.models.oracle import ClosedFormOracle
 
-    if s.loaded is not None:
-        module = s.loaded.module
+    if e.loaded is not None:
+        module = e.loaded.module
         return module.to(device).bound_inputs() if isinstance(module, ContinuousDiffusionModule) else None
-    if not (is_continuous(cfg) and isinstance(s.network, ClosedFormOracle)):
+    if not (is_continuous(cfg) and isinstance(e.subject.network, ClosedFormOracle)):
         return None
     return {
-        "denoiser": s.network.x0_at_log_snr,
-        "logsnr": instantiate(cfg.schedule).to(device),
+        "denoiser": e.subject.network.x0_at_log_snr,
+        "logsnr": build_logsnr(cfg).to(device),
         "parametrization": Parametrization.X0,
-        "num_bins": s.datamodule.num_bins,
+        "num_bins": e.datamodule.num_bins,
         "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),
         "chain_timesteps": int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
     }
 
 
-def _reverse_variance(cfg: DictConfig, s: _Subject, device: torch.device):
-    """The reverse variance the bound uses: its name, or for ``analytic`` its table (estimated by rank 0 and cached
-    next to the checkpoint; the other ranks read the cache)."""
-    if s.variance != ReverseVariance.ANALYTIC.value:
-        return s.variance
+def _analytic_variance(cfg: DictConfig, e: _Evaluated, device: torch.device) -> Tensor:
+    """The analytic reverse variance's table (estimated by rank 0 and cached next to the checkpoint; the other ranks
+    read the cache)."""
+    s = e.subject
     # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
     estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
     rank = rank_world()[0]
     if rank == 0:
-        table = analytic_table(cfg, s.model, s.schedule, s.datamodule, s.parametrization, device, estimation)
+        table = analytic_table(cfg, s.model, s.schedule, e.datamodule, s.parametrization, device, estimation)
     barrier()
     if rank != 0:
-        table = analytic_table(cfg, s.model, s.schedule, s.datamodule, s.parametrization, device, estimation)
+        table = analytic_table(cfg, s.model, s.schedule, e.datamodule, s.parametrization, device, estimation)
     return table
 
 
 def _paired_differences(columns: dict[str, Tensor]) -> dict:
     """Per-example differences of two likelihoods of the same examples, with their standard errors (paired: far
-    smaller than either SE): the chain's T-step bound minus a continuous model's own, and the bound minus the ODE's
-    -log-likelihood (how far the bound sits above the model's own likelihood)."""
+    smaller than either SE): the chain's T-step bound minus a continuous model's own, the bound minus the ODE's
+    -log-likelihood (how far the bound sits above the model's own likelihood), and the bound minus any other
+    estimator's column (``elbo_minus_<name>_bpd`` for a column ``<name>_bpd``)."""
+    pairs = [("chain_minus_continuous", "bpd", "continuous_bpd"), ("elbo_minus_ode", "bpd", "ode_bpd")]
+    known = {"bpd", "continuous_bpd", "ode_bpd"}
+    pairs += [(f"elbo_minus_{c.removesuffix('_bpd')}", "bpd", c) for c in columns if c not in known]
     out = {}
-    for name, a, b in (("chain_minus_continuous", "bpd", "continuous_bpd"), ("elbo_minus_ode", "bpd", "ode_bpd")):
+    for name, a, b in pairs:
         if a in columns and b in columns:
             diff = columns[a] - columns[b]
             out[f"{name}_bpd"] = float(diff.mean())
@@ -259,79 +239,6 @@ def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> Non
         run.finish()
 
 
-def _run_elbo(cfg: DictConfig, s: _Subject, variance, device: torch.device, true_nll) -> ELBOSummary:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    _, world = rank_world()
-    dataset = s.dataset
-    total_steps = math.ceil(len(dataset) / world / int(cfg.batch_size)) * s.schedule.T
-    columns = (TextColumn("eval -ELBO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    lines = ProgressLog("eval -ELBO", total_steps, "timesteps x batches", every_s=_progress_every_s(cfg))
-    with Progress(*columns, transient=True, disable=not interactive()) as bar:
-        task = bar.add_task("eval", total=total_steps)
-        last = {"t": 0, "done": 0}
-
-        def progress(t: int, T: int) -> None:
-            # exact_elbo reports the last timestep done in each batch; it restarts at 1 every batch
-            bar.advance(task, t - last["t"])
-            last["done"] += t - last["t"]
-            last["t"] = t % T
-            batches = last["done"] // T
-            examples = min(len(dataset), batches * int(cfg.batch_size) * world)
-            lines.update(last["done"], f"{examples}/{len(dataset)} examples done, t {t}/{T} of this batch")
-
-        return evaluate_elbo(
-            s.model,
-            s.schedule,
-            dataset,
-            parametrization=s.parametrization,
-            variance=variance,
-            decoder_variance=s.decoder_variance,
-            num_bins=s.datamodule.num_bins,
-            seed=int(cfg.seed),
-            device=device,
-            batch_size=int(cfg.batch_size),
-            max_batch=int(cfg.max_batch),
-            true_nll=true_nll,
-            progress=progress,
-        )
-
-
-def _run_ode(cfg: DictConfig, s: _Subject, model, device: torch.device, true_nll) -> ODESummary:
-    dataset = s.dataset
-    o = cfg.ode
-    log.info(
-        "probability-flow ODE likelihood of %d examples (%s, rtol %g, atol %g, %s divergence%s)",
-        len(dataset),
-        o.method,
-        float(o.rtol),
-        float(o.atol),
-        o.divergence,
-        f", {int(o.probes)} probe(s)" if o.divergence == "hutchinson" else "",
-    )
-    lines = ProgressLog("ODE likelihood", len(dataset), "examples", every_s=_progress_every_s(cfg))
-    return evaluate_ode(
-        model,
-        s.schedule,
-        dataset,
-        progress=lambda done, nfe: lines.update(done, f"{nfe} NFE in the last solve"),
-        parametrization=s.parametrization,
-        num_bins=s.datamodule.num_bins,
-        seed=int(cfg.seed),
-        device=device,
-        batch_size=int(o.batch_size or cfg.batch_size),
-        t_start=None if o.t_start is None else float(o.t_start),
-        divergence=o.divergence,
-        probes=int(o.probes),
-        dequantization_samples=int(o.dequantization_samples),
-        dequantization=o.get("dequantization") or "uniform",
-        rtol=float(o.rtol),
-        atol=float(o.atol),
-        method=o.method,
-        true_nll=true_nll,
-    )
-
-
 def _summary_line(metrics: dict) -> str:
     parts = []
     if "bpd" in metrics:
@@ -354,12 +261,20 @@ def _summary_line(metrics: dict) -> str:
         parts.append(f"{kind} bound = {c['bpd']:.4f} ± {c['bpd_se']:.4f} bpd (the model's own estimator)")
     if "elbo_minus_ode_bpd" in metrics:
         parts.append(f"-ELBO - ODE NLL = {metrics['elbo_minus_ode_bpd']:.4f} ± {metrics['elbo_minus_ode_bpd_se']:.4f}")
+    for key in _other_estimates(metrics):
+        parts.append(f"{key.removesuffix('_bpd')} = {metrics[key]:.4f} ± {metrics[key + '_se']:.4f} bpd")
     if "fid" in metrics:
         line = f"FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
         if metrics.get("fid_classifier_accuracy") is not None:
             line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
         parts.append(line)
     return "; ".join(parts)
+
+
+def _other_estimates(metrics: dict) -> list[str]:
+    """The ``<name>_bpd`` keys (with ``<name>_bpd_se``) of estimators other than the built-in ones and their pairs."""
+    shown = ("bpd", "ode_bpd", "true_nll_bpd", "gap_bpd", "ode_gap_bpd")
+    return [k for k in metrics if k.endswith("_bpd") and f"{k}_se" in metrics and k not in shown and "_minus_" not in k]
 
 
 def _wants_fid(cfg: DictConfig, datamodule) -> bool:
@@ -373,12 +288,12 @@ def _wants_fid(cfg: DictConfig, datamodule) -> bool:
 
 
 def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, train_config: dict) -> dict:
-    from diffusion_elbo.checkpoints import sampler_spacing
+    from diffusion_elbo.builders import build_sampler
     from diffusion_elbo.fid import make_fid
     from diffusion_elbo.lightning.callbacks import compute_fid
 
     f = cfg.fid
-    spacing = sampler_spacing(OmegaConf.select(f, "spacing", default=None), train_config)
+    sampler = build_sampler(f.sampler, train_config)
     fid = make_fid(
         datamodule,
         features=f.features,
@@ -393,10 +308,7 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, t
         int(f.num_samples),
         0,
         1,
-        sampler=f.sampler,
-        steps=f.steps,
-        eta=float(f.eta),
-        spacing=spacing,
+        sampler=sampler,
         batch_size=int(f.batch_size),
         seed=int(cfg.seed),
     )
@@ -405,7 +317,7 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, t
         "fid_features": f.features,
         "fid_num_samples": int(f.num_samples),
         # the grid is named only where it is not DDIM's evenly spaced timesteps, so earlier records stay comparable
-        "fid_sampler": f"{f.sampler}-{f.steps or 'T'}" + ("" if spacing == "time" else f"-{spacing}"),
+        "fid_sampler": sampler.label,
         "fid_classifier_accuracy": fid.classifier_accuracy,
     }
 

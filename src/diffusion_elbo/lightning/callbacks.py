@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion_elbo.cli import UserError
+from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler, Sampler
 from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
@@ -66,14 +67,7 @@ class EMA(WeightAveraging):
 def _draw_samples(callback: SampleGrid | Toy2DMetrics, pl_module: L.LightningModule) -> torch.Tensor:
     """The callback's ``num_samples`` from its sampler settings, from a generator seeded with its ``seed``."""
     generator = torch.Generator(device=pl_module.device).manual_seed(callback.seed)
-    return pl_module.sample(
-        callback.num_samples,
-        sampler=callback.sampler,
-        steps=callback.steps,
-        eta=callback.eta,
-        spacing=callback.spacing,
-        generator=generator,
-    )
+    return pl_module.sample(callback.num_samples, callback.sampler, generator=generator)
 
 
 class _EveryNValidations(L.Callback):
@@ -122,19 +116,13 @@ class SampleGrid(_EveryNValidations):
     def __init__(
         self,
         num_samples: int = 64,
-        sampler: str = "ddim",
-        steps: int | None = 50,
-        eta: float = 0.0,
+        sampler: Sampler | None = None,
         every_n_val: int = 1,
         dirpath: str | None = None,
         seed: int = 0,
-        spacing: str = "time",
     ) -> None:
         self.num_samples = num_samples
-        self.sampler = sampler
-        self.steps = steps
-        self.eta = eta
-        self.spacing = spacing
+        self.sampler = DDIMSampler() if sampler is None else sampler
         super().__init__()
         self.every_n_val = every_n_val
         self.dirpath = dirpath
@@ -292,21 +280,18 @@ class FIDMetric(_EveryNValidations):
         num_samples: int = 1000,
         every_n_val: int = 5,
         features: str = "classifier",
-        sampler: str = "ddim",
-        steps: int | None = 50,
-        eta: float = 0.0,
+        sampler: Sampler | None = None,
         batch_size: int = 256,
         cache_dir: str = "data/cache",
         weights_path: str | None = None,
         seed: int = 0,
         classifier_steps: int = 3000,
-        spacing: str = "time",
     ) -> None:
         self.num_samples = num_samples
         self.every_n_val = every_n_val
         self.classifier_steps = classifier_steps
         self.features = features
-        self.sampler, self.steps, self.eta, self.spacing = sampler, steps, eta, spacing
+        self.sampler = DDIMSampler() if sampler is None else sampler
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.weights_path = weights_path
@@ -347,9 +332,6 @@ class FIDMetric(_EveryNValidations):
             trainer.global_rank,
             trainer.world_size,
             sampler=self.sampler,
-            steps=self.steps,
-            eta=self.eta,
-            spacing=self.spacing,
             batch_size=self.batch_size,
             seed=self.seed,
         )
@@ -365,27 +347,33 @@ def compute_fid(
     rank: int,
     world_size: int,
     *,
-    sampler: str,
-    steps: int | None,
-    eta: float,
+    sampler: Sampler,
     batch_size: int,
     seed: int,
     progress=None,
-    **sample_options,
+    variance: Tensor | str | None = None,
 ) -> float:
-    """Sample this rank's share of ``num_samples`` into the metric and return the gathered FID.
-    ``sample_options`` go to :meth:`DiffusionModule.sample` (``variance``, ``cap_final_noise``)."""
+    """Sample this rank's share of ``num_samples`` with ``sampler`` into the metric and return the gathered FID;
+    ``variance`` overrides the module's reverse variance (:meth:`DiffusionModule.sample`)."""
     fid.reset_fake()
     for _, samples in fid_samples(
-        module, num_samples, rank, world_size, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
-        seed=seed, progress=progress, **sample_options,
+        module, num_samples, rank, world_size, sampler=sampler, batch_size=batch_size, seed=seed, progress=progress,
+        variance=variance,
     ):  # fmt: skip
         fid.update(samples)
     return fid.compute()
 
 
 def fid_samples(
-    module, num_samples: int, rank: int, world_size: int, *, batch_size: int, seed: int, **sample_options
+    module,
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    *,
+    sampler: Sampler,
+    batch_size: int,
+    seed: int,
+    **sample_options,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """This rank's share of the FID sample set, in batches (indices (n,), samples (n, *D)): samples rank, rank + W,
     ..., each starting from its own x_T (:func:`~diffusion_elbo.core.elbo.example_generator` of its index), so under
@@ -399,7 +387,9 @@ def fid_samples(
     for start in range(0, indices.numel(), batch_size):
         chunk = indices[start : start + batch_size]
         x_T = torch.stack([torch.randn(shape, generator=example_generator(seed, int(i))) for i in chunk])
-        samples = module.sample(chunk.numel(), generator=generator, x_T=x_T.to(module.device), **sample_options)
+        samples = module.sample(
+            chunk.numel(), sampler, generator=generator, x_T=x_T.to(module.device), **sample_options
+        )
         yield chunk, samples
 
 
@@ -411,14 +401,11 @@ class Toy2DMetrics(L.Callback):
     def __init__(
         self,
         num_samples: int = 2000,
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        eta: float = 0.0,
+        sampler: Sampler | None = None,
         seed: int = 0,
-        spacing: str = "time",
     ) -> None:
-        self.num_samples, self.sampler, self.steps, self.eta, self.seed = num_samples, sampler, steps, eta, seed
-        self.spacing = spacing
+        self.num_samples, self.seed = num_samples, seed
+        self.sampler = AncestralSampler() if sampler is None else sampler
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or tuple(pl_module.data_shape) != (2,) or self.num_samples < 20:

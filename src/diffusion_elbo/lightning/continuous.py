@@ -384,9 +384,9 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.log_dict({"val/gamma_min": gamma_0.detach().float(), "val/gamma_max": gamma_1.detach().float()})
 
     # -------------------------------------------------------------------------------------- sampling
-    def sample(self, num_samples: int, **kwargs) -> Tensor:
+    def sampling_chain(self, variance):
         self.refresh_schedule()
-        return super().sample(num_samples, **kwargs)
+        return super().sampling_chain(variance)
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -20,15 +20,12 @@ from diffusion_elbo.core import (
     Parametrization,
     ReverseVariance,
     TimestepSampling,
-    ancestral_sample,
-    ddim_sample,
     make_timestep_sampler,
     prior_kl_nats,
     q_sample,
     training_target,
     weighted_mse,
 )
-from diffusion_elbo.core.analytic import x0_error_from_variance
 from diffusion_elbo.core.elbo import (
     num_stratified_timesteps,
     per_example_draws,
@@ -37,8 +34,8 @@ from diffusion_elbo.core.elbo import (
     term_from_output,
 )
 from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
-from diffusion_elbo.core.reverse import denoiser_for, mean_denoiser, split_output, stop_mean_gradient
-from diffusion_elbo.core.samplers import final_noise_cap
+from diffusion_elbo.core.reverse import split_output, stop_mean_gradient
+from diffusion_elbo.core.samplers import Chain, DDIMSampler, Sampler
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
@@ -455,49 +452,38 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self,
         num_samples: int,
+        sampler: Sampler | None = None,
         *,
-        sampler: str = "ddim",
-        steps: int | None = None,
-        eta: float = 0.0,
-        spacing: str = "time",
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
         variance: Tensor | str | None = None,
-        cap_final_noise: bool = False,
         x_T: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``num_samples`` with ``ddpm`` (ancestral, optionally respaced to ``steps``) or ``ddim``, on
-        timesteps evenly spaced in t or in log-SNR (``spacing``: time | logsnr).
+        """Draw ``num_samples`` with ``sampler`` (an object of the ``sampler`` config group; default DDIM, 50 steps).
 
         Without a ``generator`` each DDP rank uses seed + rank, so ranks draw different samples. ``variance``
-        overrides the module's reverse variance for ancestral sampling (a name, or a table such as the analytic one);
-        DDIM takes an analytic table as Analytic-DDIM's KL-optimal noise (Bao et al. 2022) and ignores names.
-        ``cap_final_noise``: on quantized data, cap the noise of the step that produces x_1 at half a grey level
-        (:func:`~diffusion_elbo.core.samplers.final_noise_cap`). ``x_T`` (num_samples, *data_shape) fixes the starting
+        overrides the module's reverse variance (a name, or a table such as the analytic one; DDIM takes a table as
+        Analytic-DDIM's KL-optimal noise and ignores names). ``x_T`` (num_samples, *data_shape) fixes the starting
         noise (DDIM with eta = 0 is then deterministic)."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed + 100_003 * self.global_rank)
+        sampler = DDIMSampler() if sampler is None else sampler
+        chain = self.sampling_chain(self.variance if variance is None else variance)
         shape = (num_samples, *self.data_shape)
-        common = {
-            "parametrization": self.parametrization,
-            "clip_denoised": self.sampling_clips,
-            "generator": generator,
-            "device": self.device,
-            "progress": progress,
-            "final_noise_std": final_noise_cap(self.num_bins) if cap_final_noise else None,
-            "x_T": x_T,
-            "spacing": spacing,
-        }
-        if sampler == "ddpm":
-            chosen = self.variance.value if variance is None else variance
-            model = denoiser_for(self.denoise, self.variance, chosen)
-            return ancestral_sample(model, self.schedule, shape, variance=chosen, steps=steps, **common)
-        if sampler == "ddim":
-            model = mean_denoiser(self.denoise, self.variance)
-            # DDIM's noise comes from eta; an analytic table adds the KL-optimal variance (Analytic-DDIM)
-            x0_error = x0_error_from_variance(self.schedule, variance) if isinstance(variance, Tensor) else None
-            return ddim_sample(model, self.schedule, shape, steps=steps or 50, eta=eta, x0_error=x0_error, **common)
-        raise ValueError(f"sampler={sampler!r} is not an option; choose ddpm or ddim")
+        return sampler.sample(chain, shape, generator=generator, device=self.device, x_T=x_T, progress=progress)
+
+    def sampling_chain(self, variance: Tensor | str | ReverseVariance) -> Chain:
+        """The chain a sampler walks: this module's network, schedule and parametrization, with ``variance``."""
+        chosen = variance if isinstance(variance, Tensor) else ReverseVariance(variance)
+        return Chain(
+            denoise=self.denoise,
+            schedule=self.schedule,
+            parametrization=self.parametrization,
+            network_variance=self.variance,
+            variance=chosen,
+            clip_denoised=self.sampling_clips,
+            num_bins=self.num_bins,
+        )
 
     @property
     def sampling_clips(self) -> bool:
