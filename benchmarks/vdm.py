@@ -106,6 +106,12 @@ def _curve_line(row: dict) -> str:
     )
 
 
+def _same_command(stored: str | None, command: str) -> bool:
+    """Whether a kept row was evaluated with ``command``: the same overrides, where ``continuous_strata=`` is the name
+    ``likelihood.continuous.strata=`` had before the likelihood group built objects (2026-12-05)."""
+    return stored is not None and stored.replace("continuous_strata=", "likelihood.continuous.strata=") == command
+
+
 def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: int, append: bool = False) -> None:
     """``append``: keep the rows of ``curve.json`` whose model is not among ``runs`` (their run directories may be
     gone; each kept row's metrics.json and command stay under ``curve/``)."""
@@ -125,13 +131,18 @@ def curve(runs: list[str], steps: list[int], num_examples: int | None, strata: i
             ckpt = Path(run_dir) / "checkpoints" / f"step_{step:07d}.ckpt"
             if not ckpt.is_file():
                 continue
-            overrides = [f"ckpt_path={ckpt}", "fid.num_samples=0", "wandb.enabled=false", f"likelihood.continuous.strata={strata}"]
+            overrides = [
+                f"ckpt_path={ckpt}",
+                "fid.num_samples=0",
+                "wandb.enabled=false",
+                f"likelihood.continuous.strata={strata}",
+            ]
             if num_examples:
                 overrides.append(f"num_examples={num_examples}")
             keep = OUT / "curve" / f"{label}-{step}"
             kept = keep / "metrics.json"
             command = "python src/eval.py " + " ".join(overrides)
-            if kept.is_file() and json.loads(kept.read_text()).get("command") == command:
+            if kept.is_file() and _same_command(json.loads(kept.read_text()).get("command"), command):
                 m = json.loads(kept.read_text())  # this row was evaluated before with the same command
             else:
                 m = evaluate(overrides, keep=keep)

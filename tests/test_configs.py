@@ -66,14 +66,20 @@ def test_launchers_are_available(launcher):
 
 def test_validate_config_lists_every_problem():
     cfg = compose_with(
-        ["parametrization=eps3", "loss.name=l1", "optimizer.lr=-1", "data.batch_size=0", "sampler.spacing=sigma"]
+        [
+            "parametrization=eps3",
+            "loss.timestep_sampling=l1",
+            "optimizer.lr=-1",
+            "data.batch_size=0",
+            "sampler.spacing=sigma",
+        ]
     )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     msg = str(err.value)
     for fragment in (
         "parametrization='eps3'",
-        "loss.name='l1'",
+        "loss.timestep_sampling='l1' is not an option",
         "optimizer.lr=-1 must be > 0",
         "data.batch_size=0",
         "sampler.spacing='sigma' is not an option; choose time | logsnr",

@@ -21,6 +21,7 @@ from diffusion_elbo.core.logsnr import (
     float64_gamma,
     make_logsnr_schedule,
 )
+from diffusion_elbo.core.losses import ELBOLoss, EpsMSE
 from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
 from diffusion_elbo.core.schedules import InvalidScheduleError, make_schedule
 from diffusion_elbo.core.timesteps import low_discrepancy_uniform, make_timestep_sampler
@@ -180,8 +181,9 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
 
     def module(**kwargs):
         return ContinuousDiffusionModule(
-            net=net, logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None, **kwargs
-        )
+            net=net, logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None,
+            objective=ELBOLoss("low_discrepancy", **kwargs),
+        )  # fmt: skip
 
     weighted, plain = module(sigmoid_weight=10.0, sigmoid_bias=2.0), module()
     schedule = weighted.logsnr
@@ -193,10 +195,10 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
     assert plain._training_weights(log_snr) is None
     torch.testing.assert_close(terms.weighted_total(w), terms.reconstruction + terms.prior + w * terms.diffusion)
     torch.testing.assert_close(terms.weighted_total(None), terms.total)
-    with pytest.raises(ValueError, match="sigmoid_weight must be >= 0"):
+    with pytest.raises(ValueError, match="sigmoid_weight=-1.0 must be >= 0"):
         module(sigmoid_weight=-1.0)
-    with pytest.raises(ValueError, match="loss=vdm"):
-        module(sigmoid_weight=1.0, loss="simple")
+    with pytest.raises(TypeError, match="sigmoid_weight"):  # only the bound has a diffusion term to weight
+        EpsMSE(sigmoid_weight=1.0)
 
 
 def test_v_weight_turns_the_eps_error_into_the_v_error():
@@ -240,7 +242,7 @@ def test_auxiliary_v_mse_of_the_gaussian_oracle_matches_its_integral_and_leaves_
     schedule = LearnedLogSNR(-8.0, 8.0, hidden=8)
     module = ContinuousDiffusionModule(
         net=_ConditionedOracle(schedule.reference, "v"), logsnr=schedule, data_shape=(d,), num_bins=None,
-        parametrization="v", aux_weight=2.0, aux_fraction=0.25,
+        parametrization="v", objective=ELBOLoss("low_discrepancy", aux_weight=2.0, aux_fraction=0.25),
     )  # fmt: skip
     x = MEAN + STD * torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     bound_part, aux_part = module._split_aux(x)
@@ -268,20 +270,21 @@ def test_auxiliary_loss_is_off_by_default_and_bad_settings_are_refused():
 
     def module(**kwargs):
         return ContinuousDiffusionModule(
-            net=_GammaMLP(3), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(3,), num_bins=None, **kwargs
-        )
+            net=_GammaMLP(3), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(3,), num_bins=None,
+            objective=ELBOLoss("low_discrepancy", **kwargs),
+        )  # fmt: skip
 
     x = torch.zeros(8, 3)
     plain = module()
     assert plain.aux_logsnr is None and plain._split_aux(x)[1] is None
     assert module(aux_weight=1.0, aux_fraction=0.01)._split_aux(x)[1].shape[0] == 1  # at least one example
     assert module(aux_weight=1.0, aux_fraction=0.99)._split_aux(x)[0].shape[0] == 1  # the bound keeps one
-    with pytest.raises(ValueError, match="aux_weight must be >= 0"):
+    with pytest.raises(ValueError, match="aux_weight=-1.0 must be >= 0"):
         module(aux_weight=-1.0)
     with pytest.raises(ValueError, match="aux_fraction"):
         module(aux_weight=1.0, aux_fraction=1.0)
-    with pytest.raises(ValueError, match="loss=vdm"):
-        module(aux_weight=1.0, loss="simple")
+    with pytest.raises(TypeError, match="aux_weight"):  # a v-MSE share beside the bound: only the bound has one
+        EpsMSE(aux_weight=1.0)
 
 
 def _t_step_closed_form(schedule, timesteps: int) -> float:
@@ -528,11 +531,17 @@ def test_bad_log_snr_settings_are_refused():
         (["schedule=logsnr_cosine", "loss=hybrid", "variance=learned_range"], "loss=vdm"),
         (["schedule=learned", "loss=vdm", "schedule.gamma_min=6"], "must be below schedule.gamma_max"),
         (["schedule=learned", "loss=vdm", "loss.sigmoid_weight=-1"], "sigmoid_weight=-1 must be >= 0"),
-        (["schedule=logsnr_cosine", "loss=simple", "+loss.sigmoid_weight=5"], "loss=simple has none: use loss=vdm"),
+        (
+            ["schedule=logsnr_cosine", "loss=simple", "+loss.sigmoid_weight=5"],
+            "loss.sigmoid_weight is not an argument of EpsMSE",
+        ),
         (["loss=vdm", "loss.sigmoid_weight=5"], "schedule=sigmoid is discrete"),
         (["schedule=learned", "loss=vdm", "loss.aux_weight=-1"], "aux_weight=-1 must be >= 0"),
         (["schedule=learned", "loss=vdm", "loss.aux_weight=1", "loss.aux_fraction=0"], "use 0 < it < 1"),
-        (["schedule=logsnr_cosine", "loss=simple", "+loss.aux_weight=1"], "loss=simple has none: use loss=vdm"),
+        (
+            ["schedule=logsnr_cosine", "loss=simple", "+loss.aux_weight=1"],
+            "loss.aux_weight is not an argument of EpsMSE",
+        ),
         (["loss=vdm", "loss.aux_weight=1"], "schedule=sigmoid is discrete"),
     ],
 )

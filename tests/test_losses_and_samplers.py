@@ -16,7 +16,7 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
-from diffusion_elbo.core.losses import MSE_LOSSES
+from diffusion_elbo.core.losses import MSE_LOSSES, X0MSE, EpsMSE, WeightedX0MSE
 from diffusion_elbo.core.parametrization import output_from_x0
 from diffusion_elbo.core.samplers import respaced_timesteps, spaced_timesteps
 from diffusion_elbo.core.schedules import NoiseSchedule
@@ -35,10 +35,11 @@ def _setup(gen, b=64, d=5, T=1000):
 @pytest.mark.parametrize("loss", list(MSE_LOSSES))
 def test_mse_losses_do_not_depend_on_the_parametrization(gen, loss):
     s, t, x0, eps, x_t, x0_hat = _setup(gen)
+    weight = MSE_LOSSES[loss]().x0_weight(s, t)
     values = []
     for p in Parametrization:
         out = output_from_x0(p, s, x_t, t, x0_hat)  # the same prediction, written as eps, x0 or v
-        values.append(weighted_mse(loss, p, s, t, out, training_target(p, s, x0, t, eps)))
+        values.append(weighted_mse(weight, p, s, t, out, training_target(p, s, x0, t, eps)))
     for v in values[1:]:
         torch.testing.assert_close(v, values[0], rtol=1e-7, atol=1e-9)
 
@@ -46,8 +47,10 @@ def test_mse_losses_do_not_depend_on_the_parametrization(gen, loss):
 def test_simple_loss_is_unweighted_eps_mse(gen):
     s, t, x0, eps, x_t, x0_hat = _setup(gen)
     eps_hat = output_from_x0("eps", s, x_t, t, x0_hat)
-    torch.testing.assert_close(weighted_mse("simple", "eps", s, t, eps_hat, eps), (eps_hat - eps).pow(2).mean(1))
-    torch.testing.assert_close(weighted_mse("x0_mse", "x0", s, t, x0_hat, x0), (x0_hat - x0).pow(2).mean(1))
+    simple = weighted_mse(EpsMSE().x0_weight(s, t), "eps", s, t, eps_hat, eps)
+    torch.testing.assert_close(simple, (eps_hat - eps).pow(2).mean(1))
+    x0_mse = weighted_mse(X0MSE().x0_weight(s, t), "x0", s, t, x0_hat, x0)
+    torch.testing.assert_close(x0_mse, (x0_hat - x0).pow(2).mean(1))
 
 
 def test_weighted_x0_mse_equals_the_elbo_denoising_term(gen):
@@ -55,7 +58,7 @@ def test_weighted_x0_mse_equals_the_elbo_denoising_term(gen):
     t = t.clamp(min=2)
     x_t = q_sample(s, x0, t, noise=eps)
     kl = denoising_kl_nats(s, x0, x_t, t, p_mean_variance(s, x0_hat, x_t, t, "x0", "small"))
-    loss = weighted_mse("x0_mse_weighted", "x0", s, t, x0_hat, x0) * x0.shape[1]  # per dim -> summed
+    loss = weighted_mse(WeightedX0MSE().x0_weight(s, t), "x0", s, t, x0_hat, x0) * x0.shape[1]  # per dim -> summed
     torch.testing.assert_close(loss, kl, rtol=1e-8, atol=1e-10)
 
 
@@ -204,10 +207,13 @@ def test_sampling_is_reproducible_and_reports_progress():
     torch.testing.assert_close(c, d)
 
 
-def test_hybrid_and_elbo_are_not_mse_weightings(gen):
-    from diffusion_elbo.core.losses import x0_weight
+def test_objectives_check_their_arguments_and_hybrid_takes_only_mse_losses():
+    from diffusion_elbo.core.losses import ELBOLoss, HybridLoss
 
-    s, t, *_ = _setup(gen)
-    for loss in ("hybrid", "elbo"):
-        with pytest.raises(ValueError, match="not an MSE weighting"):
-            x0_weight(loss, s, t)
+    with pytest.raises(ValueError, match="mean_loss='elbo' is not an MSE loss"):
+        HybridLoss(mean_loss="elbo")
+    with pytest.raises(ValueError, match="timestep_sampling='sometimes' is not an option"):
+        EpsMSE(timestep_sampling="sometimes")
+    with pytest.raises(ValueError, match="aux_fraction=1.5"):
+        ELBOLoss(aux_weight=1.0, aux_fraction=1.5)
+    assert isinstance(HybridLoss(mean_loss="v_mse").mean_loss, MSE_LOSSES["v_mse"])

@@ -68,6 +68,52 @@ def test_the_laplace_schedule_meets_its_endpoints_and_its_slope_is_its_derivativ
         plugins.LaplaceLogSNR(b=0.0)
 
 
+def test_the_min_snr_objective_weighs_as_hang_et_al_and_the_oracle_minimizes_it(plugins):
+    """w = min(SNR, gamma) on the x0 error: the eps-MSE's weight at SNR <= gamma, gamma times the x0-MSE's above. Any
+    positive weighting of the MSE is minimized by the posterior mean: on Gaussian data the closed-form oracle's loss is
+    below that of the oracle shifted either way, and equals min(SNR, gamma) E||x0 - E[x0 | x_t]||^2 per dim."""
+    from diffusion_elbo.core import q_sample
+    from diffusion_elbo.core.gaussian_data import oracle_posterior_variance
+    from diffusion_elbo.core.losses import EpsMSE, TrainingBatch
+    from diffusion_elbo.core.reverse import ReverseVariance
+
+    mean, std, gamma = 0.5, 0.8, 5.0
+    schedule = make_schedule("linear", 1000)
+    objective = plugins.MinSNRLoss(gamma=gamma)
+    t = torch.arange(1, schedule.T + 1)
+    snr = schedule.snr[t]
+    assert torch.equal(objective.x0_weight(schedule, t), torch.minimum(snr, torch.tensor(gamma, dtype=snr.dtype)))
+    low = snr <= gamma
+    assert torch.equal(objective.x0_weight(schedule, t)[low], EpsMSE().x0_weight(schedule, t)[low])
+
+    oracle = GaussianOracle(schedule, mean, std, parametrization="eps")
+    g = torch.Generator().manual_seed(3)
+    x0 = mean + std * torch.randn(20_000, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=g)
+    x_t = q_sample(schedule, x0, t, noise=eps)
+
+    def loss(shift: float) -> torch.Tensor:
+        batch = TrainingBatch(
+            schedule=schedule, parametrization=Parametrization.EPS, variance=ReverseVariance.SMALL, num_dims=4,
+            x0=x0, eps=eps, x_t=x_t, t=t, inv_p=torch.full(t.shape, float(schedule.T), dtype=torch.float64),
+            out=oracle(x_t, t) + shift, terms_of=None, prior_of=None,
+        )  # fmt: skip
+        return objective.loss(batch)
+
+    at_oracle = loss(0.0)
+    assert at_oracle.mean() < loss(0.02).mean() and at_oracle.mean() < loss(-0.02).mean()
+    # E[loss | t] = min(SNR, gamma) Var[x0 | x_t] per dim (the oracle's x0 error is the posterior variance)
+    expected = (
+        torch.minimum(schedule.snr[t], torch.tensor(gamma, dtype=torch.float64))
+        * oracle_posterior_variance(schedule, std)[t]
+    )
+    diff = at_oracle - expected
+    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(diff.numel())
+    with pytest.raises(ValueError, match="gamma=0"):
+        plugins.MinSNRLoss(gamma=0)
+
+
 def test_dpm_solver_is_closer_to_the_exact_flow_than_ddim_at_equal_steps_on_the_gaussian_oracle(plugins):
     """With the exact posterior mean (the Gaussian oracle, data N(0.5, 0.8^2)) the probability-flow ODE is affine and
     known: x_T maps to m + s (x_T - a_T m) / sqrt(a_T^2 s^2 + sigma_T^2). Each sample's distance to its exact image is
@@ -165,11 +211,12 @@ def test_the_readme_commands_work_from_a_copy_outside_the_repository(plugins_cop
     closed = gaussian_continuous_terms(0.0, 1.0, -13.3, 5.0)["total"] / math.log(2.0)
     c = oracle["continuous"]
     assert c["timesteps"] is None and abs(c["bpd"] - closed) < 4 * c["bpd_se"], (c["bpd"], closed, c["bpd_se"])
-    # 2. trained on it (the run's sampler is the plugin's: it would draw the sample grid of image data)
+    # 2. trained with the schedule and the objective (the run's sampler is the plugin's: it draws image data's grid)
     run = runs / "laplace"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     config = (run / ".hydra" / "config.yaml").read_text()
-    assert "_target_: plugins.LaplaceLogSNR" in config and "_target_: plugins.DPMSolverPP2M" in config
+    for plugin in ("LaplaceLogSNR", "MinSNRLoss", "DPMSolverPP2M"):
+        assert f"_target_: plugins.{plugin}" in config, plugin
     # 3. sampled with it
     samples = np.load(runs / "samples" / "samples.npz")
     assert str(samples["sampler"]) == "dpmpp2m" and samples["samples"].shape == (500, 16)

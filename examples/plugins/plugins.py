@@ -1,15 +1,18 @@
-"""Three classes a researcher adds without editing diffusion-elbo: a noise schedule, a sampler and a likelihood
-estimator, each selected by ``_target_`` from a yaml in ``conf/<group>/example.yaml`` (README.md has the commands).
+"""Four classes a researcher adds without editing diffusion-elbo: a noise schedule, a training objective, a sampler and
+a likelihood estimator, each selected by ``_target_`` from a yaml in ``conf/<group>/example.yaml`` (README.md has the
+commands).
 
 - :class:`LaplaceLogSNR`: a continuous-time schedule whose log-SNR is Laplace-distributed in t (Hang et al. 2024,
   "Improved noise schedule for diffusion training"), truncated to the usual endpoints;
+- :class:`MinSNRLoss`: the Min-SNR-gamma weighting of the MSE (Hang et al. 2023), w = min(SNR, gamma) on the x0 error;
 - :class:`DPMSolverPP2M`: DPM-Solver++(2M), a second-order multistep sampler in the data-prediction form (Lu et al.
   2022, Alg. 2), on the trained chain's timesteps;
 - :class:`ImportanceWeightedBound`: -log of the importance-weighted average of K forward trajectories' weights
   p(x_{0:T}) / q(x_{1:T} | x_0) (Burda et al. 2016 applied to the diffusion chain): K = 1 is the ELBO, and the bound
   tightens towards -log p(x_0) as K grows.
 
-Only the framework's public interfaces are used: ``LogSNRSchedule`` (core.logsnr), ``Sampler`` and ``Chain``
+Only the framework's public interfaces are used: ``LogSNRSchedule`` (core.logsnr), ``WeightedMSE`` (core.losses),
+``Sampler`` and ``Chain``
 (core.samplers), ``LikelihoodEstimator`` with ``EvalSubject``/``EvalRun``/``Estimate`` (evaluation.estimators), the
 one shard-and-gather loop ``map_examples`` and the per-example seeds ``example_generator``.
 """
@@ -24,6 +27,7 @@ from torch import Tensor
 from diffusion_elbo.core.distributions import gaussian_log_prob, sum_flat
 from diffusion_elbo.core.elbo import decoder_nll_nats, example_generator
 from diffusion_elbo.core.logsnr import LogSNR, LogSNRSchedule
+from diffusion_elbo.core.losses import WeightedMSE
 from diffusion_elbo.core.reverse import p_mean_variance
 from diffusion_elbo.core.samplers import Chain, Sampler, spaced_timesteps
 from diffusion_elbo.evaluation.estimators import Estimate, EvalRun, EvalSubject, LikelihoodEstimator, bpd_and_se
@@ -61,6 +65,27 @@ class LaplaceLogSNR(LogSNRSchedule):
         log_snr = torch.where(low, self.mu - self.b * torch.log(2 * u), self.mu + self.b * torch.log(2 - 2 * u))
         slope = self.b * (self.u1 - self.u0) / torch.where(low, u, 1 - u)
         return LogSNR(gamma=-log_snr, slope=slope)
+
+
+# ---- an objective -------------------------------------------------------------------------------------------------
+
+
+class MinSNRLoss(WeightedMSE):
+    """Min-SNR-gamma (Hang et al. 2023, "Efficient diffusion training via Min-SNR weighting strategy"): the weight on
+    ||x0_hat - x0||^2 is min(SNR, gamma), so the low-noise steps, where SNR is large, stop dominating the loss as they
+    do under the eps-MSE (w = SNR), while the noisy steps keep the eps-MSE's weight. In the eps parametrization this is
+    min(SNR, gamma) / SNR ||eps - eps_hat||^2; on a chain or in continuous time alike (``WeightedMSE`` does both)."""
+
+    name = "min_snr"
+
+    def __init__(self, gamma: float = 5.0, timestep_sampling: str = "uniform") -> None:
+        super().__init__(timestep_sampling)
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not gamma > 0:
+            raise ValueError(f"gamma={gamma!r} must be a number > 0 (Hang et al. use 5)")
+        self.gamma = float(gamma)
+
+    def snr_weight(self, snr: Tensor) -> Tensor:
+        return snr.clamp(max=self.gamma)
 
 
 # ---- a sampler ----------------------------------------------------------------------------------------------------

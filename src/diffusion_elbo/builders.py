@@ -67,6 +67,15 @@ def build_schedule(cfg: DictConfig) -> NoiseSchedule:
     return instantiate(cfg.schedule)
 
 
+def build_objective(cfg: DictConfig):
+    """The training objective of ``cfg.loss`` (:class:`~diffusion_elbo.core.losses.Objective`); L_simple where the
+    config has none."""
+    from diffusion_elbo.core.losses import EpsMSE
+
+    node = OmegaConf.select(cfg, "loss")
+    return EpsMSE() if node is None else instantiate(node)
+
+
 def build_estimators(cfg: DictConfig) -> dict:
     """The likelihood estimators of ``cfg.likelihood``, by name, in config order (each an object of the group)."""
     nodes = OmegaConf.select(cfg, "likelihood") or {}
@@ -135,10 +144,7 @@ def build_module(cfg: DictConfig):
         parametrization=cfg.parametrization,
         variance=cfg.variance,
         decoder_variance=OmegaConf.select(cfg, "decoder_variance", default="clipped"),
-        loss=OmegaConf.select(cfg, "loss.name", default="simple"),
-        mean_loss=OmegaConf.select(cfg, "loss.mean_loss", default="simple"),
-        vlb_weight=float(OmegaConf.select(cfg, "loss.vlb_weight", default=0.001)),
-        timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="uniform"),
+        objective=build_objective(cfg),
         **_module_options(cfg, optimizer, lr_scheduler),
     )
     return module, datamodule
@@ -169,16 +175,11 @@ def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler)
         data_shape=datamodule.data_shape,
         num_bins=datamodule.num_bins,
         parametrization=cfg.parametrization,
-        loss=OmegaConf.select(cfg, "loss.name", default="elbo"),
+        objective=build_objective(cfg) if OmegaConf.select(cfg, "loss") else None,
         timesteps=OmegaConf.select(cfg, "schedule.timesteps", default=None),
         eval_timesteps=int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
-        timestep_sampling=OmegaConf.select(cfg, "loss.timestep_sampling", default="low_discrepancy"),
         variance_gradient=bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
         schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
-        sigmoid_weight=float(OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0)),
-        sigmoid_bias=float(OmegaConf.select(cfg, "loss.sigmoid_bias", default=0.0)),
-        aux_weight=float(OmegaConf.select(cfg, "loss.aux_weight", default=0.0)),
-        aux_fraction=float(OmegaConf.select(cfg, "loss.aux_fraction", default=0.5)),
         **_module_options(cfg, optimizer, lr_scheduler),
     )
 

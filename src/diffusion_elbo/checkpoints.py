@@ -53,7 +53,25 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} has no diffusion_elbo_config: it was not written by src/train.py, so its model cannot be rebuilt"
         )
+    checkpoint["diffusion_elbo_config"] = upgrade_config(checkpoint["diffusion_elbo_config"])
     return checkpoint
+
+
+def upgrade_config(config: dict) -> dict:
+    """A checkpoint's config in today's form. Before the loss group built objects (2026-12-05) a loss was named
+    (``loss: {name: simple, timestep_sampling: uniform}``); it becomes its objective's ``_target_`` with the same
+    arguments, so the run is rebuilt, evaluated and resumed as it was trained."""
+    import inspect
+
+    loss = config.get("loss")
+    if not isinstance(loss, dict) or "_target_" in loss or "name" not in loss:
+        return config
+    from diffusion_elbo.core.losses import OBJECTIVES_BY_NAME
+
+    cls = OBJECTIVES_BY_NAME[loss["name"]]
+    params = inspect.signature(cls).parameters
+    arguments = {k: v for k, v in loss.items() if k in params}
+    return {**config, "loss": {"_target_": f"{cls.__module__}.{cls.__qualname__}", **arguments}}
 
 
 @dataclass

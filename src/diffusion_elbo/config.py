@@ -21,14 +21,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_elbo.core import (
     DecoderVariance,
-    LossType,
     Parametrization,
     ReverseVariance,
     ScheduleName,
     TimestepSampling,
 )
 from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
-from diffusion_elbo.core.losses import MSE_LOSSES
+from diffusion_elbo.core.losses import ELBOLoss, HybridLoss, WeightedMSE
 
 
 class ConfigError(ValueError):
@@ -99,8 +98,6 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
             f"schedule.name={schedule_name!r} is not an option; choose one of {_choices(ScheduleName)} (discrete) or "
             f"{' | '.join(CONTINUOUS_SCHEDULES)} (continuous time)"
         )
-    _check_choice(cfg, "loss.name", LossType, problems)
-    _check_choice(cfg, "loss.timestep_sampling", TimestepSampling, problems)
     for key in object_nodes(cfg):
         problems.extend(object_problems(cfg, key))
     if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
@@ -260,27 +257,19 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
             f"q(z_s | z_t, x = x_hat)); variance={variance} is for discrete schedules: leave variance=small "
             "(variance=analytic can still be chosen at eval time)"
         )
-    loss = OmegaConf.select(cfg, "loss.name")
-    if loss not in (None, LossType.ELBO.value, LossType.SIMPLE.value):
-        problems.append(f"schedule={name} trains with loss=vdm (the bound) or loss=simple; got loss={loss}")
-    weight = OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0)
-    if weight:
-        _check_range(cfg, "loss.sigmoid_weight", problems, minimum=0)
-        _check_range(cfg, "loss.sigmoid_bias", problems)
-        if loss not in (None, LossType.ELBO.value):
-            problems.append(
-                f"loss.sigmoid_weight={weight} weights the bound's diffusion term; loss={loss} has none: use loss=vdm"
-            )
-    if OmegaConf.select(cfg, "loss.aux_weight", default=0.0):
-        _check_range(cfg, "loss.aux_weight", problems, minimum=0)
-        fraction = OmegaConf.select(cfg, "loss.aux_fraction", default=0.5)
-        if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction < 1:
-            problems.append(f"loss.aux_fraction={fraction!r} is the share of each batch for the v-MSE: use 0 < it < 1")
-        if loss not in (None, LossType.ELBO.value):
-            problems.append(f"loss.aux_weight adds a v-MSE share to the bound; loss={loss} has none: use loss=vdm")
-    if name == "learned" and loss == LossType.SIMPLE.value:
-        problems.append("schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm")
-    if OmegaConf.select(cfg, "loss.timestep_sampling") == TimestepSampling.IMPORTANCE.value:
+    objective = _objective(cfg)
+    if objective is None:  # a loss node that cannot be built: object_problems names its key
+        return problems
+    loss = objective.name
+    bound = isinstance(objective, ELBOLoss)
+    if not (bound or (isinstance(objective, WeightedMSE) and objective.continuous_time)):
+        problems.append(
+            f"schedule={name} trains with loss=vdm (the bound) or an MSE weighting of the SNR (loss=simple, v_mse, "
+            f"x0_mse); got loss={loss}"
+        )
+    if name == "learned" and not bound:
+        problems.append(f"schedule=learned is trained through the bound, which loss={loss} leaves out: use loss=vdm")
+    if objective.timestep_sampling is TimestepSampling.IMPORTANCE:
         problems.append(
             f"schedule={name} draws low-discrepancy t (VDM); importance sampling is for discrete schedules: use "
             "loss=vdm (or loss.timestep_sampling=low_discrepancy)"
@@ -288,27 +277,38 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _objective(cfg: DictConfig):
+    """The training objective of ``cfg.loss``, None where there is none or it cannot be built (its own problem is
+    reported by :func:`object_problems`)."""
+    from diffusion_elbo.builders import build_objective
+
+    if OmegaConf.select(cfg, "loss._target_", default=None) is None:
+        return None
+    try:
+        return build_objective(cfg)
+    except Exception:
+        return None
+
+
 def _variance_loss_problems(cfg: DictConfig) -> list[str]:
-    """A learned variance is trained only through the ELBO terms, and the hybrid loss only trains a learned one."""
-    variance, loss = OmegaConf.select(cfg, "variance"), OmegaConf.select(cfg, "loss.name")
+    """A learned variance is trained only through the ELBO terms (an objective that ``trains_variance``), and the
+    hybrid loss only trains a learned one."""
+    objective = _objective(cfg)
+    if objective is None:
+        return []
+    variance, loss = OmegaConf.select(cfg, "variance"), objective.name
     learned = variance == ReverseVariance.LEARNED_RANGE.value
     problems = []
-    if learned and loss not in (LossType.HYBRID.value, LossType.ELBO.value):
+    if learned and not objective.trains_variance:
         problems.append(
             f"variance=learned_range is trained through the ELBO terms, which loss={loss} leaves out: "
             "use loss=hybrid (Nichol & Dhariwal 2021) or loss=elbo"
         )
-    if loss == LossType.HYBRID.value and not learned:
+    if isinstance(objective, HybridLoss) and not learned:
         problems.append(
             f"loss=hybrid trains a learned variance; with variance={variance} its ELBO half has no gradient: "
             "set variance=learned_range (or use loss=simple)"
         )
-    mean_loss = OmegaConf.select(cfg, "loss.mean_loss", default=None)
-    if mean_loss is not None and mean_loss not in {m.value for m in MSE_LOSSES}:
-        problems.append(
-            f"loss.mean_loss={mean_loss!r} is not an MSE loss; choose one of {' | '.join(m.value for m in MSE_LOSSES)}"
-        )
-    _check_range(cfg, "loss.vlb_weight", problems, minimum=0.0)
     return problems
 
 
@@ -370,7 +370,7 @@ def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Paramete
 
 
 # the nodes that build one object of an extension point by ``_target_`` (the sample grid's sampler is ``${sampler}``)
-OBJECT_NODES = ("sampler", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
+OBJECT_NODES = ("loss", "sampler", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
 
 
 def object_nodes(cfg: DictConfig) -> list[str]:

@@ -48,6 +48,22 @@ COLUMNS = [
 ]
 
 
+def _choice(run_dir: Path, cfg, group: str) -> str | None:
+    """The option of config ``group`` a run was given (``schedule=cosine``, ``loss=vdm``, or a plugin's): Hydra's record
+    of the choices in the run's .hydra/hydra.yaml, else the group's ``name`` key (the built-in schedules; losses of
+    runs written before the loss group built objects), else its ``_target_``'s class name."""
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        chosen = OmegaConf.select(OmegaConf.load(hydra_yaml), f"hydra.runtime.choices.{group}")
+        if chosen is not None:
+            return str(chosen)
+    name = OmegaConf.select(cfg, f"{group}.name")
+    if name is not None:
+        return str(name)
+    target = OmegaConf.select(cfg, f"{group}._target_")
+    return None if target is None else str(target).rsplit(".", 1)[-1]
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict]:
     """One row per training run directory (a folder with ``.hydra/config.yaml``) under ``sweep_dir``."""
     rows = []
@@ -58,11 +74,11 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
             continue
         row: dict = {
             "run": run_dir.name,
-            "schedule": OmegaConf.select(cfg, "schedule.name"),
+            "schedule": _choice(run_dir, cfg, "schedule"),
             "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),
             "parametrization": cfg.get("parametrization"),
             "variance": cfg.get("variance"),
-            "loss": OmegaConf.select(cfg, "loss.name"),
+            "loss": _choice(run_dir, cfg, "loss"),
         }
         train_metrics = run_dir / "train_metrics.json"
         failure = run_dir / "failure.json"

@@ -357,7 +357,7 @@ def _fit(
         type(module.net).__name__,
         sum(p.numel() for p in module.net.parameters()) / 1e6,
         type(datamodule).__name__,
-        module.loss_type.value,
+        module.objective.name,
         module.parametrization.value,
         module.variance.value,
     )

@@ -29,7 +29,7 @@ from diffusion_elbo.core.elbo import (
     term_nats,
 )
 from diffusion_elbo.core.forward import q_mean_variance, q_posterior_mean_variance, q_sample, q_step_sample
-from diffusion_elbo.core.losses import LossType, weighted_mse, x0_weight
+from diffusion_elbo.core.losses import Objective, weighted_mse
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0, training_target
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, p_mean_variance
 from diffusion_elbo.core.samplers import Spacing, ancestral_sample, ddim_sample, spaced_timesteps
@@ -47,9 +47,9 @@ __all__ = [
     "ELBOResult",
     "ImportanceSampler",
     "InvalidScheduleError",
-    "LossType",
     "MCEstimate",
     "NoiseSchedule",
+    "Objective",
     "Parametrization",
     "ReverseVariance",
     "ScheduleName",
@@ -89,5 +89,4 @@ __all__ = [
     "term_nats",
     "training_target",
     "weighted_mse",
-    "x0_weight",
 ]

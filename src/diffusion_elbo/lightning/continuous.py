@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion_elbo.core import DecoderVariance, LossType, Parametrization, ReverseVariance
+from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance
 from diffusion_elbo.core.distributions import sum_flat
 from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
+from diffusion_elbo.core.losses import ELBOLoss, Objective, WeightedMSE
 from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
 from diffusion_elbo.core.vdm import (
     ContinuousTerms,
@@ -54,19 +55,21 @@ class ContinuousDiffusionModule(DiffusionModule):
             fixed reference range: the network sees the noise level, not t, so a reshaped schedule leaves the
             function it computes unchanged (the invariance that makes the bound depend on the endpoints only).
         logsnr: the schedule gamma(t) (fixed, or learned jointly with the network).
-        loss: ``elbo`` (the bound, VDM) or ``simple`` (||eps - eps_hat||^2 at uniform t; fixed schedules only).
+        objective: the training loss: :class:`~diffusion_elbo.core.losses.ELBOLoss` (the bound, VDM; ``loss=vdm``, the
+            default) or :class:`~diffusion_elbo.core.losses.EpsMSE` (||eps - eps_hat||^2 at uniform t; fixed schedules
+            only). Its ``timestep_sampling``: ``low_discrepancy`` (VDM) or ``uniform`` t in a batch. Its
+            ``sigmoid_weight``, ``sigmoid_bias``, ``aux_weight`` and ``aux_fraction``:
         timesteps: None for the continuous-time bound, T for the T-step one (VDM eq. 13).
         eval_timesteps: the T of the chain used for validation's profile, sampling, the exact evaluator and the ODE.
-        timestep_sampling: ``low_discrepancy`` (VDM) or ``uniform`` t in a batch.
         variance_gradient: the learned shape follows the gradient of the estimator's variance (continuous time),
             the endpoints that of the bound; False trains everything on the bound.
         schedule_lr: learning rate of the learned schedule's parameters (None: the optimizer's).
-        sigmoid_weight, sigmoid_bias: with ``loss=elbo``, train on the diffusion term weighted by
+        sigmoid_weight, sigmoid_bias (of the objective): train on the diffusion term weighted by
             w(gamma) = 1 + sigmoid_weight * sigmoid(gamma + sigmoid_bias) (Kingma & Gao 2023;
             :func:`~diffusion_elbo.core.vdm.sigmoid_weighting`) for sample quality; 0 trains on the bound itself.
             The network trains on the weighted loss; a learned schedule's endpoints keep the bound's gradient and its
             shape the weighted loss's variance gradient. Validation and eval report the bound either way.
-        aux_weight, aux_fraction: with ``loss=elbo``, a hybrid for sample quality (the bound plus a sample-quality
+        aux_weight, aux_fraction (of the objective): a hybrid for sample quality (the bound plus a sample-quality
             loss, as Nichol & Dhariwal's L_hybrid pairs L_simple with L_vlb): the last ``aux_fraction`` of each batch
             trains on the v-prediction MSE at uniform t on a fixed cosine log-SNR over the schedule's reference range
             (Salimans & Ho 2022), weighted by ``aux_weight``; the rest trains on the bound, which alone reaches the
@@ -82,16 +85,11 @@ class ContinuousDiffusionModule(DiffusionModule):
         data_shape: Sequence[int],
         num_bins: int | None,
         parametrization: str = Parametrization.EPS.value,
-        loss: str = LossType.ELBO.value,
+        objective: Objective | None = None,
         timesteps: int | None = None,
         eval_timesteps: int = 1000,
-        timestep_sampling: str = TimestepSampling.LOW_DISCREPANCY.value,
         variance_gradient: bool = True,
         schedule_lr: float | None = None,
-        sigmoid_weight: float = 0.0,
-        sigmoid_bias: float = 0.0,
-        aux_weight: float = 0.0,
-        aux_fraction: float = 0.5,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
@@ -103,32 +101,22 @@ class ContinuousDiffusionModule(DiffusionModule):
         channels_last: bool = False,
         config: dict | None = None,
     ) -> None:
-        loss_type = LossType(loss)
-        if loss_type not in (LossType.ELBO, LossType.SIMPLE):
-            raise ValueError(f"a continuous-time schedule trains with loss=elbo (the bound) or loss=simple; got {loss}")
-        if loss_type is LossType.SIMPLE and logsnr.learned:
+        objective = ELBOLoss(TimestepSampling.LOW_DISCREPANCY) if objective is None else objective
+        bound = isinstance(objective, ELBOLoss)
+        if not (bound or (isinstance(objective, WeightedMSE) and objective.continuous_time)):
             raise ValueError(
-                "schedule=learned is trained through the bound, which loss=simple leaves out: use loss=vdm (or elbo)"
+                "a continuous-time schedule trains with loss=vdm (the bound) or an MSE weighting of the SNR (loss=simple, "
+                f"v_mse, x0_mse); got loss={objective.name}"
             )
-        sampling = TimestepSampling(timestep_sampling)
-        if sampling is TimestepSampling.IMPORTANCE:
+        if not bound and logsnr.learned:
+            raise ValueError(
+                f"schedule=learned is trained through the bound, which loss={objective.name} leaves out: use loss=vdm"
+            )
+        if objective.timestep_sampling is TimestepSampling.IMPORTANCE:
             raise ValueError(
                 "importance-sampled t is for discrete schedules; a continuous-time schedule draws low-discrepancy t "
                 "(the learned schedule is itself VDM's variance reduction): use loss=vdm or "
                 "loss.timestep_sampling=low_discrepancy"
-            )
-        if not sigmoid_weight >= 0:
-            raise ValueError(f"loss.sigmoid_weight must be >= 0 (0 trains on the bound itself); got {sigmoid_weight}")
-        if sigmoid_weight and loss_type is not LossType.ELBO:
-            raise ValueError("loss.sigmoid_weight weights the bound's diffusion term: it needs loss=vdm (or elbo)")
-        if not aux_weight >= 0:
-            raise ValueError(f"loss.aux_weight must be >= 0 (0 trains on the bound alone); got {aux_weight}")
-        if aux_weight and loss_type is not LossType.ELBO:
-            raise ValueError("loss.aux_weight adds a v-MSE share to the bound: it needs loss=vdm (or elbo)")
-        if aux_weight and not 0 < aux_fraction < 1:
-            raise ValueError(
-                f"loss.aux_fraction is the share of each batch trained on the auxiliary v-MSE, in (0, 1); got "
-                f"{aux_fraction}"
             )
         if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
             raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
@@ -140,8 +128,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             parametrization=parametrization,
             variance=ReverseVariance.SMALL.value,  # the bound's reverse kernels: q(z_s | z_t, x = x_hat)
             decoder_variance=CHAIN_DECODER_VARIANCE.value,
-            loss=loss_type.value,
-            timestep_sampling=TimestepSampling.UNIFORM.value,
+            objective=objective,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             val_strata=val_strata,
@@ -157,14 +144,15 @@ class ContinuousDiffusionModule(DiffusionModule):
         self.timesteps = timesteps
         self.eval_timesteps = eval_timesteps
         self.schedule_lr = schedule_lr
-        self.sigmoid_weight = float(sigmoid_weight)
-        self.sigmoid_bias = float(sigmoid_bias)
-        self.aux_weight = float(aux_weight)
-        self.aux_fraction = float(aux_fraction)
+        # the bound's weighting and its v-MSE share (ELBOLoss's arguments; none for loss=simple)
+        self.sigmoid_weight = objective.sigmoid_weight if bound else 0.0
+        self.sigmoid_bias = objective.sigmoid_bias if bound else 0.0
+        self.aux_weight = objective.aux_weight if bound else 0.0
+        self.aux_fraction = objective.aux_fraction if bound else 0.5
         # the auxiliary loss's noise levels: fixed, on the range the network's conditioning is scaled to
         self.aux_logsnr = CosineLogSNR(*logsnr.reference) if self.aux_weight else None
-        self.low_discrepancy = sampling is TimestepSampling.LOW_DISCREPANCY
-        self.variance_gradient = bool(variance_gradient) and timesteps is None and loss_type is LossType.ELBO
+        self.low_discrepancy = objective.timestep_sampling is TimestepSampling.LOW_DISCREPANCY
+        self.variance_gradient = bool(variance_gradient) and timesteps is None and bound
         self.val_profile = ProfileMetric(val_strata + 1, self.num_dims)
         self._val_generator: torch.Generator | None = None
         self._amp_dtype: torch.dtype | None = None
@@ -222,8 +210,8 @@ class ContinuousDiffusionModule(DiffusionModule):
             t, s = step_times(u.float(), self.timesteps)
             log_snr = self.logsnr(t)
             log_snr_s = None if s is None else self.logsnr(s)  # the T-step term's gamma(s)
-        if self.loss_type is LossType.SIMPLE:
-            loss, terms = self._simple_loss(x0, eps, log_snr), None
+        if not isinstance(self.objective, ELBOLoss):  # an MSE weighting (loss=simple, v_mse, ...)
+            loss, terms = self._mse_loss(x0, eps, log_snr), None
         else:
             terms = self._terms(x0, u, eps, log_snr, log_snr_s)
             weights = self._training_weights(log_snr)
@@ -297,9 +285,13 @@ class ContinuousDiffusionModule(DiffusionModule):
         kind = self.device.type
         self._amp_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
-    def _simple_loss(self, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
-        """||eps - eps_hat||^2 / D at uniform t (Ho et al.'s L_simple in continuous time)."""
-        return self._noise_mse(x0, eps, log_snr.gamma.detach()).mean()
+    def _mse_loss(self, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
+        """The objective's w(SNR) ||x0 - x0_hat||^2 / D = w(SNR) / SNR ||eps - eps_hat||^2 / D at the drawn t (for
+        L_simple, w = SNR: Ho et al.'s ||eps - eps_hat||^2 / D in continuous time)."""
+        gamma = log_snr.gamma.detach()
+        snr = torch.exp(-gamma.double())
+        scale = (self.objective.snr_weight(snr) / snr).to(gamma.dtype)  # exactly 1 for L_simple
+        return (scale * self._noise_mse(x0, eps, gamma)).mean()
 
     def _noise_mse(self, x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
         """||eps - eps_hat(z_t)||^2 / D per example, (B,), at z_t = alpha x0 + sigma eps with gamma (B,) held fixed."""

@@ -15,16 +15,12 @@ from torch import Tensor, nn
 
 from diffusion_elbo.core import (
     DecoderVariance,
-    LossType,
     NoiseSchedule,
     Parametrization,
     ReverseVariance,
-    TimestepSampling,
     make_timestep_sampler,
     prior_kl_nats,
     q_sample,
-    training_target,
-    weighted_mse,
 )
 from diffusion_elbo.core.elbo import (
     num_stratified_timesteps,
@@ -33,8 +29,7 @@ from diffusion_elbo.core.elbo import (
     stratified_timesteps,
     term_from_output,
 )
-from diffusion_elbo.core.losses import MSE_LOSSES, hybrid_vlb_weight
-from diffusion_elbo.core.reverse import split_output, stop_mean_gradient
+from diffusion_elbo.core.losses import EpsMSE, Objective, TrainingBatch
 from diffusion_elbo.core.samplers import Chain, DDIMSampler, Sampler
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
@@ -62,9 +57,8 @@ class DiffusionModule(L.LightningModule):
             ``learned_range`` (the network outputs twice the data's channels: the mean, then v).
         decoder_variance: sigma_1^2 of the decoder under the fixed variances: ``clipped`` (sigma_q^2(2), the published
             convention) or ``beta`` (beta_1).
-        loss: ``simple | elbo | x0_mse | x0_mse_weighted | v_mse | hybrid``; ``timestep_sampling``: uniform | importance.
-        mean_loss, vlb_weight: for ``hybrid``, the MSE loss of the mean and lambda of lambda L_vlb (Nichol & Dhariwal
-            2021): the ELBO terms with the mean's gradient stopped, so they train only the learned variance.
+        objective: the training loss, an object of the ``loss`` config group (:class:`~diffusion_elbo.core.losses.
+            Objective`; default L_simple), which also says how t is drawn (``timestep_sampling``).
         optimizer, lr_scheduler: partials finished in :meth:`configure_optimizers` (lr_scheduler may be None).
         val_strata: timesteps per example of the stratified validation ELBO (plus t = 1).
         clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
@@ -89,10 +83,7 @@ class DiffusionModule(L.LightningModule):
         parametrization: str = Parametrization.EPS.value,
         variance: str = ReverseVariance.SMALL.value,
         decoder_variance: str = DecoderVariance.CLIPPED.value,
-        loss: str = LossType.SIMPLE.value,
-        mean_loss: str = LossType.SIMPLE.value,
-        vlb_weight: float = 0.001,
-        timestep_sampling: str = TimestepSampling.UNIFORM.value,
+        objective: Objective | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
@@ -105,7 +96,9 @@ class DiffusionModule(L.LightningModule):
         config: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "schedule", "logsnr", "optimizer", "lr_scheduler", "config"])
+        self.save_hyperparameters(
+            ignore=["net", "schedule", "logsnr", "objective", "optimizer", "lr_scheduler", "config"]
+        )
         self.net = net
         self.schedule = schedule
         self.data_shape = tuple(data_shape)
@@ -113,12 +106,8 @@ class DiffusionModule(L.LightningModule):
         self.parametrization = Parametrization(parametrization)
         self.variance = ReverseVariance(variance)
         self.decoder_variance = DecoderVariance(decoder_variance)
-        self.loss_type = LossType(loss)
-        self.mean_loss = LossType(mean_loss)
-        if self.mean_loss not in MSE_LOSSES:
-            raise ValueError(f"mean_loss={mean_loss!r} must be an MSE loss: {' | '.join(m.value for m in MSE_LOSSES)}")
-        self.vlb_weight = float(vlb_weight)
-        self.timestep_sampler = make_timestep_sampler(timestep_sampling, schedule.T)
+        self.objective = EpsMSE() if objective is None else objective
+        self.timestep_sampler = make_timestep_sampler(self.objective.timestep_sampling, schedule.T)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.val_strata = val_strata
@@ -213,34 +202,35 @@ class DiffusionModule(L.LightningModule):
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t, noise=eps)
         out = self.denoise(x_t, t)
-        weight = weight.to(torch.float32)
-        logging = self._logging_this_step()
-        hybrid = self.loss_type is LossType.HYBRID
-        # L_t is what loss=elbo and hybrid train on; otherwise it is only needed for the logs and importance sampling
-        needs_term = (
-            self.loss_type is LossType.ELBO or hybrid or isinstance(self.timestep_sampler, ImportanceSampler) or logging
+        terms = TrainingBatch(
+            schedule=self.schedule,
+            parametrization=self.parametrization,
+            variance=self.variance,
+            num_dims=self.num_dims,
+            x0=x0,
+            eps=eps,
+            x_t=x_t,
+            t=t,
+            inv_p=weight.to(torch.float32),
+            out=out,
+            terms_of=lambda output: self._terms(x0, x_t, t, output),
+            prior_of=lambda: prior_kl_nats(self.schedule, x0.float()),
         )
-        # hybrid: the terms see the mean detached, so L_vlb trains only the variance (same value, other gradient)
-        term_out = stop_mean_gradient(out, self.variance) if hybrid else out
-        term = self._terms(x0, x_t, t, term_out) if needs_term else None  # (B,) nats: L_t
-        prior = prior_kl_nats(self.schedule, x0.float()) if needs_term else None
-        if self.loss_type is LossType.ELBO:
-            per_example = (prior + term * weight) / self.num_dims
-        else:
-            mean_out, _ = split_output(out, self.variance)
-            target = training_target(self.parametrization, self.schedule, x0, t, eps)
-            mse_loss = self.mean_loss if hybrid else self.loss_type
-            mse = weighted_mse(mse_loss, self.parametrization, self.schedule, t, mean_out.float(), target.float())
-            per_example = mse * weight / self.schedule.T  # weight/T = 1 for uniform t
-            if hybrid:
-                scale = hybrid_vlb_weight(self.vlb_weight, self.num_dims)
-                per_example = per_example + scale * term * weight
-        loss = per_example.mean()
+        loss = self.objective.loss(terms).mean()
+        logging = self._logging_this_step()
+        # L_t (B,) nats: what importance sampling learns from and the logs show; computed here only where the objective
+        # did not (the same values whatever gradient it routed)
+        needs_term = isinstance(self.timestep_sampler, ImportanceSampler) or logging
+        term = terms.computed_terms()
+        if term is None and needs_term:
+            term = terms.elbo_terms()
+        prior = terms.prior() if needs_term else None
+        weight = terms.inv_p
         self._last_t = t
         if not self._all_ranks_finite(loss):
             with torch.no_grad():
-                term = self._terms(x0, x_t, t, out) if term is None else term
-                prior = prior_kl_nats(self.schedule, x0.float()) if prior is None else prior
+                term = terms.elbo_terms() if term is None else term
+                prior = terms.prior()
             message = self._nonfinite_data_message(x0) or self._nonfinite_message(loss, term, prior, t)
             if self.nonfinite == "skip":
                 return self._skip_batch(message)
