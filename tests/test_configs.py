@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,43 @@ def test_sampling_a_checkpoint_uses_its_own_grid_unless_told():
     assert sampler_spacing(None, {"sampler": {"name": "ddim", "spacing": "logsnr"}}) == "logsnr"
     assert sampler_spacing("time", {"sampler": {"name": "ddim", "spacing": "logsnr"}}) == "time"
     assert sampler_spacing(None, {"sampler": {"name": "ddim"}}) == "time"  # trained before the option existed
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_the_config_groups(tmp_path):
+    """The config groups are package data: a wheel install (not editable, no repository beside it) composes every
+    script's config from its own copy."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT / "src" / "diffusion_elbo", source / "src" / "diffusion_elbo",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(source)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    probe = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from diffusion_elbo.cli import CONFIG_PATH\n"
+        "print(CONFIG_PATH)\n"
+        "with initialize_config_dir(config_dir=CONFIG_PATH, version_base='1.3'):\n"
+        "    for name in ('train', 'eval', 'sample', 'report'):\n"
+        "        cfg = compose(name, overrides=['ckpt_path=x.ckpt'] if name == 'sample' else [])\n"
+        "    print(compose('train').loss._target_)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config_path, loss_target = result.stdout.split()
+    assert config_path == str(site / "diffusion_elbo" / "conf")
+    assert loss_target == "diffusion_elbo.core.losses.VMSE"

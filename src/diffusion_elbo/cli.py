@@ -23,8 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_elbo.records import write_json
 
-# conf/ at the repository root, next to src/
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+# the config groups ship inside the package (package data), so a non-editable install finds them too; conf/ at the
+# repository root is a link to this folder
+CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
 
 log = logging.getLogger(__name__)
 

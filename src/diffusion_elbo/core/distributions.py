@@ -92,3 +92,9 @@ def sum_flat(x: Tensor) -> Tensor:
 def nats_to_bits_per_dim(nats_per_dim: Tensor | float) -> Tensor | float:
     """Convert nats per dimension to bits per dimension (divide by ln 2)."""
     return nats_per_dim / math.log(2.0)
+
+
+def bits_per_dim_scale(num_dims: int) -> float:
+    """The factor 1 / (D ln 2) that turns nats summed over D dims into bits per dim (one multiplication, for running
+    sums and logged batch means; :func:`nats_to_bits_per_dim` for values already per dim)."""
+    return 1.0 / (num_dims * math.log(2.0))

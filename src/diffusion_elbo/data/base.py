@@ -1,14 +1,15 @@
 """What every data module of the framework provides on top of a LightningDataModule.
 
 Batches are tuples ``(x0, y)``: x0 (B, *data_shape) float32 (images in [-1, 1], quantized to
-``num_bins`` levels), y (B,) int64 labels (-1 where the data has none). Validation batches add a third entry, each
-example's index in the split, so its noise can come from its own seed (the same numbers on 1 or N processes).
+``num_bins`` levels), y (B,) int64 labels (-1 where the data has none). Validation batches are :class:`IndexedBatch`
+``(x0, y, index)``, with each example's index in the split, so its noise can come from its own seed (the same numbers
+on 1 or N processes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -17,8 +18,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 
+class IndexedBatch(NamedTuple):
+    """An example (or, collated, a batch) with its position in its split: x0 (B, *data_shape), y (B,) int64, index (B,)
+    int64. Validation reads it to draw each example's noise from its own seed."""
+
+    x0: Tensor
+    y: Tensor
+    index: Tensor
+
+
 class IndexedDataset(Dataset):
-    """``dataset``'s items with their index appended: (x0, y, index)."""
+    """``dataset``'s items with their index appended: :class:`IndexedBatch` (x0, y, index)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -26,8 +36,9 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
-        return (*self.dataset[index], index)
+    def __getitem__(self, index: int) -> IndexedBatch:
+        x0, y = self.dataset[index][:2]
+        return IndexedBatch(x0, y, index)
 
 
 class ShardSampler(DistributedSampler):

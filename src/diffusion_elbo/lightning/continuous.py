@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance
-from diffusion_elbo.core.distributions import sum_flat
+from diffusion_elbo.core.distributions import bits_per_dim_scale, sum_flat
 from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.losses import ELBOLoss, Objective, WeightedMSE
 from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
@@ -34,8 +34,9 @@ from diffusion_elbo.core.vdm import (
     stratified_continuous_elbo,
     v_weight,
 )
+from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ProfileMetric
-from diffusion_elbo.lightning.module import LN2, VAL_EXAMPLE_SEED, VAL_SEED, DiffusionModule, NonFiniteLossError
+from diffusion_elbo.lightning.module import VAL_EXAMPLE_SEED, VAL_SEED, DiffusionModule, NonFiniteLossError
 
 # the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
 # the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
@@ -305,7 +306,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         gamma_0, gamma_1 = self.logsnr.endpoints()
         metrics = {"train/gamma_min": gamma_0.detach(), "train/gamma_max": gamma_1.detach()}
         if terms is not None:
-            to_bpd = 1.0 / (self.num_dims * LN2)
+            to_bpd = bits_per_dim_scale(self.num_dims)
             root_n = math.sqrt(terms.total.numel())
             for name, values in (
                 ("elbo", terms.total),
@@ -346,9 +347,9 @@ class ContinuousDiffusionModule(DiffusionModule):
     def _validation_bound(self, batch: tuple[Tensor, ...]) -> None:
         self._note_precision()  # float32: the base class's validation_step turned autocast off
         draws: dict = {"generator": self._val_generator}
-        if len(batch) >= 3:  # each example's times and noise from its own seed: the same on 1 or N processes
+        if isinstance(batch, IndexedBatch):  # each example's times and noise from its own seed: the same on 1 or N
             u, eps = continuous_example_draws(
-                batch[2].cpu(), VAL_EXAMPLE_SEED, self.val_strata, tuple(batch[0].shape[1:])
+                batch.index.cpu(), VAL_EXAMPLE_SEED, self.val_strata, tuple(batch.x0.shape[1:])
             )
             draws = {"u": u.to(self.device), "eps": eps.to(self.device)}
         result = stratified_continuous_elbo(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from diffusion_elbo.core import ELBOResult
+from diffusion_elbo.core.distributions import bits_per_dim_scale
 
 
 class ELBOMetric(Metric):
@@ -43,7 +42,7 @@ class ELBOMetric(Metric):
         self.count += result.total.numel()
 
     def compute(self) -> dict[str, Tensor]:
-        n, to_bpd = self.count, 1.0 / (self.num_dims * math.log(2.0))
+        n, to_bpd = self.count, bits_per_dim_scale(self.num_dims)
         out = {}
         for name, key in (
             ("total", "elbo"),
@@ -84,7 +83,7 @@ class ProfileMetric(Metric):
         self.count += result.per_t.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
-        to_bpd = 1.0 / (self.num_dims * math.log(2.0))
+        to_bpd = bits_per_dim_scale(self.num_dims)
         return {
             "t": self.t_sum / self.count,  # (K,) mean t drawn in each stratum
             "term_bpd": self.term_sum / self.count * to_bpd,  # (K,) L_t in bits/dim

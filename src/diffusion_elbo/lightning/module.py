@@ -22,6 +22,7 @@ from diffusion_elbo.core import (
     prior_kl_nats,
     q_sample,
 )
+from diffusion_elbo.core.distributions import bits_per_dim_scale
 from diffusion_elbo.core.elbo import (
     num_stratified_timesteps,
     per_example_draws,
@@ -32,9 +33,9 @@ from diffusion_elbo.core.elbo import (
 from diffusion_elbo.core.losses import EpsMSE, Objective, TrainingBatch
 from diffusion_elbo.core.samplers import Chain, DDIMSampler, Sampler
 from diffusion_elbo.core.timesteps import ImportanceSampler
+from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
-LN2 = math.log(2.0)
 # validation's generator for batches without example indices (common random numbers across validations)
 VAL_SEED = 12345
 # the base seed of validation's per-example draws: 0 keeps the draws behind every recorded val number (before base
@@ -298,7 +299,7 @@ class DiffusionModule(L.LightningModule):
     def _log_mc_terms(self, scaled: Tensor, prior: Tensor, t: Tensor) -> None:
         """Unbiased Monte Carlo estimates of -ELBO and its three terms from this batch's timesteps, in bits/dim,
         each with its standard error over the batch. ``scaled`` = L_t / p(t) per example."""
-        to_bpd = 1.0 / (self.num_dims * LN2)
+        to_bpd = bits_per_dim_scale(self.num_dims)
         recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
         denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
         root_n = math.sqrt(scaled.numel())
@@ -391,12 +392,13 @@ class DiffusionModule(L.LightningModule):
         self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
 
     def _val_draws(self, batch) -> dict:
-        """Each example's timesteps and noise from its own seed (its index in the val split, batches' third entry), so
-        the validation numbers are the same on 1 or N processes; the module's generator for batches without indices."""
-        if len(batch) < 3:
+        """Each example's timesteps and noise from its own seed (its index in the val split, an :class:`IndexedBatch`),
+        so the validation numbers are the same on 1 or N processes; the module's generator for batches without
+        indices (a data module of one's own)."""
+        if not isinstance(batch, IndexedBatch):
             return {"generator": self._val_generator}
         timesteps, noise = per_example_draws(
-            self.schedule.T, self.val_strata, batch[2].cpu(), VAL_EXAMPLE_SEED, tuple(batch[0].shape[1:])
+            self.schedule.T, self.val_strata, batch.index.cpu(), VAL_EXAMPLE_SEED, tuple(batch.x0.shape[1:])
         )
         return {"timesteps": timesteps, "noise": noise.to(batch[0].device)}
 
