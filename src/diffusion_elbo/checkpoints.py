@@ -91,6 +91,7 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
     """Rebuild a trained run from its checkpoint. The ``state_dict`` holds the EMA weights when EMA was on
     (Lightning's weight averaging stores the raw ones under ``current_model_state``)."""
     from diffusion_elbo.builders import build_module
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     checkpoint = read_checkpoint(path)
     cfg = OmegaConf.create(checkpoint["diffusion_elbo_config"])
@@ -104,7 +105,7 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
     module = module.to(device).eval()
     return LoadedRun(
         # a continuous-time model is read through its discretized chain: the module maps chain steps to noise levels
-        model=module if hasattr(module, "logsnr") else module.net,
+        model=module if isinstance(module, ContinuousDiffusionModule) else module.net,
         module=module,
         schedule=module.schedule,
         datamodule=datamodule,

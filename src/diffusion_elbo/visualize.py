@@ -144,9 +144,11 @@ def save_logsnr_plot(t, gamma, slope, path: str | Path, title: str) -> Path:
 
 def log_image(trainer, key: str, path: Path) -> None:
     """Log a PNG to every logger that takes images (W&B, TensorBoard)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
     for logger in trainer.loggers:
-        if hasattr(logger, "log_image"):  # W&B
+        if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
-        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+        elif isinstance(logger, TensorBoardLogger):
             array = np.asarray(Image.open(path).convert("RGB"))
             logger.experiment.add_image(key, array, trainer.global_step, dataformats="HWC")

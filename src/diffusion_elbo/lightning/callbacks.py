@@ -142,15 +142,7 @@ class SampleGrid(_EveryNValidations):
         )
         if path is None:
             return
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # W&B
-                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
-            elif hasattr(logger.experiment, "add_image"):  # TensorBoard
-                import numpy as np
-                from PIL import Image
-
-                array = np.asarray(Image.open(path).convert("RGB"))
-                logger.experiment.add_image("samples", array, trainer.global_step, dataformats="HWC")
+        log_image(trainer, "samples", path)
 
 
 class ELBOProfile(L.Callback):
