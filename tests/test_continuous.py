@@ -741,3 +741,33 @@ def test_the_gaussian_oracle_on_continuous_schedules_gives_the_closed_form_bound
     )  # fmt: skip
     # the same bound in continuous time; the 1000-step ones differ by their shapes' O(1/T) terms
     assert abs(diff - (closed_bpd["logsnr_linear"] - closed_bpd["logsnr_cosine"])) < 4 * diff_se
+
+
+def test_an_mse_weighting_in_continuous_time_is_its_weight_over_snr_times_the_eps_error():
+    """Any MSE weighting trains a fixed log-SNR schedule: loss=v_mse gives w / SNR ||eps - eps_hat||^2 per dim with
+    w = SNR + 1, which is the v-MSE ||v - v_hat||^2 per dim of Salimans & Ho (v - v_hat = (eps - eps_hat) / alpha and
+    (SNR + 1) / SNR = 1 / alpha^2); L_simple stays the eps-MSE itself."""
+    from diffusion_elbo.core.logsnr import alpha_sigma
+    from diffusion_elbo.core.losses import VMSE
+    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
+
+    d = 3
+    x, u, eps = _gaussian_draw(256, d, seed=11)
+
+    def module(objective):
+        return ContinuousDiffusionModule(
+            net=_GammaMLP(d), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None, parametrization="v",
+            objective=objective,
+        )  # fmt: skip
+
+    v_module, simple = module(VMSE(timestep_sampling="low_discrepancy")), module(EpsMSE())
+    log_snr = v_module.logsnr(u.double())
+    gamma = log_snr.gamma
+    alpha, sigma = (s[:, None] for s in alpha_sigma(gamma))
+    z = alpha * x + sigma * eps
+    v_hat = v_module._network_float32(z, gamma)
+    v_mse = ((v_hat - (alpha * eps - sigma * x)) ** 2).mean()
+    torch.testing.assert_close(v_module._mse_loss(x, eps, log_snr).double(), v_mse.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        simple._mse_loss(x, eps, log_snr), simple._noise_mse(x, eps, gamma).mean(), rtol=0, atol=0
+    )
