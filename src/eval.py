@@ -4,10 +4,12 @@ python src/eval.py data=gaussian model=gaussian_oracle schedule=cosine schedule.
 python src/eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
+from diffusion_elbo.cli import CONFIG_PATH, check_renamed_keys, register_resolvers, run_job
 from diffusion_elbo.evaluation import run_eval
 
 
@@ -18,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
+    check_renamed_keys(sys.argv[1:])
     main()

@@ -3,10 +3,12 @@
 python src/sample.py ckpt_path=.../checkpoints/last.ckpt sampler=ddim sampler.steps=50 num_samples=64
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, register_resolvers, run_job
+from diffusion_elbo.cli import CONFIG_PATH, check_renamed_keys, register_resolvers, run_job
 from diffusion_elbo.sampling import run_sample
 
 
@@ -17,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
+    check_renamed_keys(sys.argv[1:])
     main()

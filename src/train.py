@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from diffusion_elbo.cli import CONFIG_PATH, check_trainer_overrides, register_resolvers, run_job
+from diffusion_elbo.cli import CONFIG_PATH, check_renamed_keys, check_trainer_overrides, register_resolvers, run_job
 from diffusion_elbo.training import train
 
 
@@ -21,5 +21,6 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     register_resolvers()
+    check_renamed_keys(sys.argv[1:])
     check_trainer_overrides(sys.argv[1:])
     main()

@@ -206,3 +206,24 @@ def test_a_non_editable_install_finds_the_config_groups(tmp_path):
     config_path, loss_target = result.stdout.split()
     assert config_path == str(site / "diffusion_elbo" / "conf")
     assert loss_target == "diffusion_elbo.core.losses.VMSE"
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "new"),
+    [
+        ("eval.py", "fid.steps=10", "fid.sampler.steps"),
+        ("eval.py", "ode.rtol=1e-4", "likelihood.ode.rtol (with likelihood=ode or both)"),
+        ("eval.py", "continuous_strata=16", "likelihood.continuous.strata"),
+        ("train.py", "callbacks.sample_grid.steps=5", "sampler.steps"),
+        ("train.py", "loss.name=elbo", "loss (the group's option"),
+    ],
+)
+def test_a_renamed_key_names_its_new_name_before_anything_runs(tmp_path, script, override, new):
+    """The keys the sampler, likelihood and loss groups renamed (2026-12-05) are refused with their new names, status 2,
+    before Hydra composes anything (Hydra alone says only that the key is not in the config)."""
+    from tests.helpers import run_cli
+
+    result = run_cli(script, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert f"error: {override.split('=')[0]} is now {new}" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -203,6 +203,39 @@ def check_trainer_overrides(args: list[str]) -> None:
             raise SystemExit(2)
 
 
+# keys renamed when the sampler, likelihood and loss groups began to build objects (2026-12-05): old -> new
+RENAMED_KEYS = {
+    "fid.steps": "fid.sampler.steps",
+    "fid.eta": "fid.sampler.eta",
+    "fid.spacing": "fid.sampler.spacing",
+    "callbacks.fid.steps": "callbacks.fid.sampler.steps",
+    "callbacks.fid.eta": "callbacks.fid.sampler.eta",
+    "callbacks.fid.spacing": "callbacks.fid.sampler.spacing",
+    "callbacks.sample_grid.steps": "sampler.steps",
+    "callbacks.sample_grid.eta": "sampler.eta",
+    "callbacks.sample_grid.spacing": "sampler.spacing",
+    "callbacks.toy2d_metrics.steps": "callbacks.toy2d_metrics.sampler.steps",
+    "callbacks.toy2d_metrics.spacing": "callbacks.toy2d_metrics.sampler.spacing",
+    "continuous_strata": "likelihood.continuous.strata",
+    "loss.name": "loss (the group's option: loss=simple, loss=elbo, ...)",
+}
+
+
+def check_renamed_keys(args: list[str]) -> None:
+    """Refuse, with status 2, a key of the command line that was renamed (:data:`RENAMED_KEYS`, and ``ode.<key>``, now
+    ``likelihood.ode.<key>``), naming the new one: Hydra would say only that the key is not in the config."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        new = RENAMED_KEYS.get(key) or (
+            f"likelihood.{key} (with likelihood=ode or both)" if key.startswith("ode.") else None
+        )
+        if new is not None:
+            print(f"error: {key} is now {new}: the key was renamed on 2026-12-05 (docs/extending.md)", file=sys.stderr)
+            raise SystemExit(2)
+
+
 class SweepChecks(Callback):
     """Hydra callback: refuses, before any job runs, a multirun whose launcher cannot host the jobs' DDP processes."""
 
