@@ -27,7 +27,7 @@ import plugins  # noqa: E402  (examples/plugins/plugins.py, as a user's PYTHONPA
 from run import machine  # noqa: E402
 
 from diffusion_elbo.core import make_schedule  # noqa: E402
-from diffusion_elbo.core.gaussian_data import gaussian_nll_nats  # noqa: E402
+from diffusion_elbo.core.gaussian_data import flow_image, gaussian_nll_nats  # noqa: E402
 from diffusion_elbo.core.logsnr import LinearLogSNR  # noqa: E402
 from diffusion_elbo.core.parametrization import Parametrization  # noqa: E402
 from diffusion_elbo.core.samplers import Chain, DDIMSampler  # noqa: E402
@@ -130,8 +130,7 @@ def samplers(n: int = 4000) -> dict:
         schedule = make_schedule(name, 1000)
         oracle = GaussianOracle(schedule, mean, std, parametrization="x0")
         chain = Chain(denoise=oracle, schedule=schedule, parametrization=Parametrization.X0)
-        ab = float(schedule.alpha_bar[schedule.T])
-        exact = mean + std * (x_T - ab**0.5 * mean) / (ab * std**2 + 1 - ab) ** 0.5
+        exact = flow_image(x_T, *map(float, schedule.signal_noise(torch.tensor([schedule.T]))), mean=mean, std=std)
         for spacing in ("time", "logsnr"):
             for steps in (5, 10, 20, 50):
                 row = {"schedule": name, "spacing": spacing, "steps": steps}

@@ -19,11 +19,11 @@ MEAN, STD, LN2 = 0.5, 0.8, math.log(2.0)
 def test_analytic_variance_closes_the_oracle_gap_to_the_prior_term(name, T):
     s = make_schedule(name, T)
     table = oracle_analytic_variance_table(s, STD)
-    closed = oracle_expected_terms(s, MEAN, STD, variance=table)
+    closed = oracle_expected_terms(s, MEAN, std=STD, variance=table)
     gap_bpd = (closed.total - closed.true_nll - marginal_prior_kl(s, MEAN, STD)) / LN2
     assert abs(gap_bpd) < 1e-3
     # ... while the fixed `small` variance leaves a gap of tenths of a bit per dim
-    small = oracle_expected_terms(s, MEAN, STD, variance="small")
+    small = oracle_expected_terms(s, MEAN, std=STD, variance="small")
     assert (small.total - small.true_nll) / LN2 > 0.4
     assert (table[2:] >= s.posterior_variance[2:]).all() and (table[2:] <= s.betas[2:] * (1 + 1e-9)).all()
 

@@ -52,7 +52,7 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
     assert {"bpd", "bpd_se", "nats_per_dim", "terms_nats_per_dim", "num_examples", "true_nll_bpd"} <= set(m)
     terms = m["terms_nats_per_dim"]
     assert m["num_examples"] == 1000 and len(m["per_t_nats_per_dim"]) == 100
-    closed = oracle_expected_terms(make_schedule(name, 100), 0.5, 0.8)
+    closed = oracle_expected_terms(make_schedule(name, 100), 0.5, std=0.8)
     # the prior term (about alpha_bar_T E[x0^2] / 2) must match the closed form to its sampling error (~1% here)
     assert terms["prior"] == pytest.approx(closed.prior, rel=5e-2)
     assert m["decoder_variance"] == "clipped"

@@ -112,7 +112,13 @@ def test_continuous_bound_of_the_gaussian_oracle_depends_only_on_the_endpoints(n
     expected = gaussian_continuous_terms(MEAN, STD, -13.3, 5.0)
     with torch.no_grad():
         terms = continuous_terms(
-            _oracle(parametrization), _schedules()[name], x, u, eps, parametrization=parametrization, num_bins=None
+            _oracle(parametrization),
+            _schedules()[name],
+            x0=x,
+            u=u,
+            eps=eps,
+            parametrization=parametrization,
+            num_bins=None,
         )
     for key, values in (("diffusion", terms.diffusion), ("total", terms.total)):
         per_dim = values / d
@@ -124,7 +130,9 @@ def test_continuous_bound_of_the_gaussian_oracle_depends_only_on_the_endpoints(n
         assert abs(float(per_dim.mean()) - expected[key]) < 4 * float(per_dim.std()) / math.sqrt(n) + 1e-12
     if parametrization != "eps":
         with torch.no_grad():
-            ref = continuous_terms(_oracle("eps"), _schedules()[name], x, u, eps, parametrization="eps", num_bins=None)
+            ref = continuous_terms(
+                _oracle("eps"), _schedules()[name], x0=x, u=u, eps=eps, parametrization="eps", num_bins=None
+            )
         torch.testing.assert_close(terms.total, ref.total, rtol=1e-9, atol=1e-9)
 
 
@@ -162,7 +170,9 @@ def test_sigmoid_weighted_loss_of_the_gaussian_oracle_matches_its_integral_for_e
     schedule = _schedules()[name]
     with torch.no_grad():
         log_snr = schedule(u)
-        terms = continuous_terms(_oracle("v"), schedule, x, u, eps, parametrization="v", num_bins=None, log_snr=log_snr)
+        terms = continuous_terms(
+            _oracle("v"), schedule, x0=x, u=u, eps=eps, parametrization="v", num_bins=None, log_snr=log_snr
+        )
     per_dim = sigmoid_weighting(log_snr.gamma, weight, bias) * terms.diffusion / d
     se = float(per_dim.std()) / math.sqrt(n)
     expected = _weighted_diffusion_closed_form(weight, bias, -13.3, 5.0)
@@ -189,7 +199,9 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
     schedule = weighted.logsnr
     with torch.no_grad():
         log_snr = schedule(u)
-        terms = continuous_terms(net, schedule, x, u, eps, parametrization="eps", num_bins=None, log_snr=log_snr)
+        terms = continuous_terms(
+            net, schedule, x0=x, u=u, eps=eps, parametrization="eps", num_bins=None, log_snr=log_snr
+        )
     w = 1 + 10.0 * torch.sigmoid(log_snr.gamma + 2.0)
     torch.testing.assert_close(weighted._training_weights(log_snr), w)
     assert plain._training_weights(log_snr) is None
@@ -304,7 +316,7 @@ def test_t_step_bound_matches_its_closed_form_and_tends_to_the_continuous_one():
     for T in (10, 100):
         with torch.no_grad():
             terms = continuous_terms(
-                _oracle("eps"), schedule, x, u, eps, parametrization="eps", num_bins=None, timesteps=T
+                _oracle("eps"), schedule, x0=x, u=u, eps=eps, parametrization="eps", num_bins=None, timesteps=T
             )
         per_dim = terms.total / d
         se = float(per_dim.std()) / math.sqrt(n)
@@ -352,7 +364,9 @@ def test_chain_exact_evaluator_agrees_with_the_models_own_t_step_estimator(num_b
         ).total
         u = torch.rand(n, generator=g, dtype=torch.float64)
         eps = torch.randn(n, d, generator=g, dtype=torch.float64)
-        own = continuous_terms(net, schedule, x, u, eps, parametrization="v", num_bins=num_bins, timesteps=T).total
+        own = continuous_terms(
+            net, schedule, x0=x, u=u, eps=eps, parametrization="v", num_bins=num_bins, timesteps=T
+        ).total
     diff = float(exact.mean() - own.mean())
     se = math.sqrt(float(exact.var()) / n + float(own.var()) / n)
     assert abs(diff) < 4 * se, (diff, se)
@@ -366,7 +380,9 @@ def test_variance_gradient_reaches_the_shape_and_the_bound_gradient_the_endpoint
 
     def per_example(schedule):
         log_snr = schedule(u)
-        terms = continuous_terms(net, schedule, x, u, eps, parametrization="eps", num_bins=None, log_snr=log_snr)
+        terms = continuous_terms(
+            net, schedule, x0=x, u=u, eps=eps, parametrization="eps", num_bins=None, log_snr=log_snr
+        )
         return terms.total, log_snr
 
     schedule = _shaped_learned()
@@ -399,7 +415,7 @@ def test_weighted_loss_trains_the_network_the_endpoints_get_the_bound_and_the_sh
 
     def objectives(schedule, net):
         log_snr = schedule(u)
-        terms = continuous_terms(net, schedule, x, u, eps, parametrization="v", num_bins=None, log_snr=log_snr)
+        terms = continuous_terms(net, schedule, x0=x, u=u, eps=eps, parametrization="v", num_bins=None, log_snr=log_snr)
         trained = terms.weighted_total(weights)
         torch.testing.assert_close(trained, terms.reconstruction + terms.prior + weights * terms.diffusion)
         return trained, terms.total, log_snr
@@ -443,9 +459,9 @@ def test_weighted_t_step_loss_gives_the_schedule_the_bounds_gradient(timesteps):
         terms = continuous_terms(
             net,
             schedule,
-            x,
-            u,
-            eps,
+            x0=x,
+            u=u,
+            eps=eps,
             parametrization="v",
             num_bins=None,
             timesteps=timesteps,
@@ -504,7 +520,16 @@ def test_low_discrepancy_times_cover_every_stratum_once_and_are_uniform():
 def test_unet_fourier_features_add_sin_and_cos_channels_of_the_input():
     from diffusion_elbo.models import UNet
 
-    net = UNet(1, 8, 16, [1, 2], 1, [], fourier_features=[3, 4], num_groups=8)
+    net = UNet(
+        1,
+        8,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[],
+        fourier_features=[3, 4],
+        num_groups=8,
+    )
     assert net.conv_in.in_channels == 5
     x = torch.linspace(-1, 1, 17).repeat(4)[:64].view(1, 1, 8, 8)
     features = net._with_fourier_features(x)
@@ -771,3 +796,30 @@ def test_an_mse_weighting_in_continuous_time_is_its_weight_over_snr_times_the_ep
     torch.testing.assert_close(
         simple._mse_loss(x, eps, log_snr), simple._noise_mse(x, eps, gamma).mean(), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["schedule=learned", "loss=simple", "schedule.hidden=4"], "which loss=simple leaves out: use loss=vdm"),
+        (["schedule=logsnr_linear", "loss=elbo"], "importance sampling is for discrete"),
+        (["schedule=logsnr_cosine", "loss=x0_mse_weighted"], "got loss=x0_mse_weighted"),
+        (["loss=vdm", "loss.sigmoid_weight=5"], "schedule=sigmoid is discrete"),
+        (["variance=learned_range", "loss=simple"], "use loss=hybrid"),
+        (["variance=small", "loss=hybrid"], "set variance=learned_range"),
+    ],
+)
+def test_objective_rules_are_written_once_and_refused_by_the_config_and_the_module_alike(tmp_path, overrides, fragment):
+    """Objective.problems holds each rule: the config check names it before any work, and a module built around the
+    same objects (as a script that skips the check would) refuses to fit with the same words."""
+    from diffusion_elbo.builders import build_module
+    from diffusion_elbo.config import ConfigError, validate_config
+    from tests.helpers import compose_train
+
+    cfg = compose_train(tmp_path, overrides)
+    with pytest.raises(ConfigError, match=fragment):
+        validate_config(cfg)
+    module, _ = build_module(cfg)
+    with pytest.raises(ValueError, match=fragment):
+        module.setup("fit")
+    module.setup("validate")  # evaluating such a module is not training it

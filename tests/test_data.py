@@ -68,7 +68,7 @@ def test_levels_to_unit_maps_ends_to_minus_one_and_one_and_requantizes() -> None
 
 def test_stratified_split_is_disjoint_covers_all_and_balances_classes() -> None:
     labels = torch.arange(100) % 4
-    train, val, test = split_indices(100, 20, 20, seed=3, labels=labels)
+    train, val, test = split_indices(100, 20, num_test=20, seed=3, labels=labels)
     together = torch.cat([train, val, test])
     assert sorted(together.tolist()) == list(range(100))
     assert torch.bincount(labels[val], minlength=4).tolist() == [5, 5, 5, 5]

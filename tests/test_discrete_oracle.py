@@ -121,7 +121,7 @@ def test_discrete_oracle_decoder_sees_the_grid():
     dm.setup()
     x0 = dm.test_set.tensors[0].double()
     t = torch.ones(64, dtype=torch.long)
-    x_t = q_sample(s, x0, t, generator=torch.Generator().manual_seed(0))
+    x_t = q_sample(s, x0, t=t, generator=torch.Generator().manual_seed(0))
     oracle = DiscreteOracle(s, num_bins=17, parametrization="x0")
     torch.testing.assert_close(oracle(x_t, t), x0, atol=1e-6, rtol=0)
 

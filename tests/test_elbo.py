@@ -39,7 +39,7 @@ def test_exact_evaluator_matches_closed_form_oracle_terms(gen, name, T):
     s = make_schedule(name, T)
     x0 = gaussian_batch(gen)
     r = exact_elbo(GaussianOracle(s, MEAN, STD, "eps"), s, x0, parametrization="eps", generator=gen)
-    closed = oracle_expected_terms(s, MEAN, STD)
+    closed = oracle_expected_terms(s, MEAN, std=STD)
     for got, want in [
         (r.reconstruction / DIM, closed.reconstruction),
         (r.prior / DIM, closed.prior),
@@ -68,7 +68,7 @@ def test_negative_elbo_bounds_true_nll_and_gap_shrinks_with_T(name):
     assert all(gap.mean() > 5 * se(gap) for gap in gaps)
     for a, b in itertools.pairwise(gaps):
         assert (a - b).mean() > 4 * se(a - b)
-    closed = [oracle_expected_terms(make_schedule(name, T), MEAN, STD) for T in [50, 100, 1000, 4000]]
+    closed = [oracle_expected_terms(make_schedule(name, T), MEAN, std=STD) for T in [50, 100, 1000, 4000]]
     assert all(a.total - a.true_nll > b.total - b.true_nll > 0 for a, b in itertools.pairwise(closed))
 
 
@@ -103,7 +103,7 @@ def test_eps_x0_v_give_same_elbo(gen):
     for p in Parametrization:
         g = torch.Generator().manual_seed(7)  # same x_t draws for each parametrization
         results.append(exact_elbo(as_output(p.value), s, x0, parametrization=p, generator=g))
-    closed = oracle_expected_terms(s, MEAN, STD).total
+    closed = oracle_expected_terms(s, MEAN, std=STD).total
     assert abs(results[0].total.mean() / DIM - closed) < 4 * se(results[0].total / DIM)
     for r in results[1:]:
         torch.testing.assert_close(r.total, results[0].total, rtol=1e-9, atol=1e-9)
@@ -124,10 +124,10 @@ def test_denoising_kl_is_the_lecture_weighted_x0_error(gen):
     b = 32
     t = torch.randint(2, 1001, (b,), generator=gen)
     x0 = torch.randn(b, 6, generator=gen, dtype=torch.float64)
-    x_t = q_sample(s, x0, t, generator=gen)
+    x_t = q_sample(s, x0, t=t, generator=gen)
     x0_hat = x0 + 0.3 * torch.randn(b, 6, generator=gen, dtype=torch.float64)
-    step = p_mean_variance(s, x0_hat, x_t, t, "x0", "small")
-    kl = denoising_kl_nats(s, x0, x_t, t, step)
+    step = p_mean_variance(s, x0_hat, x_t=x_t, t=t, parametrization="x0", variance="small")
+    kl = denoising_kl_nats(s, x0, x_t=x_t, t=t, step=step)
     err = (x0_hat - x0).pow(2).sum(1)
     a, ab, ab_prev = s.alphas[t], s.alpha_bar[t], s.alpha_bar[t - 1]
     lecture = ab_prev * (1 - a) ** 2 / (2 * s.posterior_variance[t] * (1 - ab) ** 2) * err
@@ -245,10 +245,9 @@ def test_decoder_term_on_256_level_data_matches_an_independent_computation(name,
     x0 = (torch.randint(0, K, (6, 5), generator=g) * 2.0 / (K - 1) - 1.0).double()
     x0_hat = (x0 + 0.006 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).clamp(-1.2, 1.2)
     t = torch.ones(6, dtype=torch.long)
-    x_t = q_sample(s, x0, t, generator=g)
-    got = term_from_output(
-        s, x0, x_t, t, x0_hat, parametrization="x0", variance="small", decoder_variance=decoder_variance, num_bins=K
-    )
+    x_t = q_sample(s, x0, t=t, generator=g)
+    common = {"x_t": x_t, "t": t, "out": x0_hat, "parametrization": "x0", "num_bins": K}
+    got = term_from_output(s, x0, variance="small", decoder_variance=decoder_variance, **common)
 
     betas = s.betas[1:].numpy()  # the schedule's betas only; every derived number is recomputed here
     alpha_bar = np.cumprod(1.0 - betas)
@@ -259,13 +258,11 @@ def test_decoder_term_on_256_level_data_matches_an_independent_computation(name,
     expected = -np.log(norm.cdf((hi - m) / sd) - norm.cdf((lo - m) / sd)).sum(axis=1)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
     # the large variance uses the same sigma_1^2, and the two conventions differ
-    large = term_from_output(
-        s, x0, x_t, t, x0_hat, parametrization="x0", variance="large", decoder_variance=decoder_variance, num_bins=K
-    )
+    large = term_from_output(s, x0, variance="large", decoder_variance=decoder_variance, **common)
     torch.testing.assert_close(large, got)
     other = "beta" if decoder_variance == "clipped" else "clipped"
     alternative = term_from_output(
-        s, x0, x_t, t, x0_hat, parametrization="x0", variance="small", decoder_variance=other, num_bins=K
+        s, x0, x_t=x_t, t=t, out=x0_hat, parametrization="x0", variance="small", decoder_variance=other, num_bins=K
     )
     assert (alternative - got).abs().mean() > 0.1
 
@@ -295,8 +292,8 @@ def test_example_seed_lets_the_base_seed_reach_every_examples_draws():
     assert torch.equal(torch.randn(4, generator=example_generator(0, 5)), same)
     for seed in (1, 2, 12345):
         assert not torch.allclose(torch.randn(4, generator=example_generator(seed, 5)), same)
-    (t0, _), n0 = per_example_draws(1000, 4, torch.arange(3), 0, (2, 2))
-    (t1, _), n1 = per_example_draws(1000, 4, torch.arange(3), 1, (2, 2))
+    (t0, _), n0 = per_example_draws(1000, 4, indices=torch.arange(3), seed=0, shape=(2, 2))
+    (t1, _), n1 = per_example_draws(1000, 4, indices=torch.arange(3), seed=1, shape=(2, 2))
     assert not torch.equal(t0, t1) and not torch.equal(n0, n1)
     assert len({example_seed(7, i) for i in range(100_000)}) == 100_000
     starts = sorted(s * SEED_STRIDE % 2**32 for s in range(1000))

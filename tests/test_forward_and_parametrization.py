@@ -19,7 +19,7 @@ def test_q_sample_has_the_closed_form_moments(gen):
     s = make_schedule("cosine", 100)
     x0 = torch.full((200_000, 1), 0.7, dtype=torch.float64)
     t = torch.full((x0.shape[0],), 40)
-    x_t = q_sample(s, x0, t, generator=gen)
+    x_t = q_sample(s, x0, t=t, generator=gen)
     mean, var = q_mean_variance(s, x0[:1], t[:1])
     assert abs(x_t.mean() - mean.item()) < 4 * (var.item() / x0.shape[0]) ** 0.5
     assert abs(x_t.var() - var.item()) < 0.01 * var.item()
@@ -31,8 +31,8 @@ def test_one_step_q_sample_matches_the_step_by_step_chain(gen):
     x0 = torch.randn(n, 1, generator=gen, dtype=torch.float64) * 0.5 + 1.0
     chain = x0
     for step in range(1, t_end + 1):
-        chain = q_step_sample(s, chain, torch.full((n,), step), generator=gen)
-    direct = q_sample(s, x0, torch.full((n,), t_end), generator=gen)
+        chain = q_step_sample(s, chain, t=torch.full((n,), step), generator=gen)
+    direct = q_sample(s, x0, t=torch.full((n,), t_end), generator=gen)
     # Same distribution given x0: compare the residual moments around sqrt(alpha_bar) x0.
     a = s.alpha_bar[t_end].sqrt()
     r_chain, r_direct = chain - a * x0, direct - a * x0
@@ -78,11 +78,11 @@ def test_conversions_recover_x0_and_eps_exactly(gen):
     t = torch.randint(1, 1001, (b,), generator=gen)
     x0 = torch.randn(b, 5, generator=gen, dtype=torch.float64)
     eps = torch.randn(b, 5, generator=gen, dtype=torch.float64)
-    x_t = q_sample(s, x0, t, noise=eps)
+    x_t = q_sample(s, x0, t=t, noise=eps)
     for p in Parametrization:
-        out = training_target(p, s, x0, t, eps)
-        torch.testing.assert_close(predict_x0(p, s, x_t, t, out), x0, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(predict_eps(p, s, x_t, t, out), eps, rtol=1e-6, atol=1e-6)
+        out = training_target(p, s, x0=x0, t=t, eps=eps)
+        torch.testing.assert_close(predict_x0(p, s, x_t=x_t, t=t, out=out), x0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(predict_eps(p, s, x_t=x_t, t=t, out=out), eps, rtol=1e-6, atol=1e-6)
 
 
 def test_x0_error_scale_is_the_ratio_of_squared_errors(gen):
@@ -90,10 +90,10 @@ def test_x0_error_scale_is_the_ratio_of_squared_errors(gen):
     b = 8
     t = torch.randint(1, 1001, (b,), generator=gen)
     x0, eps = (torch.randn(b, 4, generator=gen, dtype=torch.float64) for _ in range(2))
-    x_t = q_sample(s, x0, t, noise=eps)
+    x_t = q_sample(s, x0, t=t, noise=eps)
     for p in Parametrization:
-        target = training_target(p, s, x0, t, eps)
+        target = training_target(p, s, x0=x0, t=t, eps=eps)
         out = target + 0.1 * torch.randn(b, 4, generator=gen, dtype=torch.float64)
-        x0_err = (predict_x0(p, s, x_t, t, out) - x0).pow(2).sum(1)
+        x0_err = (predict_x0(p, s, x_t=x_t, t=t, out=out) - x0).pow(2).sum(1)
         p_err = (out - target).pow(2).sum(1)
         torch.testing.assert_close(x0_err, x0_error_scale(p, s, t) * p_err)

@@ -117,7 +117,9 @@ def test_hybrid_elbo_half_trains_only_the_variance_channels():
     out = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
 
     def grad(o):
-        term = term_from_output(s, x0, x_t, t, o, parametrization="eps", variance="learned_range", num_bins=None)
+        term = term_from_output(
+            s, x0, x_t=x_t, t=t, out=o, parametrization="eps", variance="learned_range", num_bins=None
+        )
         (g,) = torch.autograd.grad(term.sum(), out)
         return g
 
@@ -183,9 +185,9 @@ def test_hybrid_training_loss_is_their_mse_plus_vb_times_t_over_1000(tmp_path):
     term = term_from_output(
         module.schedule,
         x0,
-        x_t,
-        t,
-        out,
+        x_t=x_t,
+        t=t,
+        out=out,
         parametrization="eps",
         variance="learned_range",
         decoder_variance=module.decoder_variance,
@@ -212,13 +214,15 @@ def test_training_the_learned_range_finds_the_kl_optimal_variance():
             x0.shape, generator=g, dtype=torch.float64
         )
         out = stop_mean_gradient(model(x_t, t), "learned_range")
-        term = term_from_output(s, x0, x_t, t, out, parametrization="eps", variance="learned_range", num_bins=None)
+        term = term_from_output(
+            s, x0, x_t=x_t, t=t, out=out, parametrization="eps", variance="learned_range", num_bins=None
+        )
         optimizer.zero_grad()
         term.mean().backward()
         optimizer.step()
 
     def total(variance):
-        return oracle_expected_terms(s, MEAN, STD, variance=variance).total
+        return oracle_expected_terms(s, MEAN, std=STD, variance=variance).total
 
     learned, optimum = total(model.variance_table(s)), total(oracle_analytic_variance_table(s, STD))
     small, large = total("small"), total("large")

@@ -27,7 +27,7 @@ def _setup(gen, b=64, d=5, T=1000):
     s = make_schedule("cosine", T)
     t = torch.randint(1, T + 1, (b,), generator=gen)
     x0, eps = (torch.randn(b, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    x_t = q_sample(s, x0, t, noise=eps)
+    x_t = q_sample(s, x0, t=t, noise=eps)
     x0_hat = x0 + 0.2 * torch.randn(b, d, generator=gen, dtype=torch.float64)
     return s, t, x0, eps, x_t, x0_hat
 
@@ -38,27 +38,33 @@ def test_mse_losses_do_not_depend_on_the_parametrization(gen, loss):
     weight = MSE_LOSSES[loss]().x0_weight(s, t)
     values = []
     for p in Parametrization:
-        out = output_from_x0(p, s, x_t, t, x0_hat)  # the same prediction, written as eps, x0 or v
-        values.append(weighted_mse(weight, p, s, t, out, training_target(p, s, x0, t, eps)))
+        out = output_from_x0(p, s, x_t=x_t, t=t, x0=x0_hat)  # the same prediction, written as eps, x0 or v
+        values.append(
+            weighted_mse(weight, p, schedule=s, t=t, out=out, target=training_target(p, s, x0=x0, t=t, eps=eps))
+        )
     for v in values[1:]:
         torch.testing.assert_close(v, values[0], rtol=1e-7, atol=1e-9)
 
 
 def test_simple_loss_is_unweighted_eps_mse(gen):
     s, t, x0, eps, x_t, x0_hat = _setup(gen)
-    eps_hat = output_from_x0("eps", s, x_t, t, x0_hat)
-    simple = weighted_mse(EpsMSE().x0_weight(s, t), "eps", s, t, eps_hat, eps)
+    eps_hat = output_from_x0("eps", s, x_t=x_t, t=t, x0=x0_hat)
+    simple = weighted_mse(EpsMSE().x0_weight(s, t), "eps", schedule=s, t=t, out=eps_hat, target=eps)
     torch.testing.assert_close(simple, (eps_hat - eps).pow(2).mean(1))
-    x0_mse = weighted_mse(X0MSE().x0_weight(s, t), "x0", s, t, x0_hat, x0)
+    x0_mse = weighted_mse(X0MSE().x0_weight(s, t), "x0", schedule=s, t=t, out=x0_hat, target=x0)
     torch.testing.assert_close(x0_mse, (x0_hat - x0).pow(2).mean(1))
 
 
 def test_weighted_x0_mse_equals_the_elbo_denoising_term(gen):
     s, t, x0, eps, x_t, x0_hat = _setup(gen)
     t = t.clamp(min=2)
-    x_t = q_sample(s, x0, t, noise=eps)
-    kl = denoising_kl_nats(s, x0, x_t, t, p_mean_variance(s, x0_hat, x_t, t, "x0", "small"))
-    loss = weighted_mse(WeightedX0MSE().x0_weight(s, t), "x0", s, t, x0_hat, x0) * x0.shape[1]  # per dim -> summed
+    x_t = q_sample(s, x0, t=t, noise=eps)
+    kl = denoising_kl_nats(
+        s, x0, x_t=x_t, t=t, step=p_mean_variance(s, x0_hat, x_t=x_t, t=t, parametrization="x0", variance="small")
+    )
+    loss = (
+        weighted_mse(WeightedX0MSE().x0_weight(s, t), "x0", schedule=s, t=t, out=x0_hat, target=x0) * x0.shape[1]
+    )  # per dim -> summed
     torch.testing.assert_close(loss, kl, rtol=1e-8, atol=1e-10)
 
 

@@ -79,7 +79,11 @@ def _oracle_validation(seed: int, name: str = "linear", T: int = 1000, strata: i
     metric = ELBOMetric(DIM)
     metric.update(r)
     out = metric.compute()
-    return float(out["elbo_bpd"]), float(out["elbo_bpd_se"]), oracle_expected_terms(s, MEAN, STD).total / math.log(2)
+    return (
+        float(out["elbo_bpd"]),
+        float(out["elbo_bpd_se"]),
+        oracle_expected_terms(s, MEAN, std=STD).total / math.log(2),
+    )
 
 
 def test_validation_standard_error_covers_the_stratification_error():
@@ -112,9 +116,11 @@ def test_rate_distortion_matches_the_exact_profile_on_the_oracle():
     metric.update(r)
     profile = metric.compute()
     _, sizes = stratified_timesteps(T, strata)
-    rd = rate_distortion(profile["t"], sizes, profile["term_bpd"], profile["x0_mse"], profile["prior_bpd"])
+    rd = rate_distortion(
+        profile["t"], sizes, term_bpd=profile["term_bpd"], x0_mse=profile["x0_mse"], prior_bpd=profile["prior_bpd"]
+    )
 
-    closed = oracle_expected_terms(s, MEAN, STD)
+    closed = oracle_expected_terms(s, MEAN, std=STD)
     per_t = closed.per_t / math.log(2)  # per_t[s - 1] = E[L_s] in bits/dim
     exact_rate = torch.tensor([closed.prior / math.log(2) + float(per_t[t:].sum()) for t in range(T + 1)])
     t = profile["t"]

@@ -117,17 +117,25 @@ def test_cifar10_config_has_ho_et_al_35_7m_parameters():
 
 def test_image_size_not_divisible_by_downsampling_raises_naming_valid_multiple():
     with pytest.raises(ValueError, match=r"image_size=30 .*halves the resolution 3 times.*multiple of 8"):
-        UNet(3, 30, 32, channel_mult=[1, 2, 2, 2], num_res_blocks=1, attention_resolutions=[], num_groups=8)
+        UNet(
+            3,
+            30,
+            model_channels=32,
+            channel_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            attention_resolutions=[],
+            num_groups=8,
+        )
 
 
 def test_num_groups_not_dividing_channels_raises():
     with pytest.raises(ValueError, match="num_groups=32 must divide"):
-        UNet(1, 8, 48, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], num_groups=32)
+        UNet(1, 8, model_channels=48, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], num_groups=32)
 
 
 def test_unreachable_attention_resolution_raises():
     with pytest.raises(ValueError, match=r"attention_resolutions=\[16\].*never reaches"):
-        UNet(1, 8, 16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[16], num_groups=4)
+        UNet(1, 8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[16], num_groups=4)
 
 
 def test_unet_rejects_input_of_another_image_size():

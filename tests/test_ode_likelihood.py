@@ -86,7 +86,7 @@ def test_ode_likelihood_of_the_gaussian_oracle_is_the_true_nll(name, parametriza
     # the bound sits above the likelihood by its known gap (-ELBO - NLL of the oracle, in closed form)
     elbo = exact_elbo(model, schedule, x.float(), parametrization=parametrization, max_batch=4096, generator=gen)
     diff = (elbo.total - result.nll) / (d * LN2)
-    closed = oracle_expected_terms(schedule, mean, std)
+    closed = oracle_expected_terms(schedule, mean, std=std)
     known_gap = (closed.total - closed.true_nll) / LN2
     assert known_gap > 0.5
     assert abs(diff.mean().item() - known_gap) < 4 * diff.std().item() / math.sqrt(n)
@@ -114,7 +114,7 @@ def test_ode_likelihood_of_the_discrete_oracle_is_the_exact_mixture_density(gen)
     # the start time matches the noises: sigma^2 / a^2 = Delta^2 / 12
     snr = a0**2 / (1 - a0**2)
     assert snr == pytest.approx(12 / (2 / 3) ** 2, rel=1e-6)
-    y, log_q = dequantize(x0, 4, torch.rand(n, d, generator=gen, dtype=torch.float64))
+    y, log_q = dequantize(x0, 4, u=torch.rand(n, d, generator=gen, dtype=torch.float64))
     assert ((y - x0).abs() <= 1 / 3 + 1e-12).all() and not torch.equal(y, x0)
     assert torch.allclose(log_q, torch.full((n,), -d * math.log(2 / 3), dtype=torch.float64))
     result = ode_nll_nats(model, schedule, y, parametrization="eps", t_start=t0, divergence="exact")
@@ -132,7 +132,9 @@ def test_truncated_normal_dequantization_stays_in_the_bin_with_its_exact_log_den
 
     delta, s = 2 / 16, 0.04
     x0 = grid_levels(17)[torch.randint(0, 17, (20000, 1), generator=gen)].float()
-    y, log_q = dequantize(x0, 17, torch.rand(20000, 1, generator=gen, dtype=torch.float64), "truncated_normal", s)
+    y, log_q = dequantize(
+        x0, 17, u=torch.rand(20000, 1, generator=gen, dtype=torch.float64), kind="truncated_normal", noise_scale=s
+    )
     eta = (y.double() - x0.double()) / s
     tau = delta / 2 / s
     assert eta.abs().max() <= tau + 1e-6 and eta.abs().max() > 0.95 * tau
@@ -342,8 +344,8 @@ def _sharded_ode(batch_size: int):
         seed=7,
         device=torch.device("cpu"),
         batch_size=batch_size,
-        rtol=1e-7,
-        atol=1e-7,
+        rtol=1e-6,  # batches of 4 share adaptive steps: their shards agree with one process to ~100x this
+        atol=1e-6,
         probes=2,
         true_nll=data.true_nll_nats,
     )

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffusion_elbo.core import make_schedule
+from diffusion_elbo.core.gaussian_data import flow_image
 from diffusion_elbo.core.parametrization import Parametrization
 from diffusion_elbo.core.samplers import Chain, DDIMSampler
 from diffusion_elbo.core.vdm import gaussian_continuous_terms
@@ -91,7 +92,7 @@ def test_the_min_snr_objective_weighs_as_hang_et_al_and_the_oracle_minimizes_it(
     x0 = mean + std * torch.randn(20_000, 4, generator=g, dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=g)
-    x_t = q_sample(schedule, x0, t, noise=eps)
+    x_t = q_sample(schedule, x0, t=t, noise=eps)
 
     def loss(shift: float) -> torch.Tensor:
         batch = TrainingBatch(
@@ -125,8 +126,7 @@ def test_dpm_solver_is_closer_to_the_exact_flow_than_ddim_at_equal_steps_on_the_
         schedule = make_schedule(name, 1000)
         oracle = GaussianOracle(schedule, mean, std, parametrization="x0")
         chain = Chain(denoise=oracle, schedule=schedule, parametrization=Parametrization.X0)
-        ab = float(schedule.alpha_bar[schedule.T])
-        exact = mean + std * (x_T - ab**0.5 * mean) / (ab * std**2 + 1 - ab) ** 0.5
+        exact = flow_image(x_T, *map(float, schedule.signal_noise(torch.tensor([schedule.T]))), mean=mean, std=std)
 
         def error(sampler, chain=chain, exact=exact) -> float:
             return float((sampler.sample(chain, x_T.shape, x_T=x_T) - exact).pow(2).mean().sqrt())

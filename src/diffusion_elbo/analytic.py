@@ -16,7 +16,7 @@ CACHE_FORMAT = 2  # of the cached analytic variance tables (<ckpt>.analytic-N.pt
 
 
 def analytic_table(
-    cfg: DictConfig, model, schedule, datamodule, parametrization, device, generator, clip_denoised: bool = False
+    cfg: DictConfig, model, *, schedule, datamodule, parametrization, device, generator, clip_denoised: bool = False
 ) -> Tensor:
     """The analytic variance table: closed form for the Gaussian oracle; for a checkpoint a Monte Carlo estimate
     over ``analytic.num_examples`` training examples, cached next to the checkpoint. ``clip_denoised``: for a

@@ -24,10 +24,9 @@ from diffusion_elbo.core import (
     Parametrization,
     ReverseVariance,
     ScheduleName,
-    TimestepSampling,
 )
 from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
-from diffusion_elbo.core.losses import ELBOLoss, HybridLoss, WeightedMSE
+from diffusion_elbo.core.losses import TrainingSetup
 
 
 class ConfigError(ValueError):
@@ -104,18 +103,8 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         _check_timesteps(cfg, continuous, problems)
     if continuous:
         problems.extend(_continuous_problems(cfg))
-    elif schedule_name is not None:  # options of the continuous-time bound, set on a discrete schedule
-        if OmegaConf.select(cfg, "loss.aux_weight", default=0.0):
-            problems.append(
-                f"loss.aux_weight adds a v-MSE share to the continuous-time bound; schedule={schedule_name} is "
-                "discrete: use schedule=learned | logsnr_linear | logsnr_cosine (or loss=hybrid for discrete "
-                "schedules), or loss.aux_weight=0"
-            )
-        if OmegaConf.select(cfg, "loss.sigmoid_weight", default=0.0):
-            problems.append(
-                f"loss.sigmoid_weight weights the continuous-time bound; schedule={schedule_name} is discrete: use "
-                "schedule=learned | logsnr_linear | logsnr_cosine, or loss.sigmoid_weight=0"
-            )
+    if OmegaConf.select(cfg, "task_name") == "train":
+        problems.extend(_objective_problems(cfg, schedule_name, continuous))
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
@@ -144,8 +133,6 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
             "variance=analytic is chosen after training (it is estimated for the trained mean, Bao et al. 2022): "
             "train with variance=small and run src/eval.py ckpt_path=... variance=analytic"
         )
-    if OmegaConf.select(cfg, "task_name") == "train":
-        problems.extend(_variance_loss_problems(cfg))
     split = OmegaConf.select(cfg, "split", default=None)
     if split is not None and split not in ("train", "val", "test"):
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
@@ -257,23 +244,6 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
             f"q(z_s | z_t, x = x_hat)); variance={variance} is for discrete schedules: leave variance=small "
             "(variance=analytic can still be chosen at eval time)"
         )
-    objective = _objective(cfg)
-    if objective is None:  # a loss node that cannot be built: object_problems names its key
-        return problems
-    loss = objective.name
-    bound = isinstance(objective, ELBOLoss)
-    if not (bound or (isinstance(objective, WeightedMSE) and objective.continuous_time)):
-        problems.append(
-            f"schedule={name} trains with loss=vdm (the bound) or an MSE weighting of the SNR (loss=simple, v_mse, "
-            f"x0_mse); got loss={loss}"
-        )
-    if name == "learned" and not bound:
-        problems.append(f"schedule=learned is trained through the bound, which loss={loss} leaves out: use loss=vdm")
-    if objective.timestep_sampling is TimestepSampling.IMPORTANCE:
-        problems.append(
-            f"schedule={name} draws low-discrepancy t (VDM); importance sampling is for discrete schedules: use "
-            "loss=vdm (or loss.timestep_sampling=low_discrepancy)"
-        )
     return problems
 
 
@@ -290,26 +260,30 @@ def _objective(cfg: DictConfig):
         return None
 
 
-def _variance_loss_problems(cfg: DictConfig) -> list[str]:
-    """A learned variance is trained only through the ELBO terms (an objective that ``trains_variance``), and the
-    hybrid loss only trains a learned one."""
+def _objective_problems(cfg: DictConfig, schedule_name: str | None, continuous: bool) -> list[str]:
+    """What the training objective cannot train with this schedule and reverse variance: the objective's own rules
+    (:meth:`~diffusion_elbo.core.losses.Objective.problems`, which the module asks as well)."""
     objective = _objective(cfg)
-    if objective is None:
-        return []
-    variance, loss = OmegaConf.select(cfg, "variance"), objective.name
-    learned = variance == ReverseVariance.LEARNED_RANGE.value
-    problems = []
-    if learned and not objective.trains_variance:
-        problems.append(
-            f"variance=learned_range is trained through the ELBO terms, which loss={loss} leaves out: "
-            "use loss=hybrid (Nichol & Dhariwal 2021) or loss=elbo"
-        )
-    if isinstance(objective, HybridLoss) and not learned:
-        problems.append(
-            f"loss=hybrid trains a learned variance; with variance={variance} its ELBO half has no gradient: "
-            "set variance=learned_range (or use loss=simple)"
-        )
-    return problems
+    variance = OmegaConf.select(cfg, "variance", default=None)
+    if objective is None or variance not in {v.value for v in ReverseVariance}:
+        return []  # a loss node that cannot be built, or a variance that is not one: reported on their own
+    setup = TrainingSetup(
+        schedule=str(schedule_name),
+        continuous=continuous,
+        learned_schedule=continuous and _schedule_learns(cfg),
+        variance=ReverseVariance(variance),
+    )
+    return objective.problems(setup)
+
+
+def _schedule_learns(cfg: DictConfig) -> bool:
+    """Whether the configured continuous-time schedule has trainable parameters (False where it cannot be built)."""
+    from diffusion_elbo.builders import build_logsnr
+
+    try:
+        return build_logsnr(cfg).learned
+    except Exception:
+        return False
 
 
 # ---- keys the project does not own: Lightning's Trainer and the callbacks' constructors, the machine -----------------

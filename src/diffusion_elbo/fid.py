@@ -246,7 +246,7 @@ class FIDSetup:
 
 
 def load_or_compute_reference(
-    fid: FIDSetup, datamodule: DiffusionDataModule, cache_path: Path, split: str = "train", batch_size: int = 512
+    fid: FIDSetup, datamodule: DiffusionDataModule, *, cache_path: Path, split: str = "train", batch_size: int = 512
 ) -> None:
     """Fill the metric's real-data states from ``cache_path``, computing them from ``split`` the first time."""
     metric = fid.metric
@@ -297,7 +297,7 @@ def make_fid(
         else:
             raise ValueError(f"fid.features={features!r} is not an option; choose classifier or inception")
         fid = FIDSetup(metric=metric, features=features, classifier_accuracy=accuracy_value)
-        load_or_compute_reference(fid, datamodule, reference)
+        load_or_compute_reference(fid, datamodule, cache_path=reference)
         if rank != 0:
             for name in REAL_STATES:
                 getattr(metric, name).zero_()

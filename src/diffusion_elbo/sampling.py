@@ -33,12 +33,12 @@ def sampling_analytic_table(cfg: DictConfig, run: LoadedRun, device: torch.devic
     return analytic_table(
         cfg,
         mean_model,
-        run.schedule,
-        run.datamodule,
-        run.parametrization,
-        device,
-        estimation,
-        run.module.sampling_clips,
+        schedule=run.schedule,
+        datamodule=run.datamodule,
+        parametrization=run.parametrization,
+        device=device,
+        generator=estimation,
+        clip_denoised=run.module.sampling_clips,
     )
 
 

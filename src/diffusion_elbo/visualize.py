@@ -86,7 +86,11 @@ def save_profile_plot(profile: dict, path: str | Path, title: str = "") -> Path:
     from diffusion_elbo.lightning.metrics import rate_distortion
 
     rd = rate_distortion(
-        profile["t"], profile["t_weights"], profile["term_bpd"], profile["x0_mse"], profile["prior_bpd"]
+        profile["t"],
+        profile["t_weights"],
+        term_bpd=profile["term_bpd"],
+        x0_mse=profile["x0_mse"],
+        prior_bpd=profile["prior_bpd"],
     )
     plt, fig, (ax1, ax2) = _figure(2)
     t = profile["t"].cpu().numpy()
@@ -125,7 +129,7 @@ def save_schedule_plot(schedule, path: str | Path) -> Path:
     return path
 
 
-def save_logsnr_plot(t, gamma, slope, path: str | Path, title: str) -> Path:
+def save_logsnr_plot(t, gamma, *, slope, path: str | Path, title: str) -> Path:
     """gamma(t) = -log SNR(t) and gamma'(t) of a continuous-time schedule, from arrays over a grid of t in [0, 1]."""
     plt, fig, (ax1, ax2) = _figure(2, width=3.4)
     ax1.plot(t, gamma)

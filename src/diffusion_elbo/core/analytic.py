@@ -123,8 +123,8 @@ def analytic_variance_table(
         count += x0.shape[0]
         if num_bins is not None:
             t1 = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
-            x_1 = q_sample(schedule, x0, t1, generator=generator)
-            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_1, t1, model(x_1, t1))
+            x_1 = q_sample(schedule, x0, t=t1, generator=generator)
+            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t=x_1, t=t1, out=model(x_1, t1))
             decoder_pairs.append((x0.cpu(), (x0_hat.clamp(-1.0, 1.0) if clip_denoised else x0_hat).cpu()))
     if count == 0:
         raise ValueError("no training examples to estimate the analytic variance from")

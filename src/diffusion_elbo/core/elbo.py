@@ -61,7 +61,7 @@ def decoder_nll_nats(x0: Tensor, mean: Tensor, logvar: Tensor, num_bins: int | N
     return -sum_flat(discretized_gaussian_log_likelihood(x0, mean, log_scale, num_bins))
 
 
-def denoising_kl_nats(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, step: ReverseStep) -> Tensor:
+def denoising_kl_nats(schedule: NoiseSchedule, x0: Tensor, *, x_t: Tensor, t: Tensor, step: ReverseStep) -> Tensor:
     """KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) summed over dims, (B,) nats; valid for t >= 2.
 
     With the ``small`` variance this is alpha_bar_{t-1}(1 - alpha_t)^2 / (2 sigma_q^2 (1 - alpha_bar_t)^2)
@@ -76,10 +76,10 @@ def denoising_kl_nats(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tenso
 def term_from_output(
     schedule: NoiseSchedule,
     x0: Tensor,
+    *,
     x_t: Tensor,
     t: Tensor,
     out: Tensor,
-    *,
     parametrization: Parametrization | str,
     variance: ReverseVariance | str,
     decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,
@@ -87,8 +87,16 @@ def term_from_output(
 ) -> Tensor:
     """L_t for each example at its own t from a network output ``out`` = model(x_t, t) already computed:
     the decoder NLL where t = 1, the denoising KL where t >= 2. x0, x_t, out (B, *D); t (B,). Returns (B,) nats."""
-    step = p_mean_variance(schedule, out, x_t, t, parametrization, variance, decoder_variance=decoder_variance)
-    kl = denoising_kl_nats(schedule, x0, x_t, t, step)
+    step = p_mean_variance(
+        schedule,
+        out,
+        x_t=x_t,
+        t=t,
+        parametrization=parametrization,
+        variance=variance,
+        decoder_variance=decoder_variance,
+    )
+    kl = denoising_kl_nats(schedule, x0, x_t=x_t, t=t, step=step)
     nll = decoder_nll_nats(x0, step.mean, step.logvar, num_bins)
     return torch.where(t == 1, nll, kl)
 
@@ -108,14 +116,14 @@ def term_nats(
 ) -> tuple[Tensor, Tensor]:
     """One-sample estimate of L_t for each example at its own t (x_t ~ q(x_t | x_0) drawn here).
     x0 (B, *D), t (B,) in 1..T. Returns (L_t (B,) nats, network output)."""
-    x_t = q_sample(schedule, x0, t, noise=noise, generator=generator)
+    x_t = q_sample(schedule, x0, t=t, noise=noise, generator=generator)
     out = model(x_t, t)
     term = term_from_output(
         schedule,
         x0,
-        x_t,
-        t,
-        out,
+        x_t=x_t,
+        t=t,
+        out=out,
         parametrization=parametrization,
         variance=variance,
         decoder_variance=decoder_variance,
@@ -245,14 +253,14 @@ def _terms_at_timesteps(
         if generators is not None:  # one CPU generator per example, drawn in timestep order chunk after chunk
             per_example = torch.stack([torch.randn((n, *x0.shape[1:]), generator=g) for g in generators])
             eps = per_example.transpose(0, 1).reshape(x0_rep.shape).to(x0)  # (B, C, *D) -> (C * B, *D)
-        x_t = q_sample(schedule, x0_rep, t, noise=eps, generator=generator)
+        x_t = q_sample(schedule, x0_rep, t=t, noise=eps, generator=generator)
         out = model(x_t, t)
         values = term_from_output(
             schedule,
             x0_rep,
-            x_t,
-            t,
-            out,
+            x_t=x_t,
+            t=t,
+            out=out,
             parametrization=parametrization,
             variance=variance,
             decoder_variance=decoder_variance,
@@ -261,7 +269,7 @@ def _terms_at_timesteps(
         per_t[:, start : start + n] = values.view(n, batch).T.double()
         if x0_mse is not None:
             mean_out, _ = split_output(out, variance)
-            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
+            x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t=x_t, t=t, out=mean_out)
             if clip_x0:
                 x0_hat = x0_hat.clamp(-1.0, 1.0)
             x0_mse[:, start : start + n] = mean_flat((x0_hat - x0_rep) ** 2).view(n, batch).T.double()
@@ -382,7 +390,7 @@ def example_generator(seed: int, index: int) -> torch.Generator:
 
 
 def per_example_draws(
-    num_timesteps: int, strata: int, indices: Tensor, seed: int, shape: tuple[int, ...]
+    num_timesteps: int, strata: int, *, indices: Tensor, seed: int, shape: tuple[int, ...]
 ) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """The stratified timesteps and noise of :func:`stratified_elbo` for the examples ``indices`` (B,) of a split,
     each from its own generator (:func:`example_generator`): ((t (B, K), n_k (K,)), noise (B, K, *shape)), on the
@@ -492,13 +500,15 @@ def consistency_term_nats(
     x_prev = torch.where(
         (prev_t == 0).view(-1, *([1] * (x0.ndim - 1))),
         x0,
-        q_sample(schedule, x0, prev_t.clamp(min=1), generator=generator),
+        q_sample(schedule, x0, t=prev_t.clamp(min=1), generator=generator),
     )
-    x_t = q_step_sample(schedule, x_prev, t, generator=generator)
-    x_next = q_step_sample(schedule, x_t, t + 1, generator=generator)
+    x_t = q_step_sample(schedule, x_prev, t=t, generator=generator)
+    x_next = q_step_sample(schedule, x_t, t=t + 1, generator=generator)
     log_beta = schedule.broadcast(torch.log(schedule.betas[t]), x0)
     log_q = gaussian_log_prob(x_t, schedule.gather("sqrt_alphas", t, x0) * x_prev, log_beta.expand_as(x0))
-    step = p_mean_variance(schedule, model(x_next, t + 1), x_next, t + 1, parametrization, variance)
+    step = p_mean_variance(
+        schedule, model(x_next, t + 1), x_t=x_next, t=t + 1, parametrization=parametrization, variance=variance
+    )
     log_p = gaussian_log_prob(x_t, step.mean, step.logvar.expand_as(x0))
     return sum_flat(log_q - log_p)
 
@@ -509,7 +519,7 @@ def consistency_prior_nats(schedule: NoiseSchedule, x0: Tensor, generator: torch
     if T == 1:
         return prior_kl_nats(schedule, x0)
     t_prev = torch.full((x0.shape[0],), T - 1, dtype=torch.long, device=x0.device)
-    x_prev = q_sample(schedule, x0, t_prev, generator=generator)
+    x_prev = q_sample(schedule, x0, t=t_prev, generator=generator)
     t_last = t_prev + 1
     log_beta = schedule.broadcast(torch.log(schedule.betas[t_last]), x0)
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)

@@ -23,6 +23,7 @@ def q_mean_variance(schedule: NoiseSchedule, x0: Tensor, t: Tensor) -> tuple[Ten
 def q_sample(
     schedule: NoiseSchedule,
     x0: Tensor,
+    *,
     t: Tensor,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -39,6 +40,7 @@ def q_sample(
 def q_step_sample(
     schedule: NoiseSchedule,
     x_prev: Tensor,
+    *,
     t: Tensor,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,

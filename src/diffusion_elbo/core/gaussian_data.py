@@ -29,13 +29,28 @@ def gaussian_nll_nats(x0: Tensor, mean: float, std: float) -> Tensor:
     return per_dim.reshape(x0.shape[0], -1).sum(dim=1)
 
 
-def oracle_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, mean: float, std: float) -> Tensor:
-    """E[x0 | x_t] for x0 ~ N(m, s^2 I): the Bayes-optimal (MSE) x0 prediction, (B, *D). ``t`` (B,): steps (LongTensor)
-    or real times of the schedule's continuous interpolation (float)."""
-    a, sigma = schedule.signal_noise(t)  # (B,) float64
-    gain = a * std**2 / (a**2 * std**2 + sigma**2)
-    # mean + gain (x_t - a m), with the float64 coefficients combined before the cast
-    return schedule.broadcast(gain, x_t) * x_t + schedule.broadcast(mean * (1.0 - gain * a), x_t)
+def posterior_mean(x_t: Tensor, signal: Tensor, noise: Tensor, *, mean: float, std: float) -> Tensor:
+    """E[x0 | x_t] = m + a s^2 / (a^2 s^2 + sigma^2) (x_t - a m) for x0 ~ N(m, s^2 I) and x_t = a x0 + sigma eps: the
+    Bayes-optimal (MSE) x0 prediction, (B, *D) like ``x_t``. ``signal`` a and ``noise`` sigma: (B,) float64, combined
+    in float64 before one cast to x_t's dtype. The one formula behind every Gaussian oracle (chain steps, real times,
+    log-SNR levels)."""
+    gain = signal * std**2 / (signal**2 * std**2 + noise**2)
+    # mean + gain (x_t - a m) = gain x_t + m (1 - gain a)
+    return NoiseSchedule.broadcast(gain, x_t) * x_t + NoiseSchedule.broadcast(mean * (1.0 - gain * signal), x_t)
+
+
+def oracle_x0(schedule: NoiseSchedule, x_t: Tensor, *, t: Tensor, mean: float, std: float) -> Tensor:
+    """E[x0 | x_t] (:func:`posterior_mean`) at ``t`` (B,): steps (LongTensor) or real times of the schedule's
+    continuous interpolation (float)."""
+    return posterior_mean(x_t, *schedule.signal_noise(t), mean=mean, std=std)
+
+
+def flow_image(x_T: Tensor, signal: float, noise: float, *, mean: float, std: float) -> Tensor:
+    """Where the probability-flow ODE with the exact posterior mean takes x_T (at signal a_T, noise sigma_T): the flow
+    of Gaussian data is affine, x0 = m + s (x_T - a_T m) / sqrt(a_T^2 s^2 + sigma_T^2) (it maps the marginal
+    N(a_T m, a_T^2 s^2 + sigma_T^2) onto N(m, s^2) monotonically per dim). (N, *D) like ``x_T``: the reference a
+    deterministic sampler's discretization error is measured against."""
+    return mean + std * (x_T - signal * mean) / math.sqrt(signal**2 * std**2 + noise**2)
 
 
 def marginal_prior_kl(schedule: NoiseSchedule, mean: float, std: float) -> float:
@@ -73,6 +88,7 @@ class OracleTerms:
 def oracle_expected_terms(
     schedule: NoiseSchedule,
     mean: float,
+    *,
     std: float,
     variance: VarianceSpec = ReverseVariance.SMALL,
     decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED,

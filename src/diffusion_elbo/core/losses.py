@@ -68,7 +68,7 @@ class TrainingBatch:
 
     def target(self) -> Tensor:
         """The true value of the network's parametrization (eps, x0 or v), (B, *D)."""
-        return training_target(self.parametrization, self.schedule, self.x0, self.t, self.eps)
+        return training_target(self.parametrization, self.schedule, x0=self.x0, t=self.t, eps=self.eps)
 
     def elbo_terms(self, *, stop_mean_gradient: bool = False) -> Tensor:
         """L_t (B,) nats. ``stop_mean_gradient``: the same values with the mean's gradient stopped, so they train only a
@@ -103,6 +103,10 @@ class Objective(ABC):
 
     name = "objective"
     trains_variance = False
+    # whether the loss is defined on a continuous-time (log-SNR) schedule, and whether it reaches a learned schedule's
+    # parameters (only the bound does: the MSE weightings leave the schedule out)
+    continuous_time = False
+    trains_schedule = False
 
     def __init__(self, timestep_sampling: TimestepSampling | str = TimestepSampling.UNIFORM) -> None:
         try:
@@ -115,12 +119,57 @@ class Objective(ABC):
     def loss(self, batch: TrainingBatch) -> Tensor:
         """(B,) per-example loss."""
 
+    def problems(self, setup: TrainingSetup) -> list[str]:
+        """Why this objective cannot train ``setup`` (empty: it can), each naming the key and the fix. The one place
+        these rules are written: the config check (before any work) and the module (before fitting) both ask here.
+        A subclass adds its own to ``super().problems(setup)``."""
+        found = []
+        if setup.continuous:
+            if not self.continuous_time:
+                found.append(
+                    f"schedule={setup.schedule} trains with loss=vdm (the bound) or an MSE weighting of the SNR "
+                    f"(loss=simple, v_mse, x0_mse); got loss={self.name}"
+                )
+            if self.timestep_sampling is TimestepSampling.IMPORTANCE:
+                found.append(
+                    f"schedule={setup.schedule} draws low-discrepancy t (VDM); importance sampling is for discrete "
+                    "schedules: use loss=vdm (or loss.timestep_sampling=low_discrepancy)"
+                )
+            if setup.learned_schedule and not self.trains_schedule:
+                found.append(
+                    f"schedule={setup.schedule} is trained through the bound, which loss={self.name} leaves out: "
+                    "use loss=vdm"
+                )
+        if setup.variance is ReverseVariance.LEARNED_RANGE and not self.trains_variance:
+            found.append(
+                f"variance=learned_range is trained through the ELBO terms, which loss={self.name} leaves out: "
+                "use loss=hybrid (Nichol & Dhariwal 2021) or loss=elbo"
+            )
+        return found
+
+    def check(self, setup: TrainingSetup) -> None:
+        """Raise ``ValueError`` with every one of :meth:`problems`."""
+        found = self.problems(setup)
+        if found:
+            raise ValueError("; ".join(found))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(timestep_sampling={self.timestep_sampling.value})"
 
 
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What an objective is asked to train: the schedule's config name (for messages), whether it is a continuous-time
+    (log-SNR) schedule and whether it learns its parameters, and the module's reverse variance."""
+
+    schedule: str
+    continuous: bool
+    learned_schedule: bool
+    variance: ReverseVariance
+
+
 def weighted_mse(
-    x0_weight: Tensor, parametrization: Parametrization | str, schedule: NoiseSchedule, t: Tensor, out: Tensor,
+    x0_weight: Tensor, parametrization: Parametrization | str, *, schedule: NoiseSchedule, t: Tensor, out: Tensor,
     target: Tensor,
 ) -> Tensor:  # fmt: skip
     """Per-example loss (B,): w(t) c_p(t) mean_dims((out - target)^2), with ``x0_weight`` w(t) (B,) the weight on
@@ -136,7 +185,8 @@ class WeightedMSE(Objective):
     parametrization and weighted by 1 / (T p(t)) (1 for uniform t); in continuous time (a log-SNR schedule) it is
     w(SNR) / SNR ||eps - eps_hat||^2 per dim at the drawn t, the same quantity."""
 
-    # False for a weighting defined by the chain's steps only (WeightedX0MSE); it is then refused in continuous time
+    # False for a weighting defined by the chain's steps only (WeightedX0MSE); Objective.problems then refuses it in
+    # continuous time
     continuous_time = True
 
     @abstractmethod
@@ -151,10 +201,10 @@ class WeightedMSE(Objective):
         mse = weighted_mse(
             self.x0_weight(batch.schedule, batch.t),
             batch.parametrization,
-            batch.schedule,
-            batch.t,
-            batch.mean_output().float(),
-            batch.target().float(),
+            schedule=batch.schedule,
+            t=batch.t,
+            out=batch.mean_output().float(),
+            target=batch.target().float(),
         )
         return mse * batch.inv_p / batch.schedule.T  # 1 / (T p(t)) = 1 for uniform t
 
@@ -218,11 +268,14 @@ class ELBOLoss(Objective):
 
     name = "elbo"
     trains_variance = True
+    continuous_time = True
+    trains_schedule = True
 
     def __init__(
         self,
         timestep_sampling: TimestepSampling | str = TimestepSampling.IMPORTANCE,
         sigmoid_weight: float = 0.0,
+        *,
         sigmoid_bias: float = 0.0,
         aux_weight: float = 0.0,
         aux_fraction: float = 0.5,
@@ -239,6 +292,22 @@ class ELBOLoss(Objective):
 
     def loss(self, batch: TrainingBatch) -> Tensor:
         return (batch.prior() + batch.elbo_terms() * batch.inv_p) / batch.num_dims
+
+    def problems(self, setup: TrainingSetup) -> list[str]:
+        found = super().problems(setup)
+        if not setup.continuous:  # the weighting and the v-MSE share act on the continuous-time bound's integrand
+            fix = "use schedule=learned | logsnr_linear | logsnr_cosine"
+            if self.aux_weight:
+                found.append(
+                    f"loss.aux_weight adds a v-MSE share to the continuous-time bound; schedule={setup.schedule} is "
+                    f"discrete: {fix} (or loss=hybrid for discrete schedules), or loss.aux_weight=0"
+                )
+            if self.sigmoid_weight:
+                found.append(
+                    f"loss.sigmoid_weight weights the continuous-time bound; schedule={setup.schedule} is discrete: "
+                    f"{fix}, or loss.sigmoid_weight=0"
+                )
+        return found
 
 
 def hybrid_vlb_weight(vlb_weight: float, num_dims: int) -> float:
@@ -279,6 +348,15 @@ class HybridLoss(Objective):
     def loss(self, batch: TrainingBatch) -> Tensor:
         scale = hybrid_vlb_weight(self.vlb_weight, batch.num_dims)
         return self.mean_loss.loss(batch) + scale * batch.elbo_terms(stop_mean_gradient=True) * batch.inv_p
+
+    def problems(self, setup: TrainingSetup) -> list[str]:
+        found = super().problems(setup)
+        if setup.variance is not ReverseVariance.LEARNED_RANGE and not setup.continuous:
+            found.append(
+                f"loss=hybrid trains a learned variance; with variance={setup.variance.value} its ELBO half has no "
+                "gradient: set variance=learned_range (or use loss=simple)"
+            )
+        return found
 
 
 # the built-in objectives by the ``loss.name`` of configs written before the loss group built objects (checkpoints)

@@ -81,7 +81,12 @@ class Dequantization(str, Enum):
 
 
 def dequantize(
-    x0: Tensor, num_bins: int, u: Tensor, kind: Dequantization | str = Dequantization.UNIFORM, noise_scale: float = 1.0
+    x0: Tensor,
+    num_bins: int,
+    *,
+    u: Tensor,
+    kind: Dequantization | str = Dequantization.UNIFORM,
+    noise_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """A continuous y in x0's bin and log q(y | x0), for the bound -log P(x0) <= E_q[-log p(y) + log q(y | x0)].
 
@@ -202,7 +207,7 @@ def ode_nll_nats(
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             out = model(z.to(net_dtype), tt)
-            eps_hat = predict_eps(parametrization, schedule, z, tt, out.to(torch.float64))
+            eps_hat = predict_eps(parametrization, schedule, x_t=z, t=tt, out=out.to(torch.float64))
             f = probability_flow_drift(schedule, z, tt, eps_hat)
             div = divergence_exact(f, z) if divergence is Divergence.EXACT else divergence_hutchinson(f, z, probes)
         return f.detach(), div.detach()

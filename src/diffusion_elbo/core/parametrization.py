@@ -55,7 +55,7 @@ def target_v(schedule: NoiseSchedule, x0: Tensor, t: Tensor, eps: Tensor) -> Ten
 
 
 def predict_x0(
-    parametrization: Parametrization, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor
+    parametrization: Parametrization, schedule: NoiseSchedule, *, x_t: Tensor, t: Tensor, out: Tensor
 ) -> Tensor:
     """x0_hat from the network output ``out`` under ``parametrization``."""
     p = Parametrization(parametrization)
@@ -67,7 +67,7 @@ def predict_x0(
 
 
 def predict_eps(
-    parametrization: Parametrization, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, out: Tensor
+    parametrization: Parametrization, schedule: NoiseSchedule, *, x_t: Tensor, t: Tensor, out: Tensor
 ) -> Tensor:
     """eps_hat from the network output ``out`` under ``parametrization``."""
     p = Parametrization(parametrization)
@@ -79,7 +79,7 @@ def predict_eps(
 
 
 def output_from_x0(
-    parametrization: Parametrization, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, x0: Tensor
+    parametrization: Parametrization, schedule: NoiseSchedule, *, x_t: Tensor, t: Tensor, x0: Tensor
 ) -> Tensor:
     """The network output that corresponds to the prediction ``x0`` (used by closed-form oracles)."""
     p = Parametrization(parametrization)
@@ -90,7 +90,7 @@ def output_from_x0(
 
 
 def training_target(
-    parametrization: Parametrization, schedule: NoiseSchedule, x0: Tensor, t: Tensor, eps: Tensor
+    parametrization: Parametrization, schedule: NoiseSchedule, *, x0: Tensor, t: Tensor, eps: Tensor
 ) -> Tensor:
     """The regression target of the network for a sample x_t built from (x0, eps)."""
     p = Parametrization(parametrization)

@@ -164,6 +164,7 @@ class ReverseStep:
 def p_mean_variance(
     schedule: NoiseSchedule,
     out: Tensor,
+    *,
     x_t: Tensor,
     t: Tensor,
     parametrization: Parametrization | str,
@@ -178,7 +179,7 @@ def p_mean_variance(
     the fixed variances (:class:`DecoderVariance`).
     """
     mean_out, v_logits = split_output(out, variance)
-    x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t, t, mean_out)
+    x0_hat = predict_x0(Parametrization(parametrization), schedule, x_t=x_t, t=t, out=mean_out)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     mean, _ = q_posterior_mean_variance(schedule, x0_hat, x_t, t)

@@ -82,7 +82,9 @@ def ancestral_sample(
     for i, step_t in enumerate(range(T, 0, -1)):
         t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)
         out = model(x, model_t[t])
-        step = p_mean_variance(schedule, out, x, t, parametrization, variance, clip_denoised)
+        step = p_mean_variance(
+            schedule, out, x_t=x, t=t, parametrization=parametrization, variance=variance, clip_denoised=clip_denoised
+        )
         if step_t > 1:
             std = torch.exp(0.5 * step.logvar)
             if step_t == 2 and final_noise_std is not None:
@@ -185,12 +187,12 @@ def ddim_sample(
         next_t = ts[i + 1] if i + 1 < len(ts) else 0
         t = torch.full((x.shape[0],), step_t, dtype=torch.long, device=x.device)
         out = model(x, t)
-        x0_hat = predict_x0(p, schedule, x, t, out)
+        x0_hat = predict_x0(p, schedule, x_t=x, t=t, out=out)
         if clip_denoised:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
-            eps_hat = predict_eps(Parametrization.X0, schedule, x, t, x0_hat)
+            eps_hat = predict_eps(Parametrization.X0, schedule, x_t=x, t=t, out=x0_hat)
         else:
-            eps_hat = predict_eps(p, schedule, x, t, out)
+            eps_hat = predict_eps(p, schedule, x_t=x, t=t, out=out)
         ab_t = float(schedule.alpha_bar[step_t])
         ab_s = float(schedule.alpha_bar[next_t])
         lam2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
@@ -246,7 +248,7 @@ class Chain:
 
     def x0_hat(self, x_t: Tensor, t: Tensor) -> Tensor:
         """x0_hat(x_t, t) (B, *D) in data units, clamped to [-1, 1] where ``clip_denoised``."""
-        x0 = predict_x0(self.parametrization, self.schedule, x_t, t, self.mean_model()(x_t, t))
+        x0 = predict_x0(self.parametrization, self.schedule, x_t=x_t, t=t, out=self.mean_model()(x_t, t))
         return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
 
 

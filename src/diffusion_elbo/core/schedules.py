@@ -69,7 +69,7 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 
 
 def sigmoid_betas(
-    timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+    timesteps: int, start: float = -3.0, *, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
 ) -> Tensor:
     """Sigmoid schedule of Jabri et al. 2023 (RIN, Alg. 1): alpha_bar(t) follows a rescaled sigmoid
     of (t / T) * (end - start) + start with temperature tau; betas clipped at 0.999. Returns (T,) float64.
@@ -298,5 +298,5 @@ def make_schedule(
     elif kind is ScheduleName.COSINE:
         values = cosine_betas(timesteps, s, max_beta)
     else:
-        values = sigmoid_betas(timesteps, start, end, tau, max_beta)
+        values = sigmoid_betas(timesteps, start, end=end, tau=tau, max_beta=max_beta)
     return NoiseSchedule(values, name=kind.value)

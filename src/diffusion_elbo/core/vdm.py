@@ -31,6 +31,7 @@ from torch import Tensor
 
 from diffusion_elbo.core.distributions import sum_flat
 from diffusion_elbo.core.elbo import ELBOResult, decoder_nll_nats
+from diffusion_elbo.core.gaussian_data import posterior_mean
 from diffusion_elbo.core.logsnr import LogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.parametrization import Parametrization, output_from_x0
 from diffusion_elbo.core.schedules import NoiseSchedule
@@ -61,7 +62,7 @@ def x0_from_eps(z: Tensor, gamma: Tensor, eps: Tensor) -> Tensor:
 
 
 def diffusion_nats(
-    sq_error: Tensor, gamma_t: Tensor, slope_t: Tensor | None = None, gamma_s: Tensor | None = None, timesteps=None
+    sq_error: Tensor, gamma_t: Tensor, *, slope_t: Tensor | None = None, gamma_s: Tensor | None = None, timesteps=None
 ) -> Tensor:
     """The one-sample diffusion term, (B,) nats, from ||eps - eps_hat||^2 summed over dims (B,):
     1/2 gamma'(t) ||.||^2 in continuous time (``timesteps`` None; VDM eq. 17), else
@@ -131,7 +132,7 @@ def chain_denoiser(model: GammaDenoiser, chain: NoiseSchedule, parametrization: 
         at_decoder = t == 1
         if not bool(at_decoder.any()):
             return out
-        identity = output_from_x0(parametrization, chain, x_t, t, x_t / chain.broadcast(alpha, x_t))
+        identity = output_from_x0(parametrization, chain, x_t=x_t, t=t, x0=x_t / chain.broadcast(alpha, x_t))
         return torch.where(at_decoder.view(-1, *([1] * (x_t.ndim - 1))), identity, out)
 
     return denoise
@@ -170,10 +171,10 @@ def step_times(u: Tensor, timesteps: int | None) -> tuple[Tensor, Tensor | None]
 def continuous_terms(
     model: GammaDenoiser,
     schedule: LogSNRSchedule,
+    *,
     x0: Tensor,
     u: Tensor,
     eps: Tensor,
-    *,
     parametrization: Parametrization | str,
     num_bins: int | None,
     timesteps: int | None = None,
@@ -191,7 +192,7 @@ def continuous_terms(
     eps_hat = eps_from_output(parametrization, z_t, at_t.gamma, model(z_t, at_t.gamma))
     sq = sum_flat((eps - eps_hat) ** 2)
     gamma_s = None if s is None else (schedule(s) if log_snr_s is None else log_snr_s).gamma
-    diffusion = diffusion_nats(sq, at_t.gamma, at_t.slope, gamma_s, timesteps)
+    diffusion = diffusion_nats(sq, at_t.gamma, slope_t=at_t.slope, gamma_s=gamma_s, timesteps=timesteps)
     alpha_0, sigma_0 = alpha_sigma(gamma_0)
     z_0 = alpha_0 * x0 + sigma_0 * eps
     with torch.no_grad():
@@ -280,7 +281,7 @@ def stratified_continuous_elbo(
         u_rep = grid[:, cols].T.reshape(-1)
         eps_rep = eps[:, cols].transpose(0, 1).reshape(n * batch, *x0.shape[1:])
         terms = continuous_terms(
-            model, schedule, x_rep, u_rep, eps_rep, parametrization=parametrization, num_bins=num_bins,
+            model, schedule, x0=x_rep, u=u_rep, eps=eps_rep, parametrization=parametrization, num_bins=num_bins,
             timesteps=timesteps,
         )  # fmt: skip
         diffusion[:, cols] = terms.diffusion.view(n, batch).T.double() / strata
@@ -334,7 +335,6 @@ def gaussian_continuous_terms(mean: float, std: float, gamma_min: float, gamma_m
 
 
 def gaussian_oracle_x0(z: Tensor, gamma: Tensor, mean: float, std: float) -> Tensor:
-    """E[x | z] for x ~ N(m, s^2), z = alpha x + sigma eps: m + alpha s^2 / (alpha^2 s^2 + sigma^2) (z - alpha m)."""
-    alpha, sigma = (_bcast(v, z) for v in alpha_sigma(gamma.double()))
-    gain = alpha * std**2 / (alpha**2 * std**2 + sigma**2)
-    return (mean + gain * (z.double() - alpha * mean)).to(z.dtype)
+    """E[x | z] for x ~ N(m, s^2), z = alpha x + sigma eps at gamma = -log SNR (B,)
+    (:func:`~diffusion_elbo.core.gaussian_data.posterior_mean`)."""
+    return posterior_mean(z, *alpha_sigma(gamma.double()), mean=mean, std=std)

@@ -232,6 +232,7 @@ class GeneratedDataModule(DiffusionDataModule):
         self,
         num_train: int = 10_000,
         num_val: int = 1_000,
+        *,
         num_test: int = 1_000,
         seed: int = 0,
         batch_size: int = 256,

@@ -93,6 +93,7 @@ class CIFAR10DataModule(LevelImageDataModule):
         self,
         root: str = "data/cifar10",
         download: bool = True,
+        *,
         num_val: int = 5000,
         num_bins: int = 256,
         channels: int = 3,
@@ -129,7 +130,7 @@ class CIFAR10DataModule(LevelImageDataModule):
             if not self.download:
                 raise FileNotFoundError(missing_cifar_message(self.root, self.download))
             try:
-                image_utils.fetch(CIFAR10_ARCHIVE, CIFAR10_URLS, self.root, md5=CIFAR10_ARCHIVE_MD5)
+                image_utils.fetch(CIFAR10_ARCHIVE, CIFAR10_URLS, dest_dir=self.root, md5=CIFAR10_ARCHIVE_MD5)
             except OSError as error:
                 raise FileNotFoundError(missing_cifar_message(self.root, self.download, str(error))) from error
         try:
@@ -177,5 +178,5 @@ class CIFAR10DataModule(LevelImageDataModule):
         train_x = torch.cat([batches[name][0] for name in TRAIN_BATCHES])  # (50000, 3, 32, 32) uint8
         train_y = torch.cat([batches[name][1] for name in TRAIN_BATCHES])  # (50000,)
         test_x, test_y = batches[TEST_BATCH]
-        train, val, _ = split_indices(len(train_x), self.num_val, 0, self.seed, labels=train_y)
+        train, val, _ = split_indices(len(train_x), self.num_val, num_test=0, seed=self.seed, labels=train_y)
         self.set_splits(255, (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y))

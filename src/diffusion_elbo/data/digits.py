@@ -30,6 +30,7 @@ class DigitsDataModule(LevelImageDataModule):
         self,
         num_val: int = 180,
         num_test: int = 180,
+        *,
         num_bins: int = MAX_LEVEL + 1,
         channels: int = 1,
         image_size: int = 8,
@@ -53,6 +54,8 @@ class DigitsDataModule(LevelImageDataModule):
         bunch = load_digits()
         images = torch.from_numpy(bunch.images.round()).to(torch.uint8).view(-1, 1, 8, 8)  # (1797, 1, 8, 8)
         labels = torch.from_numpy(bunch.target).to(torch.long)  # (1797,)
-        train, val, test = split_indices(len(images), self.num_val, self.num_test, self.seed, labels=labels)
+        train, val, test = split_indices(
+            len(images), self.num_val, num_test=self.num_test, seed=self.seed, labels=labels
+        )
         self.indices = {"train": train, "val": val, "test": test}
         self.set_splits(MAX_LEVEL, *((images[i], labels[i]) for i in (train, val, test)))

@@ -96,6 +96,7 @@ class ImageFileDataset(Dataset):
         self,
         paths: Sequence[Path],
         channels: int,
+        *,
         image_size: int,
         num_bins: int,
         flip: RandomHorizontalFlip | None = None,
@@ -128,6 +129,7 @@ class ImageFolderDataModule(DiffusionDataModule):
         self,
         root: str,
         channels: int = 3,
+        *,
         image_size: int = 64,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -185,12 +187,16 @@ class ImageFolderDataModule(DiffusionDataModule):
                 f"data.root={self.root} has only {len(paths)} images: too few for val_fraction={self.val_fraction} "
                 f"and test_fraction={self.test_fraction} to leave a training split; add images or lower them"
             )
-        train, val, test = split_indices(len(paths), num_val, num_test, self.seed)
+        train, val, test = split_indices(len(paths), num_val, num_test=num_test, seed=self.seed)
         flip = flip_for(self.random_flip, self.seed)
 
         def subset(indices: Tensor, flip: RandomHorizontalFlip | None = None) -> ImageFileDataset:
             return ImageFileDataset(
-                [paths[i] for i in indices.tolist()], self.channels, self.image_size, self.num_bins, flip
+                [paths[i] for i in indices.tolist()],
+                self.channels,
+                image_size=self.image_size,
+                num_bins=self.num_bins,
+                flip=flip,
             )
 
         self.train_set, self.val_set, self.test_set = subset(train, flip), subset(val), subset(test)

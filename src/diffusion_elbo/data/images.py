@@ -48,7 +48,7 @@ def check_num_bins(num_bins: int, dataset: str) -> int:
 
 
 def check_image_format(
-    dataset: str, channels: int, image_size: int, allowed_channels: Sequence[int], allowed_sizes: Sequence[int]
+    dataset: str, channels: int, *, image_size: int, allowed_channels: Sequence[int], allowed_sizes: Sequence[int]
 ) -> None:
     """Raise ValueError when ``channels``/``image_size`` do not match what ``dataset`` provides."""
     if channels not in allowed_channels:
@@ -69,7 +69,7 @@ def seeded_permutation(n: int, seed: int) -> np.ndarray:
 
 
 def split_indices(
-    n: int, num_val: int, num_test: int, seed: int, labels: Tensor | None = None
+    n: int, num_val: int, *, num_test: int, seed: int, labels: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Disjoint sorted (train, val, test) int64 index tensors covering range(n): a seeded random split.
 
@@ -136,6 +136,7 @@ class LevelImageDataset(Dataset):
         self,
         images: Tensor,
         labels: Tensor | None,
+        *,
         max_level: int,
         num_bins: int,
         flip: RandomHorizontalFlip | None = None,
@@ -193,7 +194,7 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(name: str, urls: Sequence[str], dest_dir: Path, md5: str | None = None, timeout_s: float = 10.0) -> Path:
+def fetch(name: str, urls: Sequence[str], *, dest_dir: Path, md5: str | None = None, timeout_s: float = 10.0) -> Path:
     """Download ``name`` into ``dest_dir`` from the first of ``urls`` (mirror prefixes) that works.
 
     The MD5 is checked when given; a mismatching file is deleted. Raises OSError naming every
@@ -245,7 +246,13 @@ class LevelImageDataModule(DiffusionDataModule):
         val_examples: int | None = 512,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, val_examples)
-        check_image_format(self.dataset, channels, image_size, self.allowed_channels, self.allowed_sizes)
+        check_image_format(
+            self.dataset,
+            channels,
+            image_size=image_size,
+            allowed_channels=self.allowed_channels,
+            allowed_sizes=self.allowed_sizes,
+        )
         self.num_bins = check_num_bins(num_bins, self.dataset)
         self.channels, self.image_size = int(channels), int(image_size)
         self.random_flip = bool(random_flip)
@@ -257,6 +264,6 @@ class LevelImageDataModule(DiffusionDataModule):
     ) -> None:
         """The datasets from (levels (N, C, H, W) uint8, labels (N,)) of each split."""
         flip = flip_for(self.random_flip, self.seed)
-        self.train_set = LevelImageDataset(*train, max_level, self.num_bins, flip)
-        self.val_set = LevelImageDataset(*val, max_level, self.num_bins)
-        self.test_set = LevelImageDataset(*test, max_level, self.num_bins)
+        self.train_set = LevelImageDataset(*train, max_level=max_level, num_bins=self.num_bins, flip=flip)
+        self.val_set = LevelImageDataset(*val, max_level=max_level, num_bins=self.num_bins)
+        self.test_set = LevelImageDataset(*test, max_level=max_level, num_bins=self.num_bins)

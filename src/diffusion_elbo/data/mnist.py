@@ -99,6 +99,7 @@ class MNISTDataModule(LevelImageDataModule):
         self,
         root: str = "data/mnist",
         download: bool = True,
+        *,
         num_val: int = 5000,
         num_bins: int = 256,
         channels: int = 1,
@@ -125,7 +126,7 @@ class MNISTDataModule(LevelImageDataModule):
             raise FileNotFoundError(missing_mnist_message(self.root, missing, self.download))
         for name in missing:
             try:
-                image_utils.fetch(name, MNIST_MIRRORS, self.root, md5=MNIST_FILES[name])
+                image_utils.fetch(name, MNIST_MIRRORS, dest_dir=self.root, md5=MNIST_FILES[name])
             except OSError as error:
                 raise FileNotFoundError(missing_mnist_message(self.root, missing, self.download, str(error))) from error
 
@@ -155,5 +156,5 @@ class MNISTDataModule(LevelImageDataModule):
             )
         train_x, train_y = self._load("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
         test_x, test_y = self._load("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-        train, val, _ = split_indices(len(train_x), self.num_val, 0, self.seed, labels=train_y)
+        train, val, _ = split_indices(len(train_x), self.num_val, num_test=0, seed=self.seed, labels=train_y)
         self.set_splits(255, (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y))

@@ -239,7 +239,9 @@ def evaluate_ode(
         x = x0.repeat_interleave(samples, dim=0)  # (b S, *D): example-major, S samples each
         log_q = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         if num_bins is not None:
-            x, log_q = dequantize(x, num_bins, torch.cat(noise_u).to(device), dequantization, noise_scale)
+            x, log_q = dequantize(
+                x, num_bins, u=torch.cat(noise_u).to(device), kind=dequantization, noise_scale=noise_scale
+            )
         began = time.perf_counter()
         result = ode_nll_nats(
             model,
@@ -494,6 +496,7 @@ class ProbabilityFlowODE(LikelihoodEstimator):
         self,
         method: str = "dopri5",
         rtol: float = 1e-5,
+        *,
         atol: float = 1e-5,
         divergence: str = "hutchinson",
         probes: int = 1,

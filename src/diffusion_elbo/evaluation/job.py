@@ -163,13 +163,22 @@ def _analytic_variance(cfg: DictConfig, e: _Evaluated, device: torch.device) -> 
     s = e.subject
     # its own generator: the evaluation's draws are then the same whether the table was cached or estimated
     estimation = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
+
+    def table() -> Tensor:
+        return analytic_table(
+            cfg,
+            s.model,
+            schedule=s.schedule,
+            datamodule=e.datamodule,
+            parametrization=s.parametrization,
+            device=device,
+            generator=estimation,
+        )
+
     rank = rank_world()[0]
-    if rank == 0:
-        table = analytic_table(cfg, s.model, s.schedule, e.datamodule, s.parametrization, device, estimation)
+    estimated = table() if rank == 0 else None  # rank 0 estimates and writes the cache
     barrier()
-    if rank != 0:
-        table = analytic_table(cfg, s.model, s.schedule, e.datamodule, s.parametrization, device, estimation)
-    return table
+    return estimated if rank == 0 else table()  # the others read it
 
 
 def _paired_differences(columns: dict[str, Tensor]) -> dict:
@@ -305,9 +314,9 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, t
     value = compute_fid(
         module,
         fid,
-        int(f.num_samples),
-        0,
-        1,
+        num_samples=int(f.num_samples),
+        rank=0,
+        world_size=1,
         sampler=sampler,
         batch_size=int(f.batch_size),
         seed=int(cfg.seed),

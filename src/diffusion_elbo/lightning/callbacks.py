@@ -117,6 +117,7 @@ class SampleGrid(_EveryNValidations):
         self,
         num_samples: int = 64,
         sampler: Sampler | None = None,
+        *,
         every_n_val: int = 1,
         dirpath: str | None = None,
         seed: int = 0,
@@ -162,7 +163,11 @@ class ELBOProfile(L.Callback):
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "profiles")
         stem = dirpath / f"step_{trainer.global_step:07d}"
         rd = rate_distortion(
-            profile["t"], profile["t_weights"], profile["term_bpd"], profile["x0_mse"], profile["prior_bpd"]
+            profile["t"],
+            profile["t_weights"],
+            term_bpd=profile["term_bpd"],
+            x0_mse=profile["x0_mse"],
+            prior_bpd=profile["prior_bpd"],
         )
         dirpath.mkdir(parents=True, exist_ok=True)
         with open(stem.with_suffix(".csv"), "w") as f:
@@ -235,7 +240,11 @@ class ScheduleSummary(L.Callback):
             for row in zip(t.tolist(), gamma.tolist(), slope.tolist(), strict=True):
                 f.write(",".join(f"{v:.8g}" for v in row) + "\n")
         title = f"{logsnr.name}, step {trainer.global_step}: gamma(0) = {gamma[0]:.3f}, gamma(1) = {gamma[-1]:.3f}"
-        log_image(trainer, "schedule/plot", save_logsnr_plot(t.numpy(), gamma, slope, stem.with_suffix(".png"), title))
+        log_image(
+            trainer,
+            "schedule/plot",
+            save_logsnr_plot(t.numpy(), gamma, slope=slope, path=stem.with_suffix(".png"), title=title),
+        )
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -271,6 +280,7 @@ class FIDMetric(_EveryNValidations):
         self,
         num_samples: int = 1000,
         every_n_val: int = 5,
+        *,
         features: str = "classifier",
         sampler: Sampler | None = None,
         batch_size: int = 256,
@@ -320,9 +330,9 @@ class FIDMetric(_EveryNValidations):
         value = compute_fid(
             pl_module,
             self.fid,
-            self.num_samples,
-            trainer.global_rank,
-            trainer.world_size,
+            num_samples=self.num_samples,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
             sampler=self.sampler,
             batch_size=self.batch_size,
             seed=self.seed,
@@ -335,10 +345,10 @@ class FIDMetric(_EveryNValidations):
 def compute_fid(
     module,
     fid,
+    *,
     num_samples: int,
     rank: int,
     world_size: int,
-    *,
     sampler: Sampler,
     batch_size: int,
     seed: int,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance
 from diffusion_elbo.core.distributions import bits_per_dim_scale, sum_flat
 from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
-from diffusion_elbo.core.losses import ELBOLoss, Objective, WeightedMSE
+from diffusion_elbo.core.losses import ELBOLoss, Objective, TrainingSetup
 from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
 from diffusion_elbo.core.vdm import (
     ContinuousTerms,
@@ -83,6 +83,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         self,
         net: nn.Module,
         logsnr: LogSNRSchedule,
+        *,
         data_shape: Sequence[int],
         num_bins: int | None,
         parametrization: str = Parametrization.EPS.value,
@@ -103,22 +104,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         config: dict | None = None,
     ) -> None:
         objective = ELBOLoss(TimestepSampling.LOW_DISCREPANCY) if objective is None else objective
-        bound = isinstance(objective, ELBOLoss)
-        if not (bound or (isinstance(objective, WeightedMSE) and objective.continuous_time)):
-            raise ValueError(
-                "a continuous-time schedule trains with loss=vdm (the bound) or an MSE weighting of the SNR (loss=simple, "
-                f"v_mse, x0_mse); got loss={objective.name}"
-            )
-        if not bound and logsnr.learned:
-            raise ValueError(
-                f"schedule=learned is trained through the bound, which loss={objective.name} leaves out: use loss=vdm"
-            )
-        if objective.timestep_sampling is TimestepSampling.IMPORTANCE:
-            raise ValueError(
-                "importance-sampled t is for discrete schedules; a continuous-time schedule draws low-discrepancy t "
-                "(the learned schedule is itself VDM's variance reduction): use loss=vdm or "
-                "loss.timestep_sampling=low_discrepancy"
-            )
+        bound = isinstance(objective, ELBOLoss)  # else an MSE weighting of the SNR (Objective.problems)
         if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
             raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
         super().__init__(
@@ -159,6 +145,11 @@ class ContinuousDiffusionModule(DiffusionModule):
         self._amp_dtype: torch.dtype | None = None
         # the chain follows the learned schedule's parameters wherever they are loaded from
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_schedule())
+
+    def training_setup(self) -> TrainingSetup:
+        return TrainingSetup(
+            schedule=self.logsnr.name, continuous=True, learned_schedule=self.logsnr.learned, variance=self.variance
+        )
 
     # ----------------------------------------------------------------------------------------- model
     def refresh_schedule(self) -> None:
@@ -265,9 +256,9 @@ class ContinuousDiffusionModule(DiffusionModule):
             return continuous_terms(
                 self._network_float32,
                 self.logsnr,
-                x0.float(),
-                u,
-                eps.float(),
+                x0=x0.float(),
+                u=u,
+                eps=eps.float(),
                 parametrization=self.parametrization,
                 num_bins=self.num_bins,
                 timesteps=self.timesteps,

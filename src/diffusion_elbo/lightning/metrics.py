@@ -93,7 +93,7 @@ class ProfileMetric(Metric):
 
 
 def rate_distortion(
-    t_values: Tensor, t_weights: Tensor, term_bpd: Tensor, x0_mse: Tensor, prior_bpd: Tensor
+    t_values: Tensor, t_weights: Tensor, *, term_bpd: Tensor, x0_mse: Tensor, prior_bpd: Tensor
 ) -> dict[str, Tensor]:
     """Ho et al. 2020's progressive-coding view (Fig. 5): the distortion at t is the RMSE of x0_hat(x_t) on the 0..255
     scale, and the rate is what it costs to send x_T, ..., x_t: the prior term plus L_s for s = t + 1..T (L_s sends

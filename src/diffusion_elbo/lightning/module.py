@@ -30,7 +30,7 @@ from diffusion_elbo.core.elbo import (
     stratified_timesteps,
     term_from_output,
 )
-from diffusion_elbo.core.losses import EpsMSE, Objective, TrainingBatch
+from diffusion_elbo.core.losses import EpsMSE, Objective, TrainingBatch, TrainingSetup
 from diffusion_elbo.core.samplers import Chain, DDIMSampler, Sampler
 from diffusion_elbo.core.timesteps import ImportanceSampler
 from diffusion_elbo.data.base import IndexedBatch
@@ -79,6 +79,7 @@ class DiffusionModule(L.LightningModule):
         self,
         net: nn.Module,
         schedule: NoiseSchedule,
+        *,
         data_shape: Sequence[int],
         num_bins: int | None,
         parametrization: str = Parametrization.EPS.value,
@@ -151,7 +152,16 @@ class DiffusionModule(L.LightningModule):
                 self._generator_state = None
         return self._generator
 
+    def training_setup(self) -> TrainingSetup:
+        """What the objective is asked to train (:meth:`Objective.problems <diffusion_elbo.core.losses.Objective.
+        problems>`): this module's schedule and reverse variance."""
+        return TrainingSetup(
+            schedule=self.schedule.name, continuous=False, learned_schedule=False, variance=self.variance
+        )
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # the objective's own rules; the config check asked the same before any work
+            self.objective.check(self.training_setup())
         # CPU DDP: each rank's OpenMP threads spin on every core unless split; oversubscribed, a step can run
         # 30x slower. Give each local rank its share of the cores unless the user set OMP_NUM_THREADS.
         trainer = self._trainer
@@ -187,9 +197,9 @@ class DiffusionModule(L.LightningModule):
             return term_from_output(
                 self.schedule,
                 x0.float(),
-                x_t.float(),
-                t,
-                out.float(),
+                x_t=x_t.float(),
+                t=t,
+                out=out.float(),
                 parametrization=self.parametrization,
                 variance=self.variance,
                 decoder_variance=self.decoder_variance,
@@ -201,7 +211,7 @@ class DiffusionModule(L.LightningModule):
         x0 = batch[0]
         t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
-        x_t = q_sample(self.schedule, x0, t, noise=eps)
+        x_t = q_sample(self.schedule, x0, t=t, noise=eps)
         out = self.denoise(x_t, t)
         terms = TrainingBatch(
             schedule=self.schedule,
@@ -398,7 +408,11 @@ class DiffusionModule(L.LightningModule):
         if not isinstance(batch, IndexedBatch):
             return {"generator": self._val_generator}
         timesteps, noise = per_example_draws(
-            self.schedule.T, self.val_strata, batch.index.cpu(), VAL_EXAMPLE_SEED, tuple(batch.x0.shape[1:])
+            self.schedule.T,
+            self.val_strata,
+            indices=batch.index.cpu(),
+            seed=VAL_EXAMPLE_SEED,
+            shape=tuple(batch.x0.shape[1:]),
         )
         return {"timesteps": timesteps, "noise": noise.to(batch[0].device)}
 

@@ -51,6 +51,7 @@ class MLPDenoiser(nn.Module):
         self,
         dim: int,
         hidden_dim: int = 256,
+        *,
         num_layers: int = 4,
         time_embed_dim: int = 128,
         out_dim: int | None = None,

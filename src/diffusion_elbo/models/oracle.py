@@ -47,8 +47,8 @@ class GaussianOracle(ClosedFormOracle):
         self.parametrization = Parametrization(parametrization)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        x0 = oracle_x0(self.schedule, x_t, t, self.mean, self.std)
-        return output_from_x0(self.parametrization, self.schedule, x_t, t, x0)
+        x0 = oracle_x0(self.schedule, x_t, t=t, mean=self.mean, std=self.std)
+        return output_from_x0(self.parametrization, self.schedule, x_t=x_t, t=t, x0=x0)
 
     def x0_at_log_snr(self, z: Tensor, gamma: Tensor) -> Tensor:
         return gaussian_oracle_x0(z, gamma, self.mean, self.std)
@@ -73,7 +73,7 @@ class DiscreteOracle(ClosedFormOracle):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         x0 = discrete_oracle_x0(self.schedule, x_t, t, self.probs)
-        return output_from_x0(self.parametrization, self.schedule, x_t, t, x0)
+        return output_from_x0(self.parametrization, self.schedule, x_t=x_t, t=t, x0=x0)
 
     def x0_at_log_snr(self, z: Tensor, gamma: Tensor) -> Tensor:
         a, sigma = alpha_sigma(gamma.double())

@@ -34,7 +34,7 @@ class ResBlock(nn.Module):
     x: (B, in_channels, H, W), emb: (B, emb_dim) -> (B, out_channels, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, num_groups: int):
+    def __init__(self, in_channels: int, out_channels: int, *, emb_dim: int, dropout: float, num_groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -146,6 +146,7 @@ class UNet(nn.Module):
         self,
         in_channels: int,
         image_size: int,
+        *,
         model_channels: int,
         channel_mult: Sequence[int],
         num_res_blocks: int,
@@ -174,7 +175,7 @@ class UNet(nn.Module):
 
         def res_attn(c_in: int, c_out: int, resolution: int) -> _ResAttn:
             attn = AttentionBlock(c_out, num_heads, num_groups) if resolution in attention_resolutions else None
-            return _ResAttn(ResBlock(c_in, c_out, emb_dim, dropout, num_groups), attn)
+            return _ResAttn(ResBlock(c_in, c_out, emb_dim=emb_dim, dropout=dropout, num_groups=num_groups), attn)
 
         exponents = torch.tensor([float(n) for n in fourier_features], dtype=torch.float32)
         self.register_buffer("fourier_freqs", 2 * torch.pi * 2.0**exponents, persistent=False)  # (F,)
@@ -195,9 +196,9 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 resolution //= 2
 
-        self.mid_res1 = ResBlock(ch, ch, emb_dim, dropout, num_groups)
+        self.mid_res1 = ResBlock(ch, ch, emb_dim=emb_dim, dropout=dropout, num_groups=num_groups)
         self.mid_attn = AttentionBlock(ch, num_heads, num_groups)
-        self.mid_res2 = ResBlock(ch, ch, emb_dim, dropout, num_groups)
+        self.mid_res2 = ResBlock(ch, ch, emb_dim=emb_dim, dropout=dropout, num_groups=num_groups)
 
         self.up_blocks = nn.ModuleList()
         self.upsamples = nn.ModuleList()
