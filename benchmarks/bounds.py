@@ -72,7 +72,7 @@ def gaussian_table() -> None:
         m = evaluate(overrides, OUT / "gaussian" / label)
         s = make_schedule(name, T)
         table = oracle_analytic_variance_table(s, 0.8) if variance == "analytic" else variance
-        closed = oracle_expected_terms(s, 0.5, 0.8, variance=table, decoder_variance=decoder)
+        closed = oracle_expected_terms(s, 0.5, std=0.8, variance=table, decoder_variance=decoder)
         rows.append(
             {
                 "schedule": name,
@@ -98,11 +98,26 @@ def gaussian_table() -> None:
 
 
 def checkpoint_table(
-    table: str, checkpoints: list[tuple[str, str]], fid_samples: int, decoder_variance: str | None = None
+    table: str,
+    checkpoints: list[tuple[str, str]],
+    fid_samples: int,
+    decoder_variance: str | None = None,
+    *,
+    reuse: tuple[str, ...] = (),
 ) -> None:
+    """Every checkpoint's rows; the models named in ``reuse`` keep their rows (and kept per_example.csv) from the
+    table's existing JSON, so one model can be re-measured when another's checkpoint is no longer at hand."""
     from diffusion_elbo.checkpoints import read_checkpoint
 
     rows = []
+    if reuse:
+        kept = json.loads((OUT / f"{table}.json").read_text())["rows"]
+        for label in reuse:
+            mine = [r for r in kept if r["model"] == label]
+            if not mine:
+                raise SystemExit(f"--reuse {label}: no rows of that model in {OUT / table}.json")
+            for r in mine:  # the paired columns are recomputed below
+                rows.append({k: v for k, v in r.items() if not k.startswith(("paired", "vs_own"))})
     for label, ckpt in checkpoints:
         learned = read_checkpoint(ckpt)["diffusion_elbo_config"].get("variance") == "learned_range"
         for variance in ("small", "large", "analytic", *(["learned_range"] if learned else [])):
@@ -170,12 +185,15 @@ def main() -> None:
     ckpts.add_argument("--ckpt", action="append", required=True, help="label=path; labels end in -<steps>")
     ckpts.add_argument("--fid-samples", type=int, default=2000)
     ckpts.add_argument("--decoder-variance", default=None, help="clipped | beta (default: each checkpoint's own)")
+    ckpts.add_argument(
+        "--reuse", action="append", default=[], help="a model label whose rows are kept from the existing table"
+    )
     args = parser.parse_args()
     if args.command == "gaussian":
         gaussian_table()
     else:
         checkpoints = [tuple(c.split("=", 1)) for c in args.ckpt]
-        checkpoint_table(args.table, checkpoints, args.fid_samples, args.decoder_variance)
+        checkpoint_table(args.table, checkpoints, args.fid_samples, args.decoder_variance, reuse=tuple(args.reuse))
 
 
 if __name__ == "__main__":

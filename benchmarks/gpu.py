@@ -400,7 +400,14 @@ def inception_section(module, datamodule, args: argparse.Namespace, device: torc
     reference_s = time.perf_counter() - start
     start = time.perf_counter()
     value = compute_fid(
-        module.to(device).eval(), fid, args.fid_samples, 0, 1, sampler=DDIMSampler(steps=50), batch_size=500, seed=0
+        module.to(device).eval(),
+        fid,
+        num_samples=args.fid_samples,
+        rank=0,
+        world_size=1,
+        sampler=DDIMSampler(steps=50),
+        batch_size=500,
+        seed=0,
     )
     return {
         "ran": True,

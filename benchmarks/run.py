@@ -150,9 +150,9 @@ def bare_steps(steps: int, overrides: list[str]) -> tuple[list[float], list[floa
             x0 = x0.to(device)
             t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator, device=device)
             eps = torch.randn(x0.shape, generator=generator, device=device)
-            out = net(q_sample(schedule, x0, t, noise=eps), t)
-            target = training_target("eps", schedule, x0, t, eps)
-            loss = weighted_mse(schedule.gather("snr", t), "eps", schedule, t, out, target).mean()
+            out = net(q_sample(schedule, x0, t=t, noise=eps), t)
+            target = training_target("eps", schedule, x0=x0, t=t, eps=eps)
+            loss = weighted_mse(schedule.gather("snr", t), "eps", schedule=schedule, t=t, out=out, target=target).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -295,7 +295,9 @@ def bench_sampling(ckpt: str, num_samples: int, cache_dir: str) -> dict:
     for name, sampler in grid:
         sync(device)
         start = time.perf_counter()
-        value = compute_fid(run.module, fid, num_samples, 0, 1, sampler=sampler, batch_size=500, seed=0)
+        value = compute_fid(
+            run.module, fid, num_samples=num_samples, rank=0, world_size=1, sampler=sampler, batch_size=500, seed=0
+        )
         sync(device)
         out[name] = {"ms_per_sample": 1e3 * (time.perf_counter() - start) / num_samples, "fid": value}
     return out

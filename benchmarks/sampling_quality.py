@@ -66,7 +66,7 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
         "ckpt": ckpt,
         "global_step": run.global_step,
         "trained_variance": run.variance.value,
-        "loss": OmegaConf.select(OmegaConf.create(run.config), "loss.name"),
+        "loss": run.module.objective.name,
         "classifier_accuracy": fid.classifier_accuracy,
         "rows": [],
     }
@@ -77,7 +77,7 @@ def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_
             sync(device)
             start = time.perf_counter()
             value = compute_fid(
-                run.module, fid, num_samples, 0, 1, sampler=sampler(steps=n, cap_final_noise=cap), batch_size=500,
+                run.module, fid, num_samples=num_samples, rank=0, world_size=1, sampler=sampler(steps=n, cap_final_noise=cap), batch_size=500,
                 seed=0, variance=chosen,
             )  # fmt: skip
             sync(device)
@@ -100,7 +100,16 @@ def seed_spread(ckpt: str, steps: int, num_samples: int, seeds: int, cache_dir: 
     run = load_for_eval(ckpt, device)
     fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
     fids = [
-        compute_fid(run.module, fid, num_samples, 0, 1, sampler=DDIMSampler(steps=steps), batch_size=500, seed=seed)
+        compute_fid(
+            run.module,
+            fid,
+            num_samples=num_samples,
+            rank=0,
+            world_size=1,
+            sampler=DDIMSampler(steps=steps),
+            batch_size=500,
+            seed=seed,
+        )
         for seed in range(seeds)
     ]
     print(

@@ -70,7 +70,16 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     loaded.datamodule.setup("fit")
     fid = make_fid(loaded.datamodule, cache_dir=ROOT / "data" / "cache")
     return [
-        compute_fid(loaded.module, fid, num_samples, 0, 1, sampler=DDIMSampler(steps=50), batch_size=256, seed=s)
+        compute_fid(
+            loaded.module,
+            fid,
+            num_samples=num_samples,
+            rank=0,
+            world_size=1,
+            sampler=DDIMSampler(steps=50),
+            batch_size=256,
+            seed=s,
+        )
         for s in seeds
     ]
 

@@ -79,7 +79,9 @@ def oracle() -> None:
         ("learned net (reshaped)", shaped),
     ):
         with torch.no_grad():
-            total = continuous_terms(model, schedule, x, u, eps, parametrization="eps", num_bins=None).total / d
+            total = (
+                continuous_terms(model, schedule, x0=x, u=u, eps=eps, parametrization="eps", num_bins=None).total / d
+            )
         value, sd = float(total.mean()), float(total.std())
         se = sd / math.sqrt(n)
         rows.append({"shape": name, "bound": value, "se": se, "closed_form": closed["total"], "one_sample_std": sd})
@@ -301,7 +303,7 @@ def variance(ckpt: str, num_examples: int, repeats: int) -> None:
                 eps = torch.randn(x.shape, generator=g)
                 with torch.no_grad():
                     total = continuous_terms(
-                        module._network_float32, schedule, x, u, eps, parametrization=module.parametrization,
+                        module._network_float32, schedule, x0=x, u=u, eps=eps, parametrization=module.parametrization,
                         num_bins=module.num_bins,
                     ).total.double() * to_bpd  # fmt: skip
                 totals.append(total)

@@ -177,10 +177,10 @@ class ImportanceWeightedBound(LikelihoodEstimator):
                 step = p_mean_variance(
                     schedule,
                     subject.model(x_t, step_t),
-                    x_t,
-                    step_t,
-                    subject.parametrization,
-                    variance,
+                    x_t=x_t,
+                    t=step_t,
+                    parametrization=subject.parametrization,
+                    variance=variance,
                     decoder_variance=subject.decoder_variance,
                 )
                 if t == 1:
