@@ -184,6 +184,22 @@ def test_truncated_checkpoint_is_named_with_the_fix(tmp_path):
     assert "truncated or corrupt" in result.stderr and str(bad) in result.stderr
 
 
+def test_a_checkpoint_of_ones_own_class_not_importable_here_says_to_set_pythonpath(tmp_path, trained_checkpoint):
+    """A run trained with a loss of one's own (a module outside the package, found through PYTHONPATH at training),
+    evaluated without that PYTHONPATH: the class and the fix are named, status 2, before anything is built."""
+    import torch
+
+    from tests.helpers import copy_of_checkpoint
+
+    ckpt = copy_of_checkpoint(trained_checkpoint, tmp_path / "run")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["diffusion_elbo_config"]["loss"]["_target_"] = "my_losses_not_on_the_path.MinSNRLoss"
+    torch.save(checkpoint, ckpt)
+    result = run_cli("eval.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "my_losses_not_on_the_path.MinSNRLoss (loss)" in result.stderr and "PYTHONPATH" in result.stderr
+
+
 @pytest.mark.slow
 def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
     result = run_cli(

@@ -74,6 +74,40 @@ def upgrade_config(config: dict) -> dict:
     return {**config, "loss": {"_target_": f"{cls.__module__}.{cls.__qualname__}", **arguments}}
 
 
+def check_targets_importable(config: dict, path: str | Path) -> None:
+    """Refuse, naming each class and the fix, a checkpoint whose config builds classes (``_target_``) that cannot be
+    imported here: one's own schedule, loss or sampler (``docs/extending.md``) lives in a module outside the package,
+    found at training through PYTHONPATH; without it Hydra's error names neither the module nor what to set."""
+    import importlib
+
+    missing = []
+
+    def visit(node: object, key: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if isinstance(target, str):
+                module_name, _, attr = target.rpartition(".")
+                try:
+                    found = hasattr(importlib.import_module(module_name), attr) if module_name else False
+                except ImportError:
+                    found = False
+                if not found:
+                    missing.append(f"{target} ({key or 'the config'})")
+            for k, v in node.items():
+                visit(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, f"{key}[{i}]")
+
+    visit(config, "")
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with classes that cannot be imported here: {', '.join(missing)}. A class "
+            "of one's own (docs/extending.md) lives in a module outside the package: put the folder that holds it on "
+            "PYTHONPATH as at training, e.g. PYTHONPATH=path/to/plugins python src/eval.py ckpt_path=..."
+        )
+
+
 @dataclass
 class LoadedRun:
     model: torch.nn.Module  # the denoiser net(x_t, t), with EMA weights when the run used EMA
@@ -94,6 +128,7 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
     from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     checkpoint = read_checkpoint(path)
+    check_targets_importable(checkpoint["diffusion_elbo_config"], path)
     cfg = OmegaConf.create(checkpoint["diffusion_elbo_config"])
     module, datamodule = build_module(cfg)
     missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
