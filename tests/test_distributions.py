@@ -77,3 +77,39 @@ def test_quantize_maps_to_the_grid():
     x = torch.tensor([-1.5, -1.0, -0.01, 0.49, 1.0, 3.0])
     q = quantize(x, 5)  # grid -1, -0.5, 0, 0.5, 1
     torch.testing.assert_close(q, torch.tensor([-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+def test_standard_normal_kl_is_the_prior_term_of_both_time_axes_and_keeps_its_small_constant():
+    """One formula for KL(N(a x0, (1 - a^2) I) || N(0, I)): it equals the generic Gaussian KL summed over dims (in
+    float64), the discrete chain's prior at T and the continuous bound's at gamma_1 agree where alpha_bar_T =
+    sigmoid(-gamma_1), the x0-free part a^4 / 2 + ... survives float32 data (the generic KL in float32 loses it), and
+    a learned endpoint gets its gradient."""
+    import torch.nn.functional as F
+
+    from diffusion_elbo.core import make_schedule
+    from diffusion_elbo.core.distributions import normal_kl, standard_normal_kl_nats
+    from diffusion_elbo.core.elbo import prior_kl_nats
+
+    x0 = torch.rand(5, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    a2 = torch.tensor(0.3, dtype=torch.float64)
+    generic = normal_kl(a2.sqrt() * x0, torch.log1p(-a2).expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))
+    torch.testing.assert_close(standard_normal_kl_nats(x0, a2, torch.log1p(-a2)), generic.flatten(1).sum(1))
+
+    schedule = make_schedule("linear", 1000)  # alpha_bar_T = 4e-5: the constant is ~8e-10 nats per dim
+    ab = schedule.alpha_bar[-1]
+    exact = 0.5 * (ab * x0**2 - ab - torch.log1p(-ab)).flatten(1).sum(1)  # float64 throughout
+    got = prior_kl_nats(schedule, x0.float())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=0)
+    x32 = x0.float()
+    lossy = normal_kl(ab.float().sqrt() * x32, torch.log1p(-ab).float().expand_as(x32), torch.zeros_like(x32),
+                      torch.zeros_like(x32)).flatten(1).sum(1)  # fmt: skip
+    assert (lossy.double() - exact).abs().max() > 10 * (got.double() - exact).abs().max()
+
+    gamma_1 = torch.log1p(-ab) - torch.log(ab)  # the continuous schedule that ends where the chain does
+    torch.testing.assert_close(
+        standard_normal_kl_nats(x0, torch.sigmoid(-gamma_1), F.logsigmoid(gamma_1)), prior_kl_nats(schedule, x0)
+    )
+    gamma_max = torch.tensor(float(gamma_1), requires_grad=True)
+    a2_learned = torch.sigmoid(-gamma_max.double())
+    standard_normal_kl_nats(x0, a2_learned, F.logsigmoid(gamma_max.double())).sum().backward()
+    assert gamma_max.grad is not None and gamma_max.grad < 0  # more noise at the end: a smaller prior term

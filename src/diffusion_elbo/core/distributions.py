@@ -89,6 +89,20 @@ def sum_flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
+def standard_normal_kl_nats(x0: Tensor, signal_sq: Tensor, log_noise_sq: Tensor) -> Tensor:
+    """KL(N(a x0, sigma^2 I) || N(0, I)) summed over dims, (B, *D) -> (B,) nats, for a variance-preserving marginal
+    (sigma^2 = 1 - a^2): per dim (a^2 x0^2 - a^2 - log sigma^2) / 2, the lecture's prior-matching term
+    KL(q(x_T | x0) || N(0, I)) (VDM's KL(q(z_1 | x) || N(0, I))). ``signal_sq`` a^2 and ``log_noise_sq`` log sigma^2:
+    0-dim or (B,), float64, with gradient where they have one (a learned schedule's endpoint). The x0-free part
+    -a^2 - log sigma^2 = a^4 / 2 + ... is formed in float64, where float32 cancels it to nothing (a^2 is 4e-5 at the
+    end of the linear schedule), and added once per example."""
+    a2 = signal_sq.to(x0.dtype)
+    if a2.ndim:
+        a2 = a2.view(-1, *([1] * (x0.ndim - 1)))
+    constant = -signal_sq - log_noise_sq
+    return 0.5 * (sum_flat(a2 * x0**2) + constant.to(x0.dtype) * x0[0].numel())
+
+
 def nats_to_bits_per_dim(nats_per_dim: Tensor | float) -> Tensor | float:
     """Convert nats per dimension to bits per dimension (divide by ln 2)."""
     return nats_per_dim / math.log(2.0)

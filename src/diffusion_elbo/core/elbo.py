@@ -28,6 +28,7 @@ from diffusion_elbo.core.distributions import (
     mean_flat,
     nats_to_bits_per_dim,
     normal_kl,
+    standard_normal_kl_nats,
     sum_flat,
 )
 from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
@@ -40,16 +41,13 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
 def prior_kl_nats(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
-    """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats.
-
-    Per dim KL(N(a x0, 1 - a^2) || N(0, 1)) = (alpha_bar_T x0^2 - alpha_bar_T - log(1 - alpha_bar_T)) / 2; the part
-    without x0, -alpha_bar_T - log1p(-alpha_bar_T) = alpha_bar_T^2 / 2 + ..., is formed in float64: the generic Gaussian
-    KL cancels it to nothing in float32 (alpha_bar_T is 4e-5 for the linear schedule)."""
-    t = torch.full((x0.shape[0],), schedule.T, dtype=torch.long, device=x0.device)
-    alpha_bar = schedule.gather("alpha_bar", t)  # (B,) float64
-    constant = -alpha_bar - torch.log1p(-alpha_bar)
-    per_dim = schedule.broadcast(alpha_bar, x0) * x0**2 + schedule.broadcast(constant, x0)
-    return 0.5 * sum_flat(per_dim)
+    """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats; q(x_T | x_0) =
+    N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I) (:func:`~diffusion_elbo.core.distributions.standard_normal_kl_nats`,
+    with the schedule's float64 tables)."""
+    T = schedule.T
+    return standard_normal_kl_nats(
+        x0, schedule.alpha_bar[T].to(x0.device), schedule.log_one_minus_alpha_bar[T].to(x0.device)
+    )
 
 
 def decoder_nll_nats(x0: Tensor, mean: Tensor, logvar: Tensor, num_bins: int | None) -> Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_elbo.core.distributions import sum_flat
+from diffusion_elbo.core.distributions import standard_normal_kl_nats, sum_flat
 from diffusion_elbo.core.elbo import ELBOResult, decoder_nll_nats
 from diffusion_elbo.core.gaussian_data import posterior_mean
 from diffusion_elbo.core.logsnr import LogSNR, LogSNRSchedule, alpha_sigma
@@ -92,17 +92,6 @@ def v_weight(gamma: Tensor) -> Tensor:
     error ||v - v_hat||^2 (Salimans & Ho 2022), v = alpha eps - sigma x. With alpha^2 + sigma^2 = 1,
     eps = sigma z + alpha v, so eps - eps_hat = alpha (v - v_hat) for any parametrization of the network."""
     return 1.0 + torch.exp(gamma)
-
-
-def prior_kl_nats(x0: Tensor, gamma_1: Tensor) -> Tensor:
-    """KL(q(z_1 | x) || N(0, I)) summed over dims, (B, *D) -> (B,) nats. Per dim
-    (alpha_1^2 x^2 + sigma_1^2 - 1 - log sigma_1^2) / 2 with sigma_1^2 - 1 = -alpha_1^2: the x-free part
-    -alpha_1^2 - log sigmoid(gamma_1) is formed in float64 (it cancels to ~alpha_1^4 / 2)."""
-    g = gamma_1.double()
-    alpha2 = torch.sigmoid(-g)
-    constant = -alpha2 - F.logsigmoid(g)
-    per_dim = alpha2.to(x0.dtype) * x0**2
-    return 0.5 * (sum_flat(per_dim) + constant.to(x0.dtype) * x0[0].numel())
 
 
 def reconstruction_nats(x0: Tensor, z0: Tensor, gamma_0: Tensor, num_bins: int | None) -> Tensor:
@@ -199,7 +188,7 @@ def continuous_terms(
         x0_mse = sum_flat((x0_from_eps(z_t, at_t.gamma, eps_hat) - x0) ** 2) / x0[0].numel()
     return ContinuousTerms(
         reconstruction=reconstruction_nats(x0, z_0, gamma_0, num_bins),
-        prior=prior_kl_nats(x0, gamma_1),
+        prior=standard_normal_kl_nats(x0, torch.sigmoid(-gamma_1.double()), F.logsigmoid(gamma_1.double())),
         diffusion=diffusion,
         x0_mse=x0_mse,
     )
