@@ -205,7 +205,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         if not isinstance(self.objective, ELBOLoss):  # an MSE weighting (loss=simple, v_mse, ...)
             loss, terms = self._mse_loss(x0, eps, log_snr), None
         else:
-            terms = self._terms(x0, u, eps, log_snr, log_snr_s)
+            terms = self._continuous_terms(x0, u, eps, log_snr, log_snr_s)
             weights = self._training_weights(log_snr)
             per_example = terms.weighted_total(weights) / self.num_dims
             loss = per_example.mean()
@@ -251,7 +251,7 @@ class ContinuousDiffusionModule(DiffusionModule):
             return None
         return sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
 
-    def _terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr, log_snr_s=None) -> ContinuousTerms:
+    def _continuous_terms(self, x0: Tensor, u: Tensor, eps: Tensor, log_snr, log_snr_s=None) -> ContinuousTerms:
         with torch.autocast(device_type=self.device.type, enabled=False):
             return continuous_terms(
                 self._network_float32,
