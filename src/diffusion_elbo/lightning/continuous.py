@@ -36,7 +36,7 @@ from diffusion_elbo.core.vdm import (
 )
 from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ProfileMetric
-from diffusion_elbo.lightning.module import VAL_EXAMPLE_SEED, VAL_SEED, DiffusionModule, NonFiniteLossError
+from diffusion_elbo.lightning.module import VAL_EXAMPLE_SEED, DiffusionModule, NonFiniteLossError
 
 # the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
 # the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
@@ -331,10 +331,6 @@ class ContinuousDiffusionModule(DiffusionModule):
         )
 
     # ------------------------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        self.refresh_schedule()
-        self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
-
     def _validation_bound(self, batch: tuple[Tensor, ...]) -> None:
         self._note_precision()  # float32: the base class's validation_step turned autocast off
         draws: dict = {"generator": self._val_generator}
@@ -362,33 +358,16 @@ class ContinuousDiffusionModule(DiffusionModule):
         widths = torch.full((self.val_strata,), self.eval_timesteps / self.val_strata, dtype=torch.float64)
         return torch.cat([torch.ones(1, dtype=torch.float64), widths])
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
+    def schedule_metrics(self) -> dict[str, Tensor]:
         gamma_0, gamma_1 = self.logsnr.endpoints()
-        self.log_dict({"val/gamma_min": gamma_0.detach().float(), "val/gamma_max": gamma_1.detach().float()})
-
-    # -------------------------------------------------------------------------------------- sampling
-    def sampling_chain(self, variance):
-        self.refresh_schedule()
-        return super().sampling_chain(variance)
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self.refresh_schedule()
+        return {"gamma_min": gamma_0, "gamma_max": gamma_1}
 
     # ------------------------------------------------------------------------------------ optimizers
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is None:
-            raise ValueError("no optimizer configured: set optimizer=adamw (or another optimizer config)")
-        groups = [{"params": list(self.net.parameters())}]
+    def schedule_parameter_groups(self) -> list[dict]:
         schedule_params = [p for p in self.logsnr.parameters() if p.requires_grad]
-        if schedule_params:  # no weight decay: it would pull the log-SNR endpoints towards 0
-            group = {"params": schedule_params, "weight_decay": 0.0}
-            if self.schedule_lr is not None:
-                group["lr"] = float(self.schedule_lr)
-            groups.append(group)
-        optimizer = self.optimizer_factory(params=groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if not schedule_params:
+            return []
+        group = {"params": schedule_params, "weight_decay": 0.0}  # decay would pull the log-SNR endpoints towards 0
+        if self.schedule_lr is not None:
+            group["lr"] = float(self.schedule_lr)
+        return [group]

@@ -395,7 +395,12 @@ class DiffusionModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------------------ validation
+    def refresh_schedule(self) -> None:
+        """Rebuild the chain from the schedule's current parameters (a learned schedule's, after a step or a load),
+        before validation, training and sampling read it. A fixed chain has nothing to rebuild."""
+
     def on_validation_epoch_start(self) -> None:
+        self.refresh_schedule()
         # The same draws every validation (common random numbers), so successive numbers compare the models, not
         # the noise. Every example draws its own t in each stratum (stratified_elbo), so val/*_se cover the
         # stratification error; the strata themselves are the same on every rank, so the profile's sums add up.
@@ -452,6 +457,13 @@ class DiffusionModule(L.LightningModule):
         self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)
         self.log_dict({f"val/{k}": v.float() for k, v in values.items()})
         self.val_elbo.reset()
+        extras = self.schedule_metrics()
+        if extras:
+            self.log_dict({f"val/{k}": v.detach().float() for k, v in extras.items()})
+
+    def schedule_metrics(self) -> dict[str, Tensor]:
+        """What the schedule reports beside the bound (a learned schedule's endpoints); a fixed chain reports nothing."""
+        return {}
 
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -480,6 +492,7 @@ class DiffusionModule(L.LightningModule):
 
     def sampling_chain(self, variance: Tensor | str | ReverseVariance) -> Chain:
         """The chain a sampler walks: this module's network, schedule and parametrization, with ``variance``."""
+        self.refresh_schedule()
         chosen = variance if isinstance(variance, Tensor) else ReverseVariance(variance)
         return Chain(
             denoise=self.denoise,
@@ -500,12 +513,18 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured: set optimizer=adamw (or another optimizer config)")
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        groups = [{"params": list(self.net.parameters())}, *self.schedule_parameter_groups()]
+        optimizer = self.optimizer_factory(params=groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         # Diffusion runs count steps, not epochs: the LR schedule steps every optimizer step.
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups beside the network's: a learned schedule's parameters (their own settings);
+        none for a fixed schedule."""
+        return []
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -531,6 +550,7 @@ class DiffusionModule(L.LightningModule):
         if self._torch_rng_state is not None:
             self._set_global_rng_state(self._torch_rng_state)
             self._torch_rng_state = None
+        self.refresh_schedule()
 
     def on_validation_start(self) -> None:
         self._rng_before_validation = self._global_rng_state()
