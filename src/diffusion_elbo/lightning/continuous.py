@@ -36,7 +36,7 @@ from diffusion_elbo.core.vdm import (
 )
 from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ProfileMetric
-from diffusion_elbo.lightning.module import VAL_EXAMPLE_SEED, DiffusionModule, NonFiniteLossError
+from diffusion_elbo.lightning.module import VAL_EXAMPLE_SEED, DiffusionModule, StepLoss
 
 # the network's noise-level input: gamma mapped from the schedule's reference range onto [0, 1000], the range of
 # the discrete models' timestep input, so the same sinusoidal embedding and UNet serve both
@@ -193,9 +193,11 @@ class ContinuousDiffusionModule(DiffusionModule):
             return low_discrepancy_uniform(batch, self.device, self.generator)
         return torch.rand(batch, generator=self.generator, device=self.device, dtype=torch.float64)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def step_loss(self, x0: Tensor) -> StepLoss:
+        """The continuous-time (or T-step) bound, a weighting of it or an MSE weighting of the SNR, at times drawn from
+        u ~ U[0, 1) (low-discrepancy by default), with the auxiliary v-MSE share when the objective has one."""
         self._note_precision()
-        x0, x_aux = self._split_aux(batch[0])
+        x0, x_aux = self._split_aux(x0)
         u = self._draw_u(x0.shape[0])
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         with torch.autocast(device_type=self.device.type, enabled=False):  # the schedule and terms in float32
@@ -219,16 +221,11 @@ class ContinuousDiffusionModule(DiffusionModule):
             aux = self._aux_loss(x_aux)
             self.log("train/aux_v_mse", aux.detach(), on_step=True, on_epoch=False)
             loss = loss + self.aux_weight * aux
-        if not self._all_ranks_finite(loss):
-            message = self._nonfinite_data_message(batch[0]) or self._continuous_nonfinite_message(loss, terms, t)
-            if self.nonfinite == "skip":
-                return self._skip_batch(message)
-            raise NonFiniteLossError(message)
-        self._skips_in_a_row = 0
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        if self._logging_this_step():
-            self._log_continuous(terms, log_snr)
-        return loss
+        return StepLoss(
+            loss=loss,
+            nonfinite_message=lambda: self._continuous_nonfinite_message(loss, terms, t),
+            metrics=lambda: self._continuous_metrics(terms),
+        )
 
     def _split_aux(self, x0: Tensor) -> tuple[Tensor, Tensor | None]:
         """The batch's share for the bound and (the last round(aux_fraction B), at least 1) for the auxiliary loss."""
@@ -292,8 +289,7 @@ class ContinuousDiffusionModule(DiffusionModule):
         eps_hat = eps_from_output(self.parametrization, z_t, gamma, self._network_float32(z_t, gamma))
         return sum_flat((eps - eps_hat) ** 2) / self.num_dims
 
-    @torch.no_grad()
-    def _log_continuous(self, terms: ContinuousTerms | None, log_snr) -> None:
+    def _continuous_metrics(self, terms: ContinuousTerms | None) -> dict[str, Tensor]:
         gamma_0, gamma_1 = self.logsnr.endpoints()
         metrics = {"train/gamma_min": gamma_0.detach(), "train/gamma_max": gamma_1.detach()}
         if terms is not None:
@@ -309,7 +305,7 @@ class ContinuousDiffusionModule(DiffusionModule):
                 metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd
             # the spread of the one-sample estimator itself: what the variance-minimizing schedule shrinks
             metrics["train/elbo_bpd_std"] = terms.total.std() * to_bpd
-        self.log_dict(metrics, on_step=True, on_epoch=False)
+        return metrics
 
     def _continuous_nonfinite_message(self, loss: Tensor, terms: ContinuousTerms | None, t: Tensor) -> str:
         parts = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -45,6 +46,18 @@ VAL_EXAMPLE_SEED = 0
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or one of the ELBO terms became NaN or inf."""
+
+
+@dataclass
+class StepLoss:
+    """One training step's loss and what :meth:`DiffusionModule.training_step` asks of it: ``nonfinite_message`` (why
+    the loss is not finite; called only then), ``metrics`` (the train/ numbers of a logged step, under no_grad) and
+    ``after_finite`` (work that needs a finite loss on every rank, e.g. the importance sampler's update)."""
+
+    loss: Tensor
+    nonfinite_message: Callable[[], str]
+    metrics: Callable[[], dict[str, Tensor]]
+    after_finite: Callable[[], None] = lambda: None
 
 
 class DiffusionModule(L.LightningModule):
@@ -208,7 +221,25 @@ class DiffusionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        x0 = batch[0]
+        """One step, whatever the time axis: the loss of :meth:`step_loss`; a non-finite one is skipped or stops the run
+        (``nonfinite``) with the message that names its cause; then the work that needs a finite loss, and the logs."""
+        step = self.step_loss(batch[0])
+        if not self._all_ranks_finite(step.loss):
+            message = self._nonfinite_data_message(batch[0]) or step.nonfinite_message()
+            if self.nonfinite == "skip":
+                return self._skip_batch(message)
+            raise NonFiniteLossError(message)
+        self._skips_in_a_row = 0
+        step.after_finite()
+        self.log("train/loss", step.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self._logging_this_step():
+            with torch.no_grad():
+                self.log_dict(step.metrics(), on_step=True, on_epoch=False)
+        return step.loss
+
+    def step_loss(self, x0: Tensor) -> StepLoss:
+        """The chain's training loss for the data ``x0`` (B, *D): t drawn by the objective's sampler, x_t from q(x_t | x0),
+        the objective on the network's output (:class:`~diffusion_elbo.core.losses.TrainingBatch`)."""
         t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.schedule, x0, t=t, noise=eps)
@@ -228,34 +259,29 @@ class DiffusionModule(L.LightningModule):
             prior_of=lambda: prior_kl_nats(self.schedule, x0.float()),
         )
         loss = self.objective.loss(terms).mean()
-        logging = self._logging_this_step()
-        # L_t (B,) nats: what importance sampling learns from and the logs show; computed here only where the objective
-        # did not (the same values whatever gradient it routed)
-        needs_term = isinstance(self.timestep_sampler, ImportanceSampler) or logging
-        term = terms.computed_terms()
-        if term is None and needs_term:
-            term = terms.elbo_terms()
-        prior = terms.prior() if needs_term else None
-        weight = terms.inv_p
         self._last_t = t
-        if not self._all_ranks_finite(loss):
+
+        def term() -> Tensor:
+            # L_t (B,) nats: what importance sampling learns from and the logs show; the objective's own where it
+            # computed them (the same values whatever gradient it routed)
+            computed = terms.computed_terms()
+            return terms.elbo_terms() if computed is None else computed
+
+        def nonfinite_message() -> str:
             with torch.no_grad():
-                term = terms.elbo_terms() if term is None else term
-                prior = terms.prior()
-            message = self._nonfinite_data_message(x0) or self._nonfinite_message(loss, term, prior, t)
-            if self.nonfinite == "skip":
-                return self._skip_batch(message)
-            raise NonFiniteLossError(message)
-        self._skips_in_a_row = 0
+                return self._nonfinite_message(loss, term(), terms.prior(), t)
 
-        if isinstance(self.timestep_sampler, ImportanceSampler):
-            t_all, term_all = self.all_gather(t), self.all_gather(term.detach())
-            self.timestep_sampler.update(t_all.reshape(-1), term_all.reshape(-1))
+        def after_finite() -> None:
+            if isinstance(self.timestep_sampler, ImportanceSampler):
+                t_all, term_all = self.all_gather(t), self.all_gather(term().detach())
+                self.timestep_sampler.update(t_all.reshape(-1), term_all.reshape(-1))
 
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        if logging:
-            self._log_mc_terms(term.detach() * weight, prior, t)
-        return loss
+        return StepLoss(
+            loss=loss,
+            nonfinite_message=nonfinite_message,
+            metrics=lambda: self._mc_term_metrics(term().detach() * terms.inv_p, terms.prior(), t),
+            after_finite=after_finite,
+        )
 
     def _skip_batch(self, message: str) -> Tensor | None:
         """Skip this batch (``nonfinite=skip``): None in one process (Lightning skips backward and the optimizer step).
@@ -305,8 +331,7 @@ class DiffusionModule(L.LightningModule):
         trainer = self._trainer
         return trainer is None or trainer._logger_connector.should_update_logs
 
-    @torch.no_grad()
-    def _log_mc_terms(self, scaled: Tensor, prior: Tensor, t: Tensor) -> None:
+    def _mc_term_metrics(self, scaled: Tensor, prior: Tensor, t: Tensor) -> dict[str, Tensor]:
         """Unbiased Monte Carlo estimates of -ELBO and its three terms from this batch's timesteps, in bits/dim,
         each with its standard error over the batch. ``scaled`` = L_t / p(t) per example."""
         to_bpd = bits_per_dim_scale(self.num_dims)
@@ -322,7 +347,7 @@ class DiffusionModule(L.LightningModule):
         ):
             metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
             metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
-        self.log_dict(metrics, on_step=True, on_epoch=False)
+        return metrics
 
     def _nonfinite_data_message(self, x0: Tensor) -> str | None:
         """The message for a batch whose data x0 (B, *D) hold NaN or inf, None for finite data. Called only once the loss
