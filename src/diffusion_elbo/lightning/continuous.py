@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance
 from diffusion_elbo.core.distributions import bits_per_dim_scale, sum_flat
+from diffusion_elbo.core.elbo import ELBOResult
 from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.losses import ELBOLoss, Objective, TrainingSetup
 from diffusion_elbo.core.timesteps import TimestepSampling, low_discrepancy_uniform
@@ -327,7 +328,9 @@ class ContinuousDiffusionModule(DiffusionModule):
         )
 
     # ------------------------------------------------------------------------------------ validation
-    def _validation_bound(self, batch: tuple[Tensor, ...]) -> None:
+    def validation_result(self, batch: tuple[Tensor, ...]) -> ELBOResult:
+        """The stratified estimate of the continuous-time (or T-step) bound, each example's times and noise from its own
+        seed."""
         self._note_precision()  # float32: the base class's validation_step turned autocast off
         draws: dict = {"generator": self._val_generator}
         if isinstance(batch, IndexedBatch):  # each example's times and noise from its own seed: the same on 1 or N
@@ -335,7 +338,7 @@ class ContinuousDiffusionModule(DiffusionModule):
                 batch.index.cpu(), VAL_EXAMPLE_SEED, self.val_strata, tuple(batch.x0.shape[1:])
             )
             draws = {"u": u.to(self.device), "eps": eps.to(self.device)}
-        result = stratified_continuous_elbo(
+        return stratified_continuous_elbo(
             self._network_float32,
             self.logsnr,
             batch[0].float(),
@@ -346,8 +349,6 @@ class ContinuousDiffusionModule(DiffusionModule):
             chain_timesteps=self.eval_timesteps,
             **draws,
         )
-        self.val_elbo.update(result)
-        self.val_profile.update(result)
 
     def profile_weights(self) -> Tensor:
         """The decoder (1) and the K equal strata of [0, 1) in steps of the chain discretized at eval_timesteps."""

@@ -25,6 +25,7 @@ from diffusion_elbo.core import (
 )
 from diffusion_elbo.core.distributions import bits_per_dim_scale
 from diffusion_elbo.core.elbo import (
+    ELBOResult,
     num_stratified_timesteps,
     per_example_draws,
     stratified_elbo,
@@ -451,10 +452,13 @@ class DiffusionModule(L.LightningModule):
         network's bf16 outputs raised the continuous-time bound of the CIFAR-10 UNet by 0.052 ± 0.001 bits/dim (1.4005
         -> 1.4522 with the same t and noise, benchmarks/gpu/h200.md), errors that the low-noise terms' weights amplify."""
         with torch.autocast(device_type=self.device.type, enabled=False):
-            self._validation_bound(batch)
+            result = self.validation_result(batch)
+        self.val_elbo.update(result)
+        self.val_profile.update(result)
 
-    def _validation_bound(self, batch: tuple[Tensor, ...]) -> None:
-        result = stratified_elbo(
+    def validation_result(self, batch: tuple[Tensor, ...]) -> ELBOResult:
+        """The stratified estimate of the chain's bound for the batch's examples (per example, per stratum)."""
+        return stratified_elbo(
             self.denoise,
             self.schedule,
             batch[0],
@@ -465,8 +469,6 @@ class DiffusionModule(L.LightningModule):
             strata=self.val_strata,
             **self._val_draws(batch),
         )
-        self.val_elbo.update(result)
-        self.val_profile.update(result)
 
     def profile_weights(self) -> Tensor:
         """The sizes n_k of the validation profile's strata (in steps of the chain), (K,)."""
