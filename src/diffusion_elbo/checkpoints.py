@@ -78,7 +78,7 @@ def check_targets_importable(config: dict, path: str | Path) -> None:
     """Refuse, naming each class and the fix, a checkpoint whose config builds classes (``_target_``) that cannot be
     imported here: one's own schedule, loss or sampler (``docs/extending.md``) lives in a module outside the package,
     found at training through PYTHONPATH; without it Hydra's error names neither the module nor what to set."""
-    import importlib
+    from hydra.utils import get_object
 
     missing = []
 
@@ -86,12 +86,9 @@ def check_targets_importable(config: dict, path: str | Path) -> None:
         if isinstance(node, dict):
             target = node.get("_target_")
             if isinstance(target, str):
-                module_name, _, attr = target.rpartition(".")
                 try:
-                    found = hasattr(importlib.import_module(module_name), attr) if module_name else False
-                except ImportError:
-                    found = False
-                if not found:
+                    get_object(target)  # Hydra's own lookup, the one instantiate will use
+                except Exception:
                     missing.append(f"{target} ({key or 'the config'})")
             for k, v in node.items():
                 visit(v, f"{key}.{k}" if key else str(k))
