@@ -303,7 +303,7 @@ def variance(ckpt: str, num_examples: int, repeats: int) -> None:
                 eps = torch.randn(x.shape, generator=g)
                 with torch.no_grad():
                     total = continuous_terms(
-                        module._network_float32, schedule, x0=x, u=u, eps=eps, parametrization=module.parametrization,
+                        module.time.gamma_denoiser(module.network), schedule, x0=x, u=u, eps=eps, parametrization=module.parametrization,
                         num_bins=module.num_bins,
                     ).total.double() * to_bpd  # fmt: skip
                 totals.append(total)

@@ -36,6 +36,7 @@ from diffusion_elbo.core.vdm import (
     step_times,
     v_weight,
 )
+from diffusion_elbo.lightning.module import DiffusionModule
 
 MEAN, STD = 0.3, 0.5
 
@@ -181,17 +182,16 @@ def test_sigmoid_weighted_loss_of_the_gaussian_oracle_matches_its_integral_for_e
 
 
 def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
-    """ContinuousDiffusionModule with sigmoid_weight: the per-example loss is reconstruction + prior + w(gamma(t)) x
+    """A continuous-time module with sigmoid_weight: the per-example loss is reconstruction + prior + w(gamma(t)) x
     diffusion, and 0 is the bound; a negative weight, or one with loss=simple, is refused naming the fix."""
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     d = 3
     x, u, eps = _gaussian_draw(64, d, seed=7)
     net = _GammaMLP(d)
 
     def module(**kwargs):
-        return ContinuousDiffusionModule(
-            net=net, logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None,
+        return DiffusionModule(
+            net=net, schedule=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None,
             objective=ELBOLoss("low_discrepancy", **kwargs),
         )  # fmt: skip
 
@@ -203,8 +203,8 @@ def test_module_trains_on_the_weighted_term_and_refuses_bad_weights():
             net, schedule, x0=x, u=u, eps=eps, parametrization="eps", num_bins=None, log_snr=log_snr
         )
     w = 1 + 10.0 * torch.sigmoid(log_snr.gamma + 2.0)
-    torch.testing.assert_close(weighted._training_weights(log_snr), w)
-    assert plain._training_weights(log_snr) is None
+    torch.testing.assert_close(weighted.time._training_weights(log_snr), w)
+    assert plain.time._training_weights(log_snr) is None
     torch.testing.assert_close(terms.weighted_total(w), terms.reconstruction + terms.prior + w * terms.diffusion)
     torch.testing.assert_close(terms.weighted_total(None), terms.total)
     with pytest.raises(ValueError, match="sigmoid_weight=-1.0 must be >= 0"):
@@ -248,18 +248,18 @@ def test_auxiliary_v_mse_of_the_gaussian_oracle_matches_its_integral_and_leaves_
     reference range; for the Bayes-optimal denoiser of N(MEAN, STD^2) data its expectation is the integral over t of
     (1 + e^gamma) SNR STD^2 / (1 + SNR STD^2) (the eps-space MMSE), and no gradient of it reaches the learned
     schedule (only the bound trains it)."""
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     n, d = 40000, 3
     schedule = LearnedLogSNR(-8.0, 8.0, hidden=8)
-    module = ContinuousDiffusionModule(
-        net=_ConditionedOracle(schedule.reference, "v"), logsnr=schedule, data_shape=(d,), num_bins=None,
+    module = DiffusionModule(
+        net=_ConditionedOracle(schedule.reference, "v"), schedule=schedule, data_shape=(d,), num_bins=None,
         parametrization="v", objective=ELBOLoss("low_discrepancy", aux_weight=2.0, aux_fraction=0.25),
     )  # fmt: skip
     x = MEAN + STD * torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    bound_part, aux_part = module._split_aux(x)
+    bound_part, aux_part = module.time.split_aux(x)
     assert aux_part.shape[0] == n // 4 and torch.equal(torch.cat([bound_part, aux_part]), x)
-    loss = module._aux_loss(torch.cat([aux_part] * 4))  # n examples
+    denoise = module.time.gamma_denoiser(module.network)
+    loss = module.time._aux_loss(module.step_context(), denoise, torch.cat([aux_part] * 4))  # n examples
     t = (torch.arange(200000, dtype=torch.float64) + 0.5) / 200000
     gamma = CosineLogSNR(-8.0, 8.0)(t).gamma
     snr = torch.exp(-gamma)
@@ -269,7 +269,7 @@ def test_auxiliary_v_mse_of_the_gaussian_oracle_matches_its_integral_and_leaves_
         u = torch.rand(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
         g = CosineLogSNR(-8.0, 8.0)(u).gamma
         eps = torch.randn(n, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        per_example = module._noise_mse(x, eps, g) * v_weight(g)
+        per_example = module.time._noise_mse(denoise, x, eps, g) * v_weight(g)
     se = float(per_example.std()) / math.sqrt(n)
     assert abs(float(per_example.mean()) - expected) < 4 * se
     assert abs(float(loss) - expected) < 4 * se, (float(loss), expected, se)
@@ -278,19 +278,18 @@ def test_auxiliary_v_mse_of_the_gaussian_oracle_matches_its_integral_and_leaves_
 
 
 def test_auxiliary_loss_is_off_by_default_and_bad_settings_are_refused():
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     def module(**kwargs):
-        return ContinuousDiffusionModule(
-            net=_GammaMLP(3), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(3,), num_bins=None,
+        return DiffusionModule(
+            net=_GammaMLP(3), schedule=LinearLogSNR(-13.3, 5.0), data_shape=(3,), num_bins=None,
             objective=ELBOLoss("low_discrepancy", **kwargs),
-        )  # fmt: skip
+        ).time  # fmt: skip
 
     x = torch.zeros(8, 3)
     plain = module()
-    assert plain.aux_logsnr is None and plain._split_aux(x)[1] is None
-    assert module(aux_weight=1.0, aux_fraction=0.01)._split_aux(x)[1].shape[0] == 1  # at least one example
-    assert module(aux_weight=1.0, aux_fraction=0.99)._split_aux(x)[0].shape[0] == 1  # the bound keeps one
+    assert plain.aux_logsnr is None and plain.split_aux(x)[1] is None
+    assert module(aux_weight=1.0, aux_fraction=0.01).split_aux(x)[1].shape[0] == 1  # at least one example
+    assert module(aux_weight=1.0, aux_fraction=0.99).split_aux(x)[0].shape[0] == 1  # the bound keeps one
     with pytest.raises(ValueError, match="aux_weight=-1.0 must be >= 0"):
         module(aux_weight=-1.0)
     with pytest.raises(ValueError, match="aux_fraction"):
@@ -597,10 +596,10 @@ def test_learned_schedule_trains_evaluates_and_samples_end_to_end(tmp_path):
     train(cfg, str(run_dir))
     loaded = load_for_eval(run_dir / "checkpoints" / "last.ckpt")
     module = loaded.module
-    assert module.logsnr.learned and module.variance_gradient and module.timesteps is None
+    assert module.logsnr.learned and module.time.variance_gradient and module.time.timesteps is None
     # the preset's hybrid: v-prediction, half of each batch on the v-MSE on a fixed cosine over [-8, 8]
-    assert module.parametrization.value == "v" and module.aux_weight == 4.0 and module.aux_fraction == 0.5
-    assert [float(g) for g in module.aux_logsnr.endpoints()] == pytest.approx([-8.0, 8.0], abs=1e-4)
+    assert module.parametrization.value == "v" and module.time.aux_weight == 4.0 and module.time.aux_fraction == 0.5
+    assert [float(g) for g in module.time.aux_logsnr.endpoints()] == pytest.approx([-8.0, 8.0], abs=1e-4)
     initial = LearnedLogSNR(-8.0, 8.0, hidden=8)
     moved = {
         n: float((p - dict(initial.named_parameters())[n]).abs().max()) for n, p in module.logsnr.named_parameters()
@@ -774,14 +773,13 @@ def test_an_mse_weighting_in_continuous_time_is_its_weight_over_snr_times_the_ep
     (SNR + 1) / SNR = 1 / alpha^2); L_simple stays the eps-MSE itself."""
     from diffusion_elbo.core.logsnr import alpha_sigma
     from diffusion_elbo.core.losses import VMSE
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     d = 3
     x, u, eps = _gaussian_draw(256, d, seed=11)
 
     def module(objective):
-        return ContinuousDiffusionModule(
-            net=_GammaMLP(d), logsnr=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None, parametrization="v",
+        return DiffusionModule(
+            net=_GammaMLP(d), schedule=LinearLogSNR(-13.3, 5.0), data_shape=(d,), num_bins=None, parametrization="v",
             objective=objective,
         )  # fmt: skip
 
@@ -790,11 +788,17 @@ def test_an_mse_weighting_in_continuous_time_is_its_weight_over_snr_times_the_ep
     gamma = log_snr.gamma
     alpha, sigma = (s[:, None] for s in alpha_sigma(gamma))
     z = alpha * x + sigma * eps
-    v_hat = v_module._network_float32(z, gamma)
+    v_denoise, simple_denoise = (m.time.gamma_denoiser(m.network) for m in (v_module, simple))
+    v_hat = v_denoise(z, gamma)
     v_mse = ((v_hat - (alpha * eps - sigma * x)) ** 2).mean()
-    torch.testing.assert_close(v_module._mse_loss(x, eps, log_snr).double(), v_mse.double(), rtol=1e-5, atol=0)
     torch.testing.assert_close(
-        simple._mse_loss(x, eps, log_snr), simple._noise_mse(x, eps, gamma).mean(), rtol=0, atol=0
+        v_module.time._mse_loss(v_denoise, x, eps, log_snr).double(), v_mse.double(), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        simple.time._mse_loss(simple_denoise, x, eps, log_snr),
+        simple.time._noise_mse(simple_denoise, x, eps, gamma).mean(),
+        rtol=0,
+        atol=0,
     )
 
 

@@ -296,7 +296,7 @@ def test_mixed_precision_keeps_elbo_terms_in_float32_and_finite(tmp_path, precis
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
     with torch.autocast("cpu", dtype=dtype):
         out = module.denoise(x0, t)
-        term = module._terms(x0, x0, t, out)
+        term = module.time._terms(x0, x0, t, out, variance=module.variance, decoder_variance=module.decoder_variance)
     assert term.dtype == torch.float32 and torch.isfinite(term).all()
 
 

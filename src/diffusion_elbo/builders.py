@@ -126,62 +126,45 @@ def build_model(cfg: DictConfig, schedule: NoiseSchedule | None = None) -> torch
 
 
 def build_module(cfg: DictConfig):
-    """The :class:`DiffusionModule` and its data module; the resolved config rides along in checkpoints."""
+    """The :class:`DiffusionModule` and its data module; the resolved config rides along in checkpoints. A
+    continuous-time schedule (:func:`is_continuous`) is given as its log-SNR function with the node's
+    :data:`CHAIN_KEYS`; a chain as itself."""
     from diffusion_elbo.lightning.module import DiffusionModule
 
     datamodule = build_datamodule(cfg)
     net = build_model(cfg)
-    optimizer = instantiate(cfg.optimizer) if OmegaConf.select(cfg, "optimizer") else None
-    lr_scheduler = instantiate(cfg.lr_scheduler) if OmegaConf.select(cfg, "lr_scheduler") else None
-    if is_continuous(cfg):
-        return _build_continuous(cfg, datamodule, net, optimizer, lr_scheduler), datamodule
-    schedule = build_schedule(cfg)
+    continuous = is_continuous(cfg)
     module = DiffusionModule(
         net=net,
-        schedule=schedule,
+        schedule=build_logsnr(cfg) if continuous else build_schedule(cfg),
         data_shape=datamodule.data_shape,
         num_bins=datamodule.num_bins,
         parametrization=cfg.parametrization,
         variance=cfg.variance,
         decoder_variance=OmegaConf.select(cfg, "decoder_variance", default="clipped"),
-        objective=build_objective(cfg),
-        **_module_options(cfg, optimizer, lr_scheduler),
+        objective=build_objective(cfg) if OmegaConf.select(cfg, "loss") else None,
+        **(
+            {
+                "timesteps": OmegaConf.select(cfg, "schedule.timesteps", default=None),
+                "eval_timesteps": int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
+                "variance_gradient": bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
+                "schedule_lr": OmegaConf.select(cfg, "schedule.lr", default=None),
+            }
+            if continuous
+            else {}
+        ),
+        optimizer=instantiate(cfg.optimizer) if OmegaConf.select(cfg, "optimizer") else None,
+        lr_scheduler=instantiate(cfg.lr_scheduler) if OmegaConf.select(cfg, "lr_scheduler") else None,
+        val_strata=OmegaConf.select(cfg, "val_strata", default=32),
+        clip_denoised=OmegaConf.select(cfg, "clip_denoised", default=True),
+        seed=int(OmegaConf.select(cfg, "seed", default=0)),
+        nonfinite=OmegaConf.select(cfg, "nonfinite", default="error"),
+        nonfinite_max_skips=OmegaConf.select(cfg, "nonfinite_max_skips", default=20),
+        compile=bool(OmegaConf.select(cfg, "compile", default=False)),
+        channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule
-
-
-def _module_options(cfg: DictConfig, optimizer, lr_scheduler) -> dict:
-    """The arguments every diffusion module takes from the run config."""
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": lr_scheduler,
-        "val_strata": OmegaConf.select(cfg, "val_strata", default=32),
-        "clip_denoised": OmegaConf.select(cfg, "clip_denoised", default=True),
-        "seed": int(OmegaConf.select(cfg, "seed", default=0)),
-        "nonfinite": OmegaConf.select(cfg, "nonfinite", default="error"),
-        "nonfinite_max_skips": OmegaConf.select(cfg, "nonfinite_max_skips", default=20),
-        "compile": bool(OmegaConf.select(cfg, "compile", default=False)),
-        "channels_last": bool(OmegaConf.select(cfg, "channels_last", default=False)),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
-def _build_continuous(cfg: DictConfig, datamodule, net, optimizer, lr_scheduler):
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
-
-    return ContinuousDiffusionModule(
-        net=net,
-        logsnr=build_logsnr(cfg),
-        data_shape=datamodule.data_shape,
-        num_bins=datamodule.num_bins,
-        parametrization=cfg.parametrization,
-        objective=build_objective(cfg) if OmegaConf.select(cfg, "loss") else None,
-        timesteps=OmegaConf.select(cfg, "schedule.timesteps", default=None),
-        eval_timesteps=int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
-        variance_gradient=bool(OmegaConf.select(cfg, "schedule.variance_gradient", default=True)),
-        schedule_lr=OmegaConf.select(cfg, "schedule.lr", default=None),
-        **_module_options(cfg, optimizer, lr_scheduler),
-    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -122,7 +122,6 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
     """Rebuild a trained run from its checkpoint. The ``state_dict`` holds the EMA weights when EMA was on
     (Lightning's weight averaging stores the raw ones under ``current_model_state``)."""
     from diffusion_elbo.builders import build_module
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
 
     checkpoint = read_checkpoint(path)
     check_targets_importable(checkpoint["diffusion_elbo_config"], path)
@@ -136,8 +135,8 @@ def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> Loade
         )
     module = module.to(device).eval()
     return LoadedRun(
-        # a continuous-time model is read through its discretized chain: the module maps chain steps to noise levels
-        model=module if isinstance(module, ContinuousDiffusionModule) else module.net,
+        # the denoiser on the chain's steps (a continuous-time model's module maps them to noise levels)
+        model=module,
         module=module,
         schedule=module.schedule,
         datamodule=datamodule,

@@ -264,7 +264,7 @@ class ELBOLoss(Objective):
     The other arguments are the continuous-time bound's (a log-SNR schedule; refused on a discrete one):
     ``sigmoid_weight`` and ``sigmoid_bias`` weight the diffusion term's integrand by 1 + c sigmoid(gamma + b) (Kingma &
     Gao 2023), ``aux_weight`` and ``aux_fraction`` train the last share of each batch on the v-MSE beside the bound
-    (:class:`~diffusion_elbo.lightning.continuous.ContinuousDiffusionModule`)."""
+    (:class:`~diffusion_elbo.core.time_axis.ContinuousTime`)."""
 
     name = "elbo"
     trains_variance = True

@@ -35,7 +35,7 @@ class _Evaluated:
 
 def _subject(cfg: DictConfig, device: torch.device) -> _Evaluated:
     from diffusion_elbo.builders import build_datamodule, build_model, build_schedule, is_continuous
-    from diffusion_elbo.lightning.continuous import CHAIN_DECODER_VARIANCE
+    from diffusion_elbo.core.time_axis import CHAIN_DECODER_VARIANCE
 
     loaded = None
     if cfg.ckpt_path is not None:
@@ -139,12 +139,11 @@ def _continuous_bound_inputs(cfg: DictConfig, e: _Evaluated, device: torch.devic
     checkpoint (its network, learned or fixed log-SNR schedule and T), or a closed-form oracle built from the config on
     a continuous-time schedule (``x0_at_log_snr``); None otherwise."""
     from diffusion_elbo.builders import build_logsnr, is_continuous
-    from diffusion_elbo.lightning.continuous import ContinuousDiffusionModule
     from diffusion_elbo.models.oracle import ClosedFormOracle
 
     if e.loaded is not None:
         module = e.loaded.module
-        return module.to(device).bound_inputs() if isinstance(module, ContinuousDiffusionModule) else None
+        return module.to(device).bound_inputs()
     if not (is_continuous(cfg) and isinstance(e.subject.network, ClosedFormOracle)):
         return None
     return {

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from diffusion_elbo.cli import UserError
 from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler, Sampler
+from diffusion_elbo.core.time_axis import ContinuousTime
 from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
@@ -224,9 +225,9 @@ class ScheduleSummary(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logsnr = getattr(pl_module, "logsnr", None)
-        if trainer.sanity_checking or logsnr is None:
+        if trainer.sanity_checking or not isinstance(getattr(pl_module, "time", None), ContinuousTime):
             return
+        logsnr = pl_module.time.logsnr
         with torch.no_grad():
             t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
             out = torch.func.functional_call(

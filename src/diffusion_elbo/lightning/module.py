@@ -1,11 +1,11 @@
-"""The LightningModule: holds the schedule and the network, orchestrates the core, logs."""
+"""The LightningModule: holds the network and the time axis (a T-step chain or a continuous-time log-SNR schedule,
+:mod:`diffusion_elbo.core.time_axis`), orchestrates the core, logs."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,66 +14,51 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor, nn
 
-from diffusion_elbo.core import (
-    DecoderVariance,
-    NoiseSchedule,
-    Parametrization,
-    ReverseVariance,
-    make_timestep_sampler,
-    prior_kl_nats,
-    q_sample,
-)
-from diffusion_elbo.core.distributions import bits_per_dim_scale
-from diffusion_elbo.core.elbo import (
-    ELBOResult,
-    num_stratified_timesteps,
-    per_example_draws,
-    stratified_elbo,
-    stratified_timesteps,
-    term_from_output,
-)
-from diffusion_elbo.core.losses import EpsMSE, Objective, TrainingBatch, TrainingSetup
+from diffusion_elbo.core import DecoderVariance, NoiseSchedule, Parametrization, ReverseVariance
+from diffusion_elbo.core.elbo import ELBOResult
+from diffusion_elbo.core.logsnr import LogSNRSchedule
+from diffusion_elbo.core.losses import Objective, TrainingSetup
 from diffusion_elbo.core.samplers import Chain, DDIMSampler, Sampler
-from diffusion_elbo.core.timesteps import ImportanceSampler
+from diffusion_elbo.core.time_axis import (
+    VAL_EXAMPLE_SEED,  # noqa: F401  (re-exported: tests and benchmarks read it here)
+    StepContext,
+    StepLoss,
+    make_time_axis,
+)
 from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
 # validation's generator for batches without example indices (common random numbers across validations)
 VAL_SEED = 12345
-# the base seed of validation's per-example draws: 0 keeps the draws behind every recorded val number (before base
-# seeds reached example_generator, each acted as 0); val and test examples are different data, so sharing it is harmless
-VAL_EXAMPLE_SEED = 0
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or one of the ELBO terms became NaN or inf."""
 
 
-@dataclass
-class StepLoss:
-    """One training step's loss and what :meth:`DiffusionModule.training_step` asks of it: ``nonfinite_message`` (why
-    the loss is not finite; called only then), ``metrics`` (the train/ numbers of a logged step, under no_grad) and
-    ``after_finite`` (work that needs a finite loss on every rank, e.g. the importance sampler's update)."""
-
-    loss: Tensor
-    nonfinite_message: Callable[[], str]
-    metrics: Callable[[], dict[str, Tensor]]
-    after_finite: Callable[[], None] = lambda: None
-
-
 class DiffusionModule(L.LightningModule):
-    """A DDPM-family model trained on a loss from :mod:`diffusion_elbo.core.losses`.
+    """A DDPM-family model trained on a loss from :mod:`diffusion_elbo.core.losses`, on a T-step chain or in continuous
+    time: what differs between the two is its :attr:`time` axis (:mod:`diffusion_elbo.core.time_axis`).
 
     Args:
-        net: denoiser ``net(x_t, t) -> out`` whose output is read through ``parametrization``.
-        schedule: the noise schedule (its tables are buffers, so they move with the module).
+        net: the network ``net(x, c) -> out`` whose output is read through ``parametrization``; c is the chain step
+            (a chain) or the noise level gamma scaled onto [0, 1000] over the schedule's reference range (continuous
+            time, :data:`~diffusion_elbo.core.time_axis.CONDITIONING_SCALE`).
+        schedule: a :class:`~diffusion_elbo.core.schedules.NoiseSchedule` (a T-step chain; its tables are buffers, so
+            they move with the module) or a :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` (continuous time, fixed
+            or learned; registered as ``logsnr``, and ``schedule`` is its chain discretized at ``eval_timesteps``).
         data_shape: shape of one example; ``num_bins``: K for K-level data, None for continuous data.
         variance: the reverse variance used for the ELBO terms and ancestral sampling: ``small | large`` (fixed) or
-            ``learned_range`` (the network outputs twice the data's channels: the mean, then v).
+            ``learned_range`` (the network outputs twice the data's channels: the mean, then v). Continuous time trains
+            the bound with ``small`` (the posterior's variance, q(z_s | z_t, x = x_hat)).
         decoder_variance: sigma_1^2 of the decoder under the fixed variances: ``clipped`` (sigma_q^2(2), the published
-            convention) or ``beta`` (beta_1).
+            convention) or ``beta`` (beta_1). A continuous-time model's chain has ``beta`` (z_0's own variance).
         objective: the training loss, an object of the ``loss`` config group (:class:`~diffusion_elbo.core.losses.
             Objective`; default L_simple), which also says how t is drawn (``timestep_sampling``).
+        timesteps, eval_timesteps, variance_gradient, schedule_lr: a continuous-time schedule's options
+            (:class:`~diffusion_elbo.core.time_axis.ContinuousTime`): None for the continuous-time bound or T for the
+            T-step one; the T of its chain; whether a learned shape follows the estimator's variance; the learned
+            schedule's learning rate.
         optimizer, lr_scheduler: partials finished in :meth:`configure_optimizers` (lr_scheduler may be None).
         val_strata: timesteps per example of the stratified validation ELBO (plus t = 1).
         clip_denoised: clamp x0_hat to [-1, 1] when sampling (image data).
@@ -92,7 +77,7 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | LogSNRSchedule,
         *,
         data_shape: Sequence[int],
         num_bins: int | None,
@@ -100,6 +85,10 @@ class DiffusionModule(L.LightningModule):
         variance: str = ReverseVariance.SMALL.value,
         decoder_variance: str = DecoderVariance.CLIPPED.value,
         objective: Objective | None = None,
+        timesteps: int | None = None,
+        eval_timesteps: int = 1000,
+        variance_gradient: bool = True,
+        schedule_lr: float | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         val_strata: int = 32,
@@ -116,14 +105,26 @@ class DiffusionModule(L.LightningModule):
             ignore=["net", "schedule", "logsnr", "objective", "optimizer", "lr_scheduler", "config"]
         )
         self.net = net
-        self.schedule = schedule
         self.data_shape = tuple(data_shape)
+        self.num_dims = math.prod(self.data_shape)
         self.num_bins = num_bins
         self.parametrization = Parametrization(parametrization)
-        self.variance = ReverseVariance(variance)
-        self.decoder_variance = DecoderVariance(decoder_variance)
-        self.objective = EpsMSE() if objective is None else objective
-        self.timestep_sampler = make_timestep_sampler(self.objective.timestep_sampling, schedule.T)
+        self.time = make_time_axis(
+            schedule,
+            objective=objective,
+            parametrization=self.parametrization,
+            num_bins=num_bins,
+            num_dims=self.num_dims,
+            timesteps=timesteps,
+            eval_timesteps=eval_timesteps,
+            variance_gradient=variance_gradient,
+            schedule_lr=schedule_lr,
+        )
+        for name, module in self.time.modules.items():  # "schedule" (the chain), and "logsnr" in continuous time
+            setattr(self, name, module)
+        self.objective = self.time.objective
+        self.variance = self.time.reverse_variance(ReverseVariance(variance))
+        self.decoder_variance = self.time.decoder_variance(DecoderVariance(decoder_variance))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.val_strata = val_strata
@@ -140,21 +141,22 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last and len(self.data_shape) == 3
         self._compiled: nn.Module | None = None  # not a submodule: the state dict stays that of ``net``
         self.config = config
-        self._last_t: Tensor | None = None
+        self._last_t: Tensor | None = None  # the last step's t, for the non-finite gradient's message
         self._skipping = False  # a batch skipped under DDP (nonfinite=skip): its zero gradients are dropped
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._torch_rng_state: dict[str, Tensor] | None = None  # from a checkpoint: see on_train_start
         self._rng_before_validation: dict[str, Tensor] | None = None
-        self.num_dims = math.prod(self.data_shape)
         self.val_elbo = ELBOMetric(self.num_dims)
-        self.val_profile = ProfileMetric(num_stratified_timesteps(schedule.T, val_strata), self.num_dims)
+        self.val_profile = ProfileMetric(self.time.profile_size(val_strata), self.num_dims)
         self.last_profile: dict[str, Tensor] | None = None  # per-t view of the last validation, for callbacks
         # one example at chain step 1 for the model summary, whose FLOPs column is 0 without it; not under
         # torch.compile, whose first call would compile inside the summary's FLOP counter
         self.example_input_array = (
             None if compile else (torch.zeros(1, *self.data_shape), torch.ones(1, dtype=torch.long))
         )
+        # a learned schedule's chain follows its parameters wherever they are loaded from
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_schedule())
 
     @property
     def generator(self) -> torch.Generator:
@@ -169,8 +171,17 @@ class DiffusionModule(L.LightningModule):
     def training_setup(self) -> TrainingSetup:
         """What the objective is asked to train (:meth:`Objective.problems <diffusion_elbo.core.losses.Objective.
         problems>`): this module's schedule and reverse variance."""
-        return TrainingSetup(
-            schedule=self.schedule.name, continuous=False, learned_schedule=False, variance=self.variance
+        return self.time.training_setup(self.variance)
+
+    def step_context(self) -> StepContext:
+        """What the time axis needs of this module for a step: the network, the generator, the step, logging."""
+        return StepContext(
+            network=self.network,
+            generator=self.generator,
+            device=self.device,
+            global_step=self.global_step,
+            log=lambda name, value: self.log(name, value, on_step=True, on_epoch=False),
+            all_gather=self.all_gather,
         )
 
     def setup(self, stage: str) -> None:
@@ -195,30 +206,20 @@ class DiffusionModule(L.LightningModule):
         if self.compile and self._compiled is None:
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
-    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The network on (x_t, t), compiled and in channels-last layout when configured."""
+    def network(self, x: Tensor, c: Tensor) -> Tensor:
+        """The network on inputs x and conditioning c (the chain step, or the scaled noise level in continuous time),
+        compiled and in channels-last layout when configured."""
         if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         net = self._compiled if self._compiled is not None else self.net
-        return net(x_t, t)
+        return net(x, c)
+
+    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network as a denoiser of the chain :attr:`schedule`: t (B,) are its steps (1 is the decoder)."""
+        return self.time.chain_denoiser(self.network)(x_t, t)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.denoise(x_t, t)
-
-    def _terms(self, x0: Tensor, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
-        # The ELBO terms stay in float32 under mixed precision: log-CDFs and small-variance KLs need it.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            return term_from_output(
-                self.schedule,
-                x0.float(),
-                x_t=x_t.float(),
-                t=t,
-                out=out.float(),
-                parametrization=self.parametrization,
-                variance=self.variance,
-                decoder_variance=self.decoder_variance,
-                num_bins=self.num_bins,
-            )
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
@@ -239,50 +240,12 @@ class DiffusionModule(L.LightningModule):
         return step.loss
 
     def step_loss(self, x0: Tensor) -> StepLoss:
-        """The chain's training loss for the data ``x0`` (B, *D): t drawn by the objective's sampler, x_t from q(x_t | x0),
-        the objective on the network's output (:class:`~diffusion_elbo.core.losses.TrainingBatch`)."""
-        t, weight = self.timestep_sampler.sample(x0.shape[0], device=self.device, generator=self.generator)
-        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
-        x_t = q_sample(self.schedule, x0, t=t, noise=eps)
-        out = self.denoise(x_t, t)
-        terms = TrainingBatch(
-            schedule=self.schedule,
-            parametrization=self.parametrization,
-            variance=self.variance,
-            num_dims=self.num_dims,
-            x0=x0,
-            eps=eps,
-            x_t=x_t,
-            t=t,
-            inv_p=weight.to(torch.float32),
-            out=out,
-            terms_of=lambda output: self._terms(x0, x_t, t, output),
-            prior_of=lambda: prior_kl_nats(self.schedule, x0.float()),
+        """The training loss of the data ``x0`` (B, *D) on this module's time axis (t and the noise from its generator)."""
+        step = self.time.step_loss(
+            self.step_context(), x0, variance=self.variance, decoder_variance=self.decoder_variance
         )
-        loss = self.objective.loss(terms).mean()
-        self._last_t = t
-
-        def term() -> Tensor:
-            # L_t (B,) nats: what importance sampling learns from and the logs show; the objective's own where it
-            # computed them (the same values whatever gradient it routed)
-            computed = terms.computed_terms()
-            return terms.elbo_terms() if computed is None else computed
-
-        def nonfinite_message() -> str:
-            with torch.no_grad():
-                return self._nonfinite_message(loss, term(), terms.prior(), t)
-
-        def after_finite() -> None:
-            if isinstance(self.timestep_sampler, ImportanceSampler):
-                t_all, term_all = self.all_gather(t), self.all_gather(term().detach())
-                self.timestep_sampler.update(t_all.reshape(-1), term_all.reshape(-1))
-
-        return StepLoss(
-            loss=loss,
-            nonfinite_message=nonfinite_message,
-            metrics=lambda: self._mc_term_metrics(term().detach() * terms.inv_p, terms.prior(), t),
-            after_finite=after_finite,
-        )
+        self._last_t = step.times
+        return step
 
     def _skip_batch(self, message: str) -> Tensor | None:
         """Skip this batch (``nonfinite=skip``): None in one process (Lightning skips backward and the optimizer step).
@@ -332,24 +295,6 @@ class DiffusionModule(L.LightningModule):
         trainer = self._trainer
         return trainer is None or trainer._logger_connector.should_update_logs
 
-    def _mc_term_metrics(self, scaled: Tensor, prior: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """Unbiased Monte Carlo estimates of -ELBO and its three terms from this batch's timesteps, in bits/dim,
-        each with its standard error over the batch. ``scaled`` = L_t / p(t) per example."""
-        to_bpd = bits_per_dim_scale(self.num_dims)
-        recon = torch.where(t == 1, scaled, torch.zeros_like(scaled))
-        denoise = torch.where(t >= 2, scaled, torch.zeros_like(scaled))
-        root_n = math.sqrt(scaled.numel())
-        metrics = {}
-        for name, values in (
-            ("elbo", prior + scaled),
-            ("reconstruction", recon),
-            ("prior", prior),
-            ("denoising", denoise),
-        ):
-            metrics[f"train/{name}_bpd"] = values.mean() * to_bpd
-            metrics[f"train/{name}_bpd_se"] = values.std() / root_n * to_bpd  # over the batch
-        return metrics
-
     def _nonfinite_data_message(self, x0: Tensor) -> str | None:
         """The message for a batch whose data x0 (B, *D) hold NaN or inf, None for finite data. Called only once the loss
         is non-finite (NaN data always make it so), so finite steps pay nothing; named before any ELBO term, since
@@ -366,36 +311,16 @@ class DiffusionModule(L.LightningModule):
             "nonfinite=skip trains on past such batches. Checkpoints already written are kept."
         )
 
-    def _nonfinite_message(self, loss: Tensor, term: Tensor, prior: Tensor, t: Tensor) -> str:
-        bad = ~torch.isfinite(term)
-        parts = []
-        if (bad & (t == 1)).any():
-            parts.append("reconstruction (t = 1)")
-        if (bad & (t >= 2)).any():
-            parts.append(f"denoising matching at t = {sorted(set(t[bad & (t >= 2)].tolist()))[:10]}")
-        if not torch.isfinite(prior).all():
-            parts.append("prior matching")
-        which = ", ".join(parts) or (
-            "the loss weighting (the ELBO terms are finite)"
-            if not torch.isfinite(loss)
-            else "another rank's loss (this rank's is finite; all ranks skip together)"
-        )
-        return (
-            f"non-finite loss ({loss.item()}) at global step {self.global_step}: {which} went non-finite; batch "
-            f"timesteps {sorted(set(t.tolist()))[:12]}{'...' if t.unique().numel() > 12 else ''}. Try a lower "
-            "optimizer.lr, trainer.gradient_clip_val=1.0, or trainer.precision=32-true; checkpoints already "
-            "written are kept."
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # every trainable parameter: the network's, and a learned noise schedule's (ContinuousDiffusionModule)
+        # every trainable parameter: the network's, and a learned noise schedule's
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # one fused norm and one device sync per step; the per-parameter search only runs after a failure
         if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
             return
         bad = [name for name, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
-            t = sorted(set(self._last_t.tolist()))[:12] if self._last_t is not None else "?"
+            t = self._last_t.tolist() if self._last_t is not None else "?"
+            t = sorted(set(t))[:12] if isinstance(t, list) else t
             raise NonFiniteLossError(
                 f"non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), first {bad[:4]}; "
                 f"batch timesteps {t}. Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already "
@@ -424,6 +349,8 @@ class DiffusionModule(L.LightningModule):
     def refresh_schedule(self) -> None:
         """Rebuild the chain from the schedule's current parameters (a learned schedule's, after a step or a load),
         before validation, training and sampling read it. A fixed chain has nothing to rebuild."""
+        if self.time.refresh(self.device):
+            self.schedule = self.time.chain
 
     def on_validation_epoch_start(self) -> None:
         self.refresh_schedule()
@@ -433,19 +360,14 @@ class DiffusionModule(L.LightningModule):
         self._val_generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.global_rank)
 
     def _val_draws(self, batch) -> dict:
-        """Each example's timesteps and noise from its own seed (its index in the val split, an :class:`IndexedBatch`),
-        so the validation numbers are the same on 1 or N processes; the module's generator for batches without
-        indices (a data module of one's own)."""
+        """Each example's t and noise from its own seed (its index in the val split, an :class:`IndexedBatch`), so the
+        validation numbers are the same on 1 or N processes; the module's generator for batches without indices (a
+        data module of one's own)."""
         if not isinstance(batch, IndexedBatch):
             return {"generator": self._val_generator}
-        timesteps, noise = per_example_draws(
-            self.schedule.T,
-            self.val_strata,
-            indices=batch.index.cpu(),
-            seed=VAL_EXAMPLE_SEED,
-            shape=tuple(batch.x0.shape[1:]),
+        return self.time.example_draws(
+            batch.index.cpu(), strata=self.val_strata, shape=tuple(batch.x0.shape[1:]), device=batch[0].device
         )
-        return {"timesteps": timesteps, "noise": noise.to(batch[0].device)}
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         """The bound with the network in float32, also under bf16-mixed training (which keeps bf16 for its steps): the
@@ -457,23 +379,27 @@ class DiffusionModule(L.LightningModule):
         self.val_profile.update(result)
 
     def validation_result(self, batch: tuple[Tensor, ...]) -> ELBOResult:
-        """The stratified estimate of the chain's bound for the batch's examples (per example, per stratum)."""
-        return stratified_elbo(
-            self.denoise,
-            self.schedule,
+        """The stratified estimate of the bound for the batch's examples (per example, per stratum)."""
+        return self.time.validation_result(
+            self.step_context(),
             batch[0],
-            parametrization=self.parametrization,
+            strata=self.val_strata,
+            draws=self._val_draws(batch),
             variance=self.variance,
             decoder_variance=self.decoder_variance,
-            num_bins=self.num_bins,
-            strata=self.val_strata,
-            **self._val_draws(batch),
         )
 
     def profile_weights(self) -> Tensor:
-        """The sizes n_k of the validation profile's strata (in steps of the chain), (K,)."""
-        _, t_weights = stratified_timesteps(self.schedule.T, self.val_strata)
-        return t_weights
+        """The sizes n_k of the validation profile's entries (in steps of the chain), (K,)."""
+        return self.time.profile_weights(self.val_strata)
+
+    def bound_inputs(self) -> dict | None:
+        """What :func:`~diffusion_elbo.evaluation.estimators.evaluate_continuous` takes to evaluate this model's own
+        continuous-time bound (None for a chain), leaving the module in eval mode with its chain rebuilt from the
+        schedule's current parameters."""
+        self.eval()
+        self.refresh_schedule()
+        return self.time.bound_inputs(self.network, self.device)
 
     def on_validation_epoch_end(self) -> None:
         profile = self.val_profile.compute()
@@ -484,13 +410,9 @@ class DiffusionModule(L.LightningModule):
         self.log("val/elbo_bpd", values.pop("elbo_bpd").float(), prog_bar=True)
         self.log_dict({f"val/{k}": v.float() for k, v in values.items()})
         self.val_elbo.reset()
-        extras = self.schedule_metrics()
+        extras = self.time.metrics()
         if extras:
             self.log_dict({f"val/{k}": v.detach().float() for k, v in extras.items()})
-
-    def schedule_metrics(self) -> dict[str, Tensor]:
-        """What the schedule reports beside the bound (a learned schedule's endpoints); a fixed chain reports nothing."""
-        return {}
 
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -540,7 +462,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured: set optimizer=adamw (or another optimizer config)")
-        groups = [{"params": list(self.net.parameters())}, *self.schedule_parameter_groups()]
+        groups = [{"params": list(self.net.parameters())}, *self.time.parameter_groups()]
         optimizer = self.optimizer_factory(params=groups)
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -548,26 +470,19 @@ class DiffusionModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def schedule_parameter_groups(self) -> list[dict]:
-        """The optimizer's parameter groups beside the network's: a learned schedule's parameters (their own settings);
-        none for a fixed schedule."""
-        return []
-
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_elbo_config"] = self.config
         checkpoint["generator_state"] = self.generator.get_state()
         # torch's global generators: dropout draws from them (the module's generator draws t and the noise)
         checkpoint["torch_rng_state"] = self._global_rng_state()
-        if isinstance(self.timestep_sampler, ImportanceSampler):
-            checkpoint["importance_sampler"] = self.timestep_sampler.state_dict()
+        checkpoint.update(self.time.state_dict())  # the importance sampler's history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "generator_state" in checkpoint:
             self._generator, self._generator_state = None, checkpoint["generator_state"]
         self._torch_rng_state = checkpoint.get("torch_rng_state")
-        if isinstance(self.timestep_sampler, ImportanceSampler) and "importance_sampler" in checkpoint:
-            self.timestep_sampler.load_state_dict(checkpoint["importance_sampler"])
+        self.time.load_state_dict(checkpoint)
 
     def on_train_start(self) -> None:
         """Restore torch's global generators (dropout) as the checkpoint left them, at the last moment before the
