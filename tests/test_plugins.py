@@ -227,3 +227,40 @@ def test_the_readme_commands_work_from_a_copy_outside_the_repository(plugins_cop
     assert math.isfinite(m["iw_bpd"]) and "elbo_minus_iw_bpd_se" in m and "continuous" in m
     header = (run / "eval" / "last-trained-elbo+iw" / "per_example.csv").read_text().splitlines()[0]
     assert header == "index,bpd,continuous_bpd,iw_bpd"
+
+
+def test_a_beta_schedule_of_ones_own_outside_the_package_trains_as_a_chain(tmp_path, monkeypatch):
+    """The discrete extension point (docs/extending.md, "Beta schedules"): a function outside the package that returns a
+    NoiseSchedule from its betas, selected by ``_target_``, passes the config check, builds the one module on a chain of
+    its T steps with its tables, and trains a step on it."""
+    from omegaconf import open_dict
+
+    from diffusion_elbo.builders import build_module
+    from diffusion_elbo.config import validate_config
+    from diffusion_elbo.core.time_axis import ChainTime
+
+    from .helpers import compose_train
+
+    (tmp_path / "mybetas.py").write_text(
+        "import torch\n"
+        "from diffusion_elbo.core.schedules import NoiseSchedule\n\n\n"
+        "def geometric(timesteps: int, beta_1: float = 1e-4, beta_T: float = 0.05) -> NoiseSchedule:\n"
+        "    betas = torch.logspace(torch.log10(torch.tensor(beta_1)), torch.log10(torch.tensor(beta_T)), timesteps)\n"
+        "    return NoiseSchedule(betas.double(), name='geometric')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mybetas", None)
+    cfg = compose_train(tmp_path / "run", ["trainer.max_steps=1"])
+    with open_dict(cfg):
+        cfg.schedule = {"_target_": "mybetas.geometric", "timesteps": 40, "beta_T": 0.1}
+    validate_config(cfg)
+    module, datamodule = build_module(cfg)
+    assert isinstance(module.time, ChainTime) and module.schedule.T == 40 and module.schedule.name == "geometric"
+    expected = torch.logspace(math.log10(1e-4), math.log10(0.1), 40, dtype=torch.float64)
+    torch.testing.assert_close(module.schedule.betas[1:].double(), expected, rtol=1e-6, atol=0)
+    datamodule.setup("fit")
+    x0 = next(iter(datamodule.train_dataloader()))[0]
+    with pytest.warns(UserWarning):  # self.log without a trainer
+        loss = module.training_step((x0,), 0)
+    assert torch.isfinite(loss) and 1 <= int(module._last_t.min()) <= int(module._last_t.max()) <= 40
+    sys.modules.pop("mybetas", None)
