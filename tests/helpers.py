@@ -35,6 +35,11 @@ FAST = [
     "logger=csv",
 ]
 
+# A small UNet and batch on digits, for tests of mechanics that do not depend on the network's size (resume, seeds,
+# faults, callbacks, loggers): each step costs several times less than the default's. The default recipe itself is
+# trained by tests/test_cli.py's short digits run and the CLI tests that run FAST alone.
+SMALL_UNET = ["model.model_channels=16", "data.batch_size=32"]
+
 
 def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """The train config as `python src/train.py <FAST> <overrides>` would compose it, writing to output_dir."""

@@ -31,11 +31,12 @@ from diffusion_elbo.resume import ResumeChanges, check_resume_config, compare_re
 from diffusion_elbo.run_dir import check_run_dir_free, hold_run_dir
 from diffusion_elbo.training import train
 
-from .helpers import FAST, REPO_ROOT, compose_train, popen_python, run_cli, run_python
+from .helpers import FAST, REPO_ROOT, SMALL_UNET, compose_train, popen_python, run_cli, run_python
 
 # A small, quick digits run: checkpoint every 5 steps, rare validation.
 RUN = [
     *FAST,
+    *SMALL_UNET,
     "schedule.timesteps=100",
     "trainer.max_steps=40",
     "trainer.val_check_interval=20",
@@ -303,11 +304,13 @@ def test_mixed_precision_keeps_elbo_terms_in_float32_and_finite(tmp_path, precis
 def test_same_seed_on_cpu_gives_the_same_loss_curve(tmp_path):
     curves = []
     for name in ("a", "b"):  # 5 steps: one validation (at 3) between them, which must not shift what follows
-        train(compose_train(tmp_path / name, ["schedule.timesteps=100", "trainer.max_steps=5"]), str(tmp_path / name))
+        cfg = compose_train(tmp_path / name, [*SMALL_UNET, "schedule.timesteps=100", "trainer.max_steps=5"])
+        train(cfg, str(tmp_path / name))
         curves.append((tmp_path / name / "loss_curve.csv").read_text())
     assert curves[0] == curves[1] and len(curves[0].splitlines()) == 6
     train(
-        compose_train(tmp_path / "c", ["schedule.timesteps=100", "trainer.max_steps=5", "seed=7"]), str(tmp_path / "c")
+        compose_train(tmp_path / "c", [*SMALL_UNET, "schedule.timesteps=100", "trainer.max_steps=5", "seed=7"]),
+        str(tmp_path / "c"),
     )
     assert (tmp_path / "c" / "loss_curve.csv").read_text() != curves[0]
 
@@ -364,6 +367,7 @@ def test_every_n_val_callbacks_keep_their_cadence_across_a_resume(tmp_path):
     validation every 2 steps, also when the run stops at step 4 and resumes. Counting from 0 again after the resume
     gave steps 4 and 6 (and a run resumed more often than every_n_val validations never drew one)."""
     overrides = [
+        *SMALL_UNET,
         "schedule.timesteps=100",
         "trainer.val_check_interval=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -456,7 +460,7 @@ def test_max_time_leaves_last_at_the_final_step(tmp_path):
 def test_an_exception_leaves_last_at_the_last_completed_step(tmp_path):
     cfg = compose_train(
         tmp_path,
-        ["trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=20",
+        [*SMALL_UNET, "trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=20",
          "+callbacks.fail._target_=tests.faults.RaiseAtStep", "+callbacks.fail.step=7"],
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="injected failure after step 7"):
@@ -511,7 +515,9 @@ def test_ctrl_c_leaves_last_at_the_last_completed_step_then_resumes(tmp_path):
 def test_logger_none_and_fast_dev_run_train_without_a_plus(tmp_path):
     """logger=none trains and checkpoints (the learning-rate monitor, which needs a logger, is turned off); any Trainer
     argument is a key of trainer/ (`trainer.fast_dev_run=true`, no `+`; it turns the loggers off too)."""
-    metrics = train(compose_train(tmp_path / "none", ["logger=none", "trainer.max_steps=4"]), str(tmp_path / "none"))
+    metrics = train(
+        compose_train(tmp_path / "none", [*SMALL_UNET, "logger=none", "trainer.max_steps=4"]), str(tmp_path / "none")
+    )
     assert metrics["global_step"] == 4 and _last(tmp_path / "none")["global_step"] == 4
     assert not (tmp_path / "none" / "wandb").exists()
     metrics = train(compose_train(tmp_path / "fdr", ["trainer.fast_dev_run=true"]), str(tmp_path / "fdr"))

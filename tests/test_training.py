@@ -20,7 +20,7 @@ from diffusion_elbo.builders import build_datamodule, build_schedule, resolve_wa
 from diffusion_elbo.checkpoints import load_for_eval
 from diffusion_elbo.training import sweep_group_and_name, train
 
-from .helpers import CONF_DIR, compose_train, write_fake_mnist
+from .helpers import CONF_DIR, SMALL_UNET, compose_train, write_fake_mnist
 
 
 def read_csv_metrics(output_dir: Path) -> list[dict]:
@@ -90,6 +90,7 @@ def test_image_runs_write_sample_grids_and_eval_reloads_ema_weights(tmp_path):
 
 def test_resume_continues_at_saved_step_with_lr_schedule_and_ema(tmp_path):
     common = [
+        *SMALL_UNET,
         "schedule.timesteps=100",
         "lr_scheduler.warmup_steps=10",
         "trainer.val_check_interval=5",
@@ -119,7 +120,8 @@ def test_resume_continues_at_saved_step_with_lr_schedule_and_ema(tmp_path):
 def test_a_run_outside_a_terminal_logs_its_progress_over_all_steps_with_an_eta(tmp_path, caplog):
     """No terminal (a batch job's log): the bars are off, and progress lines count the run's steps, not an epoch's
     batches, with the time left."""
-    overrides = ["trainer.max_steps=4", "trainer.enable_progress_bar=true", "callbacks.progress_bar.log_every_s=0"]
+    overrides = [*SMALL_UNET, "trainer.max_steps=4", "trainer.enable_progress_bar=true",
+                 "callbacks.progress_bar.log_every_s=0"]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="diffusion_elbo.progress"):
         train(compose_train(tmp_path, [*overrides, "callbacks.progress_bar.interactive=false"]), str(tmp_path))
     lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_elbo.progress"]
@@ -232,7 +234,9 @@ def test_wandb_offline_run_files_are_written(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
-    cfg = compose_train(tmp_path / "run", ["logger=wandb", "trainer.max_steps=3", "schedule.timesteps=100"])
+    cfg = compose_train(
+        tmp_path / "run", [*SMALL_UNET, "logger=wandb", "trainer.max_steps=3", "schedule.timesteps=100"]
+    )
     train(cfg, str(tmp_path / "run"))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -320,7 +324,8 @@ def test_fake_cifar10_and_image_folder_train_with_a_small_unet(tmp_path):
 
 def test_tensorboard_logger_writes_event_files(tmp_path):
     train(
-        compose_train(tmp_path, ["logger=tensorboard", "trainer.max_steps=3", "schedule.timesteps=100"]), str(tmp_path)
+        compose_train(tmp_path, [*SMALL_UNET, "logger=tensorboard", "trainer.max_steps=3", "schedule.timesteps=100"]),
+        str(tmp_path),
     )
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
 
