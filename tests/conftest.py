@@ -46,12 +46,13 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """last.ckpt of one short default-recipe run (the FAST settings, schedule.timesteps=50, 6 steps), trained once per
-    test process in-process, for tests that need a checkpoint to evaluate or sample and do not test training itself.
-    Copy it (:func:`copy_of_checkpoint`) before writing anything next to it."""
+    """last.ckpt of one short digits run (the FAST settings with a small UNet, SMALL_UNET, schedule.timesteps=50, 6
+    steps), trained once per test process in-process, for tests that need a checkpoint to evaluate or sample and do
+    not test training itself (sharding, caching, the CLIs: nothing that depends on the network's size). Copy it
+    (:func:`copy_of_checkpoint`) before writing anything next to it."""
     from diffusion_elbo.training import train
-    from tests.helpers import compose_train
+    from tests.helpers import SMALL_UNET, compose_train
 
     run_dir = tmp_path_factory.mktemp("trained_checkpoint") / "run"
-    train(compose_train(run_dir, ["schedule.timesteps=50"]), str(run_dir))
+    train(compose_train(run_dir, [*SMALL_UNET, "schedule.timesteps=50"]), str(run_dir))
     return run_dir / "checkpoints" / "last.ckpt"
