@@ -319,8 +319,7 @@ class DiffusionModule(L.LightningModule):
             return
         bad = [name for name, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
-            t = self._last_t.tolist() if self._last_t is not None else "?"
-            t = sorted(set(t))[:12] if isinstance(t, list) else t
+            t = sorted(set(self._last_t.tolist()))[:12] if self._last_t is not None else "?"
             raise NonFiniteLossError(
                 f"non-finite gradient at global step {self.global_step} in {len(bad)} parameter(s), first {bad[:4]}; "
                 f"batch timesteps {t}. Try a lower optimizer.lr or trainer.precision=32-true; checkpoints already "
