@@ -214,7 +214,8 @@ def last_mean_and_se(losses: list[float], last: int) -> tuple[float, float]:
 def bare_loop(net: torch.nn.Module, device: torch.device, *, batch: int, steps: int, warmup: int) -> dict:
     """bf16 autocast + torch.compile + channels_last + fused AdamW on GPU-resident tensors: the same network, loss
     (eps MSE at uniform t on the linear schedule), clipping and EMA as the Lightning step, without data loading."""
-    from diffusion_elbo.core.schedules import NoiseSchedule, linear_betas
+    from diffusion_elbo.core.chain import NoiseSchedule
+    from diffusion_elbo.core.schedules import linear_betas
 
     schedule = NoiseSchedule(linear_betas(1000)).to(device)
     net = net.to(device).train().to(memory_format=torch.channels_last)

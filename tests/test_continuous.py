@@ -11,19 +11,18 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_elbo.core.chain import InvalidScheduleError
 from diffusion_elbo.core.elbo import exact_elbo
 from diffusion_elbo.core.logsnr import (
     CosineLogSNR,
-    DiscreteLogSNR,
     LearnedLogSNR,
     LinearLogSNR,
     alpha_sigma,
     float64_gamma,
-    make_logsnr_schedule,
 )
 from diffusion_elbo.core.losses import ELBOLoss, EpsMSE
 from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
-from diffusion_elbo.core.schedules import InvalidScheduleError, make_schedule
+from diffusion_elbo.core.schedules import BetaSchedule, CosineBetas, LinearBetas, beta_log_snr
 from diffusion_elbo.core.timesteps import low_discrepancy_uniform, make_timestep_sampler
 from diffusion_elbo.core.vdm import (
     chain_denoiser,
@@ -55,7 +54,7 @@ def _schedules():
         "linear": LinearLogSNR(-13.3, 5.0),
         "cosine": CosineLogSNR(-13.3, 5.0),
         "learned": _shaped_learned(),
-        "discrete": DiscreteLogSNR(make_schedule("cosine", 1000)),
+        "discrete": CosineBetas(1000).window(),  # its latents' window [1/T, 1], as continuous time draws it
     }
 
 
@@ -91,16 +90,44 @@ def test_schedule_slope_is_the_derivative_of_gamma_and_gamma_increases(name):
         assert float(gamma_1.detach()) == pytest.approx(5.0, abs=1e-6)
 
 
-def test_discrete_schedule_maps_the_chain_log_snr_and_discretizing_gives_back_gamma():
-    base = make_schedule("linear", 1000)
-    mapped = DiscreteLogSNR(base)
-    t = (torch.arange(1, 1001, dtype=torch.float64) - 1) / 999  # chain steps 1..T
-    torch.testing.assert_close(mapped(t).gamma, -base.log_snr(), rtol=1e-10, atol=1e-10)
+def test_a_beta_schedule_is_a_log_snr_schedule_whose_values_at_the_grid_are_its_tables():
+    """One time axis: a beta schedule of T steps has gamma(i / T) = the table's -log SNR_i, gamma(0) = -inf (t = 0 is
+    the data), its T-step view is its own chain, and another T' views the same function at i / T'."""
+    schedule = LinearBetas(1000)
+    chain = schedule.chain
+    grid = torch.arange(0, 1001, dtype=torch.float64) / 1000
+    gamma = schedule(grid).gamma
+    assert gamma[0] == -math.inf and schedule.t_min == 1 / 1000
+    torch.testing.assert_close(gamma[1:], -chain.log_snr(), rtol=1e-10, atol=1e-10)
+    assert schedule.discretize(1000) is chain  # its own tables, bit for bit
+    coarse = schedule.discretize(100)  # latents at t = i / 100, i = 1..100 (t = 0 is the data)
+    assert coarse.T == 100
+    torch.testing.assert_close(coarse.alpha_bar[1:], chain.alpha_bar[10::10], rtol=1e-9, atol=0)
+    fine = schedule.discretize(2000)  # latents at or after t_min = 1 / 1000: i = 2..2000
+    assert fine.T == 1999
+    torch.testing.assert_close(fine.alpha_bar[1::2], chain.alpha_bar[1:], rtol=1e-9, atol=0)
+    # custom betas and the named ones are the same class of object
+    same = BetaSchedule(chain.betas[1:].tolist())
+    assert torch.equal(same.chain.alpha_bar, chain.alpha_bar) and same.discretize(1000) is same.chain
+
+
+def test_the_continuous_window_of_a_beta_schedule_runs_from_its_first_step_to_its_last():
+    """Continuous time on a beta schedule (``schedule=logsnr_discrete``) draws t on its latents [1 / T, 1], mapped onto
+    u in [0, 1]: u = 0 is chain step 1 (the decoder's latent), u = 1 step T, and u = (j - 1) / (T - 1) step j, the
+    mapping of the earlier DiscreteLogSNR; the slope is d gamma / du; its chain is the base's own."""
+    base = beta_log_snr("linear", 1000)
+    window = base.window()
+    u = (torch.arange(1, 1001, dtype=torch.float64) - 1) / 999
+    torch.testing.assert_close(window(u).gamma, -base.chain.log_snr(), rtol=1e-10, atol=1e-10)
+    assert window.discretize(1000) is base.chain and window.reference == base.reference
     for schedule in (LinearLogSNR(-13.3, 5.0), _shaped_learned()):
+        assert schedule.window() is schedule  # t_min = 0: the schedule itself
         chain = schedule.discretize(50)  # 51 steps: step j = k + 1 holds z_{k / 50}
         assert chain.T == 51
         expected = float64_gamma(schedule, torch.arange(51, dtype=torch.float64) / 50)
         torch.testing.assert_close(-chain.log_snr(), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(InvalidScheduleError, match="schedule.base='quartic' is not a beta schedule"):
+        beta_log_snr("quartic")
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "learned"])
@@ -541,9 +568,9 @@ def test_unet_fourier_features_add_sin_and_cos_channels_of_the_input():
 
 def test_bad_log_snr_settings_are_refused():
     with pytest.raises(InvalidScheduleError, match="gamma_min < schedule.gamma_max"):
-        make_logsnr_schedule("logsnr_linear", gamma_min=5.0, gamma_max=-13.3)
-    with pytest.raises(InvalidScheduleError, match="choose one of"):
-        make_logsnr_schedule("logsnr_quartic")
+        LinearLogSNR(gamma_min=5.0, gamma_max=-13.3)
+    with pytest.raises(InvalidScheduleError, match="gamma_min < schedule.gamma_max"):
+        LearnedLogSNR(gamma_min=0.0, gamma_max=0.0)
 
 
 @pytest.mark.parametrize(
@@ -716,7 +743,7 @@ def test_validation_bound_is_float32_under_bf16_autocast(tmp_path, schedule):
 def test_learned_schedule_endpoints_follow_the_schedule_to_its_device():
     """endpoints() without ``like`` built its t on the CPU, so a learned schedule on a GPU failed at the first logged
     step (seen on an H200); the meta device stands in for a GPU here."""
-    schedule = make_logsnr_schedule(name="learned", gamma_min=-13.3, gamma_max=5.0, hidden=4).to("meta")
+    schedule = LearnedLogSNR(gamma_min=-13.3, gamma_max=5.0, hidden=4).to("meta")
     gamma_0, gamma_1 = schedule.endpoints()
     assert gamma_0.device.type == gamma_1.device.type == "meta"
 

@@ -16,10 +16,10 @@ from diffusion_elbo.core import (
     training_target,
     weighted_mse,
 )
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.losses import MSE_LOSSES, X0MSE, EpsMSE, WeightedX0MSE
 from diffusion_elbo.core.parametrization import output_from_x0
 from diffusion_elbo.core.samplers import respaced_timesteps, spaced_timesteps
-from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.models import GaussianOracle
 
 

@@ -230,29 +230,31 @@ def test_the_readme_commands_work_from_a_copy_outside_the_repository(plugins_cop
 
 
 def test_a_beta_schedule_of_ones_own_outside_the_package_trains_as_a_chain(tmp_path, monkeypatch):
-    """The discrete extension point (docs/extending.md, "Beta schedules"): a function outside the package that returns a
-    NoiseSchedule from its betas, selected by ``_target_``, passes the config check, builds the one module on a chain of
-    its T steps with its tables, and trains a step on it."""
+    """The discrete extension point (docs/extending.md, "Beta schedules"): a class outside the package that derives
+    BetaSchedule from its betas, selected by ``_target_``, passes the config check, builds the one module on a chain of
+    its T steps with its tables, and trains a step on it; the same class, given the continuous-time keys, trains in
+    continuous time on its window [1/T, 1] with its own chain for sampling and evaluation."""
     from omegaconf import open_dict
 
     from diffusion_elbo.builders import build_module
     from diffusion_elbo.config import validate_config
-    from diffusion_elbo.core.time_axis import ChainTime
+    from diffusion_elbo.core.time_axis import ChainTime, ContinuousTime
 
     from .helpers import compose_train
 
     (tmp_path / "mybetas.py").write_text(
         "import torch\n"
-        "from diffusion_elbo.core.schedules import NoiseSchedule\n\n\n"
-        "def geometric(timesteps: int, beta_1: float = 1e-4, beta_T: float = 0.05) -> NoiseSchedule:\n"
-        "    betas = torch.logspace(torch.log10(torch.tensor(beta_1)), torch.log10(torch.tensor(beta_T)), timesteps)\n"
-        "    return NoiseSchedule(betas.double(), name='geometric')\n"
+        "from diffusion_elbo.core.schedules import BetaSchedule\n\n\n"
+        "class Geometric(BetaSchedule):\n"
+        "    def __init__(self, timesteps: int, beta_1: float = 1e-4, beta_T: float = 0.05) -> None:\n"
+        "        betas = torch.logspace(torch.log10(torch.tensor(beta_1)), torch.log10(torch.tensor(beta_T)), timesteps)\n"
+        "        super().__init__(betas.double(), name='geometric')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("mybetas", None)
     cfg = compose_train(tmp_path / "run", ["trainer.max_steps=1"])
     with open_dict(cfg):
-        cfg.schedule = {"_target_": "mybetas.geometric", "timesteps": 40, "beta_T": 0.1}
+        cfg.schedule = {"_target_": "mybetas.Geometric", "timesteps": 40, "beta_T": 0.1}
     validate_config(cfg)
     module, datamodule = build_module(cfg)
     assert isinstance(module.time, ChainTime) and module.schedule.T == 40 and module.schedule.name == "geometric"
@@ -263,4 +265,23 @@ def test_a_beta_schedule_of_ones_own_outside_the_package_trains_as_a_chain(tmp_p
     with pytest.warns(UserWarning):  # self.log without a trainer
         loss = module.training_step((x0,), 0)
     assert torch.isfinite(loss) and 1 <= int(module._last_t.min()) <= int(module._last_t.max()) <= 40
+    # in continuous time (schedule=logsnr_discrete with the class as its base): on its window [1/T, 1], its T-step view
+    # at eval_timesteps = T its own chain
+    with open_dict(cfg):
+        cfg.schedule = {
+            "_target_": "diffusion_elbo.core.schedules.beta_log_snr",
+            "base": {"_target_": "mybetas.Geometric", "timesteps": 40, "beta_T": 0.1},
+            "timesteps": None,
+            "eval_timesteps": 40,
+            "variance_gradient": False,
+        }
+    validate_config(cfg)
+    module, _ = build_module(cfg)
+    assert isinstance(module.time, ContinuousTime) and module.schedule.T == 40
+    torch.testing.assert_close(module.schedule.betas[1:].double(), expected, rtol=1e-6, atol=0)
+    gamma_0, _ = module.time.logsnr.endpoints()
+    torch.testing.assert_close(gamma_0.double(), -torch.log(module.schedule.snr[1]).float().double(), rtol=1e-6, atol=0)
+    with pytest.warns(UserWarning):
+        loss = module.training_step((x0,), 0)
+    assert torch.isfinite(loss)
     sys.modules.pop("mybetas", None)

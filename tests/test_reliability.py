@@ -706,7 +706,10 @@ def test_a_resume_may_change_the_lr_but_not_the_model_or_the_noise_process(tmp_p
     assert "e.g. parametrization=v schedule.timesteps=50" in msg and str(tmp_path / "run" / ".hydra") in msg
     # another schedule altogether: its name, and the keys only one of the two schedules has
     cosine = compare_resume_config(saved, _resolved(compose_train(tmp_path, [*TINY, "schedule=cosine"])))
-    assert "schedule.name: checkpoint sigmoid, now cosine" in [str(c) for c in cosine.refused]
+    assert (
+        "schedule._target_: checkpoint diffusion_elbo.core.schedules.SigmoidBetas, now diffusion_elbo.core.schedules."
+        "CosineBetas" in [str(c) for c in cosine.refused]
+    )
     assert "schedule.tau: checkpoint 1.0, now (not set)" in [str(c) for c in cosine.refused]
     assert compare_resume_config(saved, saved) == ResumeChanges([], [], [], [])
 

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_elbo.core import NoiseSchedule
+from diffusion_elbo.core import BetaSchedule, LogSNRSchedule, NoiseSchedule
 from diffusion_elbo.data.base import DiffusionDataModule
 
 log = logging.getLogger(__name__)
@@ -26,45 +26,43 @@ CHAIN_KEYS = ("timesteps", "eval_timesteps", "variance_gradient", "lr")
 
 
 def is_continuous(cfg: DictConfig) -> bool:
-    """Whether ``cfg.schedule`` is a continuous-time log-SNR schedule: its ``_target_`` is a
-    :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` or returns one (``schedule=logsnr_* | learned``, or a schedule
-    of one's own, ``docs/extending.md``)."""
-    target = OmegaConf.select(cfg, "schedule._target_", default=None)
-    return target is not None and builds_logsnr(str(target))
+    """Whether ``cfg.schedule`` trains in continuous time: its node carries ``eval_timesteps``, the T of the chain it is
+    sampled and evaluated on (with the other :data:`CHAIN_KEYS`; ``schedule=logsnr_* | learned``, or a schedule of
+    one's own, ``docs/extending.md``). Every schedule is a log-SNR function on [0, 1]; a beta schedule's node without
+    those keys trains on its own T-step chain (its ``timesteps`` is then the constructor's T)."""
+    node = OmegaConf.select(cfg, "schedule", default=None)
+    return isinstance(node, DictConfig) and "eval_timesteps" in node
 
 
-def builds_logsnr(target: str) -> bool:
-    """Whether the ``_target_`` string names a LogSNRSchedule class or a function annotated to return one."""
-    import inspect
-
-    from hydra.utils import get_object
-
-    from diffusion_elbo.core.logsnr import LogSNRSchedule
-
-    try:
-        obj = get_object(target)
-    except Exception:  # an unimportable target fails in instantiate, with Hydra's message
-        return False
-    if not isinstance(obj, type):
-        try:
-            obj = inspect.signature(obj, eval_str=True).return_annotation
-        except (TypeError, ValueError, NameError):
-            return False
-    return isinstance(obj, type) and issubclass(obj, LogSNRSchedule)
-
-
-def build_logsnr(cfg: DictConfig):
-    """The continuous-time schedule of ``cfg.schedule`` (a LogSNRSchedule), built from its node without the
-    :data:`CHAIN_KEYS`."""
+def build_logsnr(cfg: DictConfig) -> LogSNRSchedule:
+    """The schedule of ``cfg.schedule``, a log-SNR function on [0, 1], built by its ``_target_`` (without the
+    :data:`CHAIN_KEYS` of a continuous-time node)."""
     node = OmegaConf.to_container(cfg.schedule, resolve=True)
-    return instantiate({k: v for k, v in node.items() if k not in CHAIN_KEYS})
+    if is_continuous(cfg):
+        node = {k: v for k, v in node.items() if k not in CHAIN_KEYS}
+    schedule = instantiate(node)
+    if not isinstance(schedule, LogSNRSchedule):
+        raise TypeError(
+            f"schedule._target_={node.get('_target_')} built a {type(schedule).__name__}; a schedule is a "
+            "diffusion_elbo.core.logsnr.LogSNRSchedule (a beta schedule: return diffusion_elbo.core.schedules."
+            "BetaSchedule(betas), docs/extending.md)"
+        )
+    return schedule
 
 
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:
-    """The discrete chain of ``cfg.schedule``; a continuous-time schedule discretized at its ``eval_timesteps``."""
+    """The T-step chain of ``cfg.schedule``: a beta schedule's own; a continuous-time one's view at its
+    ``eval_timesteps``."""
+    schedule = build_logsnr(cfg)
     if is_continuous(cfg):
-        return build_logsnr(cfg).discretize(int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)))
-    return instantiate(cfg.schedule)
+        return schedule.discretize(int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)))
+    if not isinstance(schedule, BetaSchedule):
+        raise TypeError(
+            f"schedule {schedule.name!r} ({type(schedule).__name__}) has no T of its own to train a chain on: give its "
+            "node the continuous-time keys (timesteps: null, eval_timesteps: 1000, variance_gradient: false) to train "
+            "it in continuous time, or build it from betas as a diffusion_elbo.core.schedules.BetaSchedule"
+        )
+    return schedule.chain
 
 
 def build_objective(cfg: DictConfig):

@@ -58,9 +58,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def upgrade_config(config: dict) -> dict:
-    """A checkpoint's config in today's form. Before the loss group built objects (2026-12-05) a loss was named
-    (``loss: {name: simple, timestep_sampling: uniform}``); it becomes its objective's ``_target_`` with the same
-    arguments, so the run is rebuilt, evaluated and resumed as it was trained."""
+    """A checkpoint's config in today's form, so the run is rebuilt, evaluated and resumed as it was trained:
+
+    - before the loss group built objects (2026-12-05) a loss was named (``loss: {name: simple, ...}``); it becomes
+      its objective's ``_target_`` with the same arguments;
+    - before every schedule was a class on the one time axis (2026-12-05) a schedule was named
+      (``_target_: ...make_schedule`` or ``...make_logsnr_schedule`` with ``name: cosine``); it becomes its class's
+      ``_target_`` (``logsnr_discrete``: :func:`~diffusion_elbo.core.schedules.beta_log_snr`) with the same arguments.
+    """
+    return _upgrade_schedule(_upgrade_loss(config))
+
+
+def _upgrade_loss(config: dict) -> dict:
     import inspect
 
     loss = config.get("loss")
@@ -72,6 +81,41 @@ def upgrade_config(config: dict) -> dict:
     params = inspect.signature(cls).parameters
     arguments = {k: v for k, v in loss.items() if k in params}
     return {**config, "loss": {"_target_": f"{cls.__module__}.{cls.__qualname__}", **arguments}}
+
+
+# the class (or function) each named schedule of the old factories became, by its name
+_SCHEDULE_TARGETS = {
+    "linear": "diffusion_elbo.core.schedules.LinearBetas",
+    "quadratic": "diffusion_elbo.core.schedules.QuadraticBetas",
+    "cosine": "diffusion_elbo.core.schedules.CosineBetas",
+    "sigmoid": "diffusion_elbo.core.schedules.SigmoidBetas",
+    "custom": "diffusion_elbo.core.schedules.BetaSchedule",
+    "logsnr_linear": "diffusion_elbo.core.logsnr.LinearLogSNR",
+    "logsnr_cosine": "diffusion_elbo.core.logsnr.CosineLogSNR",
+    "learned": "diffusion_elbo.core.logsnr.LearnedLogSNR",
+    "logsnr_discrete": "diffusion_elbo.core.schedules.beta_log_snr",
+}
+_OLD_FACTORIES = ("diffusion_elbo.core.schedules.make_schedule", "diffusion_elbo.core.logsnr.make_logsnr_schedule")
+
+
+def _upgrade_schedule(config: dict) -> dict:
+    import inspect
+
+    from hydra.utils import get_object
+
+    from diffusion_elbo.builders import CHAIN_KEYS
+
+    node = config.get("schedule")
+    if (
+        not isinstance(node, dict)
+        or node.get("_target_") not in _OLD_FACTORIES
+        or node.get("name") not in _SCHEDULE_TARGETS
+    ):
+        return config
+    target = _SCHEDULE_TARGETS[node["name"]]
+    params = inspect.signature(get_object(target)).parameters
+    arguments = {k: v for k, v in node.items() if k in params or (k in CHAIN_KEYS and "eval_timesteps" in node)}
+    return {**config, "schedule": {"_target_": target, **arguments}}
 
 
 def check_targets_importable(config: dict, path: str | Path) -> None:

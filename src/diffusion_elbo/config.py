@@ -19,13 +19,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion_elbo.core import (
-    DecoderVariance,
-    Parametrization,
-    ReverseVariance,
-    ScheduleName,
-)
-from diffusion_elbo.core.logsnr import CONTINUOUS_SCHEDULES
+from diffusion_elbo.core import DecoderVariance, Parametrization, ReverseVariance
 from diffusion_elbo.core.losses import TrainingSetup
 
 
@@ -88,19 +82,13 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     _check_choice(cfg, "decoder_variance", DecoderVariance, problems)
     from diffusion_elbo.builders import is_continuous
 
-    # the built-in schedules are named (schedule.name); one's own is named by its class
-    schedule_name = OmegaConf.select(cfg, "schedule.name", default=None) or _target_name(cfg, "schedule")
     continuous = is_continuous(cfg)
-    named = OmegaConf.select(cfg, "schedule.name", default=None) is not None
-    if named and not continuous and schedule_name not in {m.value for m in ScheduleName}:
-        problems.append(
-            f"schedule.name={schedule_name!r} is not an option; choose one of {_choices(ScheduleName)} (discrete) or "
-            f"{' | '.join(CONTINUOUS_SCHEDULES)} (continuous time)"
-        )
+    schedule_problems = _schedule_problems(cfg, continuous)
+    problems.extend(schedule_problems)
+    schedule_name = _schedule_name(cfg) if not schedule_problems else _target_name(cfg, "schedule")
     for key in object_nodes(cfg):
         problems.extend(object_problems(cfg, key))
-    if OmegaConf.select(cfg, "schedule.name") != ScheduleName.CUSTOM.value:
-        _check_timesteps(cfg, continuous, problems)
+    _check_timesteps(cfg, continuous, problems)
     if continuous:
         problems.extend(_continuous_problems(cfg))
     if OmegaConf.select(cfg, "task_name") == "train":
@@ -236,7 +224,7 @@ def _continuous_problems(cfg: DictConfig) -> list[str]:
         )
     if OmegaConf.select(cfg, "task_name") != "train":
         return problems
-    name = OmegaConf.select(cfg, "schedule.name")
+    name = _schedule_name(cfg)
     variance = OmegaConf.select(cfg, "variance")
     if variance not in (None, ReverseVariance.SMALL.value):
         problems.append(
@@ -347,6 +335,43 @@ def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Paramete
 OBJECT_NODES = ("loss", "sampler", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
 
 
+def _schedule_name(cfg: DictConfig) -> str | None:
+    """The schedule's own name (``sigmoid``, ``logsnr_linear``; a class of one's own: its ``name``), for messages; its
+    ``_target_``'s where it cannot be built (that problem is reported by :func:`_schedule_problems`)."""
+    from diffusion_elbo.builders import build_logsnr
+
+    try:
+        return build_logsnr(cfg).name
+    except Exception:
+        return _target_name(cfg, "schedule")
+
+
+def _schedule_problems(cfg: DictConfig, continuous: bool) -> list[str]:
+    """The schedule node checked before any work: its keys against its ``_target_``'s constructor (a continuous-time
+    node's ``builders.CHAIN_KEYS`` are the module's, not the schedule's), then the schedule built once, so its own checks
+    run (a beta outside (0, 1), T < 1, an unknown base, gamma_min >= gamma_max: each names the key and the fix)."""
+    from hydra.errors import InstantiationException
+
+    from diffusion_elbo.builders import CHAIN_KEYS, build_logsnr
+
+    node = OmegaConf.select(cfg, "schedule", default=None)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return []  # eval and sample read the schedule from the checkpoint
+    problems = _constructor_problems(cfg, "schedule", ignored=CHAIN_KEYS if continuous else ())
+    if problems or constructor_parameters(str(node._target_)) is None:
+        return problems  # an unimportable target fails in instantiate, with Hydra's message
+    try:
+        build_logsnr(cfg)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, ValueError | TypeError):
+            raise
+        return [f"schedule: {cause}"]
+    except (ValueError, TypeError) as exc:
+        return [f"schedule: {exc}"]
+    return []
+
+
 def object_nodes(cfg: DictConfig) -> list[str]:
     """The keys of every extension point's object in ``cfg``: :data:`OBJECT_NODES` and each estimator of
     ``likelihood``."""
@@ -380,7 +405,9 @@ def object_problems(cfg: DictConfig, key: str) -> list[str]:
     return problems
 
 
-def _constructor_problems(cfg: DictConfig, key: str, unchecked: Iterable[str] = ()) -> list[str]:
+def _constructor_problems(
+    cfg: DictConfig, key: str, unchecked: Iterable[str] = (), ignored: Iterable[str] = ()
+) -> list[str]:
     """Each key of the node ``key`` (``trainer``, ``callbacks.ema``) checked against its ``_target_``'s constructor:
     a key it does not take (a misspelling), a value of the wrong type (``trainer.max_steps=abc``)."""
     node = OmegaConf.select(cfg, key, default=None)
@@ -395,7 +422,7 @@ def _constructor_problems(cfg: DictConfig, key: str, unchecked: Iterable[str] = 
     problems = []
     for name in node:
         name = str(name)
-        if name.startswith("_"):
+        if name.startswith("_") or name in ignored:
             continue
         if name not in params:
             if not takes_any:

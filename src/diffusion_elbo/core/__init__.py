@@ -4,6 +4,7 @@ Timestep convention: t is a LongTensor (B,) in 1..T (t = 1 is the decoder p(x_0 
 have T + 1 entries indexed by t. Losses and ELBO terms are in nats unless a name says bits (``_bpd``).
 """
 
+from diffusion_elbo.core.chain import InvalidScheduleError, NoiseSchedule
 from diffusion_elbo.core.distributions import (
     discretized_gaussian_log_likelihood,
     gaussian_log_prob,
@@ -29,11 +30,12 @@ from diffusion_elbo.core.elbo import (
     term_nats,
 )
 from diffusion_elbo.core.forward import q_mean_variance, q_posterior_mean_variance, q_sample, q_step_sample
+from diffusion_elbo.core.logsnr import LogSNRSchedule
 from diffusion_elbo.core.losses import Objective, weighted_mse
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0, training_target
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, p_mean_variance
 from diffusion_elbo.core.samplers import Spacing, ancestral_sample, ddim_sample, spaced_timesteps
-from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule, ScheduleName, make_schedule
+from diffusion_elbo.core.schedules import BetaSchedule, make_schedule
 from diffusion_elbo.core.timesteps import (
     ImportanceSampler,
     TimestepSampler,
@@ -43,16 +45,17 @@ from diffusion_elbo.core.timesteps import (
 )
 
 __all__ = [
+    "BetaSchedule",
     "DecoderVariance",
     "ELBOResult",
     "ImportanceSampler",
     "InvalidScheduleError",
+    "LogSNRSchedule",
     "MCEstimate",
     "NoiseSchedule",
     "Objective",
     "Parametrization",
     "ReverseVariance",
-    "ScheduleName",
     "Spacing",
     "TimestepSampler",
     "TimestepSampling",

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import discretized_gaussian_log_likelihood
 from diffusion_elbo.core.elbo import Denoiser, _terms_at_timesteps
 from diffusion_elbo.core.forward import q_sample
 from diffusion_elbo.core.gaussian_data import oracle_posterior_variance
 from diffusion_elbo.core.parametrization import Parametrization, predict_x0
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 
 def variance_from_x0_error(schedule: NoiseSchedule, x0_mse: Tensor, floor: float = 1e-12) -> Tensor:

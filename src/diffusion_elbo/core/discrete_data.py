@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diffusion_elbo.core.schedules import NoiseSchedule
+from diffusion_elbo.core.chain import NoiseSchedule
 
 DEFAULT_NUM_BINS = 17  # levels of data=discrete_toy when neither data.probs nor data.num_bins is given
 

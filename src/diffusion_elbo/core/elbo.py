@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import (
     discretized_gaussian_log_likelihood,
     gaussian_log_prob,
@@ -34,7 +35,6 @@ from diffusion_elbo.core.distributions import (
 from diffusion_elbo.core.forward import q_posterior_mean_variance, q_sample, q_step_sample
 from diffusion_elbo.core.parametrization import Parametrization, predict_x0
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseStep, ReverseVariance, p_mean_variance, split_output
-from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import TimestepSampler
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_elbo.core.schedules import NoiseSchedule
+from diffusion_elbo.core.chain import NoiseSchedule
 
 
 def q_mean_variance(schedule: NoiseSchedule, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

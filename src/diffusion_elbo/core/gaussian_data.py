@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import LOG_2PI
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance, VarianceSpec, reverse_variance_table
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 
 def gaussian_nll_nats(x0: Tensor, mean: float, std: float) -> Tensor:

@@ -6,9 +6,14 @@ gamma(t) = -log SNR(t) increases from gamma_min at t = 0 (least noise) to gamma_
 The continuous-time bound needs gamma'(t) (VDM eq. 17), so every schedule returns gamma and its derivative, in closed
 form. Shapes: ``t`` (B,) float in [0, 1]; everything returned is shaped like ``t`` and in its dtype.
 
-A schedule evaluated at T + 1 times 0, 1/T, ..., 1 is a discrete chain of the lecture with T + 1 steps
-(:meth:`LogSNRSchedule.discretize`): chain step j = k + 1 holds z_{k/T}, the lecture's x_1 is VDM's z_0 and its
-decoder p(x_0 | x_1) is VDM's p(x | z_0); so the exact T-step evaluator of :mod:`core.elbo` applies unchanged.
+One time axis: every schedule of the package is a log-SNR function on [0, 1], the beta-defined ones of
+:mod:`core.schedules` included (:class:`~diffusion_elbo.core.schedules.BetaSchedule`, whose values at t_i = i / T are
+their tables). A T-step chain is the schedule's view at the grid t_i = i / T (:meth:`LogSNRSchedule.discretize`): its
+latents are the grid points at or after :attr:`LogSNRSchedule.t_min`, the first time where the SNR is finite, and the
+data x_0 comes before them. A VDM schedule (gamma(0) = gamma_min finite, t_min = 0) gives T + 1 latents, z_0 .. z_1, so
+the lecture's x_1 is VDM's z_0 and its decoder p(x_0 | x_1) is VDM's p(x | z_0); a beta schedule of T steps (gamma(0) =
+-inf: t = 0 is the data, t_min = 1 / T) gives back its own T-step chain. The exact T-step evaluator of :mod:`core.elbo`
+applies to both unchanged.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_elbo.core.schedules import InvalidScheduleError, NoiseSchedule
+from diffusion_elbo.core.chain import InvalidScheduleError, NoiseSchedule
 
 
 class LogSNRShape(str, Enum):
     LINEAR = "linear"  # gamma linear in t (VDM's fixed baseline)
     COSINE = "cosine"  # alpha_bar = cos^2 of an affine map of t (Nichol & Dhariwal 2021) with the given endpoints
-    DISCRETE = "discrete"  # an existing beta schedule's log-SNR, interpolated between its steps
     LEARNED = "learned"  # VDM's monotone network with learned endpoints (Kingma et al. 2021, App. H)
+    BETAS = "betas"  # a beta schedule's tables, interpolated between its steps (core.schedules.BetaSchedule)
 
 
 @dataclass
@@ -49,10 +54,15 @@ def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class LogSNRSchedule(nn.Module):
-    """gamma(t) on [0, 1] with gamma'(t). ``reference`` = (gamma_lo, gamma_hi), the fixed range the network's
-    noise-level input is normalized with (the learned endpoints move; the input scale must not)."""
+    """gamma(t) on [0, 1] with gamma'(t): the one schedule abstraction of the package. ``reference`` = (gamma_lo,
+    gamma_hi), the fixed range the network's noise-level input is normalized with (the learned endpoints move; the
+    input scale must not).
+
+    :attr:`t_min` is the time of the first latent, where the decoder p(x | z_{t_min}) sits: 0 where gamma(0) is finite
+    (VDM), 1 / T for a beta schedule of T steps, whose t = 0 is the data itself (gamma(0) = -inf)."""
 
     shape_name: LogSNRShape
+    t_min: float = 0.0
 
     def __init__(self, reference: tuple[float, float], name: str) -> None:
         super().__init__()
@@ -77,22 +87,33 @@ class LogSNRSchedule(nn.Module):
 
     @torch.no_grad()
     def discretize(self, timesteps: int) -> NoiseSchedule:
-        """The chain with T + 1 steps whose step j = k + 1 is z_{k / T}, k = 0..T: alpha_bar_j = sigmoid(-gamma(k / T)),
-        beta_j = 1 - alpha_bar_j / alpha_bar_{j - 1} with alpha_bar_0 = 1 (the data). float64 throughout: the betas
-        are formed as -expm1 of differences of log alpha_bar, exact where consecutive alpha_bar nearly agree."""
-        if not isinstance(timesteps, int) or timesteps < 1:
+        """The T-step view of the schedule: the grid t_i = i / T, i = 0..T; its points at or after :attr:`t_min` are the
+        chain's latents in order (steps j = 1, 2, ...) and the data comes first (alpha_bar_0 = 1). A VDM schedule
+        (t_min = 0) gives T + 1 steps with step j = i + 1 holding z_{i / T}; a beta schedule of T steps (t_min = 1 / T)
+        gives T steps with step j = i, its own tables. alpha_bar_j = sigmoid(-gamma(t_i)),
+        beta_j = 1 - alpha_bar_j / alpha_bar_{j - 1}; float64 throughout: the betas are formed as -expm1 of differences
+        of log alpha_bar, exact where consecutive alpha_bar nearly agree."""
+        if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
             raise InvalidScheduleError(f"a log-SNR schedule discretizes to T >= 1 steps; got {timesteps!r}")
         device = next((b.device for b in self.buffers()), None) or next((p.device for p in self.parameters()), "cpu")
         t = torch.arange(timesteps + 1, dtype=torch.float64, device=device) / timesteps
+        t = t[t >= self.t_min * (1 - 1e-12)]  # the latents: grid points where the SNR is finite
+        if t.numel() < 1:
+            raise InvalidScheduleError(f"schedule '{self.name}' has no latent on the grid of T={timesteps} steps")
         gamma = float64_gamma(self, t)
-        if not bool((gamma[1:] > gamma[:-1]).all()):
+        if not bool(torch.isfinite(gamma).all()) or not bool((gamma[1:] > gamma[:-1]).all()):
             raise InvalidScheduleError(
-                f"schedule '{self.name}' is not increasing in gamma = -log SNR at T={timesteps}: "
-                f"gamma(0)={float(gamma[0]):.4g}, gamma(1)={float(gamma[-1]):.4g}; set schedule.gamma_min < gamma_max"
+                f"schedule '{self.name}' is not finite and increasing in gamma = -log SNR at T={timesteps}: "
+                f"gamma(t_min)={float(gamma[0]):.4g}, gamma(1)={float(gamma[-1]):.4g}; set schedule.gamma_min < gamma_max"
             )
         log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), F.logsigmoid(-gamma)])
-        betas = -torch.expm1(log_alpha_bar[1:] - log_alpha_bar[:-1])  # (T + 1,)
+        betas = -torch.expm1(log_alpha_bar[1:] - log_alpha_bar[:-1])  # (number of latents,)
         return NoiseSchedule(betas.cpu(), name=f"{self.name}@{timesteps}").to(device)
+
+    def window(self) -> LogSNRSchedule:
+        """The schedule on its latents' times [t_min, 1], mapped onto [0, 1] (the continuous-time bound draws t there
+        and puts its decoder at 0): the schedule itself where t_min = 0."""
+        return self if self.t_min == 0.0 else TimeWindow(self)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, reference={self.reference}"
@@ -104,6 +125,28 @@ def float64_gamma(schedule: LogSNRSchedule, t: Tensor) -> Tensor:
     params = {name: p.detach().double() for name, p in schedule.named_parameters()}
     buffers = {name: b.double() if b.is_floating_point() else b for name, b in schedule.named_buffers()}
     return torch.func.functional_call(schedule, {**params, **buffers}, (t.double(),)).gamma
+
+
+class TimeWindow(LogSNRSchedule):
+    """``base`` on [t_min, 1] mapped affinely onto u in [0, 1]: gamma(u) = gamma_base(t_min + (1 - t_min) u), slope
+    scaled by (1 - t_min). Its chain (:meth:`discretize`) is the base's, on the base's own grid."""
+
+    def __init__(self, base: LogSNRSchedule) -> None:
+        if not 0.0 < base.t_min < 1.0:
+            raise InvalidScheduleError(
+                f"schedule '{base.name}' has no time window: t_min={base.t_min} must be in (0, 1)"
+            )
+        super().__init__(base.reference, name=base.name)
+        self.base = base
+        self.shape_name = base.shape_name
+        self.span = 1.0 - base.t_min
+
+    def forward(self, t: Tensor) -> LogSNR:
+        out = self.base(self.base.t_min + self.span * t)
+        return LogSNR(gamma=out.gamma, slope=out.slope * self.span, shape=out.shape, shape_slope=out.shape_slope)
+
+    def discretize(self, timesteps: int) -> NoiseSchedule:
+        return self.base.discretize(timesteps)
 
 
 class LinearLogSNR(LogSNRSchedule):
@@ -140,30 +183,6 @@ class CosineLogSNR(LogSNRSchedule):
         a, b = self.ab.to(t.dtype)
         angle = a + b * t
         return LogSNR(gamma=2 * torch.log(torch.tan(angle)), slope=4 * b / torch.sin(2 * angle))
-
-
-class DiscreteLogSNR(LogSNRSchedule):
-    """The log-SNR of a beta schedule of T steps on t in [0, 1]: chain time j = 1 + t (T - 1), so gamma(0) is the
-    chain's step 1 and gamma(1) its step T; between steps the schedule's monotone C^1 interpolation of log alpha_bar
-    (:meth:`NoiseSchedule.log_alpha_bar_at`). gamma = log(1 - alpha_bar) - log alpha_bar, and with l = log alpha_bar,
-    d gamma / dj = -(dl / dj) / (1 - alpha_bar)."""
-
-    shape_name = LogSNRShape.DISCRETE
-
-    def __init__(self, base: NoiseSchedule) -> None:
-        if base.T < 2:
-            raise InvalidScheduleError("a discrete schedule maps to a log-SNR schedule only with T >= 2 steps")
-        gamma_ends = torch.log(1.0 / base.snr[[1, base.T]])
-        super().__init__((float(gamma_ends[0]), float(gamma_ends[1])), name=f"logsnr_discrete_{base.name}")
-        self.base = base
-
-    def forward(self, t: Tensor) -> LogSNR:
-        span = self.base.T - 1
-        log_ab, dlog_ab = self.base.log_alpha_bar_at(1.0 + t.double() * span)  # float64
-        one_minus = -torch.expm1(log_ab)
-        gamma = torch.log(one_minus) - log_ab
-        slope = -dlog_ab / one_minus * span
-        return LogSNR(gamma=gamma.to(t.dtype), slope=slope.to(t.dtype))
 
 
 class LearnedLogSNR(LogSNRSchedule):
@@ -216,32 +235,3 @@ def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
             f"a log-SNR schedule needs finite schedule.gamma_min < schedule.gamma_max (gamma = -log SNR rises with the "
             f"noise); got gamma_min={gamma_min}, gamma_max={gamma_max}. VDM uses gamma_min=-13.3, gamma_max=5.0"
         )
-
-
-def make_logsnr_schedule(
-    name: str,
-    gamma_min: float = -13.3,
-    gamma_max: float = 5.0,
-    *,
-    base: str = "linear",
-    base_timesteps: int = 1000,
-    hidden: int = 1024,
-) -> LogSNRSchedule:
-    """A continuous-time schedule by config name: ``logsnr_linear | logsnr_cosine | logsnr_discrete | learned``.
-    ``logsnr_discrete`` maps the beta schedule ``base`` (any ``schedule=`` name) with ``base_timesteps`` steps to its
-    log-SNR, whose endpoints are the base's own. The group's ``timesteps``, ``eval_timesteps``, ``variance_gradient``
-    and ``lr`` configure the bound and its chain (the module reads them; ``builders.CHAIN_KEYS``), not this function."""
-    from diffusion_elbo.core.schedules import make_schedule
-
-    kinds = {
-        "logsnr_linear": lambda: LinearLogSNR(gamma_min, gamma_max),
-        "logsnr_cosine": lambda: CosineLogSNR(gamma_min, gamma_max),
-        "logsnr_discrete": lambda: DiscreteLogSNR(make_schedule(base, base_timesteps)),
-        "learned": lambda: LearnedLogSNR(gamma_min, gamma_max, hidden=hidden),
-    }
-    if name not in kinds:
-        raise InvalidScheduleError(f"unknown log-SNR schedule '{name}'; choose one of: {', '.join(kinds)}")
-    return kinds[name]()
-
-
-CONTINUOUS_SCHEDULES = ("logsnr_linear", "logsnr_cosine", "logsnr_discrete", "learned")

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.parametrization import Parametrization, training_target, x0_error_scale
 from diffusion_elbo.core.reverse import ReverseVariance, split_output, stop_mean_gradient
-from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import TimestepSampling
 
 

@@ -27,9 +27,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import LOG_2PI
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 # torchdiffeq's solvers with error control (rtol/atol): a likelihood needs the integral to a stated tolerance, which

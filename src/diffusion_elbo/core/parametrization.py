@@ -12,7 +12,7 @@ from enum import Enum
 
 from torch import Tensor
 
-from diffusion_elbo.core.schedules import NoiseSchedule
+from diffusion_elbo.core.chain import NoiseSchedule
 
 
 class Parametrization(str, Enum):

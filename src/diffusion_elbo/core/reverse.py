@@ -15,9 +15,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.forward import q_posterior_mean_variance
 from diffusion_elbo.core.parametrization import Parametrization, predict_x0
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 
 class ReverseVariance(str, Enum):

@@ -16,6 +16,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.elbo import Denoiser
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps, predict_x0
 from diffusion_elbo.core.reverse import (
@@ -25,7 +26,6 @@ from diffusion_elbo.core.reverse import (
     mean_denoiser,
     p_mean_variance,
 )
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 Progress = Callable[[int, int], None]
 

@@ -1,34 +1,25 @@
-"""Noise schedules beta_1..beta_T and every table derived from them.
+"""Beta schedules beta_1..beta_T as log-SNR schedules on the one time axis t in [0, 1].
 
-Timestep convention (used throughout the package): ``t`` is an integer in 1..T as in the lecture,
-``t = 1`` is the decoder step p(x_0 | x_1) and ``t = 0`` is the data. Every table here has T + 1
-entries so it can be indexed by ``t`` directly; entry 0 is the data (alpha_bar_0 = 1, beta_0 = 0).
+A beta schedule of T steps (Ho et al. 2020) is a :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` whose values at
+the grid t_i = i / T are its tables: gamma(i / T) = log((1 - alpha_bar_i) / alpha_bar_i), i = 0..T, with t = 0 the data
+(alpha_bar_0 = 1, gamma = -inf); between the grid points, the monotone C^1 interpolation of log alpha_bar. Its T-step
+view is its own chain (:class:`~diffusion_elbo.core.chain.NoiseSchedule`, the tables in the lecture's indexing), bit for
+bit; other T view the same function on their own grid, and continuous time runs on its latents' window [1 / T, 1].
 
-Tables are computed in float64: 1 - alpha_bar_t near t = 1 and the SNR ratios used by the ELBO weights
-lose several digits in float32. Callers gather what they need with :func:`NoiseSchedule.gather` and
-cast to their own dtype.
+The ``*_betas`` functions are the published schedules (each cites its paper), (T,) float64; the classes are what
+``conf/schedule/*.yaml`` build by ``_target_``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class ScheduleName(str, Enum):
-    LINEAR = "linear"
-    COSINE = "cosine"
-    QUADRATIC = "quadratic"
-    SIGMOID = "sigmoid"
-    CUSTOM = "custom"
-
-
-class InvalidScheduleError(ValueError):
-    """A beta schedule that does not define a valid forward process."""
+from diffusion_elbo.core.chain import InvalidScheduleError, NoiseSchedule
+from diffusion_elbo.core.logsnr import LogSNR, LogSNRSchedule, LogSNRShape
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -81,222 +72,120 @@ def sigmoid_betas(
     return betas_from_alpha_bar(alpha_bar, max_beta)
 
 
-def validate_betas(betas: Tensor, name: str = "custom") -> None:
-    """Refuse a schedule that does not define a forward process: T >= 1, finite, 0 < beta_t < 1.
-
-    Raises :class:`InvalidScheduleError` naming the offending steps (1-based t) and their values.
-    """
-    if betas.ndim != 1 or betas.numel() < 1:
-        raise InvalidScheduleError(
-            f"schedule '{name}' must have at least one step (T >= 1); got betas of shape {tuple(betas.shape)}"
-        )
-    bad = ~torch.isfinite(betas) | (betas <= 0) | (betas >= 1)
-    if bad.any():
-        steps = (torch.nonzero(bad).flatten() + 1).tolist()
-        shown = ", ".join(f"t={t}: beta={betas[t - 1].item():.4g}" for t in steps[:5])
-        more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
-        hint = ""
-        if name in (ScheduleName.LINEAR.value, ScheduleName.QUADRATIC.value):
-            hint = (
-                f" The {name} schedule scales beta_start and beta_end by 1000/T, so small T pushes them "
-                "past 1: use more timesteps (schedule.timesteps) or a smaller schedule.beta_end, "
-                "or schedule=cosine."
-            )
-        raise InvalidScheduleError(
-            f"schedule '{name}' with T={betas.numel()} has {len(steps)} beta(s) outside (0, 1) or "
-            f"non-finite: {shown}{more}.{hint}"
-        )
-
-
-def pchip_slopes(y: Tensor) -> Tensor:
-    """Slopes at the knots 0, 1, ..., n - 1 of the monotone piecewise-cubic interpolant of ``y`` (n,) (Fritsch &
-    Carlson 1980; the rule of scipy's ``PchipInterpolator`` for unit spacing): the harmonic mean of the neighbouring
-    secants where they share a sign, else 0; the one-sided three-point rule at the ends, limited to keep the shape.
-    Returns (n,) in y's dtype."""
-    d = y[1:] - y[:-1]  # (n - 1,) secants
-    if d.numel() == 1:  # two knots: the line through them
-        return torch.cat([d, d])
-    same = d[:-1] * d[1:] > 0
-    inner = torch.where(same, 2 * d[:-1] * d[1:] / torch.where(same, d[:-1] + d[1:], torch.ones_like(d[1:])), 0.0)
-
-    def edge(d0: Tensor, d1: Tensor) -> Tensor:
-        m = (3 * d0 - d1) / 2
-        if torch.sign(m) != torch.sign(d0):
-            return torch.zeros_like(m)
-        if torch.sign(d0) != torch.sign(d1) and m.abs() > 3 * d0.abs():
-            return 3 * d0
-        return m
-
-    return torch.cat([edge(d[0], d[1]).view(1), inner, edge(d[-1], d[-2]).view(1)])
-
-
-class NoiseSchedule(nn.Module):
-    """Betas and derived tables of the forward process q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I).
-
-    Buffers (all float64, shape (T + 1,), indexed by t in 0..T; non-persistent so checkpoints stay
-    independent of T and the tables are rebuilt from the config):
-
-    - ``betas``, ``alphas`` = 1 - beta_t, ``alpha_bar`` = prod_{i<=t} alpha_i, ``alpha_bar_prev`` = alpha_bar_{t-1}
-    - ``posterior_variance`` sigma_q^2(t) = (1 - alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
-      (lecture, q(x_{t-1} | x_t, x_0); Ho et al. 2020 eq. 7); 0 at t = 1
-    - ``posterior_mean_coef_x0`` sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
-    - ``posterior_mean_coef_xt`` sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
-    - ``snr`` alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021); +inf at t = 0
-    - ``sqrt_alpha_bar``, ``sqrt_one_minus_alpha_bar``, ``log_one_minus_alpha_bar``, ``sqrt_alphas``, ``sqrt_betas``,
-      ``posterior_log_variance``: every coefficient the core needs, in float64, so callers cast once
-    """
-
-    def __init__(self, betas: Tensor | Sequence[float], name: str = ScheduleName.CUSTOM.value) -> None:
-        super().__init__()
-        betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone()
-        validate_betas(betas, name)
-        self.name = name
-        self.num_timesteps = betas.numel()
-
-        zero = torch.zeros(1, dtype=torch.float64)
-        betas = torch.cat([zero, betas])  # (T + 1,), beta_0 = 0 so alpha_bar_0 = 1
-        alphas = 1.0 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        # 1 - alpha_bar by expm1 of the summed log1p: exact to float64 rounding even where alpha_bar is near 1
-        one_minus = -torch.expm1(torch.cumsum(torch.log1p(-betas), dim=0))
-        # t = 0 has 1 - alpha_bar = 0: the posterior is undefined there; store 0 rather than nan.
-        safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
-        posterior_variance = torch.where(one_minus > 0, betas * (1.0 - alpha_bar_prev) / safe, zero)
-        coef_x0 = torch.where(one_minus > 0, alpha_bar_prev.sqrt() * betas / safe, zero)
-        coef_xt = torch.where(one_minus > 0, alphas.sqrt() * (1.0 - alpha_bar_prev) / safe, zero)
-
-        for key, value in {
-            "betas": betas,
-            "alphas": alphas,
-            "alpha_bar": alpha_bar,
-            "alpha_bar_prev": alpha_bar_prev,
-            "posterior_variance": posterior_variance,
-            "posterior_mean_coef_x0": coef_x0,
-            "posterior_mean_coef_xt": coef_xt,
-            "snr": alpha_bar / one_minus,  # +inf at t = 0 by design
-            # Square roots and logs of the tables, in float64 before any cast: in float32 alpha_bar_1 = 0.99996 (cosine)
-            # keeps only ~3 digits of 1 - alpha_bar_1 and biases the bound by +5e-4 bits/dim (benchmarks/precision.py).
-            "sqrt_alpha_bar": alpha_bar.sqrt(),
-            "sqrt_one_minus_alpha_bar": one_minus.sqrt(),
-            "log_one_minus_alpha_bar": torch.log(one_minus),  # -inf at t = 0
-            "sqrt_alphas": alphas.sqrt(),
-            "sqrt_betas": betas.sqrt(),
-            # log sigma_q^2(t); at t <= 1, where sigma_q^2 = 0, a finite placeholder (sigma_q^2(2), or beta_1 when T = 1)
-            # that the ELBO masks out there: a -inf would turn the masked KL's gradient into NaN
-            "posterior_log_variance": torch.log(
-                torch.where(
-                    posterior_variance > 0,
-                    posterior_variance,
-                    posterior_variance[2] if self.num_timesteps >= 2 else betas[1],
-                )
-            ),
-        }.items():
-            self.register_buffer(key, value, persistent=False)
-
-        # slopes of the monotone cubic (PCHIP) through log alpha_bar at t = 0..T: the continuous-time interpolation
-        self.register_buffer("log_alpha_bar_slope", pchip_slopes(torch.log(alpha_bar)), persistent=False)
-
-    @property
-    def T(self) -> int:
-        return self.num_timesteps
-
-    def gather(self, name: str, t: Tensor, like: Tensor | None = None) -> Tensor:
-        """Table ``name`` at timesteps ``t`` (LongTensor (B,)), shaped (B, 1, ..., 1) to broadcast
-        against ``like`` (B, *D) and cast to its dtype; without ``like`` returns (B,) float64."""
-        return self.broadcast(getattr(self, name)[t], like)  # (B,) float64 -> (B, 1, ..., 1)
-
-    @staticmethod
-    def broadcast(values: Tensor, like: Tensor | None) -> Tensor:
-        """Coefficients ``values`` (B,) float64, cast once to ``like``'s dtype and shaped (B, 1, ..., 1) to broadcast
-        against it; without ``like`` returned as they are. Combine float64 coefficients before this cast."""
-        if like is None:
-            return values
-        return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-
-    def log_alpha_bar_at(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """log alpha_bar(t) and its derivative d/dt at real t in [0, T], each shaped like ``t``, float64.
-
-        The discrete schedule's continuous-time interpolation: the monotone cubic (PCHIP, Fritsch & Carlson 1980)
-        through log alpha_bar_t at t = 0..T. It equals the table at every integer t, decreases strictly (so
-        beta(t) = -d log alpha_bar / dt > 0 is the rate of a VP SDE, Song et al. 2021 eq. 11, whose marginals are
-        q(x_t | x0) = N(sqrt(alpha_bar(t)) x0, (1 - alpha_bar(t)) I) at every real t), and is C^1, so an adaptive
-        ODE solver sees no jumps in the drift at the integers."""
-        y, m = torch.log(self.alpha_bar), self.log_alpha_bar_slope  # (T + 1,) float64
-        t = t.to(device=y.device, dtype=torch.float64)  # a CPU t for a schedule on the GPU, e.g. one scalar time
-        slack = 1e-9 * self.T  # an ODE solver's stage times may round past the end by an ulp
-        if (t < -slack).any() or (t > self.T + slack).any():
-            raise ValueError(
-                f"continuous time must lie in [0, T] = [0, {self.T}]; got values in [{t.min()}, {t.max()}]"
-            )
-        t = t.clamp(0.0, float(self.T))
-        k = t.floor().long().clamp(max=self.T - 1)  # interval [k, k + 1]; t = T uses the last one with u = 1
-        u = t - k
-        u2, u3 = u * u, u * u * u
-        # cubic Hermite basis on a unit interval: value and derivative
-        value = (
-            (2 * u3 - 3 * u2 + 1) * y[k]
-            + (u3 - 2 * u2 + u) * m[k]
-            + (-2 * u3 + 3 * u2) * y[k + 1]
-            + (u3 - u2) * m[k + 1]
-        )
-        slope = (6 * u2 - 6 * u) * (y[k] - y[k + 1]) + (3 * u2 - 4 * u + 1) * m[k] + (3 * u2 - 2 * u) * m[k + 1]
-        return value, slope
-
-    def signal_noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64, the scales of x0 and eps in x_t.
-
-        ``t`` (B,): a LongTensor of steps reads the tables; a float tensor of real times in [0, T] reads the
-        continuous interpolation (:meth:`log_alpha_bar_at`), which agrees with the tables at integers."""
-        if not t.is_floating_point():
-            return self.sqrt_alpha_bar[t], self.sqrt_one_minus_alpha_bar[t]
-        log_ab, _ = self.log_alpha_bar_at(t)
-        return torch.exp(0.5 * log_ab), torch.sqrt(-torch.expm1(log_ab))
-
-    def log_snr(self) -> Tensor:
-        """log SNR(t) for t = 1..T, shape (T,) float64."""
-        return torch.log(self.snr[1:])
-
-    def extra_repr(self) -> str:
-        return f"name={self.name}, T={self.num_timesteps}"
-
-
-def make_schedule(
-    name: str | ScheduleName,
-    timesteps: int = 1000,
-    *,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    s: float = 0.008,
-    start: float = -3.0,
-    end: float = 3.0,
-    tau: float = 1.0,
-    max_beta: float = 0.999,
-    betas: Sequence[float] | None = None,
-) -> NoiseSchedule:
-    """Build a named schedule (the Hydra target of ``conf/schedule/*.yaml``).
-
-    ``custom`` takes explicit ``betas`` (T is then their length and ``timesteps`` is ignored).
-    """
-    try:
-        kind = ScheduleName(name)
-    except ValueError:
-        options = ", ".join(s.value for s in ScheduleName)
-        raise InvalidScheduleError(f"unknown schedule '{name}'; choose one of: {options}") from None
-    if kind is ScheduleName.CUSTOM:
-        if betas is None:
-            raise InvalidScheduleError("schedule=custom needs explicit betas: schedule.betas=[0.1,0.2,...]")
-        return NoiseSchedule(list(betas), name=kind.value)
+def _check_timesteps(timesteps: object) -> int:
     if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
         raise InvalidScheduleError(
             f"schedule.timesteps must be an integer >= 1 (T, the number of diffusion steps); got {timesteps!r}"
         )
-    if kind is ScheduleName.LINEAR:
-        values = linear_betas(timesteps, beta_start, beta_end)
-    elif kind is ScheduleName.QUADRATIC:
-        values = quadratic_betas(timesteps, beta_start, beta_end)
-    elif kind is ScheduleName.COSINE:
-        values = cosine_betas(timesteps, s, max_beta)
-    else:
-        values = sigmoid_betas(timesteps, start, end=end, tau=tau, max_beta=max_beta)
-    return NoiseSchedule(values, name=kind.value)
+    return timesteps
+
+
+class BetaSchedule(LogSNRSchedule):
+    """The schedule of explicit betas beta_1..beta_T (``schedule=custom``; the base of the named ones).
+
+    gamma(t) at chain time j = t T reads the chain's monotone C^1 interpolation of log alpha_bar
+    (:meth:`NoiseSchedule.log_alpha_bar_at`): gamma = log(1 - alpha_bar) - log alpha_bar and, with l = log alpha_bar,
+    gamma'(t) = -T (dl / dj) / (1 - alpha_bar). gamma(0) = -inf (the data), so :attr:`t_min` = 1 / T, the lecture's
+    x_1; ``reference`` is (gamma(1 / T), gamma(1)), the range of the network's noise-level input in continuous time.
+
+    Attributes: ``chain`` the T-step tables (:class:`NoiseSchedule`, also the result of ``discretize(T)``), ``T``."""
+
+    shape_name = LogSNRShape.BETAS
+
+    def __init__(self, betas: Tensor | Sequence[float], name: str = "custom") -> None:
+        chain = NoiseSchedule(betas if isinstance(betas, Tensor) else list(betas), name=name)
+        gamma_ends = -torch.log(chain.snr[[1, chain.T]])
+        super().__init__((float(gamma_ends[0]), float(gamma_ends[1])), name=name)
+        self.chain = chain
+        self.t_min = 1.0 / chain.T
+
+    @property
+    def T(self) -> int:
+        return self.chain.T
+
+    def forward(self, t: Tensor) -> LogSNR:
+        log_ab, dlog_ab = self.chain.log_alpha_bar_at(t.double() * self.T)  # float64
+        one_minus = -torch.expm1(log_ab)
+        gamma = torch.log(one_minus) - log_ab  # -inf at t = 0, the data
+        slope = -dlog_ab / one_minus * self.T
+        return LogSNR(gamma=gamma.to(t.dtype), slope=slope.to(t.dtype))
+
+    def discretize(self, timesteps: int) -> NoiseSchedule:
+        """Its own tables at its own T (the values at the grid are the tables, not a round trip through gamma); the
+        view at t_i = i / T' of the interpolated function for another T'."""
+        if timesteps == self.T:
+            return self.chain
+        return super().discretize(timesteps)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, T={self.T}"
+
+
+class LinearBetas(BetaSchedule):
+    """``schedule=linear``: :func:`linear_betas` (Ho et al. 2020)."""
+
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        super().__init__(linear_betas(_check_timesteps(timesteps), beta_start, beta_end), name="linear")
+
+
+class QuadraticBetas(BetaSchedule):
+    """``schedule=quadratic``: :func:`quadratic_betas` (the DDPM/DDIM code's "quad")."""
+
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        super().__init__(quadratic_betas(_check_timesteps(timesteps), beta_start, beta_end), name="quadratic")
+
+
+class CosineBetas(BetaSchedule):
+    """``schedule=cosine``: :func:`cosine_betas` (Nichol & Dhariwal 2021)."""
+
+    def __init__(self, timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:
+        super().__init__(cosine_betas(_check_timesteps(timesteps), s, max_beta), name="cosine")
+
+
+class SigmoidBetas(BetaSchedule):
+    """``schedule=sigmoid``: :func:`sigmoid_betas` (Jabri et al. 2023)."""
+
+    def __init__(self, timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                 max_beta: float = 0.999) -> None:  # fmt: skip
+        betas = sigmoid_betas(_check_timesteps(timesteps), start, end=end, tau=tau, max_beta=max_beta)
+        super().__init__(betas, name="sigmoid")
+
+
+# the built-in beta schedules by their config names, for :func:`make_schedule`
+BETA_SCHEDULES: dict[str, type[BetaSchedule]] = {
+    "linear": LinearBetas,
+    "quadratic": QuadraticBetas,
+    "cosine": CosineBetas,
+    "sigmoid": SigmoidBetas,
+}
+
+
+def beta_log_snr(base: str | BetaSchedule = "linear", base_timesteps: int = 1000) -> BetaSchedule:
+    """``schedule=logsnr_discrete``: a beta schedule to train in continuous time, the built-in one named ``base`` with
+    ``base_timesteps`` steps, or ``base`` itself where it is a schedule (a node with its own ``_target_``, e.g. a class
+    of one's own; then ``base_timesteps`` is unused). Its node's ``timesteps`` is the bound's (null or T), so the base's
+    T has a name of its own."""
+    if isinstance(base, BetaSchedule):
+        return base
+    if base not in BETA_SCHEDULES:
+        raise InvalidScheduleError(
+            f"schedule.base={base!r} is not a beta schedule; choose one of: {', '.join(BETA_SCHEDULES)}, or give a node "
+            "with the _target_ of a BetaSchedule of one's own"
+        )
+    return BETA_SCHEDULES[base](base_timesteps)
+
+
+def make_schedule(
+    name: str, timesteps: int = 1000, *, betas: Sequence[float] | None = None, **kwargs: float
+) -> NoiseSchedule:
+    """The T-step chain of a built-in beta schedule by its config name (``linear | quadratic | cosine | sigmoid``, with
+    the class's keyword arguments; ``custom`` with ``betas``): a shorthand for tests, notebooks and benchmarks,
+    ``BETA_SCHEDULES[name](T).chain``. Configs build the classes themselves by ``_target_``."""
+    if name == "custom":
+        if betas is None:
+            raise InvalidScheduleError("the custom schedule needs explicit betas: schedule.betas=[0.1,0.2,...]")
+        return BetaSchedule(list(betas)).chain
+    if name not in BETA_SCHEDULES:
+        options = ", ".join([*BETA_SCHEDULES, "custom"])
+        raise InvalidScheduleError(f"unknown schedule '{name}'; choose one of: {options}")
+    return BETA_SCHEDULES[name](timesteps, **kwargs).chain

@@ -3,7 +3,7 @@
 One LightningModule (:class:`~diffusion_elbo.lightning.module.DiffusionModule`) trains, validates and samples every
 model; it asks a :class:`TimeAxis` for the things that depend on how time is drawn and what the network is told:
 
-- :class:`ChainTime`: a :class:`~diffusion_elbo.core.schedules.NoiseSchedule` of T steps (Ho et al. 2020). t is an
+- :class:`ChainTime`: a :class:`~diffusion_elbo.core.chain.NoiseSchedule` of T steps (Ho et al. 2020). t is an
   integer in 1..T drawn by the objective's timestep sampler; the network sees t; the bound is the chain's ELBO.
 - :class:`ContinuousTime`: a :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` gamma(t) on t in [0, 1], fixed or
   learned (Kingma et al. 2021). t is real; the network sees the noise level gamma; the bound is the continuous-time
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import bits_per_dim_scale, sum_flat
 from diffusion_elbo.core.elbo import (
     ELBOResult,
@@ -42,7 +43,6 @@ from diffusion_elbo.core.logsnr import CosineLogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.losses import ELBOLoss, EpsMSE, Objective, TrainingBatch, TrainingSetup
 from diffusion_elbo.core.parametrization import Parametrization
 from diffusion_elbo.core.reverse import DecoderVariance, ReverseVariance
-from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.timesteps import (
     ImportanceSampler,
     TimestepSampling,
@@ -387,7 +387,9 @@ class ContinuousTime(TimeAxis):
             raise ValueError(f"schedule.timesteps must be null (continuous time) or an integer T >= 1; got {timesteps}")
         objective = self.objective
         bound = isinstance(objective, ELBOLoss)  # else an MSE weighting of the SNR (Objective.problems)
-        self.logsnr = logsnr
+        # t in [0, 1] of the bound is the schedule's window [t_min, 1]: the schedule itself for VDM's (t_min = 0), a beta
+        # schedule's latents [1 / T, 1] (its t = 0 is the data); the chain is the schedule's view on its own grid
+        self.logsnr = logsnr.window()
         self.timesteps = timesteps
         self.eval_timesteps = int(eval_timesteps)
         self.schedule_lr = schedule_lr

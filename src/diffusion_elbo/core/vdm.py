@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.distributions import standard_normal_kl_nats, sum_flat
 from diffusion_elbo.core.elbo import ELBOResult, decoder_nll_nats
 from diffusion_elbo.core.gaussian_data import posterior_mean
 from diffusion_elbo.core.logsnr import LogSNR, LogSNRSchedule, alpha_sigma
 from diffusion_elbo.core.parametrization import Parametrization, output_from_x0
-from diffusion_elbo.core.schedules import NoiseSchedule
 
 GammaDenoiser = Callable[[Tensor, Tensor], Tensor]
 

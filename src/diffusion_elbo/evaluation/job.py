@@ -148,7 +148,7 @@ def _continuous_bound_inputs(cfg: DictConfig, e: _Evaluated, device: torch.devic
         return None
     return {
         "denoiser": e.subject.network.x0_at_log_snr,
-        "logsnr": build_logsnr(cfg).to(device),
+        "logsnr": build_logsnr(cfg).window().to(device),
         "parametrization": Parametrization.X0,
         "num_bins": e.datamodule.num_bins,
         "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),

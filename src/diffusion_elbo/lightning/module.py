@@ -44,9 +44,11 @@ class DiffusionModule(L.LightningModule):
         net: the network ``net(x, c) -> out`` whose output is read through ``parametrization``; c is the chain step
             (a chain) or the noise level gamma scaled onto [0, 1000] over the schedule's reference range (continuous
             time, :data:`~diffusion_elbo.core.time_axis.CONDITIONING_SCALE`).
-        schedule: a :class:`~diffusion_elbo.core.schedules.NoiseSchedule` (a T-step chain; its tables are buffers, so
-            they move with the module) or a :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` (continuous time, fixed
-            or learned; registered as ``logsnr``, and ``schedule`` is its chain discretized at ``eval_timesteps``).
+        schedule: a :class:`~diffusion_elbo.core.chain.NoiseSchedule` to train on a T-step chain (a schedule's view at
+            t_i = i / T, e.g. a beta schedule's ``.chain``; its tables are buffers, so they move with the module), or a
+            :class:`~diffusion_elbo.core.logsnr.LogSNRSchedule` to train in continuous time (fixed or learned, a beta
+            schedule on its window [1 / T, 1]; registered as ``logsnr``, and ``schedule`` is its chain discretized at
+            ``eval_timesteps``).
         data_shape: shape of one example; ``num_bins``: K for K-level data, None for continuous data.
         variance: the reverse variance used for the ELBO terms and ancestral sampling: ``small | large`` (fixed) or
             ``learned_range`` (the network outputs twice the data's channels: the mean, then v). Continuous time trains

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from diffusion_elbo.core.chain import NoiseSchedule
 from diffusion_elbo.core.discrete_data import discrete_oracle_x0, discrete_posterior_mean, resolve_probs
 from diffusion_elbo.core.gaussian_data import oracle_x0
 from diffusion_elbo.core.logsnr import alpha_sigma
 from diffusion_elbo.core.parametrization import Parametrization, output_from_x0
-from diffusion_elbo.core.schedules import NoiseSchedule
 from diffusion_elbo.core.vdm import gaussian_oracle_x0
 
 
