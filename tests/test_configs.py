@@ -102,6 +102,12 @@ def test_validate_config_lists_every_problem():
         (["trainer=gpu"], "trainer.accelerator=gpu (trainer=gpu) but torch"),
         (["callbacks.fid.features=inception"], "callbacks.fid.features=inception needs torch-fidelity, which is not "
          "installed here: use callbacks.fid.features=classifier"),
+        # the schedule, an object like the others: its keys against its class, then the class's own checks
+        (["schedule=cosine", "schedule.s=abc"], "schedule.s='abc' must be float (CosineBetas's argument s: float)"),
+        (["schedule=custom", "schedule.betas=[0.1,1.5]"], "schedule: schedule 'custom' with T=2 has 1 beta(s) "
+         "outside (0, 1) or non-finite: t=2: beta=1.5"),
+        (["schedule=logsnr_discrete", "schedule.base=quartic"], "schedule: schedule.base='quartic' is not a beta "
+         "schedule; choose one of: linear, quadratic, cosine, sigmoid"),
     ],
 )  # fmt: skip
 def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrides, problem):

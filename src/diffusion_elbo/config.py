@@ -83,14 +83,19 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     from diffusion_elbo.builders import is_continuous
 
     continuous = is_continuous(cfg)
-    schedule_problems = _schedule_problems(cfg, continuous)
-    problems.extend(schedule_problems)
+    # the schedule's keys the framework itself reads (T, the log-SNR endpoints), then the schedule built once unless one
+    # of those keys is already refused (its own check would say the same again)
+    key_problems: list[str] = []
+    _check_timesteps(cfg, continuous, key_problems)
+    if continuous:
+        key_problems.extend(_continuous_problems(cfg))
+    schedule_problems = _schedule_problems(
+        cfg, continuous, build=not any(p.startswith("schedule.") for p in key_problems)
+    )
+    problems.extend([*schedule_problems, *key_problems])
     schedule_name = _schedule_name(cfg) if not schedule_problems else _target_name(cfg, "schedule")
     for key in object_nodes(cfg):
         problems.extend(object_problems(cfg, key))
-    _check_timesteps(cfg, continuous, problems)
-    if continuous:
-        problems.extend(_continuous_problems(cfg))
     if OmegaConf.select(cfg, "task_name") == "train":
         problems.extend(_objective_problems(cfg, schedule_name, continuous))
     for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
@@ -346,7 +351,7 @@ def _schedule_name(cfg: DictConfig) -> str | None:
         return _target_name(cfg, "schedule")
 
 
-def _schedule_problems(cfg: DictConfig, continuous: bool) -> list[str]:
+def _schedule_problems(cfg: DictConfig, continuous: bool, *, build: bool = True) -> list[str]:
     """The schedule node checked before any work: its keys against its ``_target_``'s constructor (a continuous-time
     node's ``builders.CHAIN_KEYS`` are the module's, not the schedule's), then the schedule built once, so its own checks
     run (a beta outside (0, 1), T < 1, an unknown base, gamma_min >= gamma_max: each names the key and the fix)."""
@@ -358,7 +363,7 @@ def _schedule_problems(cfg: DictConfig, continuous: bool) -> list[str]:
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return []  # eval and sample read the schedule from the checkpoint
     problems = _constructor_problems(cfg, "schedule", ignored=CHAIN_KEYS if continuous else ())
-    if problems or constructor_parameters(str(node._target_)) is None:
+    if problems or not build or constructor_parameters(str(node._target_)) is None:
         return problems  # an unimportable target fails in instantiate, with Hydra's message
     try:
         build_logsnr(cfg)
