@@ -340,7 +340,9 @@ def test_every_job_of_a_sweep_has_its_own_folder_and_wandb_run_under_every_launc
         run = runs[0]
         assert run.run_id == (tmp_path / job / "wandb_run_id.txt").read_text().strip()
         assert (run.name, run.group) == (job, f"train-{tmp_path.name}")
-        assert run.config["schedule"]["name"] == schedule and run.summary["schedule/timesteps"] == 50
+        # the group's option as typed (the node holds the class and its arguments), for a dashboard to group by
+        assert run.config["choices"]["schedule"] == schedule and run.summary["schedule/timesteps"] == 50
+        assert run.config["schedule"]["_target_"].endswith(f"{schedule.capitalize()}Betas")
         assert run.exit_code == int(failed)  # W&B shows the failed job's run as failed
         # its own history: the failed job stopped before step 2, the other trained and validated at step 2
         assert (max(run.steps) < 2 if failed else max(run.steps) == 2) and ("val/elbo_bpd" in run.summary) != failed
@@ -383,7 +385,7 @@ def test_a_sweep_over_three_schedules_gives_readable_runs_and_their_evals_land_i
     for run in evaluated:  # the training run, then the eval resuming it: one W&B run id per job
         train_run, eval_run = runs_in(tmp_path / run)
         assert train_run.run_id == eval_run.run_id == (tmp_path / run / "wandb_run_id.txt").read_text().strip()
-        assert train_run.config["schedule"]["name"] == run.removeprefix("schedule-")
+        assert train_run.config["choices"]["schedule"] == run.removeprefix("schedule-")
         assert (train_run.name, train_run.group) == (eval_run.name, eval_run.group) == (run, f"train-{tmp_path.name}")
         assert max(train_run.steps) == 2 and eval_run.summary["test/bpd"] > 0 and eval_run.summary["test/ckpt"]
     assert len({runs_in(tmp_path / run)[0].run_id for run in runs}) == 3

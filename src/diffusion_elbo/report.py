@@ -50,8 +50,8 @@ COLUMNS = [
 
 def _choice(run_dir: Path, cfg, group: str) -> str | None:
     """The option of config ``group`` a run was given (``schedule=cosine``, ``loss=vdm``, or a plugin's): Hydra's record
-    of the choices in the run's .hydra/hydra.yaml, else the group's ``name`` key (the built-in schedules; losses of
-    runs written before the loss group built objects), else its ``_target_``'s class name."""
+    of the choices in the run's .hydra/hydra.yaml, else the group's ``name`` key (schedules and losses of runs written
+    before their groups built objects), else its ``_target_``'s class name."""
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     if hydra_yaml.is_file():
         chosen = OmegaConf.select(OmegaConf.load(hydra_yaml), f"hydra.runtime.choices.{group}")

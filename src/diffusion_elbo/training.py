@@ -51,6 +51,16 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     return sweep_group(hc.job.name, hc.sweep.dir), Path(hc.runtime.output_dir).name  # the job's folder name
 
 
+def config_choices() -> dict:
+    """``{"choices": {"schedule": "cosine", "model": "unet", ...}}``: the option each config group was given (Hydra's
+    record), so a dashboard groups runs by the words users typed (the nodes themselves hold ``_target_`` and arguments);
+    empty when no Hydra run is active (``train(cfg)`` called directly)."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {"choices": {str(k): v for k, v in choices.items() if not str(k).startswith("hydra/") and v is not None}}
+
+
 def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
     """The W&B group of a sweep's runs, e.g. ``train-2026-12-04_14-30-00``: the job's name and the sweep folder's."""
     return f"{job_name}-{Path(sweep_dir).name}"
@@ -347,8 +357,9 @@ def _fit(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir, plugins=plugins
     )
     warn_if_processes_exceed_cores(trainer)
-    for logger in trainer.loggers:  # the resolved config, once per run
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    hyperparameters = {**OmegaConf.to_container(cfg, resolve=True), **config_choices()}
+    for logger in trainer.loggers:  # the resolved config and the option of each group, once per run
+        logger.log_hyperparams(hyperparameters)
     define_wandb_metrics(trainer)
 
     log.info(
