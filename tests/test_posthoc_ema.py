@@ -1,0 +1,190 @@
+"""Post-hoc EMA (Karras et al. 2024, EDM2 sec. 3): the power-function profile against the EMA recursion, the
+least-squares reconstruction against stored and classic profiles and a toy model's weights, and the callback's
+snapshots on one run and on a run resumed half-way."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from diffusion_elbo.core.posthoc_ema import (
+    Snapshot,
+    combine,
+    ema_profile,
+    gamma_from_sigma_rel,
+    power_ema_decay,
+    power_profile,
+    sigma_rel_from_gamma,
+    solve_coefficients,
+)
+from diffusion_elbo.lightning.posthoc_ema import PostHocEMA, read_snapshots
+
+
+def _run_recursion(steps: int, decays) -> torch.Tensor:
+    """The EMA of theta_k = e_k (the k-th unit vector) after ``steps`` updates with decay decays(k): its entries are
+    the profile's weights, whatever the recursion does."""
+    ema = torch.zeros(steps, dtype=torch.float64)
+    for k in range(1, steps + 1):
+        theta = torch.zeros(steps, dtype=torch.float64)
+        theta[k - 1] = 1.0
+        ema = decays(k) * ema + (1 - decays(k)) * theta
+    return ema
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.2])
+def test_the_power_profile_closed_form_is_the_ema_recursion_step_by_step(sigma_rel):
+    gamma = gamma_from_sigma_rel(sigma_rel)
+    assert sigma_rel_from_gamma(gamma) == pytest.approx(sigma_rel, rel=1e-12)
+    simulated = _run_recursion(300, lambda k: power_ema_decay(k, gamma))
+    torch.testing.assert_close(power_profile(300, gamma), simulated, rtol=1e-10, atol=1e-14)
+    assert float(simulated.sum()) == pytest.approx(1.0, abs=1e-12)
+    # the profile's relative width is sigma_rel (EDM2 eq. 123; a discrete profile of 300 steps, within 1%)
+    k = torch.arange(1, 301, dtype=torch.float64)
+    mean = float((simulated * k).sum())
+    std = math.sqrt(float((simulated * (k - mean) ** 2).sum()))
+    assert std / 300 == pytest.approx(sigma_rel, rel=0.01)
+    classic = _run_recursion(300, lambda k: 0.0 if k == 1 else 0.99)
+    torch.testing.assert_close(ema_profile(300, 0.99, warmup=False), classic, rtol=1e-10, atol=1e-14)
+    warm = _run_recursion(300, lambda k: 0.0 if k == 1 else min(0.99, k / (9 + k)))  # update n = k - 1
+    torch.testing.assert_close(ema_profile(300, 0.99), warm, rtol=1e-10, atol=1e-14)
+    # EDM2's published pair: sigma_rel 0.05 and 0.10 are gamma 16.97 and 6.94
+    assert gamma_from_sigma_rel(0.05) == pytest.approx(16.97, abs=0.01)
+    assert gamma_from_sigma_rel(0.10) == pytest.approx(6.94, abs=0.01)
+
+
+def _snapshots(last: int, every: int, sigma_rels=(0.05, 0.1)) -> list[Snapshot]:
+    return [Snapshot(s, gamma_from_sigma_rel(r)) for s in range(every, last + 1, every) for r in sigma_rels]
+
+
+def test_the_reconstruction_gives_back_a_stored_profile_exactly_and_a_classic_ema_closely():
+    snapshots = _snapshots(2000, 100)
+    stored = snapshots[-3]  # sigma_rel 0.05 at step 1900, asked for at step 2000
+    fit = solve_coefficients(snapshots, power_profile(stored.step, stored.gamma, 2000))
+    assert fit.residual < 1e-9
+    one_hot = torch.zeros(len(snapshots), dtype=torch.float64)
+    one_hot[len(snapshots) - 3] = 1.0
+    torch.testing.assert_close(fit.coefficients, one_hot, rtol=0, atol=1e-6)
+    # a width between the stored ones, and the default run's EMA (callbacks.ema: decay 0.999 with its warm-up)
+    between = solve_coefficients(snapshots, power_profile(2000, gamma_from_sigma_rel(0.08))).residual
+    classic = solve_coefficients(snapshots, ema_profile(2000, 0.999)).residual
+    assert between < 0.02 and classic < 0.05, (between, classic)
+    with pytest.raises(ValueError, match="no snapshots"):
+        solve_coefficients([], power_profile(10, 1.0))
+
+
+def test_reconstructed_weights_of_a_toy_model_match_the_direct_average_of_its_trajectory():
+    """theta_k of a toy linear model trained by SGD: the rebuilt average sum_i x_i snapshot_i against
+    sum_k r_k theta_k computed directly from the whole trajectory, within the residual's bound."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    gammas = [gamma_from_sigma_rel(0.05), gamma_from_sigma_rel(0.1)]
+    averages = [{k: v.detach().clone() for k, v in model.state_dict().items()} for _ in gammas]
+    trajectory, snapshots, states = [], [], []
+    for step in range(1, 401):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trajectory.append(theta)
+        for avg, gamma in zip(averages, gammas, strict=True):
+            for k in avg:
+                avg[k].lerp_(theta[k], 1 - power_ema_decay(step, gamma))
+        if step % 50 == 0:
+            snapshots += [Snapshot(step, gamma) for gamma in gammas]
+            states += [{k: v.clone() for k, v in avg.items()} for avg in averages]
+    target = power_profile(400, gamma_from_sigma_rel(0.08))
+    fit = solve_coefficients(snapshots, target)
+    rebuilt = combine(states, fit.coefficients)
+    for key in rebuilt:
+        direct = sum(w * theta[key] for w, theta in zip(target.tolist(), trajectory, strict=True))
+        spread = torch.stack([t[key] for t in trajectory]).abs().max()
+        error = (rebuilt[key] - direct).abs().max()
+        assert error <= fit.residual * spread * math.sqrt(400) + 1e-12, (key, float(error), fit.residual)
+        assert error < 1e-2 * spread
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.net(x) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        # one batch of 8 examples, repeated: every step sees the same data, so a resumed run's steps are the straight
+        # run's whatever batch Lightning's resume starts from (the project's own data order is tested in test_training)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+        data = torch.utils.data.TensorDataset(x.repeat(8, 1), y.repeat(8, 1))
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _fit(root, max_steps: int, ckpt_path=None) -> None:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[PostHocEMA(sigma_rels=[0.05, 0.1], snapshot_every=4),
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+    )  # fmt: skip
+    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+
+
+def test_the_callback_writes_snapshots_that_a_resumed_run_continues_exactly(tmp_path):
+    """14 steps straight against 8, a resume from last.ckpt and 6 more, snapshots every 4 steps and at the end: the
+    same averages (the raw weights too)."""
+    _fit(tmp_path / "straight", 14)
+    _fit(tmp_path / "resumed", 8)
+    _fit(tmp_path / "resumed", 14, ckpt_path=tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    straight, straight_states = read_snapshots(tmp_path / "straight" / "checkpoints" / "posthoc_ema")
+    resumed, resumed_states = read_snapshots(tmp_path / "resumed" / "checkpoints" / "posthoc_ema")
+    assert [s.step for s in straight] == [4, 4, 8, 8, 12, 12, 14, 14] == [s.step for s in resumed]
+    assert straight[0].gamma == pytest.approx(gamma_from_sigma_rel(0.05))
+    for a, b in zip(straight_states, resumed_states, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    raw = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+           for run in ("straight", "resumed")]  # fmt: skip
+    torch.testing.assert_close(raw[0], raw[1], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(straight_states[-1]["net.weight"], raw[0]["net.weight"])  # an average, not the last weights
+    with pytest.raises(ValueError, match="sigma_rel=0.5 must be in"):
+        PostHocEMA(sigma_rels=[0.5])
+    with pytest.raises(ValueError, match="snapshot_every=0"):
+        PostHocEMA(snapshot_every=0)
+
+
+def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_average(tmp_path):
+    """``src/posthoc_ema.py``'s job on a run's snapshots: a stored width comes back as the stored average itself, a
+    width in between as the combination, each in a copy of last.ckpt; reconstruction.json has the fit of each."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from diffusion_elbo.posthoc import run_posthoc_ema
+
+    _fit(tmp_path / "run", 12)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    torch.save({**checkpoint, "diffusion_elbo_config": {"seed": 0}}, last)  # as src/train.py writes it
+    cfg = OmegaConf.create({"run_dir": str(tmp_path / "run"), "sigma_rel": [0.05, 0.08], "decay": 0.9, "step": None})
+    written = run_posthoc_ema(cfg, str(tmp_path / "job"))
+    assert [p.name for p in written] == ["posthoc_sigma_rel_0.050.ckpt", "posthoc_sigma_rel_0.080.ckpt",
+                                         "posthoc_decay_0.9.ckpt"]  # fmt: skip
+    snapshots, states = read_snapshots(tmp_path / "run" / "checkpoints" / "posthoc_ema")
+    stored = torch.load(written[0], weights_only=False)
+    torch.testing.assert_close(stored["state_dict"]["net.weight"], states[-2]["net.weight"], rtol=1e-5, atol=1e-6)
+    assert stored["global_step"] == checkpoint["global_step"] and stored["posthoc_ema"]["step"] == 12
+    fits = json.loads((tmp_path / "job" / "reconstruction.json").read_text())
+    assert fits["sigma_rel_0.050"]["residual"] < 1e-9 and fits["sigma_rel_0.080"]["residual"] < 0.05
+    with pytest.raises(FileNotFoundError, match="no post-hoc EMA snapshots"):
+        read_snapshots(tmp_path / "elsewhere")
