@@ -181,6 +181,7 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
     assert [p.name for p in written] == ["posthoc_sigma_rel_0.050.ckpt", "posthoc_sigma_rel_0.080.ckpt",
                                          "posthoc_decay_0.9.ckpt"]  # fmt: skip
     snapshots, states = read_snapshots(tmp_path / "run" / "checkpoints" / "posthoc_ema")
+    assert snapshots[-2].step == 12 and snapshots[-2].gamma == pytest.approx(gamma_from_sigma_rel(0.05))
     stored = torch.load(written[0], weights_only=False)
     torch.testing.assert_close(stored["state_dict"]["net.weight"], states[-2]["net.weight"], rtol=1e-5, atol=1e-6)
     assert stored["global_step"] == checkpoint["global_step"] and stored["posthoc_ema"]["step"] == 12
