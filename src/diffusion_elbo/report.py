@@ -85,7 +85,11 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         if failure.is_file():  # written by the job that failed (diffusion_elbo.cli.write_failure)
             record = json.loads(failure.read_text())
             row["status"] = "failed"
-            row["failure"] = f"{record.get('error')}: {record.get('message', '')}".splitlines()[0][:300]
+            # one line: the message's first, or for a list of problems (ConfigError's "invalid config:\n  - ...") its
+            # problems joined
+            lines = [line.strip().removeprefix("- ") for line in str(record.get("message", "")).splitlines()]
+            message = lines[0] if len(lines) < 2 else f"{lines[0]} " + "; ".join(line for line in lines[1:] if line)
+            row["failure"] = f"{record.get('error')}: {message}"[:300]
         else:
             row["status"] = "finished" if train_metrics.is_file() else "incomplete"
         if train_metrics.is_file():
