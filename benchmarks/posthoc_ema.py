@@ -51,8 +51,9 @@ def fids(ckpt: Path, num_samples: int, seeds: int, cache_dir: str) -> list[float
     fid = make_fid(run.datamodule, cache_dir=cache_dir, device=device)
     sampler = DDIMSampler(steps=50, spacing=OmegaConf.select(OmegaConf.create(run.config), "sampler.spacing") or "time")
     return [
-        compute_fid(run.module, fid, num_samples=num_samples, rank=0, world_size=1, sampler=sampler, batch_size=500,
-                    seed=seed)  # fmt: skip
+        compute_fid(
+            run.module, fid, num_samples=num_samples, rank=0, world_size=1, sampler=sampler, batch_size=500, seed=seed
+        )
         for seed in range(seeds)
     ]
 

@@ -66,7 +66,9 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
         if missing:
             raise CheckpointError(f"the snapshots hold parameters that {last} does not: {missing[:5]}")
         state.update({k: v.to(state[k].dtype) for k, v in averaged.items()})
-        at = "" if cfg.step is None else f"_step_{step:07d}"  # a rebuild as of an earlier step keeps the last's name free
+        at = (
+            "" if cfg.step is None else f"_step_{step:07d}"
+        )  # a rebuild as of an earlier step keeps the last's name free
         out = checkpoints / f"posthoc_{label}{at}.ckpt"
         provenance = {"target": label, "step": step, "residual": fit.residual}
         AtomicCheckpointIO().save_checkpoint({**checkpoint, "state_dict": state, "posthoc_ema": provenance}, out)
