@@ -23,7 +23,6 @@ vdm)                       for t >= 2 and ``small``:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.core.chain import NoiseSchedule
+from diffusion_elbo.core.distributions import bits_per_dim_scale
 from diffusion_elbo.core.parametrization import Parametrization, training_target, x0_error_scale
 from diffusion_elbo.core.reverse import ReverseVariance, split_output, stop_mean_gradient
 from diffusion_elbo.core.timesteps import TimestepSampling
@@ -317,7 +317,7 @@ def hybrid_vlb_weight(vlb_weight: float, num_dims: int) -> float:
     Their code adds ``vb * T / 1000`` to the MSE, ``vb`` being L_t in bits/dim at one uniform t; that is
     lambda L_vlb = lambda T L_t at lambda = 0.001 (L_vlb = sum_t L_t, estimated by T L_t), which is why 0.001
     means the same at any T. For uniform t, L_t / p(t) = T L_t already carries the T, so no further T/1000 here."""
-    return vlb_weight / (num_dims * math.log(2.0))
+    return vlb_weight * bits_per_dim_scale(num_dims)
 
 
 # the MSE losses by the names ``loss.mean_loss`` takes (and configs written before the loss group built objects)
