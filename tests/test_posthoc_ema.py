@@ -189,3 +189,35 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
     assert fits["sigma_rel_0.050"]["residual"] < 1e-9 and fits["sigma_rel_0.080"]["residual"] < 0.05
     with pytest.raises(FileNotFoundError, match="no post-hoc EMA snapshots"):
         read_snapshots(tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_against_its_own_checkpoint(tmp_path):
+    """The user's path: train with callbacks=posthoc_ema, then the job with evaluate.enabled: one checkpoint per width,
+    each evaluated by the eval job into the run's eval/ folder, evaluation.json and the plot; the run's EMA state is
+    untouched (its last.ckpt is read, not written)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from diffusion_elbo.posthoc import run_posthoc_ema
+    from diffusion_elbo.training import train
+
+    from .helpers import SMALL_UNET, compose_train
+
+    run = tmp_path / "run"
+    cfg = compose_train(run, [*SMALL_UNET, "callbacks=posthoc_ema", "callbacks.posthoc_ema.snapshot_every=5",
+                              "trainer.max_steps=10"])  # fmt: skip
+    train(cfg, str(run))
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    job = OmegaConf.create({"run_dir": str(run), "sigma_rel": [0.05, 0.1], "decay": None, "step": None,
+                            "evaluate": {"enabled": True, "split": "val", "num_examples": 8, "fid_samples": 0,
+                                         "seed": 0}})  # fmt: skip
+    written = run_posthoc_ema(job, str(tmp_path / "job"))
+    assert [p.name for p in written] == ["posthoc_sigma_rel_0.050.ckpt", "posthoc_sigma_rel_0.100.ckpt"]
+    results = json.loads((tmp_path / "job" / "evaluation.json").read_text())
+    assert set(results) == {"run", "sigma_rel_0.050", "sigma_rel_0.100"}
+    assert all(math.isfinite(r["bpd"]) and r["bpd"] > 0 for r in results.values())
+    assert (run / "eval" / "posthoc_sigma_rel_0.050-trained" / "metrics.json").is_file()
+    assert (tmp_path / "job" / "posthoc_ema.png").stat().st_size > 0
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last

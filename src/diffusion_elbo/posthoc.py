@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion_elbo.checkpoints import CheckpointError, read_checkpoint
 from diffusion_elbo.core.posthoc_ema import (
@@ -57,7 +57,7 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
     if not targets:
         raise ValueError("name what to rebuild: sigma_rel=0.08 (or a list, sigma_rel=[0.05,0.1]) and/or decay=0.999")
     checkpoint = read_checkpoint(last)
-    written, records = [], {}
+    written, records, labels = [], {}, []
     for label, target in targets:
         fit = solve_coefficients(snapshots, target)
         averaged = combine(states, fit.coefficients)
@@ -83,5 +83,79 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
         records[label] = {"path": str(out), "step": step, "residual": fit.residual,
                           "coefficients": fit.coefficients.tolist()}  # fmt: skip
         written.append(out)
+        labels.append(label)
     write_metrics(records, output_dir, name="reconstruction.json")
+    if OmegaConf.select(cfg, "evaluate.enabled", default=False):
+        reference = checkpoints / ("last.ckpt" if cfg.step is None else f"step_{step:07d}.ckpt")
+        evaluate_widths(cfg, [(None, reference), *zip(labels, written, strict=True)], output_dir)
     return written
+
+
+def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]], output_dir: str) -> dict:
+    """Each checkpoint's bound on ``evaluate.split`` (``evaluate.num_examples`` examples) and classifier FID
+    (``evaluate.fid_samples`` DDIM samples) by the eval job, into ``evaluation.json`` and ``posthoc_ema.png``: the bound
+    and the FID against sigma_rel, the run's own checkpoint (label None: its fixed EMA, when it trained with one) as a
+    line. Each evaluation lands in ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it."""
+    from diffusion_elbo.evaluation.job import run_eval
+
+    results = {}
+    for label, ckpt in checkpoints:
+        if not ckpt.is_file():
+            log.warning("%s not found: no reference for the plot", ckpt)
+            continue
+        overrides = [
+            f"ckpt_path={ckpt}",
+            f"split={cfg.evaluate.split}",
+            f"num_examples={cfg.evaluate.num_examples}",
+            f"fid.num_samples={cfg.evaluate.fid_samples}",
+            f"seed={cfg.evaluate.seed}",
+            "wandb.enabled=false",
+        ]
+        metrics = run_eval(compose_eval(overrides), ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained")
+        results[label or "run"] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"],
+                                   "fid": metrics.get("fid")}  # fmt: skip
+    write_metrics(results, output_dir, name="evaluation.json")
+    plot_widths(results, Path(output_dir) / "posthoc_ema.png")
+    return results
+
+
+def compose_eval(overrides: list[str]) -> DictConfig:
+    """The eval job's config with ``overrides``, composed by the running Hydra app, or from the package's conf/ when
+    none runs (the job called as a function)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from diffusion_elbo.cli import CONFIG_PATH, register_resolvers
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return compose("eval", overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose("eval", overrides=overrides)
+
+
+def plot_widths(results: dict, path: Path) -> Path:
+    """The bound (with its standard error) and the FID of each rebuilt sigma_rel, the run's own checkpoint dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted((float(k.removeprefix("sigma_rel_")), v) for k, v in results.items() if k.startswith("sigma_rel_"))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for ax, key, name in ((axes[0], "bpd", "bound (bits/dim)"), (axes[1], "fid", "classifier FID")):
+        values = [(s, v[key], v.get(f"{key}_se", 0.0)) for s, v in widths if v.get(key) is not None]
+        if values:
+            ax.errorbar(
+                [x for x, _, _ in values], [y for _, y, _ in values], yerr=[e for _, _, e in values], marker="o"
+            )
+        if results.get("run", {}).get(key) is not None:
+            ax.axhline(results["run"][key], color="gray", linestyle="--", label="the run's own checkpoint")
+            ax.legend()
+        ax.set_xlabel("sigma_rel")
+        ax.set_ylabel(name)
+    fig.suptitle("post-hoc EMA: the rebuilt average against its width")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
