@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion_elbo.core import make_schedule
@@ -217,12 +218,25 @@ def test_two_process_cpu_ddp_run_trains_validates_and_checkpoints(tmp_path):
         "callbacks.fid.classifier_steps=30",
         f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
         "callbacks.fid.sampler.steps=5",
+        # post-hoc EMA under DDP: every rank updates its averages, rank 0 alone writes the snapshots
+        "callbacks=posthoc_ema",
+        "callbacks.posthoc_ema.snapshot_every=2",
         f"hydra.run.dir={tmp_path / 'run'}",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert m["global_step"] == 4 and math.isfinite(m["val/elbo_bpd"])
+    snapshots = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "posthoc_ema").iterdir())
+    assert snapshots == ["step_0000002.pt", "step_0000004.pt"]  # no stray temporary file of a second writer
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("PostHocEMA"))
+    stored = torch.load(tmp_path / "run" / "checkpoints" / "posthoc_ema" / "step_0000004.pt", weights_only=True)
+    assert state["step"] == 4 and all(
+        torch.equal(state["averages"][i][k].cpu(), stored["averages"][i][k])
+        for i in range(2)
+        for k in stored["averages"][i]
+    )
     assert m["val/fid"] > 0 and 0 <= m["val/fid_classifier_accuracy"] <= 1
     rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "val/elbo_bpd" in rows
