@@ -81,6 +81,10 @@ def test_linear_with_small_T_is_refused_naming_the_steps():
         make_schedule("linear", 10)
     msg = str(err.value)
     assert "T=10" in msg and "t=" in msg and "outside (0, 1)" in msg and "schedule.timesteps" in msg
+    assert "scales beta_start and beta_end by 1000/T" in msg  # the linear class's own hint
+    with pytest.raises(InvalidScheduleError) as err:
+        make_schedule("custom", betas=[0.5, 1.5])
+    assert "outside (0, 1)" in str(err.value) and "1000/T" not in str(err.value)  # no scaling to blame there
 
 
 @pytest.mark.parametrize(

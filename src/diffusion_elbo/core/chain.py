@@ -34,16 +34,9 @@ def validate_betas(betas: Tensor, name: str = "custom") -> None:
         steps = (torch.nonzero(bad).flatten() + 1).tolist()
         shown = ", ".join(f"t={t}: beta={betas[t - 1].item():.4g}" for t in steps[:5])
         more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
-        hint = ""
-        if name in ("linear", "quadratic"):
-            hint = (
-                f" The {name} schedule scales beta_start and beta_end by 1000/T, so small T pushes them "
-                "past 1: use more timesteps (schedule.timesteps) or a smaller schedule.beta_end, "
-                "or schedule=cosine."
-            )
         raise InvalidScheduleError(
             f"schedule '{name}' with T={betas.numel()} has {len(steps)} beta(s) outside (0, 1) or "
-            f"non-finite: {shown}{more}.{hint}"
+            f"non-finite: {shown}{more}."
         )
 
 

@@ -121,18 +121,31 @@ class BetaSchedule(LogSNRSchedule):
         return f"name={self.name}, T={self.T}"
 
 
-class LinearBetas(BetaSchedule):
+class _ScaledBetas(BetaSchedule):
+    """A schedule whose ``beta_start`` and ``beta_end`` are scaled by 1000 / T: its refusal says so."""
+
+    def _build(self, betas: Tensor, name: str) -> None:
+        try:
+            BetaSchedule.__init__(self, betas, name=name)
+        except InvalidScheduleError as err:
+            raise InvalidScheduleError(
+                f"{err} The {name} schedule scales beta_start and beta_end by 1000/T, so small T pushes them past 1: "
+                "use more timesteps (schedule.timesteps) or a smaller schedule.beta_end, or schedule=cosine."
+            ) from None
+
+
+class LinearBetas(_ScaledBetas):
     """``schedule=linear``: :func:`linear_betas` (Ho et al. 2020)."""
 
     def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
-        super().__init__(linear_betas(_check_timesteps(timesteps), beta_start, beta_end), name="linear")
+        self._build(linear_betas(_check_timesteps(timesteps), beta_start, beta_end), "linear")
 
 
-class QuadraticBetas(BetaSchedule):
+class QuadraticBetas(_ScaledBetas):
     """``schedule=quadratic``: :func:`quadratic_betas` (the DDPM/DDIM code's "quad")."""
 
     def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
-        super().__init__(quadratic_betas(_check_timesteps(timesteps), beta_start, beta_end), name="quadratic")
+        self._build(quadratic_betas(_check_timesteps(timesteps), beta_start, beta_end), "quadratic")
 
 
 class CosineBetas(BetaSchedule):
