@@ -854,3 +854,16 @@ def test_objective_rules_are_written_once_and_refused_by_the_config_and_the_modu
     with pytest.raises(ValueError, match=fragment):
         module.setup("fit")
     module.setup("validate")  # evaluating such a module is not training it
+
+
+def test_the_validation_profile_labels_strata_with_the_chain_steps_their_window_spans():
+    """t in [0, 1] spans chain steps 1 .. T + 1 of VDM's chain (T + 1 steps) and 1 .. T of a beta schedule's own chain:
+    the profile's strata cover those steps (decoder first, width 1)."""
+    from diffusion_elbo.core.time_axis import ContinuousTime
+
+    common = {"objective": None, "parametrization": "eps", "num_bins": None, "num_dims": 4, "eval_timesteps": 100}
+    vdm = ContinuousTime(LinearLogSNR(-13.3, 5.0), **common)
+    beta = ContinuousTime(beta_log_snr("linear", 100), **common)
+    assert (vdm.chain.T, vdm.chain_span) == (101, 100) and (beta.chain.T, beta.chain_span) == (100, 99)
+    assert beta.profile_weights(4).tolist() == [1.0, 24.75, 24.75, 24.75, 24.75]
+    assert float(vdm.profile_weights(4).sum()) == 101.0 and float(beta.profile_weights(4).sum()) == 100.0

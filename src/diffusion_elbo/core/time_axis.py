@@ -394,6 +394,9 @@ class ContinuousTime(TimeAxis):
         self.eval_timesteps = int(eval_timesteps)
         self.schedule_lr = schedule_lr
         self.chain = logsnr.discretize(self.eval_timesteps)
+        # the chain steps the bound's t in [0, 1] spans, from step 1 (its decoder): T for VDM's T + 1 steps, T - 1 for a
+        # beta schedule's own T (the profile's labels and widths)
+        self.chain_span = self.chain.T - 1
         # the bound's weighting and its v-MSE share (ELBOLoss's arguments; none for an MSE weighting)
         self.sigmoid_weight = objective.sigmoid_weight if bound else 0.0
         self.sigmoid_bias = objective.sigmoid_bias if bound else 0.0
@@ -605,7 +608,7 @@ class ContinuousTime(TimeAxis):
             num_bins=self.num_bins,
             strata=strata,
             timesteps=self.timesteps,
-            chain_timesteps=self.eval_timesteps,
+            chain_timesteps=self.chain_span,
             **draws,
         )
 
@@ -618,7 +621,7 @@ class ContinuousTime(TimeAxis):
 
     def profile_weights(self, strata: int) -> Tensor:
         """The decoder (1) and the K equal strata of [0, 1) in steps of the chain discretized at eval_timesteps."""
-        widths = torch.full((strata,), self.eval_timesteps / strata, dtype=torch.float64)
+        widths = torch.full((strata,), self.chain_span / strata, dtype=torch.float64)
         return torch.cat([torch.ones(1, dtype=torch.float64), widths])
 
     def metrics(self) -> dict[str, Tensor]:
@@ -643,7 +646,7 @@ class ContinuousTime(TimeAxis):
             "parametrization": self.parametrization,
             "num_bins": self.num_bins,
             "timesteps": self.timesteps,
-            "chain_timesteps": self.eval_timesteps,
+            "chain_timesteps": self.chain_span,
         }
 
 

@@ -249,8 +249,9 @@ def stratified_continuous_elbo(
 
     Returned as an :class:`ELBOResult` laid out like the chain's stratified estimate, so the same metrics, per-t
     profile and rate-distortion apply: ``per_t`` (B, K + 1) holds the reconstruction then each stratum's weighted
-    diffusion term; ``t_values`` are the times on the scale of the chain discretized at ``chain_timesteps`` steps
-    (step j = 1 + t T), ``t_weights`` the strata's widths in those steps. ``u`` (B, K) and ``eps`` (B, K, *D) fix the
+    diffusion term; ``t_values`` are the times as chain steps j = 1 + t S, S = ``chain_timesteps`` the steps that t in
+    [0, 1] spans (T for VDM's chain of T + 1 steps, T - 1 for a beta schedule's own T), ``t_weights`` the strata's
+    widths in those steps. ``u`` (B, K) and ``eps`` (B, K, *D) fix the
     draw (e.g. per-example generators); otherwise they come from ``generator``."""
     batch, dims = x0.shape[0], x0[0].numel()
     device = generator.device if generator is not None else x0.device

@@ -146,13 +146,15 @@ def _continuous_bound_inputs(cfg: DictConfig, e: _Evaluated, device: torch.devic
         return module.to(device).bound_inputs()
     if not (is_continuous(cfg) and isinstance(e.subject.network, ClosedFormOracle)):
         return None
+    schedule = build_logsnr(cfg)
+    eval_timesteps = int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000))
     return {
         "denoiser": e.subject.network.x0_at_log_snr,
-        "logsnr": build_logsnr(cfg).window().to(device),
+        "logsnr": schedule.window().to(device),
         "parametrization": Parametrization.X0,
         "num_bins": e.datamodule.num_bins,
         "timesteps": OmegaConf.select(cfg, "schedule.timesteps"),
-        "chain_timesteps": int(OmegaConf.select(cfg, "schedule.eval_timesteps", default=1000)),
+        "chain_timesteps": schedule.discretize(eval_timesteps).T - 1,  # the chain steps the window spans
     }
 
 
