@@ -77,8 +77,8 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
         if fit.residual > POOR_FIT:
             log.warning(
                 "%s: the snapshots' profiles miss the target's by %.0f%% (relative L2): it lies outside what they span "
-                "(e.g. wider than the widest stored sigma_rel, or a step long before the first snapshot); train with "
-                "a sigma_rels list that brackets it", label, 100 * fit.residual,
+                "(e.g. narrower or wider than the stored sigma_rels, or a step long before the first snapshot); train "
+                "with a sigma_rels list that brackets it", label, 100 * fit.residual,
             )  # fmt: skip
         records[label] = {"path": str(out), "step": step, "residual": fit.residual,
                           "coefficients": fit.coefficients.tolist()}  # fmt: skip
