@@ -157,6 +157,22 @@ def test_the_callback_writes_snapshots_that_a_resumed_run_continues_exactly(tmp_
            for run in ("straight", "resumed")]  # fmt: skip
     torch.testing.assert_close(raw[0], raw[1], rtol=1e-6, atol=1e-7)
     assert not torch.equal(straight_states[-1]["net.weight"], raw[0]["net.weight"])  # an average, not the last weights
+
+    # a run stopped at a step boundary by an exception (as StopOnSignal stops one) snapshots that step too
+    class _Stop(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                raise KeyboardInterrupt
+
+    L.seed_everything(0, verbose=False)
+    stopped = tmp_path / "stopped"
+    posthoc = PostHocEMA(sigma_rels=[0.05, 0.1], snapshot_every=4)
+    trainer = L.Trainer(max_steps=14, default_root_dir=stopped, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[posthoc, _Stop()])  # fmt: skip
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit
+        trainer.fit(_Tiny())
+    names = sorted(p.name for p in (stopped / "checkpoints" / "posthoc_ema").iterdir())
+    assert names == ["step_0000004.pt", "step_0000006.pt"]
     with pytest.raises(ValueError, match="sigma_rel=0.5 must be in"):
         PostHocEMA(sigma_rels=[0.5])
     with pytest.raises(ValueError, match="snapshot_every=0"):

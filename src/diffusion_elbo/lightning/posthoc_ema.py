@@ -4,6 +4,7 @@ by ``src/posthoc_ema.py``. The math is :mod:`diffusion_elbo.core.posthoc_ema`.""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ import lightning as L
 import torch
 
 from diffusion_elbo.core.posthoc_ema import Snapshot, gamma_from_sigma_rel, power_ema_decay
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "posthoc_ema"
 SNAPSHOT_NAME = re.compile(r"step_(\d+)\.pt$")
@@ -91,6 +94,15 @@ class PostHocEMA(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.step and self.step % self.snapshot_every:
             self._write_snapshot(trainer)  # the last step, whatever the interval
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A run stopped by a signal (StopOnSignal raises at a step boundary) or an error: the averages are whole as of
+        the last completed step, so that step gets its snapshot too; a failure to write it is logged, not raised over
+        the run's own exception."""
+        try:
+            self.on_train_end(trainer, pl_module)
+        except Exception as err:  # e.g. the disk that ended the run is still full
+            log.warning("post-hoc EMA: no snapshot of step %d after the run stopped: %s", self.step, err)
 
     def _write_snapshot(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero:
