@@ -67,9 +67,10 @@ def test_eval_cli_oracle_matches_closed_form_and_bounds_true_nll(tmp_path, name)
     [
         # every bad key is named at once, in one error
         (
-            ["parametrization=eps2", "schedule.timesteps=0", "data.std=-1", "variance=tiny", "batch_size=0"],
+            ["parametrization=eps2", "schedule.timesteps=0", "data.std=-1", "variance=tiny", "batch_size=0",
+             "fid.seeds=0"],
             ["parametrization='eps2' is not an option", "eps | x0 | v", "schedule.timesteps=0 must be >= 2",
-             "data.std=-1", "variance='tiny'", "batch_size=0 must be >= 1"],
+             "data.std=-1", "variance='tiny'", "batch_size=0 must be >= 1", "fid.seeds=0 must be >= 1"],
         ),
         (["schedule=linear", "schedule.timesteps=10"], ["beta(s) outside (0, 1)", "t=10"]),
     ],

@@ -226,14 +226,36 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
                               "trainer.max_steps=10"])  # fmt: skip
     train(cfg, str(run))
     last = (run / "checkpoints" / "last.ckpt").read_bytes()
-    job = OmegaConf.create({"run_dir": str(run), "sigma_rel": [0.05, 0.1], "decay": None, "step": None,
-                            "evaluate": {"enabled": True, "split": "val", "num_examples": 8, "fid_samples": 0,
-                                         "seed": 0}})  # fmt: skip
+    job = OmegaConf.create(
+        {
+            "run_dir": str(run),
+            "sigma_rel": [0.05, 0.1],
+            "decay": None,
+            "step": None,
+            "evaluate": {
+                "enabled": True,
+                "split": "val",
+                "num_examples": 8,
+                "fid_samples": 16,
+                "fid_seeds": 2,
+                "seed": 0,
+                "overrides": ["fid.classifier_steps=30", f"fid.cache_dir={tmp_path}"],
+            },
+        }
+    )
     written = run_posthoc_ema(job, str(tmp_path / "job"))
     assert [p.name for p in written] == ["posthoc_sigma_rel_0.050.ckpt", "posthoc_sigma_rel_0.100.ckpt"]
     results = json.loads((tmp_path / "job" / "evaluation.json").read_text())
     assert set(results) == {"run", "sigma_rel_0.050", "sigma_rel_0.100"}
     assert all(math.isfinite(r["bpd"]) and r["bpd"] > 0 for r in results.values())
+    # the paired comparisons: the same 8 examples with the same noise, and the same two x_T sets, for every checkpoint
+    for label in ("sigma_rel_0.050", "sigma_rel_0.100"):
+        r, run_row = results[label], results["run"]
+        assert r["bpd_minus_run"] == pytest.approx(r["bpd"] - run_row["bpd"], abs=1e-6)
+        assert 0 < r["bpd_minus_run_se"] < r["bpd_se"]  # the per-example bounds move together: pairing pays
+        assert len(r["fids"]) == 2 and r["fid"] == pytest.approx(sum(r["fids"]) / 2)
+        assert r["fid_minus_run"] == pytest.approx(r["fid"] - run_row["fid"])
+    assert results["run"]["fids"][0] != results["run"]["fids"][1]  # two seeds, two sample sets
     assert (run / "eval" / "posthoc_sigma_rel_0.050-trained" / "metrics.json").is_file()
     assert (tmp_path / "job" / "posthoc_ema.png").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == last

@@ -98,7 +98,7 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         problems.extend(object_problems(cfg, key))
     if OmegaConf.select(cfg, "task_name") == "train":
         problems.extend(_objective_problems(cfg, schedule_name, continuous))
-    for key in ("data.batch_size", "batch_size", "max_batch", "num_samples"):
+    for key in ("data.batch_size", "batch_size", "max_batch", "num_samples", "fid.seeds"):
         _check_range(cfg, key, problems, minimum=1, integer=True)
     _check_range(cfg, "num_examples", problems, minimum=1, integer=True)
     _check_range(

@@ -5,6 +5,7 @@ a checkpoint that ``src/eval.py`` and ``src/sample.py`` take like any other."""
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -93,12 +94,17 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
 
 def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]], output_dir: str) -> dict:
     """Each checkpoint's bound on ``evaluate.split`` (``evaluate.num_examples`` examples) and classifier FID
-    (``evaluate.fid_samples`` DDIM samples) by the eval job, into ``evaluation.json`` and ``posthoc_ema.png``: the bound
-    and the FID against sigma_rel, the run's own checkpoint (label None: its fixed EMA, when it trained with one) as a
-    line. Each evaluation lands in ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it."""
+    (``evaluate.fid_samples`` DDIM samples from each of ``evaluate.fid_seeds`` seeds) by the eval job, into
+    ``evaluation.json`` and ``posthoc_ema.png``: the bound and the FID against sigma_rel, the run's own checkpoint
+    (label None: its fixed EMA, when it trained with one) as a line. Every checkpoint sees the same examples with the
+    same noise and the same x_T per FID seed, so each width is also compared with the run's checkpoint pairwise:
+    ``bpd_minus_run`` (mean per-example difference, with its standard error ``bpd_minus_run_se``) and
+    ``fid_minus_run`` (mean over seeds of the per-seed difference, with its sd). Each evaluation lands in
+    ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it."""
     from diffusion_elbo.evaluation.job import run_eval
+    from diffusion_elbo.records import paired_difference
 
-    results = {}
+    results, folders = {}, {}
     for label, ckpt in checkpoints:
         if not ckpt.is_file():
             log.warning("%s not found: no reference for the plot", ckpt)
@@ -108,12 +114,23 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
             f"split={cfg.evaluate.split}",
             f"num_examples={cfg.evaluate.num_examples}",
             f"fid.num_samples={cfg.evaluate.fid_samples}",
+            f"fid.seeds={OmegaConf.select(cfg, 'evaluate.fid_seeds', default=1)}",
             f"seed={cfg.evaluate.seed}",
             "wandb.enabled=false",
+            *(OmegaConf.select(cfg, "evaluate.overrides", default=None) or []),
         ]
-        metrics = run_eval(compose_eval(overrides), ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained")
-        results[label or "run"] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"],
-                                   "fid": metrics.get("fid")}  # fmt: skip
+        key = label or "run"
+        folders[key] = ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained"
+        metrics = run_eval(compose_eval(overrides), folders[key])
+        results[key] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"]}
+        results[key].update({k: metrics[k] for k in ("fid", "fid_sd", "fids") if k in metrics})
+        if key != "run" and "run" in results:
+            diff, se = paired_difference(folders[key] / "per_example.csv", folders["run"] / "per_example.csv")
+            results[key].update({"bpd_minus_run": diff, "bpd_minus_run_se": se})
+            if "fids" in results[key] and "fids" in results["run"]:
+                d = [a - b for a, b in zip(results[key]["fids"], results["run"]["fids"], strict=True)]
+                results[key].update({"fid_minus_run": statistics.mean(d), "fid_minus_run_sd": statistics.stdev(d)})
+        write_metrics(results, output_dir, name="evaluation.json")  # after each checkpoint: a long job keeps its rows
     write_metrics(results, output_dir, name="evaluation.json")
     plot_widths(results, Path(output_dir) / "posthoc_ema.png")
     return results

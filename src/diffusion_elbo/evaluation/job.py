@@ -5,6 +5,7 @@ summary and the checkpoint's W&B run."""
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,8 @@ def _summary_line(metrics: dict) -> str:
         parts.append(f"{key.removesuffix('_bpd')} = {metrics[key]:.4f} ± {metrics[key + '_se']:.4f} bpd")
     if "fid" in metrics:
         line = f"FID ({metrics['fid_features']}, {metrics['fid_num_samples']} samples) = {metrics['fid']:.3f}"
+        if "fid_sd" in metrics:
+            line += f" ± {metrics['fid_sd']:.3f} (sd over {len(metrics['fids'])} sampling seeds)"
         if metrics.get("fid_classifier_accuracy") is not None:
             line += f" [feature classifier test accuracy {metrics['fid_classifier_accuracy']:.4f}]"
         parts.append(line)
@@ -312,18 +315,26 @@ def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, t
         classifier_steps=int(f.classifier_steps),
         device=device,
     )
-    value = compute_fid(
-        module,
-        fid,
-        num_samples=int(f.num_samples),
-        rank=0,
-        world_size=1,
-        sampler=sampler,
-        batch_size=int(f.batch_size),
-        seed=int(cfg.seed),
-    )
+    seeds = [int(cfg.seed) + k for k in range(int(OmegaConf.select(f, "seeds", default=1) or 1))]
+    values = [
+        compute_fid(
+            module,
+            fid,
+            num_samples=int(f.num_samples),
+            rank=0,
+            world_size=1,
+            sampler=sampler,
+            batch_size=int(f.batch_size),
+            seed=seed,
+        )
+        for seed in seeds
+    ]
+    spread = {}
+    if len(values) > 1:  # the sampling noise of the FID: each seed's own x_T for every sample
+        spread = {"fid_sd": statistics.stdev(values), "fids": values, "fid_seeds": seeds}
     return {
-        "fid": value,
+        "fid": statistics.mean(values),
+        **spread,
         "fid_features": f.features,
         "fid_num_samples": int(f.num_samples),
         # the grid is named only where it is not DDIM's evenly spaced timesteps, so earlier records stay comparable
