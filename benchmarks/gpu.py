@@ -383,8 +383,7 @@ def inception_section(module, datamodule, args: argparse.Namespace, device: torc
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     from diffusion_elbo.core.samplers import DDIMSampler
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
 
     cache = Path(tempfile.mkdtemp(prefix="gpu-fid-"))
     weights = cache / "inception-own-init.pth"

@@ -284,8 +284,7 @@ def bench_eval(rounds: int, overrides: list[str], batch: int, timesteps: int, ro
 def bench_sampling(ckpt: str, num_samples: int, cache_dir: str) -> dict:
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_for_eval(ckpt, device)

@@ -52,8 +52,7 @@ def cells(learns_variance: bool) -> list[tuple[type, str, bool, str]]:
 def measure(label: str, ckpt: str, steps: list[int], num_samples: int, analytic_examples: int, cache_dir: str) -> dict:
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.reverse import learns_variance
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
     from diffusion_elbo.sampling import sampling_analytic_table
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,8 +92,7 @@ def seed_spread(ckpt: str, steps: int, num_samples: int, seeds: int, cache_dir: 
     between cells of one table are smaller than this spread suggests (they share x_T), but not much smaller."""
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.samplers import DDIMSampler
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_for_eval(ckpt, device)

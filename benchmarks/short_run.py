@@ -63,8 +63,7 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     once per sampling seed (other x_T and noise), with the functions ``src/eval.py`` uses."""
     from diffusion_elbo.checkpoints import load_for_eval
     from diffusion_elbo.core.samplers import DDIMSampler
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
 
     loaded = load_for_eval(ckpt)
     loaded.datamodule.setup("fit")

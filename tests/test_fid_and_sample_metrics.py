@@ -169,7 +169,7 @@ def test_fid_sample_set_is_the_same_on_1_2_and_3_processes(tmp_path):
     set together are the single-process set, sample for sample."""
     from diffusion_elbo.builders import build_module
     from diffusion_elbo.core.samplers import DDIMSampler
-    from diffusion_elbo.lightning.callbacks import fid_samples
+    from diffusion_elbo.fid import fid_samples
     from tests.helpers import compose_train
 
     torch.manual_seed(0)

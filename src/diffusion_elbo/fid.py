@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from diffusion_elbo.core.samplers import Sampler
 from diffusion_elbo.data.base import DiffusionDataModule
 from diffusion_elbo.models.classifier import FeatureClassifier
 
@@ -302,3 +304,56 @@ def make_fid(
             for name in REAL_STATES:
                 getattr(metric, name).zero_()
         return fid
+
+
+def compute_fid(
+    module,
+    fid,
+    *,
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    sampler: Sampler,
+    batch_size: int,
+    seed: int,
+    progress=None,
+    variance: Tensor | str | None = None,
+) -> float:
+    """Sample this rank's share of ``num_samples`` with ``sampler`` into the metric and return the gathered FID;
+    ``variance`` overrides the module's reverse variance (:meth:`DiffusionModule.sample`)."""
+    fid.reset_fake()
+    for _, samples in fid_samples(
+        module, num_samples, rank, world_size, sampler=sampler, batch_size=batch_size, seed=seed, progress=progress,
+        variance=variance,
+    ):  # fmt: skip
+        fid.update(samples)
+    return fid.compute()
+
+
+def fid_samples(
+    module,
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    *,
+    sampler: Sampler,
+    batch_size: int,
+    seed: int,
+    **sample_options,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's share of the FID sample set, in batches (indices (n,), samples (n, *D)): samples rank, rank + W,
+    ..., each starting from its own x_T (:func:`~diffusion_elbo.core.elbo.example_generator` of its index), so under
+    DDIM with eta = 0 (the default) the set of samples is the same on any number of processes. Stochastic samplers
+    draw their later noise from a generator of seed + rank."""
+    from diffusion_elbo.core.elbo import example_generator
+
+    indices = torch.arange(rank, num_samples, world_size)
+    generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
+    shape = tuple(module.data_shape)
+    for start in range(0, indices.numel(), batch_size):
+        chunk = indices[start : start + batch_size]
+        x_T = torch.stack([torch.randn(shape, generator=example_generator(seed, int(i))) for i in chunk])
+        samples = module.sample(
+            chunk.numel(), sampler, generator=generator, x_T=x_T.to(module.device), **sample_options
+        )
+        yield chunk, samples

@@ -302,8 +302,7 @@ def _wants_fid(cfg: DictConfig, datamodule) -> bool:
 
 def _checkpoint_fid(cfg: DictConfig, module, datamodule, device: torch.device, train_config: dict) -> dict:
     from diffusion_elbo.builders import build_sampler
-    from diffusion_elbo.fid import make_fid
-    from diffusion_elbo.lightning.callbacks import compute_fid
+    from diffusion_elbo.fid import compute_fid, make_fid
 
     f = cfg.fid
     sampler = build_sampler(f.sampler, train_config)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
 
 from diffusion_elbo.cli import UserError
 from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler, Sampler
 from diffusion_elbo.core.time_axis import ContinuousTime
+from diffusion_elbo.fid import compute_fid
 from diffusion_elbo.progress import ProgressLog, interactive
 from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_plot, save_samples, save_schedule_plot
 
@@ -272,7 +271,7 @@ class ScheduleSummary(L.Callback):
 class FIDMetric(_EveryNValidations):
     """FID every ``every_n_val`` validations on EMA weights (keep it before :class:`EMA` in the list).
 
-    The ``num_samples`` are split across DDP ranks, each sample from its own seed (:func:`fid_samples`); the metric's
+    The ``num_samples`` are split across DDP ranks, each sample from its own seed (:func:`~diffusion_elbo.fid.fid_samples`); the metric's
     sum states are gathered, so N GPUs each do 1/N of the work and report the same value. Skipped (with a log line)
     when the data has no labels for the feature classifier or is not images.
     """
@@ -341,59 +340,6 @@ class FIDMetric(_EveryNValidations):
         pl_module.log("val/fid", value)
         if self.fid.classifier_accuracy is not None:
             pl_module.log("val/fid_classifier_accuracy", self.fid.classifier_accuracy)
-
-
-def compute_fid(
-    module,
-    fid,
-    *,
-    num_samples: int,
-    rank: int,
-    world_size: int,
-    sampler: Sampler,
-    batch_size: int,
-    seed: int,
-    progress=None,
-    variance: Tensor | str | None = None,
-) -> float:
-    """Sample this rank's share of ``num_samples`` with ``sampler`` into the metric and return the gathered FID;
-    ``variance`` overrides the module's reverse variance (:meth:`DiffusionModule.sample`)."""
-    fid.reset_fake()
-    for _, samples in fid_samples(
-        module, num_samples, rank, world_size, sampler=sampler, batch_size=batch_size, seed=seed, progress=progress,
-        variance=variance,
-    ):  # fmt: skip
-        fid.update(samples)
-    return fid.compute()
-
-
-def fid_samples(
-    module,
-    num_samples: int,
-    rank: int,
-    world_size: int,
-    *,
-    sampler: Sampler,
-    batch_size: int,
-    seed: int,
-    **sample_options,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """This rank's share of the FID sample set, in batches (indices (n,), samples (n, *D)): samples rank, rank + W,
-    ..., each starting from its own x_T (:func:`~diffusion_elbo.core.elbo.example_generator` of its index), so under
-    DDIM with eta = 0 (the default) the set of samples is the same on any number of processes. Stochastic samplers
-    draw their later noise from a generator of seed + rank."""
-    from diffusion_elbo.core.elbo import example_generator
-
-    indices = torch.arange(rank, num_samples, world_size)
-    generator = torch.Generator(device=module.device).manual_seed(seed + 100_003 * rank)
-    shape = tuple(module.data_shape)
-    for start in range(0, indices.numel(), batch_size):
-        chunk = indices[start : start + batch_size]
-        x_T = torch.stack([torch.randn(shape, generator=example_generator(seed, int(i))) for i in chunk])
-        samples = module.sample(
-            chunk.numel(), sampler, generator=generator, x_T=x_T.to(module.device), **sample_options
-        )
-        yield chunk, samples
 
 
 class Toy2DMetrics(L.Callback):
