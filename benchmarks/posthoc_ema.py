@@ -86,7 +86,31 @@ def main() -> None:
         },
     }
     (out_dir / f"{args.label}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["best"], indent=1))
+    (out_dir / f"{args.label}.md").write_text(table(result))
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """The result as a markdown table: each checkpoint's bound and FID, and its paired difference from the fixed EMA."""
+    fid = result["fid"]
+    lines = [
+        f"Step {result['step']} of `{result['run']}`: the exact bound on the test split (bits/dim ± SE) and the "
+        f"classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} seeds); the "
+        "differences are paired (the same examples and noise, the same x_T per seed).",
+        "",
+        "| EMA | fit residual | test bound | bound - fixed EMA | FID | FID - fixed EMA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in result["rows"].items():
+        name = "the run's fixed EMA" if label == "run" else label.replace("sigma_rel_", "sigma_rel ")
+        residual = "" if row.get("residual") is None else f"{100 * row['residual']:.1f}%"
+        diff = "" if "bpd_minus_run" not in row else f"{row['bpd_minus_run']:+.4f} ± {row['bpd_minus_run_se']:.4f}"
+        fid_value = "" if "fid" not in row else f"{row['fid']:.3f} ± {row.get('fid_sd', 0.0):.3f}"
+        fid_diff = "" if "fid_minus_run" not in row else f"{row['fid_minus_run']:+.3f} ± {row['fid_minus_run_sd']:.3f}"
+        lines.append(
+            f"| {name} | {residual} | {row['bpd']:.4f} ± {row['bpd_se']:.4f} | {diff} | {fid_value} | {fid_diff} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -207,6 +207,39 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
         read_snapshots(tmp_path / "elsewhere")
 
 
+def test_the_cli_rebuilds_widths_as_a_multirun_and_refuses_a_bad_width_or_folder_by_name(tmp_path):
+    """``python src/posthoc_ema.py -m run_dir=... sigma_rel=0.05,0.08``: one job per width, each with its checkpoint and
+    its reconstruction.json; a width outside (0, 0.2887] or a folder that is no training run exits with status 2 and
+    the fix, writing no checkpoint."""
+    import json
+
+    from .helpers import run_cli
+
+    run = tmp_path / "run"
+    _fit(run, 12)
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save({**torch.load(last, weights_only=False), "diffusion_elbo_config": {"seed": 0}}, last)
+    result = run_cli(
+        "posthoc_ema.py", "-m", f"run_dir={run}", "sigma_rel=0.05,0.08", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fits = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/reconstruction.json"))]
+    assert sorted(label for fit in fits for label in fit) == ["sigma_rel_0.050", "sigma_rel_0.080"]
+    written = sorted(p.name for p in (run / "checkpoints").glob("posthoc_*.ckpt"))
+    assert written == ["posthoc_sigma_rel_0.050.ckpt", "posthoc_sigma_rel_0.080.ckpt"]
+
+    for i, (args, message) in enumerate(
+        [
+            ([f"run_dir={run}", "sigma_rel=0.5"], "sigma_rel=0.5 must be in (0, 1/sqrt(12)"),
+            ([f"run_dir={tmp_path / 'nothing'}"], "must be a training run's folder"),
+        ]
+    ):
+        result = run_cli("posthoc_ema.py", *args, f"hydra.run.dir={tmp_path / f'bad{i}'}")
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("posthoc_*.ckpt")) == written
+
+
 @pytest.mark.slow
 def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_against_its_own_checkpoint(tmp_path):
     """The user's path: train with callbacks=posthoc_ema, then the job with evaluate.enabled: one checkpoint per width,
