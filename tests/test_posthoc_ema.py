@@ -207,6 +207,24 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
         read_snapshots(tmp_path / "elsewhere")
 
 
+def test_the_evaluation_of_the_jobs_default_config_is_the_eval_jobs_with_its_settings(tmp_path):
+    """``evaluate.enabled=true`` as the job's yaml has it (num_examples null: the whole split) composes the eval job's
+    config with each setting, nulls as nulls."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_elbo.cli import CONFIG_PATH, register_resolvers
+    from diffusion_elbo.posthoc import compose_eval, eval_overrides
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        job = compose("posthoc_ema", overrides=[f"run_dir={tmp_path}", "evaluate.enabled=true", "evaluate.fid_seeds=3",
+                                                'evaluate.overrides=["max_batch=64"]'])  # fmt: skip
+    cfg = compose_eval(eval_overrides(job, tmp_path / "a.ckpt"))
+    assert cfg.num_examples is None and cfg.split == "val" and cfg.ckpt_path == str(tmp_path / "a.ckpt")
+    assert (cfg.fid.num_samples, cfg.fid.seeds, cfg.seed, cfg.max_batch) == (2000, 3, 0, 64)
+    assert cfg.wandb.enabled is False
+
+
 def test_the_cli_rebuilds_widths_as_a_multirun_and_refuses_a_bad_width_or_folder_by_name(tmp_path):
     """``python src/posthoc_ema.py -m run_dir=... sigma_rel=0.05,0.08``: one job per width, each with its checkpoint and
     its reconstruction.json; a width outside (0, 0.2887] or a folder that is no training run exits with status 2 and

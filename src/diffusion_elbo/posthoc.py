@@ -109,19 +109,9 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
         if not ckpt.is_file():
             log.warning("%s not found: no reference for the plot", ckpt)
             continue
-        overrides = [
-            f"ckpt_path={ckpt}",
-            f"split={cfg.evaluate.split}",
-            f"num_examples={cfg.evaluate.num_examples}",
-            f"fid.num_samples={cfg.evaluate.fid_samples}",
-            f"fid.seeds={OmegaConf.select(cfg, 'evaluate.fid_seeds', default=1)}",
-            f"seed={cfg.evaluate.seed}",
-            "wandb.enabled=false",
-            *(OmegaConf.select(cfg, "evaluate.overrides", default=None) or []),
-        ]
         key = label or "run"
         folders[key] = ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained"
-        metrics = run_eval(compose_eval(overrides), folders[key])
+        metrics = run_eval(compose_eval(eval_overrides(cfg, ckpt)), folders[key])
         results[key] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"]}
         results[key].update({k: metrics[k] for k in ("fid", "fid_sd", "fids") if k in metrics})
         if key != "run" and "run" in results:
@@ -134,6 +124,25 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
     write_metrics(results, output_dir, name="evaluation.json")
     plot_widths(results, Path(output_dir) / "posthoc_ema.png")
     return results
+
+
+def eval_overrides(cfg: DictConfig, ckpt: Path) -> list[str]:
+    """The eval job's overrides for ``ckpt`` from the post-hoc job's ``evaluate`` node (a null is Hydra's ``null``)."""
+
+    def value(key: str, default=None) -> str:
+        v = OmegaConf.select(cfg, f"evaluate.{key}", default=default)
+        return "null" if v is None else str(v)
+
+    return [
+        f"ckpt_path={ckpt}",
+        f"split={value('split', 'val')}",
+        f"num_examples={value('num_examples')}",
+        f"fid.num_samples={value('fid_samples', 2000)}",
+        f"fid.seeds={value('fid_seeds', 1)}",
+        f"seed={value('seed', 0)}",
+        "wandb.enabled=false",
+        *(OmegaConf.select(cfg, "evaluate.overrides", default=None) or []),
+    ]
 
 
 def compose_eval(overrides: list[str]) -> DictConfig:
