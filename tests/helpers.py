@@ -133,7 +133,13 @@ class _Zygote:
 
         self.count += 1
         out, err = self.dir / f"{self.count}.out", self.dir / f"{self.count}.err"
-        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        import signal
+
+        # what an exec'd child inherits from this process now: its ignored signals stay ignored
+        ignored = [int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+                   if signal.getsignal(s) == signal.SIG_IGN]  # fmt: skip
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                   "ignored_signals": ignored}  # fmt: skip
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.socket)
         conn.sendall(json.dumps(request).encode() + b"\n")

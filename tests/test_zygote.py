@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,19 +43,30 @@ def test_a_forked_command_sees_what_a_fresh_interpreter_sees(tmp_path):
     script.write_text(PROBE)
     extra = tmp_path / "extra"
     env = {"PROBE_ENV": "x y", "PYTHONPATH": str(extra), "OMP_NUM_THREADS": "1"}
-    forked = [run_python(script, "3", "a b", cwd=tmp_path, env=env) for _ in range(2)]
-    fresh = _fresh(script, "3", "a b", cwd=tmp_path, env=env)
-    got = [json.loads(r.stdout) for r in (*forked, fresh)]
-    for result, seen in zip((*forked, fresh), got, strict=True):
-        assert result.returncode == 3 and result.stderr == "to stderr\n"
-        assert seen["argv"] == [str(script), "3", "a b"] and seen["cwd"] == str(tmp_path)
-        assert seen["path0"] == str(script.parent) and seen["pythonpath_first"] == str(extra)
-        assert seen["probe_env"] == "x y" and seen["threads"] == 1 and seen["stdin"] == ""
-        assert seen["name"] == "__main__" and seen["file"] == seen["main_file"] == str(script)
-        # the signal dispositions a fresh interpreter gets from this process (SIGINT ignored where pytest's is)
-        assert (seen["sigint"], seen["sigterm"]) == (got[2]["sigint"], got[2]["sigterm"])
-    # seeded from the OS in each process, as a fresh interpreter does, not copied from the zygote
-    assert got[0]["random"] != got[1]["random"] and got[0]["np_random"] != got[1]["np_random"]
+    # SIGINT ignored by this process, then not (or the other way round): a command inherits it as it is at its start,
+    # not as it was when the zygote started (at this worker's first command, under whichever test ran it)
+    before = signal.getsignal(signal.SIGINT)
+    seen_sigint = []
+    try:
+        for disposition in (signal.SIG_IGN, signal.default_int_handler)[:: 1 if before == signal.SIG_IGN else -1]:
+            signal.signal(signal.SIGINT, disposition)
+            forked = [run_python(script, "3", "a b", cwd=tmp_path, env=env) for _ in range(2)]
+            fresh = _fresh(script, "3", "a b", cwd=tmp_path, env=env)
+            got = [json.loads(r.stdout) for r in (*forked, fresh)]
+            for result, seen in zip((*forked, fresh), got, strict=True):
+                assert result.returncode == 3 and result.stderr == "to stderr\n"
+                assert seen["argv"] == [str(script), "3", "a b"] and seen["cwd"] == str(tmp_path)
+                assert seen["path0"] == str(script.parent) and seen["pythonpath_first"] == str(extra)
+                assert seen["probe_env"] == "x y" and seen["threads"] == 1 and seen["stdin"] == ""
+                assert seen["name"] == "__main__" and seen["file"] == seen["main_file"] == str(script)
+                # the signal dispositions a fresh interpreter gets from this process
+                assert (seen["sigint"], seen["sigterm"]) == (got[2]["sigint"], got[2]["sigterm"]), disposition
+            seen_sigint.append(got[2]["sigint"])
+            # seeded from the OS in each process, as a fresh interpreter does, not copied from the zygote
+            assert got[0]["random"] != got[1]["random"] and got[0]["np_random"] != got[1]["np_random"]
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert sorted(seen_sigint) == [False, True]  # both dispositions were seen
 
 
 def test_an_uncaught_exception_exits_1_with_its_traceback_and_a_timeout_kills_the_command(tmp_path):

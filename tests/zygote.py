@@ -55,9 +55,11 @@ PREIMPORT = (
 )
 
 
-# As this process started: the signal dispositions its parent gave it (a command started by a shell that ignores
-# SIGINT keeps it ignored, as a fresh interpreter does) and its PYTHONPATH entries (a command gets its own instead)
-STARTUP_SIGNALS = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+# The signals whose disposition a command inherits: a fresh interpreter keeps those its parent ignores ignored (a
+# command started by a shell that ignores SIGINT, or by a test that does) and has the defaults for the rest. The
+# client says which it ignores at each command, since that can change between commands (this process started at the
+# first one). Its PYTHONPATH entries as it started (a command gets its own instead).
+INHERITED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 STARTUP_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
@@ -85,8 +87,11 @@ def _send(conn: socket.socket, payload: dict) -> None:
 def _become_the_command(request: dict) -> None:
     """In the forked child: set up the process as ``python <argv>`` would have it, then run the script."""
     os.setpgid(0, 0)
-    for sig, handler in STARTUP_SIGNALS.items():
-        signal.signal(sig, handler)
+    ignored = set(request.get("ignored_signals", []))
+    for sig in INHERITED_SIGNALS:
+        # Python's own start-up: KeyboardInterrupt on SIGINT unless it was ignored, the OS default for the others
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, signal.SIG_IGN if int(sig) in ignored else default)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python ignores SIGPIPE at start-up (and raises BrokenPipeError)
     os.chdir(request["cwd"])
