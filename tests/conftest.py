@@ -28,20 +28,19 @@ DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Longest first, dealt round-robin to the workers. pytest-xdist's worksteal scheduler gives each of W workers a
-    # contiguous 1/W of the list and an idle worker steals the tail of another's queue, so worker k's share is every
-    # W-th item of the sorted list: each starts on a long item at once, and what is stolen at the end is short. With
-    # the slow items merely first (in file order), one worker got them all and the 135 s classifier test started
-    # after 820 s of a 973 s run. An item without a recorded time counts as 20 s if slow (or a notebook), else 0.
+    # The slow items (training runs, DDP, multirun, notebooks) first, longest first, then the many fast ones in file
+    # order. pytest-xdist's worksteal scheduler gives each worker a contiguous share and an idle worker steals the
+    # tail of another's queue, so one worker starts on the slow items while the other runs fast ones beside them and
+    # then takes slow items from the end of the queue. Longest first: the 135 s classifier test, last in file order,
+    # started 820 s into a 973 s run. (Dealing the sorted items round-robin instead put the multi-process tests side by
+    # side on both workers: they took 10-100% longer each, 1170 s in all, though the host also lost 14% of its CPU to
+    # steal then.) An item without a recorded time counts as 20 s.
     known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
 
-    def seconds(item: pytest.Item) -> float:
-        slow = item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb"
-        return known.get(item.nodeid, 20.0 if slow else 0.0)
+    def slow(item: pytest.Item) -> bool:
+        return item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb"
 
-    ordered = sorted(items, key=seconds, reverse=True)  # stable: file order among equals
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    items[:] = [item for k in range(workers) for item in ordered[k::workers]]
+    items.sort(key=lambda item: (not slow(item), -known.get(item.nodeid, 20.0) if slow(item) else 0.0))
 
 
 @pytest.fixture

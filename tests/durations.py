@@ -4,7 +4,7 @@
     python tests/durations.py /tmp/pytest.log
 
 The file holds each item's seconds (setup + call + teardown, items over 1 s) and is read only by ``tests/conftest.py``
-to order the items longest first for pytest-xdist (a stale or missing entry costs wall time, never a result)."""
+to order the slow items longest first for pytest-xdist (a stale or missing entry costs wall time, never a result)."""
 
 from __future__ import annotations
 
