@@ -8,8 +8,9 @@ from the snapshots as of ``--step`` into a checkpoint, and each of them and the 
 EMA) get the exact T-step bound on the whole test split and the classifier FID of ``--num-samples`` DDIM-50 samples
 from each of ``--seeds`` seeds. Every checkpoint sees the same examples with the same noise and the same x_T per seed,
 so each width is also given as a paired difference from the fixed EMA (bound: mean and standard error of the
-per-example differences; FID: mean and sd of the per-seed differences). Writes benchmarks/posthoc_ema/<label>.json,
-after each checkpoint (a stopped run keeps its rows).
+per-example differences; FID: mean and sd of the per-seed differences). Writes benchmarks/posthoc_ema/<label>.json
+and <label>.md. The job's folder (benchmarks/posthoc_ema/.<label>-job/) gets evaluation.json after each checkpoint:
+``--report-only`` writes the result from it, e.g. of a run stopped part-way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
+    parser.add_argument("--report-only", action="store_true", help="write the result from the job's folder as it is")
     args = parser.parse_args()
 
     from diffusion_elbo.posthoc import run_posthoc_ema
@@ -60,7 +62,8 @@ def main() -> None:
             },
         }
     )
-    run_posthoc_ema(cfg, str(job))
+    if not args.report_only:
+        run_posthoc_ema(cfg, str(job))
     fits = json.loads((job / "reconstruction.json").read_text())
     rows = json.loads((job / "evaluation.json").read_text())
     for label, row in rows.items():
@@ -74,6 +77,7 @@ def main() -> None:
         "run": args.run,
         "step": args.step,
         "fid": {"samples": args.num_samples, "seeds": args.seeds, "sampler": "DDIM-50"},
+        "complete": sorted(rows) == sorted(["run", *fits]),
         "rows": rows,
         "best": {
             key: {
@@ -97,6 +101,7 @@ def table(result: dict) -> str:
         f"Step {result['step']} of `{result['run']}`: the exact bound on the test split (bits/dim ± SE) and the "
         f"classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} seeds); the "
         "differences are paired (the same examples and noise, the same x_T per seed).",
+        *([] if result.get("complete", True) else ["", "**Partial**: the rows below are those evaluated so far."]),
         "",
         "| EMA | fit residual | test bound | bound - fixed EMA | FID | FID - fixed EMA |",
         "|---|---|---|---|---|---|",
