@@ -69,15 +69,16 @@ def main() -> None:
     for label, row in rows.items():
         row["residual"] = fits.get(label, {}).get("residual")
     widths = {k: v for k, v in rows.items() if k != "run"}
-    best = {
-        key: min(widths, key=lambda k, key=key: widths[k][key]) for key in ("bpd", "fid") if widths and "run" in rows
+    complete = sorted(rows) == sorted(["run", *fits])
+    best = {  # of the widths asked for: none while the table is partial
+        key: min(widths, key=lambda k, key=key: widths[k][key]) for key in ("bpd", "fid") if complete and widths
     }
     result = {
         "machine": machine(),
         "run": args.run,
         "step": args.step,
         "fid": {"samples": args.num_samples, "seeds": args.seeds, "sampler": "DDIM-50"},
-        "complete": sorted(rows) == sorted(["run", *fits]),
+        "complete": complete,
         "rows": rows,
         "best": {
             key: {
