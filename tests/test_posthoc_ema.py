@@ -206,6 +206,32 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
     with pytest.raises(FileNotFoundError, match="no post-hoc EMA snapshots"):
         read_snapshots(tmp_path / "elsewhere")
 
+    # as of an earlier step: the run's checkpoint of that step is the template, and the step is the checkpoint's
+    torch.save({**checkpoint, "diffusion_elbo_config": {"seed": 0}, "marker": "step 8"},
+               tmp_path / "run" / "checkpoints" / "step_0000008.ckpt")  # fmt: skip
+    written = run_posthoc_ema(OmegaConf.merge(cfg, {"step": 8, "decay": None}), str(tmp_path / "job8"))
+    early = torch.load(written[0], weights_only=False)
+    assert written[0].name == "posthoc_sigma_rel_0.050_step_0000008.ckpt"
+    assert early["marker"] == "step 8" and early["global_step"] == 8 and early["posthoc_ema"]["step"] == 8
+    assert (snapshots[2].step, snapshots[2].gamma) == (8, snapshots[-2].gamma)  # stored: comes back as itself
+    torch.testing.assert_close(early["state_dict"]["net.weight"], states[2]["net.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoints_fingerprint_is_what_its_evaluation_depends_on():
+    """The same weights and config give the same fingerprint whatever the loop state; a changed weight, dtype or
+    config gives another."""
+    from diffusion_elbo.checkpoints import fingerprint
+
+    state = {"net.weight": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3), "flag": torch.tensor(True)}
+    base = {"state_dict": state, "diffusion_elbo_config": {"seed": 0}, "optimizer_states": [1], "global_step": 7}
+    same = {"state_dict": {k: v.clone() for k, v in state.items()}, "diffusion_elbo_config": {"seed": 0},
+            "optimizer_states": [2], "global_step": 9}  # fmt: skip
+    assert fingerprint(base) == fingerprint(same)
+    nudged = {**same, "state_dict": {**state, "net.weight": state["net.weight"] + 1e-6}}
+    halved = {**same, "state_dict": {**state, "net.weight": state["net.weight"].double()}}
+    other = {**same, "diffusion_elbo_config": {"seed": 1}}
+    assert len({fingerprint(c) for c in (base, nudged, halved, other)}) == 4
+
 
 def test_the_evaluation_of_the_jobs_default_config_is_the_eval_jobs_with_its_settings(tmp_path):
     """``evaluate.enabled=true`` as the job's yaml has it (num_examples null: the whole split) composes the eval job's
@@ -310,3 +336,11 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
     assert (run / "eval" / "posthoc_sigma_rel_0.050-trained" / "metrics.json").is_file()
     assert (tmp_path / "job" / "posthoc_ema.png").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == last
+
+    # the job again in its folder with one more width: the rows already evaluated are kept, only the new one runs
+    evaluated = {p: p.stat().st_mtime_ns for p in (run / "eval").glob("*/metrics.json")}
+    run_posthoc_ema(OmegaConf.merge(job, {"sigma_rel": [0.05, 0.1, 0.14]}), str(tmp_path / "job"))
+    again = json.loads((tmp_path / "job" / "evaluation.json").read_text())
+    assert {k: again[k] for k in results} == results and "sigma_rel_0.140" in again
+    assert {p: p.stat().st_mtime_ns for p in evaluated} == evaluated
+    assert (run / "eval" / "posthoc_sigma_rel_0.140-trained" / "metrics.json").is_file()

@@ -57,6 +57,27 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def fingerprint(checkpoint: dict) -> str:
+    """A digest of what an evaluation of ``checkpoint`` depends on: its ``state_dict`` (names, dtypes, shapes and
+    values) and its resolved training config. Two files with the same fingerprint evaluate the same, whatever else
+    (optimizer, loop state, callbacks) differs."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for name in sorted(checkpoint["state_dict"]):
+        value = checkpoint["state_dict"][name]
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    digest.update(json.dumps(checkpoint.get("diffusion_elbo_config"), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def upgrade_config(config: dict) -> dict:
     """A checkpoint's config in today's form, so the run is rebuilt, evaluated and resumed as it was trained:
 

@@ -4,6 +4,7 @@ a checkpoint that ``src/eval.py`` and ``src/sample.py`` take like any other."""
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -38,7 +39,8 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
     """For each ``sigma_rel`` (and each classic ``decay``), the least-squares combination of the run's snapshots
     (:func:`~diffusion_elbo.core.posthoc_ema.solve_coefficients`) at the last snapshot's step, written as
     ``<run>/checkpoints/posthoc_sigma_rel_<s>.ckpt`` (or ``posthoc_decay_<d>.ckpt``): the run's ``last.ckpt`` with the
-    averaged parameters in its ``state_dict``. ``reconstruction.json`` in the job's folder lists the coefficients'
+    averaged parameters in its ``state_dict`` (with ``step``: the run's ``step_<step>.ckpt`` where it has one).
+    ``reconstruction.json`` in the job's folder lists the coefficients'
     step, the fit's relative residual and the file of each."""
     run_dir = Path(str(cfg.run_dir))
     checkpoints = run_dir / "checkpoints"
@@ -57,7 +59,16 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
     targets += [(f"decay_{d:g}", ema_profile(step, d)) for d in _as_list(cfg.decay)]
     if not targets:
         raise ValueError("name what to rebuild: sigma_rel=0.08 (or a list, sigma_rel=[0.05,0.1]) and/or decay=0.999")
-    checkpoint = read_checkpoint(last)
+    # the template (buffers, config, loop state) is the run's checkpoint at that step where it kept one
+    template = checkpoints / f"step_{step:07d}.ckpt"
+    if cfg.step is None or not template.is_file():
+        if cfg.step is not None:
+            log.warning(
+                "%s not found: the rebuilt checkpoints take their buffers and loop state from %s", template, last
+            )
+        template = last
+    checkpoint = read_checkpoint(template)
+    checkpoint["global_step"] = step
     written, records, labels = [], {}, []
     for label, target in targets:
         fit = solve_coefficients(snapshots, target)
@@ -65,7 +76,7 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
         state = dict(checkpoint["state_dict"])
         missing = sorted(set(averaged) - set(state))
         if missing:
-            raise CheckpointError(f"the snapshots hold parameters that {last} does not: {missing[:5]}")
+            raise CheckpointError(f"the snapshots hold parameters that {template} does not: {missing[:5]}")
         state.update({k: v.to(state[k].dtype) for k, v in averaged.items()})
         at = (
             "" if cfg.step is None else f"_step_{step:07d}"
@@ -100,10 +111,17 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
     same noise and the same x_T per FID seed, so each width is also compared with the run's checkpoint pairwise:
     ``bpd_minus_run`` (mean per-example difference, with its standard error ``bpd_minus_run_se``) and
     ``fid_minus_run`` (mean over seeds of the per-seed difference, with its sd). Each evaluation lands in
-    ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it."""
+    ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it.
+
+    A job run again in the same folder keeps each row of its ``evaluation.json`` whose checkpoint (by
+    :func:`~diffusion_elbo.checkpoints.fingerprint`) and eval overrides are unchanged, so a stopped evaluation goes on
+    where it stopped, and adding a width costs only that width."""
+    from diffusion_elbo.checkpoints import fingerprint
     from diffusion_elbo.evaluation.job import run_eval
     from diffusion_elbo.records import paired_difference
 
+    done = Path(output_dir) / "evaluation.json"
+    previous = json.loads(done.read_text()) if done.is_file() else {}
     results, folders = {}, {}
     for label, ckpt in checkpoints:
         if not ckpt.is_file():
@@ -111,9 +129,18 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
             continue
         key = label or "run"
         folders[key] = ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained"
-        metrics = run_eval(compose_eval(eval_overrides(cfg, ckpt)), folders[key])
+        overrides, digest = eval_overrides(cfg, ckpt), fingerprint(read_checkpoint(ckpt))
+        old = previous.get(key, {})
+        if (old.get("eval_overrides"), old.get("fingerprint")) == (overrides, digest) and (
+            folders[key] / "per_example.csv"
+        ).is_file():
+            log.info("%s: evaluated before with the same checkpoint and settings (%s): row kept", key, done)
+            metrics = old
+        else:
+            metrics = run_eval(compose_eval(overrides), folders[key])
         results[key] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"]}
         results[key].update({k: metrics[k] for k in ("fid", "fid_sd", "fids") if k in metrics})
+        results[key].update({"eval_overrides": overrides, "fingerprint": digest})
         if key != "run" and "run" in results:
             diff, se = paired_difference(folders[key] / "per_example.csv", folders["run"] / "per_example.csv")
             results[key].update({"bpd_minus_run": diff, "bpd_minus_run_se": se})
