@@ -186,6 +186,7 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
 
     from omegaconf import OmegaConf
 
+    from diffusion_elbo.config import ConfigError
     from diffusion_elbo.posthoc import run_posthoc_ema
 
     _fit(tmp_path / "run", 12)
@@ -201,6 +202,9 @@ def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_ave
     stored = torch.load(written[0], weights_only=False)
     torch.testing.assert_close(stored["state_dict"]["net.weight"], states[-2]["net.weight"], rtol=1e-5, atol=1e-6)
     assert stored["global_step"] == checkpoint["global_step"] and stored["posthoc_ema"]["step"] == 12
+    with pytest.raises(ConfigError, match="wandb.mode='ofline' is not a W&B mode; choose one of auto"):
+        run_posthoc_ema(OmegaConf.merge(cfg, {"wandb": {"mode": "ofline"}}), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
     fits = json.loads((tmp_path / "job" / "reconstruction.json").read_text())
     assert fits["sigma_rel_0.050"]["residual"] < 1e-9 and fits["sigma_rel_0.080"]["residual"] < 0.05
     with pytest.raises(FileNotFoundError, match="no post-hoc EMA snapshots"):
@@ -297,10 +301,11 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
     from diffusion_elbo.training import train
 
     from .helpers import SMALL_UNET, compose_train
+    from .wandb_records import runs_in
 
     run = tmp_path / "run"
     cfg = compose_train(run, [*SMALL_UNET, "callbacks=posthoc_ema", "callbacks.posthoc_ema.snapshot_every=5",
-                              "trainer.max_steps=10"])  # fmt: skip
+                              "trainer.max_steps=10", "logger=wandb"])  # fmt: skip
     train(cfg, str(run))
     last = (run / "checkpoints" / "last.ckpt").read_bytes()
     job = OmegaConf.create(
@@ -318,6 +323,7 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
                 "seed": 0,
                 "overrides": ["fid.classifier_steps=30", f"fid.cache_dir={tmp_path}"],
             },
+            "wandb": {"enabled": True, "mode": "offline"},
         }
     )
     written = run_posthoc_ema(job, str(tmp_path / "job"))
@@ -336,6 +342,15 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
     assert (run / "eval" / "posthoc_sigma_rel_0.050-trained" / "metrics.json").is_file()
     assert (tmp_path / "job" / "posthoc_ema.png").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == last
+    # the training run's own W&B run (same id), resumed by the job: the table, the plot and each value as a summary
+    training, posthoc = runs_in(run)
+    assert posthoc.run_id == training.run_id == (run / "wandb_run_id.txt").read_text().strip()
+    assert posthoc.summary["posthoc_ema/step_10/table"]["_type"] == "table-file"
+    assert posthoc.summary["posthoc_ema/step_10/plot"]["_type"] == "image-file"
+    for label, row in results.items():
+        for key in ("bpd", "fid", "bpd_minus_run"):
+            if key in row:
+                assert posthoc.summary[f"posthoc_ema/step_10/{label}/{key}"] == pytest.approx(row[key])
 
     # the job again in its folder (as after a stop): the rows already evaluated are kept, nothing is evaluated again
     evaluated = {p: p.stat().st_mtime_ns for p in (run / "eval").glob("*/metrics.json")}

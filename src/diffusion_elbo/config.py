@@ -134,8 +134,26 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         problems.extend(_constructor_problems(cfg, f"callbacks.{name}"))
     problems.extend(_unet_problems(cfg))
     problems.extend(_environment_problems(cfg))
+    problems.extend(wandb_mode_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_mode_problems(cfg: DictConfig) -> list[str]:
+    """A W&B mode (``wandb.mode`` of the eval and post-hoc jobs, ``logger.wandb.mode`` of training) that W&B does not
+    know, named before any work (W&B itself would refuse it only when the job logs, at its end)."""
+    problems = []
+    for key in ("wandb.mode", "logger.wandb.mode"):
+        mode = OmegaConf.select(cfg, key, default=None)
+        if mode is not None and mode not in WANDB_MODES:
+            problems.append(
+                f"{key}={mode!r} is not a W&B mode; choose one of {' | '.join(WANDB_MODES)} (auto: online with "
+                "credentials, else offline)"
+            )
+    return problems
 
 
 def _check_timesteps(cfg: DictConfig, continuous: bool, problems: list[str]) -> None:

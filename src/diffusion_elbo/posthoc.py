@@ -42,6 +42,10 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
     averaged parameters in its ``state_dict`` (with ``step``: the run's ``step_<step>.ckpt`` where it has one).
     ``reconstruction.json`` in the job's folder lists the coefficients'
     step, the fit's relative residual and the file of each."""
+    from diffusion_elbo.config import ConfigError, wandb_mode_problems
+
+    if problems := wandb_mode_problems(cfg):
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     run_dir = Path(str(cfg.run_dir))
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
@@ -99,11 +103,23 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
     write_metrics(records, output_dir, name="reconstruction.json")
     if OmegaConf.select(cfg, "evaluate.enabled", default=False):
         reference = checkpoints / ("last.ckpt" if cfg.step is None else f"step_{step:07d}.ckpt")
-        evaluate_widths(cfg, [(None, reference), *zip(labels, written, strict=True)], output_dir)
+        evaluate_widths(
+            cfg,
+            [(None, reference), *zip(labels, written, strict=True)],
+            output_dir,
+            train_config=checkpoint["diffusion_elbo_config"],
+            step=step,
+        )
     return written
 
 
-def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]], output_dir: str) -> dict:
+def evaluate_widths(
+    cfg: DictConfig,
+    checkpoints: list[tuple[str | None, Path]],
+    output_dir: str,
+    train_config: dict | None = None,
+    step: int | None = None,
+) -> dict:
     """Each checkpoint's bound on ``evaluate.split`` (``evaluate.num_examples`` examples) and classifier FID
     (``evaluate.fid_samples`` DDIM samples from each of ``evaluate.fid_seeds`` seeds) by the eval job, into
     ``evaluation.json`` and ``posthoc_ema.png``: the bound and the FID against sigma_rel, the run's own checkpoint
@@ -111,7 +127,8 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
     same noise and the same x_T per FID seed, so each width is also compared with the run's checkpoint pairwise:
     ``bpd_minus_run`` (mean per-example difference, with its standard error ``bpd_minus_run_se``) and
     ``fid_minus_run`` (mean over seeds of the per-seed difference, with its sd). Each evaluation lands in
-    ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it.
+    ``<run>/eval/<checkpoint>-trained`` as ``src/eval.py`` puts it. With ``wandb.enabled`` the table and the plot
+    also go into the training run's own W&B run (:func:`log_widths_to_wandb`).
 
     A job run again in the same folder keeps each row of its ``evaluation.json`` whose checkpoint (by
     :func:`~diffusion_elbo.checkpoints.fingerprint`) and eval overrides are unchanged, so a stopped evaluation goes on
@@ -149,8 +166,46 @@ def evaluate_widths(cfg: DictConfig, checkpoints: list[tuple[str | None, Path]],
                 results[key].update({"fid_minus_run": statistics.mean(d), "fid_minus_run_sd": statistics.stdev(d)})
         write_metrics(results, output_dir, name="evaluation.json")  # after each checkpoint: a long job keeps its rows
     write_metrics(results, output_dir, name="evaluation.json")
-    plot_widths(results, Path(output_dir) / "posthoc_ema.png")
+    png = plot_widths(results, Path(output_dir) / "posthoc_ema.png")
+    if OmegaConf.select(cfg, "wandb.enabled", default=False) and checkpoints:
+        log_widths_to_wandb(results, png, checkpoints[0][1].parent.parent, train_config or {}, step, cfg.wandb.mode)
     return results
+
+
+WANDB_COLUMNS = ("checkpoint", "sigma_rel", "bpd", "bpd_se", "bpd_minus_run", "bpd_minus_run_se", "fid", "fid_sd",
+                 "fid_minus_run", "fid_minus_run_sd")  # fmt: skip
+
+
+def log_widths_to_wandb(results: dict, png: Path, run_dir: Path, train_config: dict, step: int | None, mode: str):
+    """The evaluation in the training run's own W&B run (same id, resumed), under ``posthoc_ema/step_<N>/``: a table
+    of every checkpoint's row (``table``), the plot (``plot``) and each value as a summary
+    (``posthoc_ema/step_<N>/<checkpoint>/<key>``), so rebuilds as of several steps sit side by side. Nothing is logged
+    for a run trained without W&B."""
+    import wandb
+
+    from diffusion_elbo.evaluation.job import resume_training_wandb_run
+
+    run = resume_training_wandb_run(run_dir, train_config, mode)
+    if run is None:
+        return
+    prefix = f"posthoc_ema/step_{step}"
+    try:
+        rows = []
+        for key, row in results.items():
+            sigma_rel = float(key.removeprefix("sigma_rel_")) if key.startswith("sigma_rel_") else None
+            rows.append([key, sigma_rel, *(row.get(c) for c in WANDB_COLUMNS[2:])])
+        run.log({f"{prefix}/table": wandb.Table(columns=list(WANDB_COLUMNS), data=rows),
+                 f"{prefix}/plot": wandb.Image(str(png))})  # fmt: skip
+        run.summary.update(
+            {
+                f"{prefix}/{key}/{c}": row[c]
+                for key, row in results.items()
+                for c in WANDB_COLUMNS[2:]
+                if isinstance(row.get(c), int | float)
+            }
+        )
+    finally:
+        run.finish()
 
 
 def eval_overrides(cfg: DictConfig, ckpt: Path) -> list[str]:

@@ -218,31 +218,39 @@ def _training_run_group_and_name(run_dir: Path, train_cfg: dict) -> tuple[str | 
     return group, name
 
 
-def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> None:
-    """The eval's scalars as ``test/<key>`` in the summary of the checkpoint's own W&B run (same id, resumed), so a
-    dashboard shows them beside the run's training curves. Nothing is logged for a run trained without W&B."""
+def resume_training_wandb_run(run_dir: Path, train_cfg: dict, mode: str):
+    """The W&B run of the training run in ``run_dir`` (its ``wandb_run_id.txt``), resumed in its project, group and
+    name, so what a later job adds shows beside the run's training curves; None for a run trained without W&B. The
+    caller finishes it."""
     from diffusion_elbo.builders import resolve_wandb_mode
 
-    run_dir = Path(cfg.ckpt_path).resolve().parent.parent
-    id_file = run_dir / "wandb_run_id.txt"
+    id_file = Path(run_dir) / "wandb_run_id.txt"
     if not id_file.is_file():
-        log.info("no W&B run to add the eval to (%s has no wandb_run_id.txt)", run_dir)
-        return
+        log.info("no W&B run to add to (%s has no wandb_run_id.txt)", run_dir)
+        return None
     import wandb
 
     project = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb.project") or "diffusion-elbo"
-    group, name = _training_run_group_and_name(run_dir, train_cfg)
-    if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before the eval's resumes
+    group, name = _training_run_group_and_name(Path(run_dir), train_cfg)
+    if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before this one resumes
         wandb.finish()
-    run = wandb.init(
+    return wandb.init(
         id=id_file.read_text().strip(),
         resume="allow",
         project=project,
         group=group,
         name=name,
         dir=str(run_dir),
-        mode=resolve_wandb_mode(cfg.wandb.mode),
+        mode=resolve_wandb_mode(mode),
     )
+
+
+def _log_to_training_run(cfg: DictConfig, train_cfg: dict, metrics: dict) -> None:
+    """The eval's scalars as ``test/<key>`` in the summary of the checkpoint's own W&B run (same id, resumed), so a
+    dashboard shows them beside the run's training curves. Nothing is logged for a run trained without W&B."""
+    run = resume_training_wandb_run(Path(cfg.ckpt_path).resolve().parent.parent, train_cfg, cfg.wandb.mode)
+    if run is None:
+        return
     try:
         scalars = {f"test/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str) and k != "ckpt_path"}
         run.summary.update({**scalars, "test/ckpt": Path(cfg.ckpt_path).name})
