@@ -137,9 +137,12 @@ def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrid
          "ckpt_path=<run>/checkpoints/last.ckpt"),
         (["logger=wandb", "logger.wandb.mode=ofline"], "logger.wandb.mode='ofline' is not a W&B mode; choose one of "
          "auto | online | offline | disabled"),
+        (["data=toy2d", "model=mlp", "augment=geometric"], "augment (GeometricAugmentation) tells the network how each "
+         "training image was transformed, and model MLPDenoiser takes no augmentation labels (no augment_dim argument): use "
+         "model=unet, or augment=null"),
     ],
     ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0",
-         "sampler-steps-above-T", "ckpt-dir", "wandb-mode"],
+         "sampler-steps-above-T", "ckpt-dir", "wandb-mode", "augment-without-labels"],
 )  # fmt: skip
 def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path, overrides, problem):
     """Each of these trained until the first validation (or the first step) and then crashed with a traceback

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_elbo.core import BetaSchedule, LogSNRSchedule, NoiseSchedule
+from diffusion_elbo.data.augment import Augmentation
 from diffusion_elbo.data.base import DiffusionDataModule
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,24 @@ def build_datamodule(cfg: DictConfig) -> DiffusionDataModule:
     return datamodule
 
 
+def build_augmentation(cfg: DictConfig) -> Augmentation | None:
+    """The training augmentation of ``cfg.augment`` (augmentation with conditioning), None without one."""
+    node = OmegaConf.select(cfg, "augment", default=None)
+    return None if node is None else instantiate(node)
+
+
 def build_model(cfg: DictConfig, schedule: NoiseSchedule | None = None) -> torch.nn.Module:
     """The network of ``cfg.model``; with ``variance=learned_range`` it outputs twice the data's channels (the
     mean, then v of Nichol & Dhariwal's interpolated variance): the UNet's ``out_channels`` and the MLP's
     ``out_dim`` are set to twice their inputs when left null. ``schedule``: the chain for a model that takes one (the
-    closed-form oracles), in place of ``cfg.schedule`` (a continuous-time schedule's discretization)."""
-    chain = {"schedule": schedule} if schedule is not None and "schedule" in cfg.model else {}
+    closed-form oracles), in place of ``cfg.schedule`` (a continuous-time schedule's discretization). With an
+    ``augment``, the network takes its labels: ``augment_dim`` is set to the augmentation's ``dim``."""
+    extra = {"schedule": schedule} if schedule is not None and "schedule" in cfg.model else {}
+    augmentation = build_augmentation(cfg)
+    if augmentation is not None:
+        extra["augment_dim"] = augmentation.dim
     if OmegaConf.select(cfg, "variance") != "learned_range":
-        return instantiate(cfg.model, **chain)
+        return instantiate(cfg.model, **extra)
     for out_key, in_key in (("out_channels", "in_channels"), ("out_dim", "dim")):
         if out_key in cfg.model:
             doubled = 2 * int(cfg.model[in_key])
@@ -116,7 +127,7 @@ def build_model(cfg: DictConfig, schedule: NoiseSchedule | None = None) -> torch
                     f"variance=learned_range needs model.{out_key}={doubled} (mean and variance); it is set to "
                     f"{chosen}: leave model.{out_key}=null"
                 )
-            return instantiate(cfg.model, **{out_key: doubled}, **chain)
+            return instantiate(cfg.model, **{out_key: doubled}, **extra)
     raise ValueError(
         f"variance=learned_range needs a network that outputs a variance, and {cfg.model._target_} cannot: use "
         "model=unet (images) or model=mlp (vectors), or a fixed variance (small | large)"
@@ -160,6 +171,7 @@ def build_module(cfg: DictConfig):
         nonfinite_max_skips=OmegaConf.select(cfg, "nonfinite_max_skips", default=20),
         compile=bool(OmegaConf.select(cfg, "compile", default=False)),
         channels_last=bool(OmegaConf.select(cfg, "channels_last", default=False)),
+        augmentation=build_augmentation(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, datamodule

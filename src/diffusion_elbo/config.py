@@ -135,8 +135,22 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
     problems.extend(_unet_problems(cfg))
     problems.extend(_environment_problems(cfg))
     problems.extend(wandb_mode_problems(cfg))
+    problems.extend(_augment_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _augment_problems(cfg: DictConfig) -> list[str]:
+    """An augmentation with conditioning needs a network that takes its labels (an ``augment_dim`` argument)."""
+    if OmegaConf.select(cfg, "augment", default=None) is None or OmegaConf.select(cfg, "model._target_") is None:
+        return []
+    found = constructor_parameters(str(cfg.model._target_))
+    if found is None or "augment_dim" in found[1]:
+        return []
+    return [
+        f"augment ({_target_name(cfg, 'augment')}) tells the network how each training image was transformed, and "
+        f"model {found[0]} takes no augmentation labels (no augment_dim argument): use model=unet, or augment=null"
+    ]
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -355,7 +369,7 @@ def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Paramete
 
 
 # the nodes that build one object of an extension point by ``_target_`` (the sample grid's sampler is ``${sampler}``)
-OBJECT_NODES = ("loss", "sampler", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
+OBJECT_NODES = ("loss", "sampler", "augment", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
 
 
 def _schedule_name(cfg: DictConfig) -> str | None:

@@ -85,14 +85,25 @@ class StepContext:
     ``network(x, c)``: the network on inputs x (B, *D) and its conditioning c (B,) (the chain step, or the noise
     level scaled by :data:`CONDITIONING_SCALE`), under the module's layout and compilation. ``generator`` draws t and
     the noise. ``global_step`` is for messages; ``log(name, value)`` logs a training number; ``all_gather`` gathers a
-    tensor from every process (the importance sampler's update)."""
+    tensor from every process (the importance sampler's update). ``augment_labels`` (B, A): how each example of the
+    batch was augmented (``augment=...``; None: not augmented), which the network is given beside c:
+    :meth:`conditioned` is the network for some of the batch's rows."""
 
-    network: Network
+    network: Callable[..., Tensor]
     generator: torch.Generator | None
     device: torch.device
     global_step: int = 0
     log: Callable[[str, Tensor], None] = lambda name, value: None
     all_gather: Callable[[Tensor], Tensor] = lambda value: value
+    augment_labels: Tensor | None = None
+
+    def conditioned(self, rows: slice = slice(None)) -> Network:
+        """``(x, c) -> out`` for the batch's ``rows`` (all by default): the network with those rows' augmentation
+        labels, or the network itself where the batch is not augmented."""
+        if self.augment_labels is None:
+            return self.network
+        labels = self.augment_labels[rows]
+        return lambda x, c: self.network(x, c, augment_labels=labels)
 
 
 @dataclass
@@ -258,7 +269,7 @@ class ChainTime(TimeAxis):
         t, weight = self.timestep_sampler.sample(x0.shape[0], device=ctx.device, generator=ctx.generator)
         eps = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(self.chain, x0, t=t, noise=eps)
-        out = ctx.network(x_t, t)
+        out = ctx.conditioned()(x_t, t)
         batch = TrainingBatch(
             schedule=self.chain,
             parametrization=self.parametrization,
@@ -480,8 +491,9 @@ class ContinuousTime(TimeAxis):
                   decoder_variance: DecoderVariance) -> StepLoss:  # fmt: skip
         """The continuous-time (or T-step) bound, a weighting of it or an MSE weighting of the SNR, at times drawn from
         u ~ U[0, 1) (low-discrepancy by default), with the auxiliary v-MSE share when the objective has one."""
-        denoise = self.gamma_denoiser(ctx.network, amp_dtype=self._amp_dtype(ctx.device))
         x0, x_aux = self.split_aux(x0)
+        amp_dtype = self._amp_dtype(ctx.device)
+        denoise = self.gamma_denoiser(ctx.conditioned(slice(0, x0.shape[0])), amp_dtype=amp_dtype)
         u = self._draw_u(ctx, x0.shape[0])
         eps = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
         with torch.autocast(device_type=ctx.device.type, enabled=False):  # the schedule and terms in float32
@@ -514,8 +526,9 @@ class ContinuousTime(TimeAxis):
                         route_bound_gradient(at, weights)
             if self.variance_gradient and bool(torch.isfinite(loss)):
                 route_variance_gradient(log_snr, per_example, weights)
-        if x_aux is not None:
-            aux = self._aux_loss(ctx, denoise, x_aux)
+        if x_aux is not None:  # the batch's last rows, with their own augmentation labels
+            aux_denoise = self.gamma_denoiser(ctx.conditioned(slice(x0.shape[0], None)), amp_dtype=amp_dtype)
+            aux = self._aux_loss(ctx, aux_denoise, x_aux)
             ctx.log("train/aux_v_mse", aux.detach())
             loss = loss + self.aux_weight * aux
         return StepLoss(

@@ -25,6 +25,7 @@ from diffusion_elbo.core.time_axis import (
     StepLoss,
     make_time_axis,
 )
+from diffusion_elbo.data.augment import Augmentation
 from diffusion_elbo.data.base import IndexedBatch
 from diffusion_elbo.lightning.metrics import ELBOMetric, ProfileMetric
 
@@ -73,6 +74,8 @@ class DiffusionModule(L.LightningModule):
             as with ``error``: a run whose every batch is non-finite does not recover, and would skip to max_steps.
         compile: run the network through ``torch.compile`` (the weights and checkpoints stay those of ``net``).
         channels_last: keep image tensors and conv weights in NHWC layout (faster convolutions on GPUs).
+        augmentation: augmentation with conditioning (``augment=geometric``): each training batch is transformed and
+            the network told how; validation, evaluation and sampling use the data itself (no labels).
         config: the resolved run config, stored in checkpoints so eval and sample can rebuild the run.
     """
 
@@ -100,11 +103,12 @@ class DiffusionModule(L.LightningModule):
         nonfinite_max_skips: int = 20,
         compile: bool = False,
         channels_last: bool = False,
+        augmentation: Augmentation | None = None,
         config: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["net", "schedule", "logsnr", "objective", "optimizer", "lr_scheduler", "config"]
+            ignore=["net", "schedule", "logsnr", "objective", "optimizer", "lr_scheduler", "augmentation", "config"]
         )
         self.net = net
         self.data_shape = tuple(data_shape)
@@ -142,6 +146,7 @@ class DiffusionModule(L.LightningModule):
         self.compile = compile
         self.channels_last = channels_last and len(self.data_shape) == 3
         self._compiled: nn.Module | None = None  # not a submodule: the state dict stays that of ``net``
+        self.augmentation = augmentation
         self.config = config
         self._last_t: Tensor | None = None  # the last step's t, for the non-finite gradient's message
         self._skipping = False  # a batch skipped under DDP (nonfinite=skip): its zero gradients are dropped
@@ -175,10 +180,12 @@ class DiffusionModule(L.LightningModule):
         problems>`): this module's schedule and reverse variance."""
         return self.time.training_setup(self.variance)
 
-    def step_context(self) -> StepContext:
-        """What the time axis needs of this module for a step: the network, the generator, the step, logging."""
+    def step_context(self, augment_labels: Tensor | None = None) -> StepContext:
+        """What the time axis needs of this module for a step: the network, the generator, the step, logging, and how
+        the batch was augmented."""
         return StepContext(
             network=self.network,
+            augment_labels=augment_labels,
             generator=self.generator,
             device=self.device,
             global_step=self.global_step,
@@ -208,13 +215,14 @@ class DiffusionModule(L.LightningModule):
         if self.compile and self._compiled is None:
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
-    def network(self, x: Tensor, c: Tensor) -> Tensor:
+    def network(self, x: Tensor, c: Tensor, augment_labels: Tensor | None = None) -> Tensor:
         """The network on inputs x and conditioning c (the chain step, or the scaled noise level in continuous time),
-        compiled and in channels-last layout when configured."""
+        compiled and in channels-last layout when configured; ``augment_labels`` (B, A) for augmented training
+        examples (None: the data itself, as everywhere outside the training step)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         net = self._compiled if self._compiled is not None else self.net
-        return net(x, c)
+        return net(x, c) if augment_labels is None else net(x, c, augment_labels=augment_labels)
 
     def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The network as a denoiser of the chain :attr:`schedule`: t (B,) are its steps (1 is the decoder)."""
@@ -227,7 +235,10 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         """One step, whatever the time axis: the loss of :meth:`step_loss`; a non-finite one is skipped or stops the run
         (``nonfinite``) with the message that names its cause; then the work that needs a finite loss, and the logs."""
-        step = self.step_loss(batch[0])
+        x0, labels = batch[0], None
+        if self.augmentation is not None:  # the network is told how (augment=...); validation sees the data itself
+            x0, labels = self.augmentation(x0, generator=self.generator)
+        step = self.step_loss(x0, augment_labels=labels)
         if not self._all_ranks_finite(step.loss):
             message = self._nonfinite_data_message(batch[0]) or step.nonfinite_message()
             if self.nonfinite == "skip":
@@ -241,10 +252,11 @@ class DiffusionModule(L.LightningModule):
                 self.log_dict(step.metrics(), on_step=True, on_epoch=False)
         return step.loss
 
-    def step_loss(self, x0: Tensor) -> StepLoss:
-        """The training loss of the data ``x0`` (B, *D) on this module's time axis (t and the noise from its generator)."""
+    def step_loss(self, x0: Tensor, augment_labels: Tensor | None = None) -> StepLoss:
+        """The training loss of the data ``x0`` (B, *D) on this module's time axis (t and the noise from its generator),
+        the network given ``augment_labels`` (B, A) where x0 was augmented."""
         step = self.time.step_loss(
-            self.step_context(), x0, variance=self.variance, decoder_variance=self.decoder_variance
+            self.step_context(augment_labels), x0, variance=self.variance, decoder_variance=self.decoder_variance
         )
         self._last_t = step.times
         return step

@@ -138,6 +138,8 @@ class UNet(nn.Module):
             (Kingma et al. 2021, App. C): a period of 2^-n resolves where x_t sits between the K data levels, which
             the likelihood needs at low noise. For K levels in [-1, 1] the spacing is 2 / (K - 1): [3, 4] for 17
             levels, VDM's [7, 8] for 256. Empty: none.
+        augment_dim: labels of a training augmentation (``augment=geometric``), added to the time embedding through
+            a linear map without bias; 0 (none) unless an augmentation is configured, which sets it.
 
     forward(x_t (B, in_channels, H, W), t (B,)) -> (B, out_channels, H, W).
     """
@@ -156,6 +158,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         num_groups: int = 32,
         fourier_features: Sequence[int] = (),
+        augment_dim: int = 0,
     ):
         super().__init__()
         channel_mult = list(channel_mult)
@@ -172,6 +175,10 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
         # Ho et al.: dense0 -> SiLU -> dense1, no activation at the end; each ResBlock applies SiLU first.
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # augmentation labels (augment=...: zero for the identity) enter the embedding through a map without bias,
+        # as EDM's augment_dim does: labels of zero, or none, leave the network that of the plain data
+        self.augment_dim = int(augment_dim)
+        self.augment_embed = nn.Linear(self.augment_dim, emb_dim, bias=False) if self.augment_dim else None
 
         def res_attn(c_in: int, c_out: int, resolution: int) -> _ResAttn:
             attn = AttentionBlock(c_out, num_heads, num_groups) if resolution in attention_resolutions else None
@@ -216,11 +223,19 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(num_groups, ch)
         self.conv_out = _zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Network output for x_t (B, C, H, W) at timesteps t (B,); returns (B, out_channels, H, W)."""
+    def forward(self, x_t: Tensor, t: Tensor, augment_labels: Tensor | None = None) -> Tensor:
+        """Network output for x_t (B, C, H, W) at timesteps t (B,), given how the training image was augmented
+        (``augment_labels`` (B, augment_dim); None: not augmented, the identity); returns (B, out_channels, H, W)."""
         self._check_input(x_t, t)
         emb = sinusoidal_embedding(t, self.model_channels).to(self.conv_in.weight.dtype)  # (B, ch)
         emb = self.time_mlp(emb)  # (B, 4 ch)
+        if augment_labels is not None:
+            if self.augment_embed is None or augment_labels.shape != (x_t.shape[0], self.augment_dim):
+                raise ValueError(
+                    f"augment_labels of shape {tuple(augment_labels.shape)} for a UNet built with augment_dim="
+                    f"{self.augment_dim}: build it with the augmentation's dim (builders.build_model does this)"
+                )
+            emb = emb + self.augment_embed(augment_labels.to(emb.dtype))  # (B, 4 ch)
 
         h = self.conv_in(self._with_fourier_features(x_t))
         skips = [h]
