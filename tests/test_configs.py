@@ -41,7 +41,7 @@ def test_experiment_presets_compose_and_build(experiment):
 
 
 @pytest.mark.parametrize(
-    "group", ["schedule", "loss", "optimizer", "lr_scheduler", "sampler", "trainer", "logger", "callbacks"]
+    "group", ["schedule", "loss", "optimizer", "lr_scheduler", "sampler", "trainer", "logger", "callbacks", "augment"]
 )
 def test_every_option_of_a_group_composes(group, monkeypatch):
     # trainer=gpu composes; on a machine without a GPU it is refused (test_keys_the_project_does_not_own_...)
