@@ -232,9 +232,46 @@ def test_a_checkpoints_fingerprint_is_what_its_evaluation_depends_on():
             "optimizer_states": [2], "global_step": 9}  # fmt: skip
     assert fingerprint(base) == fingerprint(same)
     nudged = {**same, "state_dict": {**state, "net.weight": state["net.weight"] + 1e-6}}
-    halved = {**same, "state_dict": {**state, "net.weight": state["net.weight"].double()}}
+    widened = {**same, "state_dict": {**state, "net.weight": state["net.weight"].double()}}
+    reshaped = {**same, "state_dict": {**state, "net.weight": state["net.weight"].reshape(3, 2)}}
     other = {**same, "diffusion_elbo_config": {"seed": 1}}
-    assert len({fingerprint(c) for c in (base, nudged, halved, other)}) == 4
+    assert len({fingerprint(c) for c in (base, nudged, widened, reshaped, other)}) == 5
+    conj = {**same, "state_dict": {**state, "z": torch.tensor([1 + 2j]).conj()}}
+    assert fingerprint(conj) == fingerprint({**same, "state_dict": {**state, "z": torch.tensor([1 - 2j])}})
+
+
+def test_an_earlier_row_is_kept_only_for_the_same_checkpoint_settings_and_per_example_file(tmp_path):
+    """The rerun's rule (:func:`posthoc.kept_row`): any change of the eval overrides, of the checkpoint, or of the
+    per-example file it paired with (another evaluation writes to the same folder), or a number JSON turned into null,
+    and the checkpoint is evaluated again."""
+    from diffusion_elbo.posthoc import file_sha256, kept_row
+
+    csv = tmp_path / "per_example.csv"
+    csv.write_text("index,bpd\n0,2.5\n1,2.4\n")
+    row = {"eval_overrides": ["seed=0"], "fingerprint": "abc", "bpd": 2.45, "bpd_se": 0.05, "fids": [1.0, 1.2],
+           "per_example_sha256": file_sha256(csv)}  # fmt: skip
+    assert kept_row(row, ["seed=0"], "abc", csv)
+    assert not kept_row(None, ["seed=0"], "abc", csv)
+    assert not kept_row(row, ["seed=1"], "abc", csv)
+    assert not kept_row(row, ["seed=0"], "abd", csv)
+    assert not kept_row({**row, "bpd_se": None}, ["seed=0"], "abc", csv)
+    assert not kept_row({**row, "fids": [1.0, None]}, ["seed=0"], "abc", csv)
+    assert not kept_row(row, ["seed=0"], "abc", tmp_path / "missing.csv")
+    csv.write_text("index,bpd\n0,2.5\n1,2.3\n")  # e.g. src/eval.py on the same checkpoint since
+    assert not kept_row(row, ["seed=0"], "abc", csv)
+
+
+def test_resuming_never_picks_a_rebuilt_posthoc_checkpoint(tmp_path):
+    """src/train.py's resume takes the run's newest checkpoint; a post-hoc EMA's file holds averaged weights at the
+    same step, so it is never a candidate, even where last.ckpt is unreadable."""
+    from diffusion_elbo.training import find_resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("step_0000010.ckpt", "posthoc_sigma_rel_0.100_step_0000010.ckpt", "posthoc_sigma_rel_0.100.ckpt"):
+        torch.save({"state_dict": {}, "global_step": 10, "diffusion_elbo_config": {"seed": 0}}, folder / name)
+    (folder / "last.ckpt").write_bytes(b"cut off")
+    assert find_resume_checkpoint(folder) == folder / "step_0000010.ckpt"
 
 
 def test_the_evaluation_of_the_jobs_default_config_is_the_eval_jobs_with_its_settings(tmp_path):
@@ -289,7 +326,9 @@ def test_the_cli_rebuilds_widths_as_a_multirun_and_refuses_a_bad_width_or_folder
 
 
 @pytest.mark.slow
-def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_against_its_own_checkpoint(tmp_path):
+def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_against_its_own_checkpoint(
+    tmp_path, monkeypatch
+):
     """The user's path: train with callbacks=posthoc_ema, then the job with evaluate.enabled: one checkpoint per width,
     each evaluated by the eval job into the run's eval/ folder, evaluation.json and the plot; the run's EMA state is
     untouched (its last.ckpt is read, not written)."""
@@ -358,3 +397,14 @@ def test_a_digits_run_with_posthoc_ema_rebuilds_widths_and_evaluates_them_agains
     again = json.loads((tmp_path / "job" / "evaluation.json").read_text())
     assert again == {k: results[k] for k in ("run", "sigma_rel_0.100")}
     assert {p: p.stat().st_mtime_ns for p in evaluated} == evaluated
+
+    # stopped while evaluating a width put first: the earlier rows still to come stay in evaluation.json
+    import diffusion_elbo.evaluation.job
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffusion_elbo.evaluation.job, "run_eval", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_posthoc_ema(OmegaConf.merge(job, {"sigma_rel": [0.02, 0.1]}), str(tmp_path / "job"))
+    assert json.loads((tmp_path / "job" / "evaluation.json").read_text()) == again

@@ -59,22 +59,27 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def fingerprint(checkpoint: dict) -> str:
     """A digest of what an evaluation of ``checkpoint`` depends on: its ``state_dict`` (names, dtypes, shapes and
-    values) and its resolved training config. Two files with the same fingerprint evaluate the same, whatever else
-    (optimizer, loop state, callbacks) differs."""
+    values) and its resolved training config: two files with the same fingerprint hold the same model, whatever else
+    (optimizer, loop state, callbacks) differs. The code that evaluates it is not part of it."""
     import hashlib
     import json
 
     digest = hashlib.sha256()
+
+    def field(data: bytes) -> None:  # length-prefixed: no two sequences of fields give the same stream
+        digest.update(len(data).to_bytes(8, "little") + data)
+
     for name in sorted(checkpoint["state_dict"]):
         value = checkpoint["state_dict"][name]
-        digest.update(name.encode())
+        field(name.encode())
         if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            tensor = value.detach().cpu()
+            tensor = (tensor.to_dense() if tensor.is_sparse else tensor).resolve_conj().contiguous()
+            field(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            field(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         else:
-            digest.update(repr(value).encode())
-    digest.update(json.dumps(checkpoint.get("diffusion_elbo_config"), sort_keys=True, default=str).encode())
+            field(json.dumps(value, sort_keys=True, default=str).encode())
+    field(json.dumps(checkpoint.get("diffusion_elbo_config"), sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -153,7 +153,8 @@ def _augment_problems(cfg: DictConfig) -> list[str]:
     ]
 
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+# W&B's own modes (wandb.init's `mode`; dryrun and run are its old names of offline and online) and the project's auto
+WANDB_MODES = ("auto", "online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 def wandb_mode_problems(cfg: DictConfig) -> list[str]:
@@ -164,7 +165,7 @@ def wandb_mode_problems(cfg: DictConfig) -> list[str]:
         mode = OmegaConf.select(cfg, key, default=None)
         if mode is not None and mode not in WANDB_MODES:
             problems.append(
-                f"{key}={mode!r} is not a W&B mode; choose one of {' | '.join(WANDB_MODES)} (auto: online with "
+                f"{key}={mode!r} is not a W&B mode; choose one of {' | '.join(WANDB_MODES[:5])} (auto: online with "
                 "credentials, else offline)"
             )
     return problems

@@ -46,7 +46,7 @@ def run_posthoc_ema(cfg: DictConfig, output_dir: str) -> list[Path]:
 
     if problems := wandb_mode_problems(cfg):
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-    run_dir = Path(str(cfg.run_dir))
+    run_dir = Path(str(cfg.run_dir)).resolve()
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
     if not last.is_file():
@@ -117,8 +117,9 @@ def evaluate_widths(
     cfg: DictConfig,
     checkpoints: list[tuple[str | None, Path]],
     output_dir: str,
-    train_config: dict | None = None,
-    step: int | None = None,
+    *,
+    train_config: dict,
+    step: int,
 ) -> dict:
     """Each checkpoint's bound on ``evaluate.split`` (``evaluate.num_examples`` examples) and classifier FID
     (``evaluate.fid_samples`` DDIM samples from each of ``evaluate.fid_seeds`` seeds) by the eval job, into
@@ -139,6 +140,7 @@ def evaluate_widths(
 
     done = Path(output_dir) / "evaluation.json"
     previous = json.loads(done.read_text()) if done.is_file() else {}
+    keys = [label or "run" for label, _ in checkpoints]
     results, folders = {}, {}
     for label, ckpt in checkpoints:
         if not ckpt.is_file():
@@ -147,36 +149,55 @@ def evaluate_widths(
         key = label or "run"
         folders[key] = ckpt.parent.parent / "eval" / f"{ckpt.stem}-trained"
         overrides, digest = eval_overrides(cfg, ckpt), fingerprint(read_checkpoint(ckpt))
-        old = previous.get(key, {})
-        if (old.get("eval_overrides"), old.get("fingerprint")) == (overrides, digest) and (
-            folders[key] / "per_example.csv"
-        ).is_file():
+        if kept_row(previous.get(key), overrides, digest, folders[key] / "per_example.csv"):
             log.info("%s: evaluated before with the same checkpoint and settings (%s): row kept", key, done)
-            metrics = old
+            metrics = previous[key]
         else:
             metrics = run_eval(compose_eval(overrides), folders[key])
         results[key] = {"path": str(ckpt), "bpd": metrics["bpd"], "bpd_se": metrics["bpd_se"]}
         results[key].update({k: metrics[k] for k in ("fid", "fid_sd", "fids") if k in metrics})
-        results[key].update({"eval_overrides": overrides, "fingerprint": digest})
+        results[key].update({"eval_overrides": overrides, "fingerprint": digest,
+                             "per_example_sha256": file_sha256(folders[key] / "per_example.csv")})  # fmt: skip
         if key != "run" and "run" in results:
             diff, se = paired_difference(folders[key] / "per_example.csv", folders["run"] / "per_example.csv")
             results[key].update({"bpd_minus_run": diff, "bpd_minus_run_se": se})
             if "fids" in results[key] and "fids" in results["run"]:
                 d = [a - b for a, b in zip(results[key]["fids"], results["run"]["fids"], strict=True)]
                 results[key].update({"fid_minus_run": statistics.mean(d), "fid_minus_run_sd": statistics.stdev(d)})
-        write_metrics(results, output_dir, name="evaluation.json")  # after each checkpoint: a long job keeps its rows
+        # after each checkpoint, with the earlier job's rows of those still to come: a stop loses neither
+        pending = {k: previous[k] for k in keys if k in previous and k not in results}
+        write_metrics({**results, **pending}, output_dir, name="evaluation.json")
     write_metrics(results, output_dir, name="evaluation.json")
     png = plot_widths(results, Path(output_dir) / "posthoc_ema.png")
     if OmegaConf.select(cfg, "wandb.enabled", default=False) and checkpoints:
-        log_widths_to_wandb(results, png, checkpoints[0][1].parent.parent, train_config or {}, step, cfg.wandb.mode)
+        log_widths_to_wandb(results, png, checkpoints[0][1].parent.parent, train_config, step, cfg.wandb.mode)
     return results
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def kept_row(row: dict | None, overrides: list[str], digest: str, per_example: Path) -> bool:
+    """Whether an earlier job's ``row`` still holds for a checkpoint: the same eval overrides, the same checkpoint
+    (:func:`~diffusion_elbo.checkpoints.fingerprint`), numbers where numbers belong (JSON writes NaN as null), and its
+    per-example bounds still the file it paired with (another evaluation of the checkpoint, e.g. ``src/eval.py``,
+    writes to the same ``<run>/eval/`` folder)."""
+    if not row or (row.get("eval_overrides"), row.get("fingerprint")) != (overrides, digest):
+        return False
+    numbers = [row.get("bpd"), row.get("bpd_se"), *(row.get("fids") or [])]
+    if not all(isinstance(v, int | float) for v in numbers):
+        return False
+    return per_example.is_file() and row.get("per_example_sha256") == file_sha256(per_example)
 
 
 WANDB_COLUMNS = ("checkpoint", "sigma_rel", "bpd", "bpd_se", "bpd_minus_run", "bpd_minus_run_se", "fid", "fid_sd",
                  "fid_minus_run", "fid_minus_run_sd")  # fmt: skip
 
 
-def log_widths_to_wandb(results: dict, png: Path, run_dir: Path, train_config: dict, step: int | None, mode: str):
+def log_widths_to_wandb(results: dict, png: Path, run_dir: Path, train_config: dict, step: int, mode: str) -> None:
     """The evaluation in the training run's own W&B run (same id, resumed), under ``posthoc_ema/step_<N>/``: a table
     of every checkpoint's row (``table``), the plot (``plot``) and each value as a summary
     (``posthoc_ema/step_<N>/<checkpoint>/<key>``), so rebuilds as of several steps sit side by side. Nothing is logged
@@ -194,16 +215,15 @@ def log_widths_to_wandb(results: dict, png: Path, run_dir: Path, train_config: d
         for key, row in results.items():
             sigma_rel = float(key.removeprefix("sigma_rel_")) if key.startswith("sigma_rel_") else None
             rows.append([key, sigma_rel, *(row.get(c) for c in WANDB_COLUMNS[2:])])
-        run.log({f"{prefix}/table": wandb.Table(columns=list(WANDB_COLUMNS), data=rows),
-                 f"{prefix}/plot": wandb.Image(str(png))})  # fmt: skip
-        run.summary.update(
-            {
-                f"{prefix}/{key}/{c}": row[c]
-                for key, row in results.items()
-                for c in WANDB_COLUMNS[2:]
-                if isinstance(row.get(c), int | float)
-            }
-        )
+        # summaries only, no history row: the job may run beside the training that logs the run's history
+        values = {
+            f"{prefix}/{key}/{c}": row[c]
+            for key, row in results.items()
+            for c in WANDB_COLUMNS[2:]
+            if isinstance(row.get(c), int | float)
+        }
+        run.summary.update({f"{prefix}/table": wandb.Table(columns=list(WANDB_COLUMNS), data=rows),
+                            f"{prefix}/plot": wandb.Image(str(png)), **values})  # fmt: skip
     finally:
         run.finish()
 

@@ -213,13 +213,16 @@ def check_resume_folder(output_dir: str | Path, ckpt_path: str | None) -> None:
 
 
 def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``checkpoint_dir`` (``last.ckpt`` normally): a file cut
-    off by a crash is skipped with a warning, and temporary files of interrupted writes are removed."""
+    """The complete checkpoint with the highest step in ``checkpoint_dir`` (``last.ckpt`` normally; never a post-hoc
+    EMA's ``posthoc_*.ckpt``): a file cut off by a crash is skipped with a warning, and temporary files of
+    interrupted writes are removed."""
     for stale in checkpoint_dir.glob(".*.tmp-*"):
         log.warning("removing %s, left by a checkpoint write that was interrupted", stale)
         stale.unlink(missing_ok=True)
     best, best_step = None, -1
     for path in sorted(checkpoint_dir.glob("*.ckpt")):
+        if path.name.startswith("posthoc_"):  # an EMA rebuilt by src/posthoc_ema.py: averaged weights, not the run's
+            continue
         try:
             step = int(read_checkpoint(path).get("global_step", -1))
         except CheckpointError as exc:

@@ -230,13 +230,15 @@ def resume_training_wandb_run(run_dir: Path, train_cfg: dict, mode: str):
         return None
     import wandb
 
-    project = OmegaConf.select(OmegaConf.create(train_cfg), "logger.wandb.project") or "diffusion-elbo"
+    logger = OmegaConf.create(train_cfg)
+    project = OmegaConf.select(logger, "logger.wandb.project") or "diffusion-elbo"
     group, name = _training_run_group_and_name(Path(run_dir), train_cfg)
     if wandb.run is not None:  # e.g. a notebook that trained in this process: its run ends before this one resumes
         wandb.finish()
     return wandb.init(
         id=id_file.read_text().strip(),
         resume="allow",
+        entity=OmegaConf.select(logger, "logger.wandb.entity", default=None),  # the run's own team, where it had one
         project=project,
         group=group,
         name=name,
