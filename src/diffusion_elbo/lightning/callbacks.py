@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -470,6 +471,53 @@ class StopOnSignal(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+class CPUBudget(L.Callback):
+    """The CPU time that training steps have cost, logged as ``train/cpu_minutes``, and, with ``minutes`` set, a stop
+    once it reaches that budget: a CPU run's length in CPU-minutes, which, unlike wall time (``trainer.max_time``),
+    does not grow when other work shares the machine, so runs made side by side, or on a loaded machine, compare at
+    equal cost.
+
+    Counted: each process's CPU time (all its threads, :func:`time.process_time`) from the start to the end of every
+    training batch (forward, backward, optimizer), summed over the DDP processes; validation, sampling and checkpoint
+    writing are not. The count rides in checkpoints, so a resumed run goes on from it. Every process stops after the
+    same step (the sum is reduced each step). On a GPU it counts the host's CPU time only: use ``trainer.max_time``."""
+
+    def __init__(self, minutes: float | None = None) -> None:
+        if minutes is not None and not float(minutes) > 0:
+            raise ValueError(
+                f"callbacks.cpu_budget.minutes={minutes!r} must be > 0 (CPU-minutes), or null for no budget"
+            )
+        self.minutes = None if minutes is None else float(minutes)
+        self.spent_s = 0.0  # the CPU seconds of training steps so far, over every process
+        self._started: float | None = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"spent_s": self.spent_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.spent_s = float(state_dict["spent_s"])
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._started = time.process_time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._started is None:
+            return
+        step_s = time.process_time() - self._started
+        self._started = None
+        if trainer.world_size > 1:  # every process adds the same total, so all stop after the same step
+            total = torch.tensor([step_s], dtype=torch.float64, device=trainer.strategy.root_device)
+            step_s = float(trainer.strategy.reduce(total, reduce_op="sum"))
+        self.spent_s += step_s
+        pl_module.log("train/cpu_minutes", self.spent_s / 60, on_step=True, on_epoch=False)
+        if self.minutes is not None and self.spent_s >= 60 * self.minutes and not trainer.should_stop:
+            log.info("CPU budget of %g CPU-minutes reached at step %d: training stops", self.minutes,
+                     trainer.global_step)  # fmt: skip
+            trainer.should_stop = True
 
 
 class LastCheckpoint(L.Callback):
