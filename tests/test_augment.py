@@ -5,7 +5,6 @@ run that trains with it evaluated and sampled on the data itself."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -102,20 +101,24 @@ def test_every_row_of_an_augmented_batch_reaches_the_network_with_its_own_labels
 def test_a_run_trained_with_augmentation_is_evaluated_and_sampled_on_the_data_itself(tmp_path):
     """Train with augment=geometric, then eval and sample the checkpoint as a user would: the network is rebuilt with
     its augmentation input, and the bound and the samples are the identity's (no labels)."""
+    from hydra import compose, initialize_config_dir
+
     from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.evaluation.job import run_eval
     from diffusion_elbo.training import train
 
-    from .helpers import SMALL_UNET, compose_train, run_cli
+    from .helpers import CONF_DIR, SMALL_UNET, compose_train
 
     run = tmp_path / "run"
-    cfg = compose_train(run, [*SMALL_UNET, "augment=geometric", "augment.p=0.5", "trainer.max_steps=6"])
+    cfg = compose_train(run, [*SMALL_UNET, "augment=geometric", "augment.p=0.5", "trainer.max_steps=4"])
     train(cfg, str(run))
     ckpt = run / "checkpoints" / "last.ckpt"
     loaded = load_for_eval(ckpt)
     assert loaded.module.net.augment_dim == 5 and loaded.module.augmentation is not None
-    result = run_cli("eval.py", f"ckpt_path={ckpt}", "num_examples=8", "fid.num_samples=0", "wandb.enabled=false")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run / "eval" / "last-trained" / "metrics.json").read_text())
-    assert math.isfinite(metrics["bpd"]) and metrics["bpd"] > 0
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        eval_cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", "num_examples=4", "fid.num_samples=0",
+                                              "wandb.enabled=false"])  # fmt: skip
+    metrics = run_eval(eval_cfg, tmp_path / "eval")
+    assert math.isfinite(metrics["bpd"]) and metrics["bpd"] > 0 and metrics["num_examples"] == 4
     samples = loaded.module.sample(6, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (6, 1, 8, 8) and bool(torch.isfinite(samples).all())

@@ -334,11 +334,15 @@ def test_every_job_of_a_sweep_has_its_own_folder_and_wandb_run_under_every_launc
     override (from multirun.yaml, not the worker's sys.argv) and holds one offline W&B run, with the id of its
     wandb_run_id.txt, its own name, config, history and exit code, in the sweep's group. joblib with one worker runs
     both jobs in one process, where the second used to write into the first's run (the basic launcher's case, tested
-    with the evals below; Optuna's in the search test)."""
+    with the evals below; Optuna's in the search test). Under submitit_local each job is a 2-process DDP run
+    (tasks_per_node=2: submitit starts both ranks, Lightning none; each job once per rank, in its own folder), whose
+    rank 0 alone writes the job's W&B run."""
     launcher_args = {
         "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
-        "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
-    }[launcher]
+        "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                           "hydra.launcher.tasks_per_node=2", "trainer=cpu", "trainer.devices=2",
+                           "trainer.strategy=ddp"],
+    }[launcher]  # fmt: skip
     result = run_cli(
         "train.py", "-m", *launcher_args, "schedule=linear,cosine", *FAST, "logger=wandb", "trainer.max_steps=2",
         "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2", "schedule.timesteps=50",
@@ -362,6 +366,8 @@ def test_every_job_of_a_sweep_has_its_own_folder_and_wandb_run_under_every_launc
         assert run.exit_code == int(failed)  # W&B shows the failed job's run as failed
         # its own history: the failed job stopped before step 2, the other trained and validated at step 2
         assert (max(run.steps) < 2 if failed else max(run.steps) == 2) and ("val/elbo_bpd" in run.summary) != failed
+        if launcher == "submitit_local":
+            assert _starts(tmp_path / job) == [f"job {job}: process 0 of 2 starts", f"job {job}: process 1 of 2 starts"]
 
 
 @pytest.mark.slow
@@ -460,34 +466,6 @@ def test_ddp_inside_a_sweep_runs_each_job_once_per_rank(tmp_path):
         assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
         assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["schedule-cosine", "schedule-linear"]
-
-
-@pytest.mark.slow
-def test_ddp_sweep_under_submitit_local_runs_one_task_per_device(tmp_path):
-    """hydra/launcher=submitit_local with tasks_per_node=2: submitit starts the two ranks of each job (Lightning
-    starts none), each job once per rank, in its own folder."""
-    result = run_cli(
-        "train.py",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.timeout_min=10",
-        "schedule=linear,cosine",
-        *FAST,
-        "trainer=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        "schedule.timesteps=50",
-        f"hydra.sweep.dir={tmp_path}",
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for run in ("schedule-cosine", "schedule-linear"):
-        assert _starts(tmp_path / run) == [f"job {run}: process 0 of 2 starts", f"job {run}: process 1 of 2 starts"]
-        assert json.loads((tmp_path / run / "train_metrics.json").read_text())["global_step"] == 2
 
 
 def test_joblib_with_ddp_is_refused_before_any_job_runs(tmp_path):
