@@ -2,6 +2,11 @@
 what moves it (EMA length, learning rate, dropout, parametrization, schedule). Results go to
 ``benchmarks/short_run/<name>.{json,md}``.
 
+Or at equal CPU time, with the exact test bound (issue 33: levers of the VDM preset at 15 CPU-minutes):
+
+    python benchmarks/short_run.py --name vdm_15cpu --cpu-minutes 15 --steps 100000 --test-bound --jobs 1 \
+        --variant vdm=experiment=digits_vdm --variant augment=experiment=digits_vdm,augment=geometric
+
     python benchmarks/short_run.py --name default_3k --steps 3000 --jobs 2 \\
         --variant default= --variant lr1e-3=optimizer.lr=1e-3 --variant ema0.995=callbacks.ema.decay=0.995
 
@@ -83,6 +88,38 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     ]
 
 
+def _last_logged(run_dir: Path, key: str) -> float | None:
+    """The last value of ``key`` in the run's CSV log."""
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    value = None
+    if files:
+        with files[-1].open() as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    value = float(row[key])
+    return value
+
+
+def test_bound(ckpt: Path, env: dict, num_examples: int | None) -> dict:
+    """The exact T-step bound of the checkpoint on the test split (``src/eval.py``, no FID), with a continuous-time
+    model's own bound beside it."""
+    out = ckpt.parent.parent / "eval" / "short_run-test"
+    command = [sys.executable, "src/eval.py", f"ckpt_path={ckpt}", "split=test", "fid.num_samples=0",
+               "wandb.enabled=false", f"hydra.run.dir={out}"]  # fmt: skip
+    if num_examples is not None:
+        command.append(f"num_examples={num_examples}")
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = {
+        "test_elbo_bpd": metrics["bpd"],
+        "test_elbo_bpd_se": metrics["bpd_se"],
+        "test_examples": metrics["num_examples"],
+    }
+    if "continuous" in metrics:
+        row["test_own_bound_bpd"] = metrics["continuous"]["bpd"]
+    return row
+
+
 def _job(
     label: str,
     overrides: list[str],
@@ -92,21 +129,30 @@ def _job(
     threads: int,
     fid_seeds: list[int],
     known: dict[int, float] | None = None,
+    cpu_minutes: float | None = None,
+    test_examples: int | None = 0,
+    fid_samples: int = 2000,
 ) -> dict:
     run_dir = runs_dir / f"{label}-s{seed}"
+    budget = [] if cpu_minutes is None else [f"callbacks.cpu_budget.minutes={cpu_minutes}"]
     train = [
         sys.executable,
         "src/train.py",
         *overrides,
         f"seed={seed}",
         f"trainer.max_steps={steps}",
+        *budget,
         "logger=csv",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     finished = run_dir / "train_metrics.json"
-    if finished.is_file() and json.loads(finished.read_text()).get("global_step") == steps:
+    spent = _last_logged(run_dir, "train/cpu_minutes") if finished.is_file() else None
+    if finished.is_file() and (
+        json.loads(finished.read_text()).get("global_step") == steps
+        or (cpu_minutes is not None and spent is not None and spent >= cpu_minutes)
+    ):
         # trained by an earlier invocation that stopped before its eval: keep it, time it from its log
         train_s = finished.stat().st_mtime - (run_dir / ".hydra" / "config.yaml").stat().st_mtime
     else:
@@ -117,14 +163,18 @@ def _job(
     have = dict(known or {})  # sampling seed -> FID, of an earlier invocation on this same checkpoint
     missing = [s for s in fid_seeds if s not in have]
     if missing:
-        fid = [sys.executable, str(Path(__file__).resolve()), "--fid", str(ckpt), "--fid-seeds", *map(str, missing)]
+        fid = [sys.executable, str(Path(__file__).resolve()), "--fid", str(ckpt), "--fid-seeds", *map(str, missing),
+               "--fid-samples", str(fid_samples)]  # fmt: skip
         done = subprocess.run(fid, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
         have.update(zip(missing, json.loads(done.stdout.strip().splitlines()[-1]), strict=True))
     fids = [have[s] for s in fid_seeds]
-    return {
+    row = {
         "label": label,
         "seed": seed,
         "steps": steps,
+        "cpu_budget_minutes": cpu_minutes,
+        "steps_trained": json.loads(finished.read_text()).get("global_step"),
+        "cpu_minutes": _last_logged(run_dir, "train/cpu_minutes"),
         "overrides": overrides,
         "command": "python src/train.py " + " ".join(train[2:-1]),
         "train_minutes": train_s / 60,
@@ -134,6 +184,9 @@ def _job(
         "fid_seeds": list(fid_seeds),
         "val_elbo_bpd": _last_val(run_dir),
     }
+    if test_examples != 0:  # 0: no test bound; None: the whole split
+        row.update(test_bound(ckpt, env, test_examples))
+    return row
 
 
 def main() -> None:
@@ -152,10 +205,22 @@ def main() -> None:
         default=[0],
         help="sampling seeds of the FID (each its own x_T per sample; the FID's mean over seeds and its spread)",
     )
+    p.add_argument(
+        "--cpu-minutes",
+        type=float,
+        help="train each run for this many CPU-minutes of training steps (callbacks.cpu_budget; --steps is then a cap)",
+    )
+    p.add_argument(
+        "--test-bound",
+        action="store_true",
+        help="also the exact T-step bound of each run's last checkpoint on the whole test split (src/eval.py)",
+    )
+    p.add_argument("--test-examples", type=int, help=argparse.SUPPRESS)  # a smoke test's first N test examples
+    p.add_argument("--fid-samples", type=int, default=2000, help=argparse.SUPPRESS)  # a smoke test's few samples
     p.add_argument("--fid", help=argparse.SUPPRESS)  # internal: print the FIDs of this checkpoint as JSON
     args = p.parse_args()
     if args.fid:
-        print(json.dumps(checkpoint_fids(args.fid, args.fid_seeds)))
+        print(json.dumps(checkpoint_fids(args.fid, args.fid_seeds, args.fid_samples)))
         return
     if not args.name or not args.variant:
         p.error("--name and at least one --variant are required")
@@ -180,8 +245,10 @@ def main() -> None:
     todo = []
     for label, overrides in variants:
         for seed in args.seeds:
-            done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == args.steps]
-            if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds:
+            done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == args.steps
+                    and r.get("cpu_budget_minutes") == args.cpu_minutes]  # fmt: skip
+            complete = not args.test_bound or (done and "test_elbo_bpd" in done[0])
+            if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds and complete:
                 continue
             known = {}
             if done and done[0]["overrides"] == overrides:  # trained, some sampling seeds missing
@@ -189,7 +256,20 @@ def main() -> None:
             todo.append((label, overrides, seed, known))
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(_job, label, overrides, seed, args.steps, runs_dir, threads, args.fid_seeds, known)
+            pool.submit(
+                _job,
+                label,
+                overrides,
+                seed,
+                args.steps,
+                runs_dir,
+                threads,
+                args.fid_seeds,
+                known,
+                args.cpu_minutes,
+                (args.test_examples or None) if args.test_bound else 0,
+                args.fid_samples,
+            )
             for label, overrides, seed, known in todo
         ]
         for f in futures:
@@ -201,9 +281,9 @@ def main() -> None:
     order = [label for label, _ in variants]
     rows = sorted((r for r in kept if r["label"] in order), key=lambda r: (order.index(r["label"]), r["seed"]))
     lines = [
-        "| variant | overrides | training seeds | FID (2000 samples, DDIM 50) | FID per training seed | "
-        "val -ELBO (bits/dim) | train minutes |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | overrides | training seeds | steps | CPU-minutes | FID ({args.fid_samples} samples, DDIM 50) | "
+        "FID per training seed | val -ELBO (bits/dim) | test -ELBO (bits/dim) | train minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, overrides in variants:
         mine = [r for r in rows if r["label"] == label]
@@ -213,17 +293,29 @@ def main() -> None:
         fid = f"{mean(draws):.3f}" + (f" ± {stdev(draws):.3f}" if len(draws) > 1 else "")
         per_seed = ", ".join(f"{r['seed']}: {r['fid']:.3f}" for r in mine)
         vals = [r["val_elbo_bpd"] for r in mine if r["val_elbo_bpd"] is not None]
+        tests = [(r["test_elbo_bpd"], r["test_elbo_bpd_se"]) for r in mine if "test_elbo_bpd" in r]
+        test = "-" if not tests else ", ".join(f"{b:.3f} ± {se:.3f}" for b, se in tests)
+        steps = ", ".join(str(r.get("steps_trained", r["steps"])) for r in mine)
+        cpu = ", ".join("-" if r.get("cpu_minutes") is None else f"{r['cpu_minutes']:.1f}" for r in mine)
         lines.append(
-            f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {fid} | {per_seed} | "
-            f"{f'{mean(vals):.3f}' if vals else '-'} | {mean(r['train_minutes'] for r in mine):.1f} |"
+            f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {steps} | {cpu} | {fid} | {per_seed} | "
+            f"{f'{mean(vals):.3f}' if vals else '-'} | {test} | {mean(r['train_minutes'] for r in mine):.1f} |"
         )
     m = machine()
-    (out / "table.json").write_text(json.dumps({"machine": m, "steps": args.steps, "rows": rows}, indent=1) + "\n")
+    (out / "table.json").write_text(
+        json.dumps({"machine": m, "steps": args.steps, "cpu_minutes": args.cpu_minutes, "rows": rows}, indent=1) + "\n"
+    )
+    length = (
+        f"{args.steps} training steps"
+        if args.cpu_minutes is None
+        else f"{args.cpu_minutes:g} CPU-minutes of training steps each (callbacks.cpu_budget; at most {args.steps} steps)"
+    )
     caption = (
-        f"{args.steps} training steps, batch 128, each run on {threads} thread(s) with {args.jobs} at a time. "
+        f"{length}, each run on {threads} thread(s) with {args.jobs} at a time. "
         "FID: classifier features, 2000 DDIM-50 samples of the EMA weights against the train split (lower is "
         f"better), computed for the sampling seeds {args.fid_seeds} of each run; mean ± std over all (training "
-        "seed, sampling seed) draws. val -ELBO: the 180 val digits at the last step. " + args.caption
+        "seed, sampling seed) draws. val -ELBO: the 180 val digits at the last step. test -ELBO: the exact T-step "
+        "bound of the last checkpoint on the test split (± its standard error over examples). " + args.caption
     )
     (out / "table.md").write_text("\n".join([f"# {args.name}", "", f"{machine_line(m)} {caption}", "", *lines]) + "\n")
     print("\n".join(lines))
