@@ -477,8 +477,7 @@ class CPUBudget(L.Callback):
     """The CPU time that training steps have cost, logged as ``train/cpu_minutes``, and, with ``minutes`` set, a stop
     once it reaches that budget: a CPU run's length in CPU-minutes. Unlike wall time (``trainer.max_time``) it does not
     count time spent waiting for the CPU; it is not free of load all the same: work on the same cores (SMT siblings,
-    shared caches) slows each CPU-second, so
-    budgets compare only when measured alike, best on a machine alone.
+    shared caches) slows each CPU-second, so budgets compare only when measured alike, best on a machine alone.
 
     Counted: each process's CPU time (all its threads, :func:`time.process_time`) from the start to the end of every
     training batch (forward, backward, optimizer), summed over the DDP processes; validation, sampling and checkpoint
