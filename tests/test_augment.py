@@ -91,7 +91,7 @@ def test_every_row_of_an_augmented_batch_reaches_the_network_with_its_own_labels
         return forward(x, c, augment_labels=augment_labels)
 
     module.net.forward = spy
-    module.step_loss(*module.augmentation(x0, generator=module.generator))
+    module.training_step((x0, torch.zeros(32, dtype=torch.long)), 0)  # as the trainer calls it
     assert [n for n, _ in seen] == [16, 16]  # aux_fraction 0.5: the bound's rows, then the v-MSE's
     torch.testing.assert_close(torch.cat([labels for _, labels in seen]), expected.labels, rtol=0, atol=0)
     assert expected.labels.any()

@@ -140,9 +140,11 @@ def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrid
         (["data=toy2d", "model=mlp", "augment=geometric"], "augment (GeometricAugmentation) tells the network how each "
          "training image was transformed, and model MLPDenoiser takes no augmentation labels (no augment_dim argument): use "
          "model=unet, or augment=null"),
+        (["augment=geometric", "augment.translate=8"], "augment.translate=8 must be smaller than the images "
+         "(data.image_size=8 pixels)"),
     ],
     ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0",
-         "sampler-steps-above-T", "ckpt-dir", "wandb-mode", "augment-without-labels"],
+         "sampler-steps-above-T", "ckpt-dir", "wandb-mode", "augment-without-labels", "augment-shift-too-far"],
 )  # fmt: skip
 def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path, overrides, problem):
     """Each of these trained until the first validation (or the first step) and then crashed with a traceback

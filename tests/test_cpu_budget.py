@@ -20,6 +20,7 @@ class _Busy(L.LightningModule):
         super().__init__()
         self.net = nn.Linear(2, 1)
         self.logged: list[float] = []
+        self.batches = 0
 
     def training_step(self, batch, batch_idx):
         start = time.process_time()
@@ -28,7 +29,9 @@ class _Busy(L.LightningModule):
         return self.net(batch[0]).pow(2).mean()
 
     def on_train_batch_end(self, *args) -> None:
-        self.logged.append(float(self.trainer.callback_metrics["train/cpu_minutes"]))
+        self.batches += 1
+        if "train/cpu_minutes" in self.trainer.callback_metrics:  # logged once an optimizer step is taken
+            self.logged.append(float(self.trainer.callback_metrics["train/cpu_minutes"]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -76,3 +79,32 @@ def test_a_resumed_run_continues_the_count_from_its_checkpoint(tmp_path):
 def test_a_budget_that_is_not_positive_is_refused(minutes):
     with pytest.raises(ValueError, match=f"callbacks.cpu_budget.minutes={minutes!r} must be > 0"):
         CPUBudget(minutes=minutes)
+
+
+def test_under_gradient_accumulation_every_micro_batch_counts_and_the_stop_follows_an_optimizer_step(tmp_path):
+    """accumulate_grad_batches=3: the budget is reached inside a step's micro-batches at the earliest, and the run
+    stops only once that step is taken (batch count a multiple of 3), with every micro-batch's time counted."""
+    budget = CPUBudget(minutes=0.03 / 60)  # 30 ms: reached inside the first step (at its second micro-batch or before)
+    module = _Busy()
+    trainer = L.Trainer(max_steps=20, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[budget],
+                        accumulate_grad_batches=3)  # fmt: skip
+    trainer.fit(module)
+    assert trainer.global_step == 1 and module.batches == 3  # three micro-batches, one optimizer step
+    assert budget.spent_s >= 3 * 0.02
+
+
+def test_the_budget_counts_last_and_a_run_that_spent_it_is_not_resumed(tmp_path):
+    """build_callbacks puts the budget after every other callback (callbacks=posthoc_ema's per-step averages are then
+    counted); a resume from a checkpoint past its budget is refused like one at max_steps."""
+    from diffusion_elbo.builders import build_callbacks
+    from diffusion_elbo.training import RunProtected, check_steps_left
+
+    from .helpers import compose_train
+
+    cfg = compose_train(tmp_path, ["callbacks=posthoc_ema", "callbacks.cpu_budget.minutes=2"])
+    assert isinstance(build_callbacks(cfg)[-1], CPUBudget)
+    spent = {"global_step": 5, "callbacks": {"CPUBudget": {"spent_s": 121.0}}}
+    with pytest.raises(RunProtected, match=r"spent 2.02 CPU-minutes and callbacks.cpu_budget.minutes=2.*minutes=4"):
+        check_steps_left(cfg, spent, tmp_path / "last.ckpt")
+    check_steps_left(cfg, {**spent, "callbacks": {"CPUBudget": {"spent_s": 100.0}}}, tmp_path / "last.ckpt")

@@ -712,6 +712,16 @@ def test_a_resume_may_change_the_lr_but_not_the_model_or_the_noise_process(tmp_p
     )
     assert "schedule.tau: checkpoint 1.0, now (not set)" in [str(c) for c in cosine.refused]
     assert compare_resume_config(saved, saved) == ResumeChanges([], [], [], [])
+    # an augmentation added, or one whose labels would mean something else; how often it applies may change
+    augmented = _resolved(compose_train(tmp_path, [*TINY, "augment=geometric"]))
+    assert [c.key for c in compare_resume_config(saved, augmented).refused] == ["augment"]
+    assert [c.key for c in compare_resume_config(augmented, saved).refused] == ["augment"]
+    shifted = compare_resume_config(augmented, _resolved(compose_train(tmp_path, [*TINY, "augment=geometric",
+                                                                                  "augment.translate=2"])))  # fmt: skip
+    assert [str(c) for c in shifted.refused] == ["augment.translate: checkpoint 1, now 2"]
+    rarer = compare_resume_config(augmented, _resolved(compose_train(tmp_path, [*TINY, "augment=geometric",
+                                                                                "augment.p=0.3"])))  # fmt: skip
+    assert not rarer.refused and [c.key for c in rarer.allowed] == ["augment.p"]
 
 
 def test_a_resume_with_a_new_lr_trains_at_it_and_a_new_noise_process_is_refused(tmp_path, caplog):

@@ -178,15 +178,18 @@ def build_module(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks in config order (sample_grid before ema, so samples use the EMA weights); no progress bar under
-    ``trainer.enable_progress_bar=false`` (Lightning refuses a bar it is told not to show)."""
+    """Callbacks in config order (sample_grid before ema, so samples use the EMA weights), the CPU budget last; no
+    progress bar under ``trainer.enable_progress_bar=false`` (Lightning refuses a bar it is told not to show)."""
     from lightning.pytorch.callbacks import ProgressBar
 
     callbacks_cfg = OmegaConf.select(cfg, "callbacks") or {}
+    from diffusion_elbo.lightning.callbacks import CPUBudget
+
     callbacks = [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
     if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return callbacks
+    # the CPU budget last: its count of a training batch then holds every other callback's work on it
+    return [c for c in callbacks if not isinstance(c, CPUBudget)] + [c for c in callbacks if isinstance(c, CPUBudget)]
 
 
 def wandb_host() -> str:

@@ -144,6 +144,9 @@ def _augment_problems(cfg: DictConfig) -> list[str]:
     """An augmentation with conditioning needs a network that takes its labels (an ``augment_dim`` argument)."""
     if OmegaConf.select(cfg, "augment", default=None) is None or OmegaConf.select(cfg, "model._target_") is None:
         return []
+    translate, size = OmegaConf.select(cfg, "augment.translate", default=0), OmegaConf.select(cfg, "data.image_size")
+    if isinstance(translate, int) and isinstance(size, int) and translate >= size:
+        return [f"augment.translate={translate} must be smaller than the images (data.image_size={size} pixels)"]
     found = constructor_parameters(str(cfg.model._target_))
     if found is None or "augment_dim" in found[1]:
         return []

@@ -23,11 +23,13 @@ MUST_MATCH = (
     "model",
     "loss",
     "data",
+    "augment",
     "optimizer._target_",
 )
 # Exceptions under MUST_MATCH groups: how the data are read and batched, and the learned schedule's learning rate.
 MAY_CHANGE = (
     "schedule.lr",
+    "augment.p",  # how often, not what the labels mean
     "data.batch_size",
     "data.eval_batch_size",
     "data.num_workers",
@@ -103,6 +105,9 @@ def compare_resume_config(saved: dict, new: dict) -> ResumeChanges:
         for k in [*saved_flat, *(k for k in new_flat if k not in saved_flat)]
         if (k in saved_flat) != (k in new_flat) and k.split(".")[0] in groups
     ]
+    if (saved.get("augment") is None) != (new.get("augment") is None):  # an augmentation on one side only: the
+        # network has its label input on one side only (a group absent is not otherwise a difference)
+        one_sided.append(Change("augment", saved.get("augment") or _NOT_SET, new.get("augment") or _NOT_SET))
     refused, applied, kept, allowed = [], [], [], []
     for change in differing + one_sided:
         if _under(change.key, APPLIED):

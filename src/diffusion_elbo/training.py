@@ -168,8 +168,17 @@ def warn_if_processes_exceed_cores(trainer: L.Trainer) -> None:
 
 
 def check_steps_left(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
-    """Refuse a resume from a checkpoint already at ``trainer.max_steps``: nothing is left to train, and the job would
-    overwrite the finished run's train_metrics.json with a near-empty one. Training longer is a larger max_steps."""
+    """Refuse a resume from a checkpoint already at ``trainer.max_steps`` (or past ``callbacks.cpu_budget.minutes``):
+    nothing is left to train, and the job would overwrite the finished run's train_metrics.json with a near-empty one.
+    Training longer is a larger max_steps (or budget)."""
+    budget = OmegaConf.select(cfg, "callbacks.cpu_budget.minutes", default=None)
+    spent = float(checkpoint.get("callbacks", {}).get("CPUBudget", {}).get("spent_s", 0.0))
+    if budget is not None and spent >= 60 * float(budget):
+        raise RunProtected(
+            f"checkpoint {path} has spent {spent / 60:.2f} CPU-minutes and callbacks.cpu_budget.minutes={budget}: the "
+            f"run is finished and nothing is left to train. To train it longer, resume with a larger budget (e.g. "
+            f"callbacks.cpu_budget.minutes={2 * float(budget):g}); to evaluate it, `python src/eval.py ckpt_path={path}`."
+        )
     max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1) or -1)
     step = int(checkpoint.get("global_step", 0))
     if max_steps > 0 and step >= max_steps and not OmegaConf.select(cfg, "trainer.fast_dev_run"):

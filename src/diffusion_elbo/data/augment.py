@@ -65,6 +65,10 @@ class GeometricAugmentation(Augmentation):
                 "use augment=null for this data"
             )
         b, device = x0.shape[0], x0.device
+        if self.translate >= x0.shape[-1]:
+            raise ValueError(
+                f"augment.translate={self.translate} must be smaller than the image ({x0.shape[-1]} pixels)"
+            )
 
         def chosen() -> Tensor:  # (B,) bool: which images get this transform
             return torch.rand(b, generator=generator, device=device) < self.p
@@ -83,7 +87,7 @@ class GeometricAugmentation(Augmentation):
         if self.translate:
             r = self.translate
             shift = torch.randint(-r, r + 1, (b, 2), generator=generator, device=device) * chosen()[:, None]
-            x = _translate(x, shift)
+            x = _translate(x, shift, r)
             labels.append(shift.float() / r)
         return Augmented(x.contiguous(), torch.cat(labels, dim=1))
 
@@ -92,15 +96,10 @@ class GeometricAugmentation(Augmentation):
                 f"translate={self.translate})")  # fmt: skip
 
 
-def _translate(x: Tensor, shift: Tensor) -> Tensor:
-    """x (B, C, H, W) shifted by shift (B, 2) = (dx, dy) whole pixels (right, down), the uncovered border filled by
-    reflecting the image (as EDM pads), so every value is one of the image's own."""
-    r = int(shift.abs().max()) if shift.numel() else 0
-    if r == 0:
-        return x
+def _translate(x: Tensor, shift: Tensor, r: int) -> Tensor:
+    """x (B, C, H, W) shifted by shift (B, 2) = (dx, dy) whole pixels (right, down; |dx|, |dy| <= r < H), the uncovered
+    border filled by reflecting the image (as EDM pads), so every value is one of the image's own."""
     size = x.shape[-1]
-    if r >= size:
-        raise ValueError(f"augment.translate={r} must be smaller than the image ({size} pixels)")
     padded = F.pad(x, (r, r, r, r), mode="reflect")  # (B, C, H + 2r, W + 2r)
     rows = torch.arange(size, device=x.device)
     top = (r - shift[:, 1])[:, None] + rows  # (B, H): padded row of each output row

@@ -480,8 +480,9 @@ class CPUBudget(L.Callback):
     shared caches) slows each CPU-second, so budgets compare only when measured alike, best on a machine alone.
 
     Counted: each process's CPU time (all its threads, :func:`time.process_time`) from the start to the end of every
-    training batch (forward, backward, optimizer), summed over the DDP processes; validation, sampling and checkpoint
-    writing are not. The count rides in checkpoints, so a resumed run goes on from it. Every process stops after the
+    training batch (forward, backward, optimizer, and every callback's per-batch work: the callback runs last),
+    summed over the DDP processes; validation, sampling and checkpoint writing are not. The stop comes after an
+    optimizer step, never inside gradient accumulation. The count rides in checkpoints, so a resumed run goes on from it. Every process stops after the
     same step (the sum is reduced each step). On a GPU it counts the host's CPU time only: use ``trainer.max_time``."""
 
     def __init__(self, minutes: float | None = None) -> None:
@@ -491,7 +492,9 @@ class CPUBudget(L.Callback):
             )
         self.minutes = None if minutes is None else float(minutes)
         self.spent_s = 0.0  # the CPU seconds of training steps so far, over every process
+        self._pending_s = 0.0  # this process's, since the last optimizer step (gradient accumulation's micro-batches)
         self._started: float | None = None
+        self._step_at_start = -1
 
     def state_dict(self) -> dict[str, float]:
         return {"spent_s": self.spent_s}
@@ -502,13 +505,16 @@ class CPUBudget(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._started = time.process_time()
+        self._started, self._step_at_start = time.process_time(), trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._started is None:
             return
-        step_s = time.process_time() - self._started
+        self._pending_s += time.process_time() - self._started
         self._started = None
+        if trainer.global_step == self._step_at_start:  # a micro-batch of gradient accumulation: no step yet
+            return
+        step_s, self._pending_s = self._pending_s, 0.0
         if trainer.world_size > 1:  # every process adds the same total, so all stop after the same step
             total = torch.tensor([step_s], dtype=torch.float64, device=trainer.strategy.root_device)
             step_s = float(trainer.strategy.reduce(total, reduce_op="sum"))
