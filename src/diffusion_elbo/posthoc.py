@@ -272,7 +272,10 @@ def plot_widths(results: dict, path: Path) -> Path:
     widths = sorted((float(k.removeprefix("sigma_rel_")), v) for k, v in results.items() if k.startswith("sigma_rel_"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
     for ax, key, name in ((axes[0], "bpd", "bound (bits/dim)"), (axes[1], "fid", "classifier FID")):
-        values = [(s, v[key], v.get(f"{key}_se", 0.0)) for s, v in widths if v.get(key) is not None]
+        # the bound's standard error over examples; the FID's sd over sampling seeds
+        values = [
+            (s, v[key], v.get(f"{key}_se", v.get(f"{key}_sd")) or 0.0) for s, v in widths if v.get(key) is not None
+        ]
         if values:
             ax.errorbar(
                 [x for x, _, _ in values], [y for _, y, _ in values], yerr=[e for _, _, e in values], marker="o"
