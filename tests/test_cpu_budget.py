@@ -108,3 +108,22 @@ def test_the_budget_counts_last_and_a_run_that_spent_it_is_not_resumed(tmp_path)
     with pytest.raises(RunProtected, match=r"spent 2.02 CPU-minutes and callbacks.cpu_budget.minutes=2.*minutes=4"):
         check_steps_left(cfg, spent, tmp_path / "last.ckpt")
     check_steps_left(cfg, {**spent, "callbacks": {"CPUBudget": {"spent_s": 100.0}}}, tmp_path / "last.ckpt")
+
+
+def test_a_run_that_spends_its_budget_ends_as_finished_not_as_cut_short(tmp_path, caplog):
+    """last.ckpt is written at the final step with the log line of a finished run: no "resume with" (a resume past the
+    budget is refused)."""
+    import logging
+
+    from diffusion_elbo.lightning.callbacks import LastCheckpoint
+
+    budget = CPUBudget(minutes=0.05 / 60)
+    trainer = L.Trainer(max_steps=50, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[LastCheckpoint(str(tmp_path / "checkpoints")), budget])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="diffusion_elbo.lightning.callbacks"):
+        trainer.fit(_Busy())
+    assert budget.exhausted and trainer.global_step < 50 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    ended = [r for r in caplog.records if "run ended" in r.getMessage()]
+    assert [r.levelname for r in ended] == ["INFO"] and "at its CPU budget" in ended[0].getMessage()
+    assert "resume with" not in ended[0].getMessage()

@@ -496,6 +496,11 @@ class CPUBudget(L.Callback):
         self._started: float | None = None
         self._step_at_start = -1
 
+    @property
+    def exhausted(self) -> bool:
+        """Whether the budget is spent (the run then ends as finished, as at max_steps)."""
+        return self.minutes is not None and self.spent_s >= 60 * self.minutes
+
     def state_dict(self) -> dict[str, float]:
         return {"spent_s": self.spent_s}
 
@@ -520,7 +525,7 @@ class CPUBudget(L.Callback):
             step_s = float(trainer.strategy.reduce(total, reduce_op="sum"))
         self.spent_s += step_s
         pl_module.log("train/cpu_minutes", self.spent_s / 60, on_step=True, on_epoch=False)
-        if self.minutes is not None and self.spent_s >= 60 * self.minutes and not trainer.should_stop:
+        if self.exhausted and not trainer.should_stop:
             log.info("CPU budget of %g CPU-minutes reached at step %d: training stops", self.minutes,
                      trainer.global_step)  # fmt: skip
             trainer.should_stop = True
@@ -558,7 +563,9 @@ class LastCheckpoint(L.Callback):
         saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
         if trainer.global_step > 0 and trainer.global_step not in saved:
             cut_short = trainer.max_steps < 0 or trainer.global_step < trainer.max_steps  # max_time, not max_steps
-            self._save(trainer, "run ended between checkpoints", stopped=cut_short)
+            spent = any(isinstance(cb, CPUBudget) and cb.exhausted for cb in trainer.callbacks)
+            why = "run ended at its CPU budget" if spent else "run ended between checkpoints"
+            self._save(trainer, why, stopped=cut_short and not spent)  # a finished budget is no run cut short
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
