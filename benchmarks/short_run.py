@@ -133,7 +133,8 @@ def _job(
     test_examples: int | None = 0,
     fid_samples: int = 2000,
 ) -> dict:
-    run_dir = runs_dir / f"{label}-s{seed}"
+    # a run to a CPU budget has its own folder: another budget is another run, never a longer or shorter one reused
+    run_dir = runs_dir / (f"{label}-s{seed}" + ("" if cpu_minutes is None else f"-cpu{cpu_minutes:g}"))
     budget = [] if cpu_minutes is None else [f"callbacks.cpu_budget.minutes={cpu_minutes}"]
     train = [
         sys.executable,
