@@ -87,7 +87,8 @@ class StepContext:
     the noise. ``global_step`` is for messages; ``log(name, value)`` logs a training number; ``all_gather`` gathers a
     tensor from every process (the importance sampler's update). ``augment_labels`` (B, A): how each example of the
     batch was augmented (``augment=...``; None: not augmented), which the network is given beside c:
-    :meth:`conditioned` is the network for some of the batch's rows."""
+    :meth:`conditioned` is the network for some of the batch's rows. Call the network through it, never ``network``
+    directly, which would drop the labels."""
 
     network: Callable[..., Tensor]
     generator: torch.Generator | None
@@ -340,7 +341,7 @@ class ChainTime(TimeAxis):
     def validation_result(self, ctx: StepContext, x0: Tensor, *, strata: int, draws: dict,
                           variance: ReverseVariance, decoder_variance: DecoderVariance) -> ELBOResult:  # fmt: skip
         return stratified_elbo(
-            ctx.network,
+            ctx.conditioned(),
             self.chain,
             x0,
             parametrization=self.parametrization,
@@ -614,7 +615,7 @@ class ContinuousTime(TimeAxis):
                           variance: ReverseVariance, decoder_variance: DecoderVariance) -> ELBOResult:  # fmt: skip
         """The stratified estimate of the continuous-time (or T-step) bound."""
         return stratified_continuous_elbo(
-            self.gamma_denoiser(ctx.network, amp_dtype=self._amp_dtype(ctx.device)),
+            self.gamma_denoiser(ctx.conditioned(), amp_dtype=self._amp_dtype(ctx.device)),
             self.logsnr,
             x0.float(),
             parametrization=self.parametrization,
