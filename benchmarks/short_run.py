@@ -51,18 +51,6 @@ make_fid(dm, cache_dir=cfg.paths.cache_dir)
 """
 
 
-def _last_val(run_dir: Path) -> float | None:
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    if not files:
-        return None
-    value = None
-    with files[-1].open() as f:
-        for row in csv.DictReader(f):
-            if row.get("val/elbo_bpd"):
-                value = float(row["val/elbo_bpd"])
-    return value
-
-
 def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> list[float]:
     """Classifier FID of ``num_samples`` DDIM-50 samples of the checkpoint (its EMA weights) against the train split,
     once per sampling seed (other x_T and noise), with the functions ``src/eval.py`` uses."""
@@ -183,7 +171,7 @@ def _job(
         "fid": mean(fids),
         "fids": fids,
         "fid_seeds": list(fid_seeds),
-        "val_elbo_bpd": _last_val(run_dir),
+        "val_elbo_bpd": _last_logged(run_dir, "val/elbo_bpd"),
     }
     if test_examples != 0:  # 0: no test bound; None: the whole split
         row.update(test_bound(ckpt, env, test_examples))
