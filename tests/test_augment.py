@@ -44,8 +44,8 @@ def test_probability_zero_is_the_identity_and_bad_settings_are_refused():
     y, labels = GeometricAugmentation(p=0.0)(x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(y, x) and not labels.any()
     assert GeometricAugmentation(xflip=False, rotate90=False, translate=1).dim == 2
-    for kwargs, message in [({"p": 1.5}, "augment.p=1.5 must be a probability"),
-                            ({"translate": -1}, "augment.translate=-1 must be an integer >= 0"),
+    for kwargs, message in [({"p": 1.5}, "p=1.5 must be a probability"),
+                            ({"translate": -1}, "translate=-1 must be an integer >= 0"),
                             ({"xflip": False, "rotate90": False, "translate": 0}, "use augment=null")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             GeometricAugmentation(**kwargs)

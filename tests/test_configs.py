@@ -142,9 +142,10 @@ def test_keys_the_project_does_not_own_are_checked_at_start(monkeypatch, overrid
          "model=unet, or augment=null"),
         (["augment=geometric", "augment.translate=8"], "augment.translate=8 must be smaller than the images "
          "(data.image_size=8 pixels)"),
+        (["augment=geometric", "augment.p=2"], "augment.p=2 must be a probability in [0, 1]"),
     ],
     ids=["discrete-T-1", "continuous-T-0", "val-strata-0", "val-strata-negative", "val-check-interval-0",
-         "sampler-steps-above-T", "ckpt-dir", "wandb-mode", "augment-without-labels", "augment-shift-too-far"],
+         "sampler-steps-above-T", "ckpt-dir", "wandb-mode", "augment-without-labels", "augment-shift-too-far", "augment-p"],
 )  # fmt: skip
 def test_values_that_fail_only_once_training_runs_are_refused_at_start(tmp_path, overrides, problem):
     """Each of these trained until the first validation (or the first step) and then crashed with a traceback

@@ -49,11 +49,11 @@ class GeometricAugmentation(Augmentation):
 
     def __init__(self, p: float = 0.15, xflip: bool = True, rotate90: bool = True, translate: int = 1) -> None:
         if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"augment.p={p!r} must be a probability in [0, 1] (EDM uses 0.12 on CIFAR-10)")
+            raise ValueError(f"p={p!r} must be a probability in [0, 1] (EDM uses 0.12 on CIFAR-10)")
         if not isinstance(translate, int) or isinstance(translate, bool) or translate < 0:
-            raise ValueError(f"augment.translate={translate!r} must be an integer >= 0 (pixels; 0 turns it off)")
+            raise ValueError(f"translate={translate!r} must be an integer >= 0 (pixels; 0 turns it off)")
         if not (xflip or rotate90 or translate):
-            raise ValueError("augment: every transform is off (xflip, rotate90, translate): use augment=null instead")
+            raise ValueError("xflip, rotate90 and translate are all off: nothing to augment; use augment=null instead")
         self.p = float(p)
         self.xflip, self.rotate90, self.translate = bool(xflip), bool(rotate90), int(translate)
         self.dim = int(self.xflip) + 2 * int(self.rotate90) + 2 * int(self.translate > 0)
