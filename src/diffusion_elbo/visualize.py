@@ -110,14 +110,19 @@ def save_profile_plot(profile: dict, path: str | Path, title: str = "") -> Path:
 
 
 def save_schedule_plot(schedule, path: str | Path) -> Path:
-    """alpha_bar(t), log SNR(t) and beta_t of a schedule."""
+    """alpha_bar(t), log SNR(t) and beta_t of a schedule (a multivariate schedule's: one thin line per dimension)."""
     plt, fig, (ax1, ax2, ax3) = _figure(3, width=3.4)
     t = range(1, schedule.T + 1)
-    ax1.plot(t, schedule.alpha_bar[1:].cpu().numpy())
+    style = {"linewidth": 0.5, "alpha": 0.5} if schedule.multivariate else {}
+
+    def curves(table):  # (T,) or (T, *D) -> (T,) or (T, D)
+        return table.flatten(1).cpu().numpy() if table.ndim > 1 else table.cpu().numpy()
+
+    ax1.plot(t, curves(schedule.alpha_bar[1:]), **style)
     ax1.set_title("alpha_bar(t)")
-    ax2.plot(t, schedule.log_snr().cpu().numpy())
+    ax2.plot(t, curves(schedule.log_snr()), **style)
     ax2.set_title("log SNR(t)")
-    ax3.semilogy(t, schedule.betas[1:].cpu().numpy())
+    ax3.semilogy(t, curves(schedule.betas[1:]), **style)
     ax3.set_title("beta_t")
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel("t")
@@ -130,11 +135,13 @@ def save_schedule_plot(schedule, path: str | Path) -> Path:
 
 
 def save_logsnr_plot(t, gamma, *, slope, path: str | Path, title: str) -> Path:
-    """gamma(t) = -log SNR(t) and gamma'(t) of a continuous-time schedule, from arrays over a grid of t in [0, 1]."""
+    """gamma(t) = -log SNR(t) and gamma'(t) of a continuous-time schedule, from arrays over a grid of t in [0, 1]:
+    (N,), or (N, D) for a multivariate schedule (one thin line per dimension)."""
     plt, fig, (ax1, ax2) = _figure(2, width=3.4)
-    ax1.plot(t, gamma)
+    style = {"linewidth": 0.5, "alpha": 0.5} if getattr(gamma, "ndim", 1) > 1 else {}
+    ax1.plot(t, gamma, **style)
     ax1.set_title("gamma(t) = -log SNR(t)")
-    ax2.semilogy(t, slope)
+    ax2.semilogy(t, slope, **style)
     ax2.set_title("gamma'(t)")
     for ax in (ax1, ax2):
         ax.set_xlabel("t")

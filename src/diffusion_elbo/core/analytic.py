@@ -101,6 +101,11 @@ def analytic_variance_table(
     that makes the variance KL-optimal (it is also never above Bao et al.'s bound (b - a)^2 / 4 = 1 for [-1, 1]
     data, which the unclipped error of an eps-predictor exceeds near t = T, where x0_hat = (x_t - s eps_hat) / a
     divides by a small a)."""
+    if schedule.multivariate:
+        raise ValueError(
+            f"variance=analytic estimates one isotropic variance per step; schedule '{schedule.name}' gives each "
+            "dimension its own noise level, where that variance is not KL-optimal: use variance=small"
+        )
     T = schedule.T
     sums = torch.zeros(T + 1, dtype=torch.float64)
     count = 0

@@ -93,14 +93,17 @@ def standard_normal_kl_nats(x0: Tensor, signal_sq: Tensor, log_noise_sq: Tensor)
     """KL(N(a x0, sigma^2 I) || N(0, I)) summed over dims, (B, *D) -> (B,) nats, for a variance-preserving marginal
     (sigma^2 = 1 - a^2): per dim (a^2 x0^2 - a^2 - log sigma^2) / 2, the lecture's prior-matching term
     KL(q(x_T | x0) || N(0, I)) (VDM's KL(q(z_1 | x) || N(0, I))). ``signal_sq`` a^2 and ``log_noise_sq`` log sigma^2:
-    0-dim or (B,), float64, with gradient where they have one (a learned schedule's endpoint). The x0-free part
-    -a^2 - log sigma^2 = a^4 / 2 + ... is formed in float64, where float32 cancels it to nothing (a^2 is 4e-5 at the
-    end of the linear schedule), and added once per example."""
+    0-dim or (B,), or one per dimension ((1, *D) or (B, *D), a multivariate schedule's), float64, with gradient where
+    they have one (a learned schedule's endpoint). The x0-free part -a^2 - log sigma^2 = a^4 / 2 + ... is formed in
+    float64, where float32 cancels it to nothing (a^2 is 4e-5 at the end of the linear schedule), and added once per
+    example."""
+    per_dim = signal_sq.ndim == x0.ndim
     a2 = signal_sq.to(x0.dtype)
-    if a2.ndim:
+    if a2.ndim and not per_dim:
         a2 = a2.view(-1, *([1] * (x0.ndim - 1)))
     constant = -signal_sq - log_noise_sq
-    return 0.5 * (sum_flat(a2 * x0**2) + constant.to(x0.dtype) * x0[0].numel())
+    constant = sum_flat(constant) if per_dim else constant * x0[0].numel()  # summed over dims, float64
+    return 0.5 * (sum_flat(a2 * x0**2) + constant.to(x0.dtype))
 
 
 def nats_to_bits_per_dim(nats_per_dim: Tensor | float) -> Tensor | float:

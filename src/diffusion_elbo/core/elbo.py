@@ -44,9 +44,9 @@ def prior_kl_nats(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
     """L_prior = KL(q(x_T | x_0) || N(0, I)) in closed form, summed over dims: (B, *D) -> (B,) nats; q(x_T | x_0) =
     N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I) (:func:`~diffusion_elbo.core.distributions.standard_normal_kl_nats`,
     with the schedule's float64 tables)."""
-    T = schedule.T
+    T = schedule.T  # the tables' last row, (1,) or (1, *D) for a multivariate schedule
     return standard_normal_kl_nats(
-        x0, schedule.alpha_bar[T].to(x0.device), schedule.log_one_minus_alpha_bar[T].to(x0.device)
+        x0, schedule.alpha_bar[T:].to(x0.device), schedule.log_one_minus_alpha_bar[T:].to(x0.device)
     )
 
 

@@ -33,12 +33,14 @@ class LogSNRShape(str, Enum):
     LINEAR = "linear"  # gamma linear in t (VDM's fixed baseline)
     COSINE = "cosine"  # alpha_bar = cos^2 of an affine map of t (Nichol & Dhariwal 2021) with the given endpoints
     LEARNED = "learned"  # VDM's monotone network with learned endpoints (Kingma et al. 2021, App. H)
+    MULTIVARIATE = "multivariate"  # a learned monotone gamma per data dimension (Sahoo et al. 2024, MuLAN)
     BETAS = "betas"  # a beta schedule's tables, interpolated between its steps (core.schedules.BetaSchedule)
 
 
 @dataclass
 class LogSNR:
-    """gamma(t) and gamma'(t) at a batch of times, (B,) each. ``shape`` and ``shape_slope`` are the learned
+    """gamma(t) and gamma'(t) at a batch of times, (B,) each ((B, *D) for a multivariate schedule, one per data
+    dimension). ``shape`` and ``shape_slope`` are the learned
     schedule's normalized shape in [0, 1] and its derivative (None for fixed schedules): the tensors through which
     the shape's parameters get their gradient, so a variance-minimizing gradient can be routed to them alone."""
 
@@ -63,6 +65,8 @@ class LogSNRSchedule(nn.Module):
 
     shape_name: LogSNRShape
     t_min: float = 0.0
+    # one gamma per data dimension: forward gives (B, *D), endpoints (1, *D) (MultivariateLearnedLogSNR)
+    multivariate: bool = False
 
     def __init__(self, reference: tuple[float, float], name: str) -> None:
         super().__init__()
@@ -77,12 +81,15 @@ class LogSNRSchedule(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def endpoints(self, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(gamma(0), gamma(1)) as 0-dim tensors (with gradient for a learned schedule)."""
+        """(gamma(0), gamma(1)) as 0-dim tensors (with gradient for a learned schedule); (1, *D) each for a
+        multivariate schedule."""
         if like is None:  # the schedule's own device: a learned schedule's parameters live on the GPU with the model
             held = next(iter([*self.parameters(), *self.buffers()]), None)
             like = torch.empty(0, device=held.device if held is not None else "cpu")
         t = torch.tensor([0.0, 1.0], dtype=like.dtype, device=like.device)
         gamma = self(t).gamma
+        if gamma.ndim > 1:  # one per dimension: kept with a leading 1, the per-dimension layout of core.vdm
+            return gamma[:1], gamma[1:]
         return gamma[0], gamma[1]
 
     @torch.no_grad()
@@ -104,10 +111,11 @@ class LogSNRSchedule(nn.Module):
         if not bool(torch.isfinite(gamma).all()) or not bool((gamma[1:] > gamma[:-1]).all()):
             raise InvalidScheduleError(
                 f"schedule '{self.name}' is not finite and increasing in gamma = -log SNR at T={timesteps}: "
-                f"gamma(t_min)={float(gamma[0]):.4g}, gamma(1)={float(gamma[-1]):.4g}; set schedule.gamma_min < gamma_max"
+                f"gamma(t_min)={float(gamma[0].min()):.4g}, gamma(1)={float(gamma[-1].max()):.4g}; "
+                "set schedule.gamma_min < gamma_max"
             )
-        log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), F.logsigmoid(-gamma)])
-        betas = -torch.expm1(log_alpha_bar[1:] - log_alpha_bar[:-1])  # (number of latents,)
+        log_alpha_bar = torch.cat([torch.zeros_like(gamma[:1]), F.logsigmoid(-gamma)])
+        betas = -torch.expm1(log_alpha_bar[1:] - log_alpha_bar[:-1])  # (number of latents,) or (.., *D) multivariate
         return NoiseSchedule(betas.cpu(), name=f"{self.name}@{timesteps}").to(device)
 
     def window(self) -> LogSNRSchedule:
@@ -139,6 +147,7 @@ class TimeWindow(LogSNRSchedule):
         super().__init__(base.reference, name=base.name)
         self.base = base
         self.shape_name = base.shape_name
+        self.multivariate = base.multivariate
         self.span = 1.0 - base.t_min
 
     def forward(self, t: Tensor) -> LogSNR:
@@ -227,6 +236,76 @@ class LearnedLogSNR(LogSNRSchedule):
         return LogSNR(
             gamma=self.gamma_min + span * shape, slope=span * shape_slope, shape=shape, shape_slope=shape_slope
         )
+
+
+class MultivariateLearnedLogSNR(LogSNRSchedule):
+    """A learned log-SNR per data dimension (Sahoo et al. 2024, "Diffusion Models With Learned Adaptive Noise", MuLAN,
+    without its input-conditioned part): gamma_i(t) = gamma_min,i + (gamma_max,i - gamma_min,i) s_i(t) for each
+    dimension i of the data's ``event_shape`` D, with learned endpoints and a learned monotone shape per dimension,
+
+        s_i(t) = (h_i(t) - h_i(0)) / (h_i(1) - h_i(0)),  h_i(t) = w1_i t + (1 / H) sum_j w3_ij sigmoid(w2_ij (2 t - 1) + b2_ij),
+
+    VDM's monotone network (:class:`LearnedLogSNR`, App. H) with H = ``hidden`` sigmoids for every dimension. gamma
+    and gamma'(t) are (B, *D), the endpoints (1, *D).
+
+    Why it is a lever: with one gamma for all dimensions the continuous-time bound depends on the schedule only through
+    its endpoints (VDM eq. 20), so a learned shape can lower only the estimator's variance. With one gamma per
+    dimension the bound itself depends on the shapes (each dimension is noised at its own pace, and the network
+    denoises each from all the others), so the shapes train on the bound's gradient, as MuLAN's do.
+
+    The network's noise-level input is the mean of gamma over the dimensions, (B,): the shapes are a fixed function of t,
+    so the mean (which increases strictly in t) tells the network every dimension's noise level."""
+
+    shape_name = LogSNRShape.MULTIVARIATE
+    multivariate = True
+
+    def __init__(
+        self,
+        event_shape: list[int] | tuple[int, ...],
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        hidden: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__((gamma_min, gamma_max), name="learned_multivariate")
+        _check_endpoints(gamma_min, gamma_max)
+        shape = tuple(int(n) for n in event_shape)
+        if not shape or any(n < 1 for n in shape):
+            raise InvalidScheduleError(
+                f"schedule.event_shape must list the data's dimensions (e.g. [1, 8, 8] for digits); got {event_shape}"
+            )
+        if hidden < 1:
+            raise InvalidScheduleError(f"schedule.hidden must be >= 1; got {hidden}")
+        self.event_shape = shape
+        generator = torch.Generator().manual_seed(seed)
+        self.gamma_min = nn.Parameter(torch.full(shape, float(gamma_min)))
+        self.gamma_max = nn.Parameter(torch.full(shape, float(gamma_max)))
+        self.w1 = nn.Parameter(torch.full(shape, math.log(math.e - 1.0)))  # softplus -> 1
+        self.w2 = nn.Parameter(torch.randn((*shape, hidden), generator=generator))
+        self.b2 = nn.Parameter(torch.randn((*shape, hidden), generator=generator))
+        # as VDM's: the sigmoids start at weight softplus(-4) = 0.018 against w1 = 1, every shape nearly linear
+        self.w3 = nn.Parameter(torch.full((*shape, hidden), -4.0))
+
+    def _h(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """h(t) and h'(t), (N, *D), at t (N,)."""
+        w1, w2, w3 = F.softplus(self.w1), F.softplus(self.w2), F.softplus(self.w3)  # (*D) (*D, H) (*D, H)
+        tt = t.view(-1, *([1] * (w2.ndim - 1)))  # (N, 1, ..., 1) against (*D) and, with one more 1, (*D, H)
+        sig = torch.sigmoid(w2 * (2 * tt[..., None] - 1) + self.b2)  # (N, *D, H)
+        h = w1 * tt + (sig * w3).mean(dim=-1)
+        dh = w1 + 2 * (sig * (1 - sig) * w2 * w3).mean(dim=-1)
+        return h, dh
+
+    def forward(self, t: Tensor) -> LogSNR:
+        t = t.to(self.w1.dtype)
+        h, dh = self._h(torch.cat([t, t.new_tensor([0.0, 1.0])]))
+        h0, h1 = h[-2], h[-1]  # (*D)
+        span = self.gamma_max - self.gamma_min
+        shape = (h[:-2] - h0) / (h1 - h0)
+        # no ``shape`` field: the bound depends on the shapes, which train on its gradient, not on its variance's
+        return LogSNR(gamma=self.gamma_min + span * shape, slope=span * dh[:-2] / (h1 - h0))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, event_shape={self.event_shape}"
 
 
 def _check_endpoints(gamma_min: float, gamma_max: float) -> None:

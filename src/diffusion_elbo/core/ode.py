@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from diffusion_elbo.core.chain import NoiseSchedule
-from diffusion_elbo.core.distributions import LOG_2PI
+from diffusion_elbo.core.distributions import LOG_2PI, sum_flat
 from diffusion_elbo.core.parametrization import Parametrization, predict_eps
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -86,7 +86,7 @@ def dequantize(
     *,
     u: Tensor,
     kind: Dequantization | str = Dequantization.UNIFORM,
-    noise_scale: float = 1.0,
+    noise_scale: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """A continuous y in x0's bin and log q(y | x0), for the bound -log P(x0) <= E_q[-log p(y) + log q(y | x0)].
 
@@ -94,7 +94,8 @@ def dequantize(
     end bins reach past [-1, 1], still disjoint); u (B, *D) ~ U(0, 1), the randomness. ``uniform``: y = x0 + (u - 1/2)
     Delta, log q = -D log Delta. ``truncated_normal``: y = x0 + s eta, eta ~ N(0, 1) truncated to |eta| <= tau =
     Delta / (2 s) by inverse CDF, s = ``noise_scale`` (sigma(t0) / a(t0)); log q = sum_d [log N(eta_d) - log Z - log s],
-    Z = Phi(tau) - Phi(-tau). Returns y (B, *D) in x0's dtype and log q (B,) float64 nats."""
+    Z = Phi(tau) - Phi(-tau); s is a float, or a (*D) tensor of one scale per dimension (a multivariate schedule's).
+    Returns y (B, *D) in x0's dtype and log q (B,) float64 nats."""
     kind = Dequantization(kind)
     delta = 2.0 / (num_bins - 1)
     u = u.to(torch.float64)
@@ -103,11 +104,12 @@ def dequantize(
         y = x0.to(torch.float64) + (u - 0.5) * delta
         log_q = torch.full((x0.shape[0],), -dims * math.log(delta), dtype=torch.float64, device=x0.device)
         return y.to(x0.dtype), log_q
-    tau = torch.tensor(delta / (2.0 * noise_scale), dtype=torch.float64)
+    scale = torch.as_tensor(noise_scale, dtype=torch.float64, device=u.device)  # () or (*D)
+    tau = delta / (2.0 * scale)
     lo, z = torch.special.ndtr(-tau), torch.special.ndtr(tau) - torch.special.ndtr(-tau)
-    eta = torch.special.ndtri(lo + u * z).clamp(-tau, tau)  # (B, *D), inside the bin even after rounding
-    y = x0.to(torch.float64) + noise_scale * eta
-    log_q_dim = -0.5 * eta**2 - 0.5 * LOG_2PI - torch.log(z) - math.log(noise_scale)
+    eta = torch.minimum(torch.maximum(torch.special.ndtri(lo + u * z), -tau), tau)  # (B, *D), inside the bin
+    y = x0.to(torch.float64) + scale * eta
+    log_q_dim = -0.5 * eta**2 - 0.5 * LOG_2PI - torch.log(z) - torch.log(scale)
     return y.to(x0.dtype), log_q_dim.flatten(1).sum(dim=1)
 
 
@@ -122,9 +124,9 @@ def dequantization_start_time(schedule: NoiseSchedule, num_bins: int | None, min
         return float(minimum)
     target = math.log(12.0) - 2.0 * math.log(2.0 / (num_bins - 1))  # log SNR at which the noises match
 
-    def log_snr(t: float) -> float:
+    def log_snr(t: float) -> float:  # averaged over the dimensions of a multivariate schedule
         log_ab, _ = schedule.log_alpha_bar_at(torch.tensor([t], dtype=torch.float64))
-        return float(log_ab - torch.log(-torch.expm1(log_ab)))
+        return float((log_ab - torch.log(-torch.expm1(log_ab))).mean())
 
     lo, hi = float(minimum), float(schedule.T)
     if log_snr(lo) <= target:
@@ -192,8 +194,8 @@ def ode_nll_nats(
         raise ValueError(f"likelihood.ode.t_start must lie in (0, T) = (0, {schedule.T}); got {t_start}")
     batch = x.shape[0]
     net_dtype = x.dtype
-    a0, _ = schedule.signal_noise(torch.tensor([t_start], dtype=torch.float64, device=x.device))
-    z0 = a0.item() * x.to(torch.float64)
+    a0, _ = schedule.signal_noise(torch.tensor([t_start], dtype=torch.float64, device=x.device))  # (1,) or (1, *D)
+    z0 = NoiseSchedule.broadcast(a0, x.to(torch.float64)) * x.to(torch.float64)
     nfe = 0
 
     def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -225,5 +227,6 @@ def ode_nll_nats(
     z_end, integral = z_path[-1], div_path[-1]
     dims = z_end[0].numel()
     prior = 0.5 * (z_end.flatten(1) ** 2).sum(dim=1) + 0.5 * dims * LOG_2PI
-    nll = prior - integral - dims * torch.log(a0)
+    log_det = sum_flat(torch.log(a0)) if schedule.multivariate else dims * torch.log(a0)  # log |dz0/dx|, (1,)
+    nll = prior - integral - log_det
     return ODELikelihood(nll=nll, prior=prior, divergence_integral=integral, nfe=nfe)

@@ -55,13 +55,18 @@ def decoder_variance_value(schedule: NoiseSchedule, decoder_variance: DecoderVar
 def reverse_variance_table(
     schedule: NoiseSchedule, variance: VarianceSpec, decoder_variance: DecoderVariance | str = DecoderVariance.CLIPPED
 ) -> Tensor:
-    """sigma_t^2 for t = 0..T, shape (T + 1,) float64 (entry 0 unused).
+    """sigma_t^2 for t = 0..T, shape (T + 1,) float64 ((T + 1, *D) multivariate; entry 0 unused).
 
     At t = 1 (the decoder p(x_0 | x_1)), where sigma_q^2(1) is 0, both fixed choices use ``decoder_variance``:
     sigma_q^2(2) by default, as Ho et al.'s and Nichol & Dhariwal's code do, or beta_1. A tensor is taken as the table
     itself (e.g. an analytic variance estimated for a trained model, whose t = 1 entry is its own).
     """
     if isinstance(variance, Tensor):
+        if schedule.multivariate:
+            raise ValueError(
+                f"a variance table (variance=analytic) holds one variance per step; schedule '{schedule.name}' has one "
+                "noise level per dimension: use variance=small"
+            )
         if variance.shape != (schedule.T + 1,) or not (variance[1:] > 0).all():
             raise ValueError(f"a variance table must have T + 1 = {schedule.T + 1} entries, positive for t >= 1")
         return variance.to(schedule.betas.device, torch.float64)
@@ -145,8 +150,8 @@ def learned_range_logvar(schedule: NoiseSchedule, t: Tensor, v_logits: Tensor) -
     v_logits (B, *D), t (B,) -> (B, *D) in v_logits' dtype."""
     small = schedule.posterior_variance.clone()
     small[1] = decoder_variance_value(schedule, DecoderVariance.CLIPPED)
-    lo = torch.log(small[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
-    hi = torch.log(schedule.betas[t]).to(v_logits.dtype).view(-1, *([1] * (v_logits.ndim - 1)))
+    lo = schedule.broadcast(torch.log(small[t]), v_logits)  # (B, 1, ..., 1), or (B, *D) multivariate
+    hi = schedule.broadcast(torch.log(schedule.betas[t]), v_logits)
     v = torch.sigmoid(v_logits)
     return v * hi + (1.0 - v) * lo
 
@@ -186,6 +191,6 @@ def p_mean_variance(
     if v_logits is not None:
         logvar = learned_range_logvar(schedule, t, v_logits)
     else:
-        var = reverse_variance_table(schedule, variance, decoder_variance).to(x_t.device)[t]  # (B,)
-        logvar = torch.log(var).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        var = reverse_variance_table(schedule, variance, decoder_variance).to(x_t.device)[t]  # (B,) or (B, *D)
+        logvar = schedule.broadcast(torch.log(var), x_t)
     return ReverseStep(mean=mean, logvar=logvar, x0_hat=x0_hat)

@@ -104,8 +104,8 @@ def respace(schedule: NoiseSchedule, steps: int, spacing: Spacing | str = Spacin
     if steps == schedule.T:
         return schedule, torch.arange(schedule.T + 1)
     kept = torch.tensor(sorted(spaced_timesteps(schedule, steps, spacing)))  # ascending original timesteps
-    alpha_bar = schedule.alpha_bar.cpu()[kept]
-    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    alpha_bar = schedule.alpha_bar.cpu()[kept]  # (steps, *D)
+    alpha_bar_prev = torch.cat([torch.ones_like(alpha_bar[:1]), alpha_bar[:-1]])
     sub = NoiseSchedule(1.0 - alpha_bar / alpha_bar_prev, name=f"{schedule.name}-respaced{steps}")
     return sub.to(schedule.betas.device), torch.cat([torch.zeros(1, dtype=torch.long), kept])
 
@@ -124,7 +124,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing | str
     """``steps`` distinct timesteps of 1..T, descending, always including T (and 1 where steps > 1).
 
     ``time``: evenly spaced in t (:func:`respaced_timesteps`). ``logsnr``: the timesteps nearest to ``steps`` values
-    evenly spaced between log SNR(1) and log SNR(T); where the schedule moves faster than the grid (several values
+    evenly spaced between log SNR(1) and log SNR(T) (averaged over the dimensions of a multivariate schedule); where
+    the schedule moves faster than the grid (several values
     nearest one timestep) the neighbouring timesteps are taken instead, so there are always ``steps`` of them."""
     try:
         spacing = Spacing(spacing)
@@ -135,7 +136,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing | str
     T = schedule.T
     if not 1 <= steps <= T:
         raise ValueError(f"sampler.steps must be in 1..T={T}; got {steps}")
-    log_snr = schedule.log_snr().cpu()  # (T,), decreasing in t
+    log_snr = schedule.mean_log_snr().cpu()  # (T,), decreasing in t
     if steps == 1:
         return [T]
     targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), steps, dtype=torch.float64)
@@ -193,19 +194,19 @@ def ddim_sample(
             eps_hat = predict_eps(Parametrization.X0, schedule, x_t=x, t=t, out=x0_hat)
         else:
             eps_hat = predict_eps(p, schedule, x_t=x, t=t, out=out)
-        ab_t = float(schedule.alpha_bar[step_t])
-        ab_s = float(schedule.alpha_bar[next_t])
+        # float64 coefficients, () or (*D) for a multivariate schedule, cast once where they meet x
+        ab_t, ab_s = schedule.alpha_bar[step_t], schedule.alpha_bar[next_t]
         lam2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
-        direction = max(1 - ab_s - lam2, 0.0) ** 0.5
-        x = ab_s**0.5 * x0_hat + direction * eps_hat
-        sigma = lam2**0.5
+        direction = (1 - ab_s - lam2).clamp(min=0.0).sqrt()
+        x = ab_s.sqrt().to(x.dtype) * x0_hat + direction.to(x.dtype) * eps_hat
+        sigma = lam2.sqrt()
         if x0_error is not None:
-            c = ab_s**0.5 - direction * (ab_t / (1 - ab_t)) ** 0.5
-            sigma = (lam2 + c**2 * float(x0_error[step_t])) ** 0.5
+            c = ab_s.sqrt() - direction * (ab_t / (1 - ab_t)).sqrt()
+            sigma = (lam2 + c**2 * x0_error[step_t].to(c)).sqrt()
         if final_noise_std is not None and i == len(ts) - 2:
-            sigma = min(sigma, final_noise_std)
-        if sigma > 0 and next_t > 0:
-            x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+            sigma = sigma.clamp(max=final_noise_std)
+        if next_t > 0 and bool((sigma > 0).any()):
+            x = x + sigma.to(x.dtype) * _randn(x.shape, generator, x.device, x.dtype)
         if progress is not None:
             progress(i + 1, len(ts))
     return x

@@ -414,10 +414,19 @@ class ContinuousTime(TimeAxis):
         self.sigmoid_bias = objective.sigmoid_bias if bound else 0.0
         self.aux_weight = objective.aux_weight if bound else 0.0
         self.aux_fraction = objective.aux_fraction if bound else 0.5
-        # the auxiliary loss's noise levels: fixed, on the range the network's conditioning is scaled to
-        self.aux_logsnr = CosineLogSNR(*logsnr.reference) if self.aux_weight else None
+        # the auxiliary loss's noise levels: fixed, on the range the network's conditioning is scaled to; a multivariate
+        # schedule's own (held fixed), since its network reads one mean noise level and the pattern across dimensions
+        # from the schedule (a uniform noise level would be an input it never meets in the bound)
+        self.multivariate = logsnr.multivariate
+        self.aux_logsnr = CosineLogSNR(*logsnr.reference) if self.aux_weight and not self.multivariate else None
         self.low_discrepancy = objective.timestep_sampling is TimestepSampling.LOW_DISCREPANCY
         self.variance_gradient = bool(variance_gradient) and timesteps is None and bound
+        if self.variance_gradient and self.multivariate:
+            raise ValueError(
+                f"schedule={logsnr.name} has one gamma per dimension, so the bound depends on its shape, which must train "
+                "on the bound's gradient: set schedule.variance_gradient=false (variance_gradient is for a scalar "
+                "schedule, whose continuous-time bound depends on its endpoints only)"
+            )
 
     @staticmethod
     def default_objective() -> Objective:
@@ -456,7 +465,10 @@ class ContinuousTime(TimeAxis):
 
     # ------------------------------------------------------------------------------------------- network
     def conditioning(self, gamma: Tensor) -> Tensor:
-        """The network's noise-level input, (B,): 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo)."""
+        """The network's noise-level input, (B,): 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo); for a multivariate
+        schedule's gamma (B, *D), of its mean over the dimensions."""
+        if gamma.ndim > 1:
+            gamma = gamma.flatten(1).mean(dim=1)
         lo, hi = self.logsnr.reference
         return (gamma - lo) * (CONDITIONING_SCALE / (hi - lo))
 
@@ -547,18 +559,25 @@ class ContinuousTime(TimeAxis):
         return x0[:-n_aux], x0[-n_aux:]
 
     def _aux_loss(self, ctx: StepContext, denoise: Network, x0: Tensor) -> Tensor:
-        """||v - v_hat||^2 / D at t uniform (low-discrepancy) on the fixed cosine log-SNR (Salimans & Ho 2022)."""
+        """||v - v_hat||^2 / D at t uniform (low-discrepancy) on the fixed cosine log-SNR (Salimans & Ho 2022); on a
+        multivariate schedule, on the schedule itself, held fixed."""
         u = self._draw_u(ctx, x0.shape[0])
         eps = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
         with torch.autocast(device_type=ctx.device.type, enabled=False):
-            gamma = self.aux_logsnr(u.float()).gamma
-            return (self._noise_mse(denoise, x0.float(), eps.float(), gamma) * v_weight(gamma)).mean()
+            if self.aux_logsnr is None:
+                gamma = self.logsnr(u.float()).gamma.detach()  # (B, *D)
+            else:
+                gamma = self.aux_logsnr(u.float()).gamma
+            return self._noise_mse(denoise, x0.float(), eps.float(), gamma, weight=v_weight(gamma)).mean()
 
     def _training_weights(self, log_snr) -> Tensor | None:
         """w(gamma(t)) (B,) of the weighted diffusion term (None: the bound), held fixed (detached)."""
         if not self.sigmoid_weight:
             return None
-        return sigmoid_weighting(log_snr.gamma.detach(), self.sigmoid_weight, self.sigmoid_bias)
+        gamma = log_snr.gamma.detach()
+        if gamma.ndim > 1:  # a multivariate schedule: the weighting of its mean noise level, the network's input
+            gamma = gamma.flatten(1).mean(dim=1)
+        return sigmoid_weighting(gamma, self.sigmoid_weight, self.sigmoid_bias)
 
     def _mse_loss(self, denoise: Network, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
         """The objective's w(SNR) ||x0 - x0_hat||^2 / D = w(SNR) / SNR ||eps - eps_hat||^2 / D at the drawn t (for
@@ -568,15 +587,27 @@ class ContinuousTime(TimeAxis):
         scale = (self.objective.snr_weight(snr) / snr).to(gamma.dtype)  # exactly 1 for L_simple
         return (scale * self._noise_mse(denoise, x0, eps, gamma)).mean()
 
-    def _noise_mse(self, denoise: Network, x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
-        """||eps - eps_hat(z_t)||^2 / D per example, (B,), at z_t = alpha x0 + sigma eps with gamma (B,) held fixed."""
-        alpha, sigma = (v.view(-1, *([1] * (x0.ndim - 1))) for v in alpha_sigma(gamma))
+    def _noise_mse(
+        self, denoise: Network, x0: Tensor, eps: Tensor, gamma: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        """||eps - eps_hat(z_t)||^2 / D per example, (B,), at z_t = alpha x0 + sigma eps with gamma (B,) or (B, *D) held
+        fixed, each error weighted by ``weight`` (shaped like gamma) when given."""
+        alpha, sigma = (NoiseSchedule.broadcast(v, x0) for v in alpha_sigma(gamma))
         z_t = alpha * x0 + sigma * eps
         eps_hat = eps_from_output(self.parametrization, z_t, gamma, denoise(z_t, gamma))
-        return sum_flat((eps - eps_hat) ** 2) / self.num_dims
+        sq = (eps - eps_hat) ** 2
+        if weight is not None and weight.ndim == sq.ndim:  # per dimension
+            return sum_flat(weight * sq) / self.num_dims
+        mse = sum_flat(sq) / self.num_dims
+        return mse if weight is None else mse * weight
+
+    def _endpoints(self) -> tuple[Tensor, Tensor]:
+        """gamma(0) and gamma(1) as 0-dim tensors: a multivariate schedule's averaged over the dimensions."""
+        gamma_0, gamma_1 = self.logsnr.endpoints()
+        return (gamma_0.mean(), gamma_1.mean()) if gamma_0.ndim else (gamma_0, gamma_1)
 
     def _metrics(self, terms: ContinuousTerms | None) -> dict[str, Tensor]:
-        gamma_0, gamma_1 = self.logsnr.endpoints()
+        gamma_0, gamma_1 = self._endpoints()
         metrics = {"train/gamma_min": gamma_0.detach(), "train/gamma_max": gamma_1.detach()}
         if terms is not None:
             metrics |= term_metrics(
@@ -602,7 +633,7 @@ class ContinuousTime(TimeAxis):
             ):
                 if not torch.isfinite(values).all():
                     parts.append(name)
-        gamma_0, gamma_1 = self.logsnr.endpoints()
+        gamma_0, gamma_1 = self._endpoints()
         return nonfinite_advice(
             loss,
             step,
@@ -639,7 +670,7 @@ class ContinuousTime(TimeAxis):
         return torch.cat([torch.ones(1, dtype=torch.float64), widths])
 
     def metrics(self) -> dict[str, Tensor]:
-        gamma_0, gamma_1 = self.logsnr.endpoints()
+        gamma_0, gamma_1 = self._endpoints()
         return {"gamma_min": gamma_0, "gamma_max": gamma_1}
 
     def parameter_groups(self) -> list[dict]:

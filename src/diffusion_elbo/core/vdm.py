@@ -17,6 +17,11 @@ does the same), and sigma_0^2 = sigmoid(gamma_min) is the lecture's beta_1 of th
 (``decoder_variance=beta``), so the chain's exact evaluator computes the same term.
 
 A model is ``model(z_t, gamma_t) -> out`` with z_t (B, *D), gamma_t (B,) = -log SNR; ``out`` is eps, x0 or v.
+
+A multivariate schedule (:class:`~diffusion_elbo.core.logsnr.MultivariateLearnedLogSNR`) gives each dimension its
+own gamma: gamma_t and gamma'(t) are (B, *D), the endpoints (1, *D), and every formula here holds per dimension, the
+diffusion term summing gamma_i'(t) (eps_i - eps_hat_i)^2 over the dimensions i (Sahoo et al. 2024, "Diffusion Models
+With Learned Adaptive Noise", eq. 7). The model then gets gamma (B, *D) and reduces it to its own conditioning.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ GammaDenoiser = Callable[[Tensor, Tensor], Tensor]
 
 
 def _bcast(values: Tensor, like: Tensor) -> Tensor:
+    if values.ndim == like.ndim:  # (B, *D) or (1, *D): one value per dimension (a multivariate schedule)
+        return values.to(like.dtype)
     return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
 
 
@@ -64,12 +71,15 @@ def x0_from_eps(z: Tensor, gamma: Tensor, eps: Tensor) -> Tensor:
 def diffusion_nats(
     sq_error: Tensor, gamma_t: Tensor, *, slope_t: Tensor | None = None, gamma_s: Tensor | None = None, timesteps=None
 ) -> Tensor:
-    """The one-sample diffusion term, (B,) nats, from ||eps - eps_hat||^2 summed over dims (B,):
+    """The one-sample diffusion term, (B,) nats, from the squared error (eps - eps_hat)^2 per dimension (B, *D):
     1/2 gamma'(t) ||.||^2 in continuous time (``timesteps`` None; VDM eq. 17), else
-    T/2 expm1(gamma(t) - gamma(s)) ||.||^2 for T = ``timesteps`` (VDM eq. 13; expm1 keeps the small steps exact)."""
-    if timesteps is None:
-        return 0.5 * slope_t * sq_error
-    return 0.5 * timesteps * torch.expm1(gamma_t - gamma_s) * sq_error
+    T/2 expm1(gamma(t) - gamma(s)) ||.||^2 for T = ``timesteps`` (VDM eq. 13; expm1 keeps the small steps exact).
+    gamma and its slope are (B,), or (B, *D) for a multivariate schedule, whose weights apply per dimension before
+    the sum."""
+    weight = 0.5 * slope_t if timesteps is None else 0.5 * timesteps * torch.expm1(gamma_t - gamma_s)
+    if weight.ndim == sq_error.ndim:
+        return sum_flat(weight * sq_error)
+    return weight * sum_flat(sq_error)
 
 
 def sigmoid_weighting(gamma: Tensor, weight: float, bias: float) -> Tensor:
@@ -96,11 +106,14 @@ def v_weight(gamma: Tensor) -> Tensor:
 
 def reconstruction_nats(x0: Tensor, z0: Tensor, gamma_0: Tensor, num_bins: int | None) -> Tensor:
     """-log p(x | z_0) summed over dims, (B,) nats, with p(x | z_0) = N(z_0 / alpha_0, sigma_0^2) discretized to
-    ``num_bins`` levels (a density for None). gamma_0 is a scalar (0-dim) or (B,)."""
+    ``num_bins`` levels (a density for None). gamma_0 is a scalar (0-dim), (B,), or (1, *D) / (B, *D) per dimension."""
     alpha, _ = alpha_sigma(gamma_0)
-    mean = z0 / (alpha.view(-1, *([1] * (z0.ndim - 1))) if alpha.ndim else alpha)
     logvar = F.logsigmoid(gamma_0)
-    logvar = logvar.view(-1, *([1] * (z0.ndim - 1))) if logvar.ndim else logvar.view(*([1] * z0.ndim))
+    if gamma_0.ndim:
+        alpha, logvar = _bcast(alpha, z0), _bcast(logvar, z0)
+    else:
+        logvar = logvar.view(*([1] * z0.ndim))
+    mean = z0 / alpha
     return decoder_nll_nats(x0, mean, logvar.to(x0.dtype), num_bins)
 
 
@@ -179,16 +192,19 @@ def continuous_terms(
     alpha_t, sigma_t = (_bcast(v, x0) for v in alpha_sigma(at_t.gamma))
     z_t = alpha_t * x0 + sigma_t * eps
     eps_hat = eps_from_output(parametrization, z_t, at_t.gamma, model(z_t, at_t.gamma))
-    sq = sum_flat((eps - eps_hat) ** 2)
     gamma_s = None if s is None else (schedule(s) if log_snr_s is None else log_snr_s).gamma
-    diffusion = diffusion_nats(sq, at_t.gamma, slope_t=at_t.slope, gamma_s=gamma_s, timesteps=timesteps)
-    alpha_0, sigma_0 = alpha_sigma(gamma_0)
+    diffusion = diffusion_nats(
+        (eps - eps_hat) ** 2, at_t.gamma, slope_t=at_t.slope, gamma_s=gamma_s, timesteps=timesteps
+    )
+    alpha_0, sigma_0 = (_bcast(v, x0) if gamma_0.ndim else v for v in alpha_sigma(gamma_0))
     z_0 = alpha_0 * x0 + sigma_0 * eps
     with torch.no_grad():
         x0_mse = sum_flat((x0_from_eps(z_t, at_t.gamma, eps_hat) - x0) ** 2) / x0[0].numel()
     return ContinuousTerms(
         reconstruction=reconstruction_nats(x0, z_0, gamma_0, num_bins),
-        prior=standard_normal_kl_nats(x0, torch.sigmoid(-gamma_1.double()), F.logsigmoid(gamma_1.double())),
+        prior=standard_normal_kl_nats(
+            x0, torch.sigmoid(-gamma_1.double()), F.logsigmoid(gamma_1.double())
+        ),  # ()|(1, *D)
         diffusion=diffusion,
         x0_mse=x0_mse,
     )
@@ -224,8 +240,8 @@ def route_bound_gradient(log_snr: LogSNR, weights: Tensor) -> None:
     :func:`continuous_terms` as ``log_snr_s``)."""
     inverse = (1.0 / weights).detach()
     for tensor in (log_snr.gamma, log_snr.slope):
-        if tensor.requires_grad:
-            tensor.register_hook(lambda grad, inverse=inverse: grad * inverse.to(grad.dtype))
+        if tensor.requires_grad:  # (B,), or (B, *D) for a multivariate schedule's gamma
+            tensor.register_hook(lambda grad, inverse=inverse: grad * _bcast(inverse, grad))
 
 
 @torch.no_grad()

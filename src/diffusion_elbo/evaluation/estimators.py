@@ -226,7 +226,8 @@ def evaluate_ode(
     samples = int(dequantization_samples) if num_bins is not None else 1
     dequantization = Dequantization(dequantization)
     a0, sigma0 = schedule.signal_noise(torch.tensor([float(t_start)], dtype=torch.float64, device=device))
-    noise_scale = float(sigma0 / a0)  # truncated_normal: the forward noise at t0, in data units
+    # truncated_normal: the forward noise at t0, in data units (one per dimension for a multivariate schedule)
+    noise_scale = (sigma0 / a0)[0] if schedule.multivariate else float(sigma0 / a0)
     done = [0]
 
     def evaluate(x0: Tensor, indices: list[int]):

@@ -233,18 +233,27 @@ class ScheduleSummary(L.Callback):
             out = torch.func.functional_call(
                 logsnr, {k: v.detach().double() for k, v in logsnr.named_parameters()}, (t.to(pl_module.device),)
             )
-        gamma, slope = out.gamma.cpu().numpy(), out.slope.cpu().numpy()
+        gamma, slope = out.gamma.flatten(1).cpu(), out.slope.flatten(1).cpu()  # (101,) or (101, D) multivariate
+        columns = {"gamma": gamma, "gamma_slope": slope}
+        if gamma.ndim > 1:  # one curve per dimension: their mean, and the spread of gamma across them
+            columns = {
+                "gamma": gamma.mean(1),
+                "gamma_slope": slope.mean(1),
+                "gamma_lowest": gamma.min(1).values,
+                "gamma_highest": gamma.max(1).values,
+            }
         stem = Path(trainer.default_root_dir) / "schedule" / f"step_{trainer.global_step:07d}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         with open(stem.with_suffix(".csv"), "w") as f:
-            f.write("t,gamma,gamma_slope\n")
-            for row in zip(t.tolist(), gamma.tolist(), slope.tolist(), strict=True):
+            f.write(",".join(["t", *columns]) + "\n")
+            for row in zip(t.tolist(), *(c.tolist() for c in columns.values()), strict=True):
                 f.write(",".join(f"{v:.8g}" for v in row) + "\n")
-        title = f"{logsnr.name}, step {trainer.global_step}: gamma(0) = {gamma[0]:.3f}, gamma(1) = {gamma[-1]:.3f}"
+        ends = columns["gamma"]
+        title = f"{logsnr.name}, step {trainer.global_step}: gamma(0) = {ends[0]:.3f}, gamma(1) = {ends[-1]:.3f}"
         log_image(
             trainer,
             "schedule/plot",
-            save_logsnr_plot(t.numpy(), gamma, slope=slope, path=stem.with_suffix(".png"), title=title),
+            save_logsnr_plot(t.numpy(), gamma.numpy(), slope=slope.numpy(), path=stem.with_suffix(".png"), title=title),
         )
 
     @rank_zero_only
@@ -253,11 +262,11 @@ class ScheduleSummary(L.Callback):
         path = save_schedule_plot(schedule, Path(trainer.default_root_dir) / "schedule.png")
         # not "schedule": the key of an image is a section of its own on W&B, where schedule/* scalars are shown
         log_image(trainer, "schedule/plot", path)
-        log_snr = schedule.log_snr()
+        log_snr = schedule.mean_log_snr()  # (T,): averaged over the dimensions of a multivariate schedule
         summary = {
             "schedule/log_snr_1": float(log_snr[0]),
             "schedule/log_snr_T": float(log_snr[-1]),
-            "schedule/alpha_bar_T": float(schedule.alpha_bar[-1]),
+            "schedule/alpha_bar_T": float(schedule.alpha_bar[-1].mean()),
             "schedule/timesteps": schedule.T,
         }
         from lightning.pytorch.loggers import WandbLogger
