@@ -10,6 +10,17 @@ Or at equal CPU time, with the exact test bound (issue 33: levers of the VDM pre
     python benchmarks/short_run.py --name default_3k --steps 3000 --jobs 2 \\
         --variant default= --variant lr1e-3=optimizer.lr=1e-3 --variant ema0.995=callbacks.ema.decay=0.995
 
+On a machine that cannot be kept free for the whole table (``--jobs 1`` and nothing else for every run), measure each
+variant's cost alone once, then train every variant for its share of the budget in steps, on a busy machine if need be:
+
+    python benchmarks/short_run.py --name vdm_15cpu --calibrate 200 --variant vdm=experiment=digits_vdm ...
+    python benchmarks/short_run.py --name vdm_15cpu --cpu-minutes 15 --calibrated --test-bound --variant vdm=...
+
+``--calibrate N`` trains each variant N steps on one thread, alone (it refuses to start a variant while the CPUs are more
+than 20% busy), and keeps its CPU-seconds per training step in ``<name>/calibration.json``; ``--calibrated`` then trains
+each variant round(60 budget / cost) steps and reports those steps' CPU-minutes at that cost, the machine's own
+(CPU time of a busy machine's runs inflates: two runs on the 2 vCPUs each take ~1.8x the CPU time per step).
+
 Each variant is ``label=override,override,...`` (empty: the default as a user runs it). Every (variant, seed) trains
 with ``src/train.py`` in its own process (``--jobs`` at a time, ``OMP_NUM_THREADS=cores/jobs`` each, so runs in one
 table get the same CPU share), then the classifier FID of its last checkpoint (EMA weights) is computed with ``src/eval.py``'s functions:
@@ -26,6 +37,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -178,6 +190,47 @@ def _job(
     return row
 
 
+def _busy_fraction(seconds: float = 3.0) -> float:
+    """The fraction of all CPUs' time spent busy over ``seconds`` (from /proc/stat; the load average lags by minutes)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def calibrate(variants: list[tuple[str, list[str]]], steps: int, runs_dir: Path, path: Path) -> None:
+    """Each variant's CPU-seconds per training step: ``steps`` steps on one thread with the machine otherwise idle
+    (refused while the 1-minute load average is above 0.5), read from the run's own ``train/cpu_minutes``."""
+    costs = json.loads(path.read_text()) if path.is_file() else {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for label, overrides in variants:
+        load = _busy_fraction()
+        if load > 0.2:
+            raise SystemExit(f"the CPUs are {100 * load:.0f}% busy: calibrate with nothing else running")
+        run_dir = runs_dir / f"calibrate-{label}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a scratch run: always from step 0
+        cmd = [sys.executable, "src/train.py", *overrides, f"trainer.max_steps={steps}", "logger=csv",
+               "trainer.enable_progress_bar=false", f"trainer.val_check_interval={steps}", "callbacks.fid.num_samples=0",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        minutes = _last_logged(run_dir, "train/cpu_minutes")
+        costs[label] = {
+            "overrides": overrides,
+            "steps": steps,
+            "cpu_seconds_per_step": 60 * minutes / steps,
+            "busy_fraction_before": load,
+            "machine": machine(),
+        }
+        path.write_text(json.dumps(costs, indent=1) + "\n")
+        print(f"{label}: {costs[label]['cpu_seconds_per_step']:.3f} CPU-s per step", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name")
@@ -204,6 +257,17 @@ def main() -> None:
         action="store_true",
         help="also the exact T-step bound of each run's last checkpoint on the whole test split (src/eval.py)",
     )
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        metavar="STEPS",
+        help="measure each variant's CPU-seconds per training step alone (STEPS steps, one thread) and stop",
+    )
+    p.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="with --cpu-minutes: train each variant the steps its calibrated cost buys (no budget callback)",
+    )
     p.add_argument("--test-examples", type=int, help=argparse.SUPPRESS)  # a smoke test's first N test examples
     p.add_argument("--fid-samples", type=int, default=2000, help=argparse.SUPPRESS)  # a smoke test's few samples
     p.add_argument("--fid", help=argparse.SUPPRESS)  # internal: print the FIDs of this checkpoint as JSON
@@ -225,6 +289,23 @@ def main() -> None:
     for spec in args.variant:
         label, _, rest = spec.partition("=")
         variants.append((label, [o for o in rest.split(",") if o]))
+    calibration_path = out / "calibration.json"
+    if args.calibrate:
+        calibrate(variants, args.calibrate, runs_dir, calibration_path)
+        return
+    steps_of = {label: args.steps for label, _ in variants}  # each variant's step count (a cap under a CPU budget)
+    budget = args.cpu_minutes
+    if args.calibrated:
+        if args.cpu_minutes is None:
+            p.error("--calibrated needs --cpu-minutes")
+        costs = json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}
+        for label, overrides in variants:
+            if costs.get(label, {}).get("overrides") != overrides:  # (before the val interval is added below)
+                p.error(f"variant {label} has no calibration with these overrides: run --calibrate first")
+            steps_of[label] = round(60 * args.cpu_minutes / costs[label]["cpu_seconds_per_step"])
+        budget = None  # the steps carry the budget; the run's own CPU time is not the machine's alone
+        # the val bound at the last step (the one the variants are chosen on)
+        variants = [(label, [*o, f"trainer.val_check_interval={steps_of[label]}"]) for label, o in variants]
 
     # the FID classifier and reference statistics are trained once, before the jobs race for them
     subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, check=True)
@@ -234,8 +315,8 @@ def main() -> None:
     todo = []
     for label, overrides in variants:
         for seed in args.seeds:
-            done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == args.steps
-                    and r.get("cpu_budget_minutes") == args.cpu_minutes]  # fmt: skip
+            done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == steps_of[label]
+                    and r.get("cpu_budget_minutes") == budget]  # fmt: skip
             complete = not args.test_bound or (done and "test_elbo_bpd" in done[0])
             if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds and complete:
                 continue
@@ -250,12 +331,12 @@ def main() -> None:
                 label,
                 overrides,
                 seed,
-                args.steps,
+                steps_of[label],
                 runs_dir,
                 threads,
                 args.fid_seeds,
                 known,
-                args.cpu_minutes,
+                budget,
                 (args.test_examples or None) if args.test_bound else 0,
                 args.fid_samples,
             )
@@ -263,6 +344,9 @@ def main() -> None:
         ]
         for f in futures:
             row = f.result()
+            if args.calibrated:  # the CPU time these steps take on the machine alone, at the calibrated cost
+                cost = json.loads(calibration_path.read_text())[row["label"]]["cpu_seconds_per_step"]
+                row["cpu_minutes_alone"] = row["steps_trained"] * cost / 60
             kept = [r for r in kept if not (r["label"] == row["label"] and r["seed"] == row["seed"])] + [row]
             kept_path.write_text(json.dumps(kept, indent=1) + "\n")
             print(f"{row['label']} seed {row['seed']}: FID {row['fid']:.3f}, val {row['val_elbo_bpd']}", flush=True)
@@ -285,7 +369,9 @@ def main() -> None:
         tests = [(r["test_elbo_bpd"], r["test_elbo_bpd_se"]) for r in mine if "test_elbo_bpd" in r]
         test = "-" if not tests else ", ".join(f"{b:.3f} ± {se:.3f}" for b, se in tests)
         steps = ", ".join(str(r.get("steps_trained", r["steps"])) for r in mine)
-        cpu = ", ".join("-" if r.get("cpu_minutes") is None else f"{r['cpu_minutes']:.1f}" for r in mine)
+        cpu = ", ".join(
+            "-" if r.get("cpu_minutes") is None else f"{r.get('cpu_minutes_alone', r['cpu_minutes']):.1f}" for r in mine
+        )
         lines.append(
             f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {steps} | {cpu} | {fid} | {per_seed} | "
             f"{f'{mean(vals):.3f}' if vals else '-'} | {test} | {mean(r['train_minutes'] for r in mine):.1f} |"
@@ -299,6 +385,11 @@ def main() -> None:
         if args.cpu_minutes is None
         else f"{args.cpu_minutes:g} CPU-minutes of training steps each (callbacks.cpu_budget; at most {args.steps} steps)"
     )
+    if args.calibrated:
+        length = (
+            f"{args.cpu_minutes:g} CPU-minutes of training steps each, as steps at each variant's cost measured alone "
+            f"on one thread ({calibration_path.name}); CPU-minutes: those steps at that cost"
+        )
     caption = (
         f"{length}, each run on {threads} thread(s) with {args.jobs} at a time. "
         "FID: classifier features, 2000 DDIM-50 samples of the EMA weights against the train split (lower is "

@@ -125,8 +125,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing | str
 
     ``time``: evenly spaced in t (:func:`respaced_timesteps`). ``logsnr``: the timesteps nearest to ``steps`` values
     evenly spaced between log SNR(1) and log SNR(T) (averaged over the dimensions of a multivariate schedule); where
-    the schedule moves faster than the grid (several values
-    nearest one timestep) the neighbouring timesteps are taken instead, so there are always ``steps`` of them."""
+    the schedule moves faster than the grid (several values nearest one timestep) the neighbouring timesteps are taken
+    instead, so there are always ``steps`` of them."""
     try:
         spacing = Spacing(spacing)
     except ValueError:

@@ -233,7 +233,9 @@ class ScheduleSummary(L.Callback):
             out = torch.func.functional_call(
                 logsnr, {k: v.detach().double() for k, v in logsnr.named_parameters()}, (t.to(pl_module.device),)
             )
-        gamma, slope = out.gamma.flatten(1).cpu(), out.slope.flatten(1).cpu()  # (101,) or (101, D) multivariate
+        gamma, slope = out.gamma.cpu(), out.slope.cpu()  # (101,), or (101, *D) multivariate
+        if gamma.ndim > 1:
+            gamma, slope = gamma.flatten(1), slope.flatten(1)  # (101, D)
         columns = {"gamma": gamma, "gamma_slope": slope}
         if gamma.ndim > 1:  # one curve per dimension: their mean, and the spread of gamma across them
             columns = {
