@@ -51,7 +51,13 @@ def test_every_option_of_a_group_composes(group, monkeypatch):
             cfg = compose_with(["schedule=custom", "schedule.betas=[0.1,0.2,0.3]"])
         elif group == "loss" and option == "hybrid":  # it trains a learned variance (tested in test_learned_variance)
             cfg = compose_with(["loss=hybrid", "variance=learned_range"])
-        elif group == "schedule" and option in ("learned", "logsnr_linear", "logsnr_cosine", "logsnr_discrete"):
+        elif group == "schedule" and option in (
+            "learned",
+            "learned_multivariate",
+            "logsnr_linear",
+            "logsnr_cosine",
+            "logsnr_discrete",
+        ):
             # continuous time trains with the bound (loss=vdm; tested in test_continuous), not the default v_mse
             cfg = compose_with([f"schedule={option}", "loss=vdm"])
         else:

@@ -41,7 +41,7 @@ def validate_betas(betas: Tensor, name: str = "custom") -> None:
         shown = ", ".join(f"t={t}: beta={worst[t - 1].item():.4g}" for t in steps[:5])
         more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
         raise InvalidScheduleError(
-            f"schedule '{name}' with T={betas.shape[0]} has {len(steps)} step(s) with a beta outside (0, 1) or "
+            f"schedule '{name}' with T={betas.shape[0]} has {len(steps)} beta(s) outside (0, 1) or "
             f"non-finite: {shown}{more}."
         )
 
