@@ -157,6 +157,8 @@ def _job(
         # trained by an earlier invocation that stopped before its eval: keep it, time it from its log
         train_s = finished.stat().st_mtime - (run_dir / ".hydra" / "config.yaml").stat().st_mtime
     else:
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():  # an interrupted invocation's run: resume it
+            train.insert(-1, "ckpt_path=last")  # (before hydra.run.dir, which the recorded command leaves out)
         start = time.perf_counter()
         subprocess.run(train, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         train_s = time.perf_counter() - start
@@ -177,7 +179,7 @@ def _job(
         "steps_trained": json.loads(finished.read_text()).get("global_step"),
         "cpu_minutes": _last_logged(run_dir, "train/cpu_minutes"),
         "overrides": overrides,
-        "command": "python src/train.py " + " ".join(train[2:-1]),
+        "command": "python src/train.py " + " ".join(a for a in train[2:-1] if a != "ckpt_path=last"),
         "train_minutes": train_s / 60,
         "threads": threads,
         "fid": mean(fids),
