@@ -265,6 +265,8 @@ def test_a_continuous_training_step_gives_the_shapes_the_bounds_gradient():
     common = {"objective": ELBOLoss("uniform"), "parametrization": Parametrization.V, "num_bins": 17, "num_dims": 4}
     with pytest.raises(ValueError, match="set schedule.variance_gradient=false"):
         ContinuousTime(schedule, variance_gradient=True, **common)
+    with pytest.raises(ValueError, match="set schedule.event_shape"):  # a (1, 2, 2) schedule on 5-dimensional data
+        ContinuousTime(schedule, variance_gradient=False, **{**common, "num_dims": 5})
     axis = ContinuousTime(schedule, variance_gradient=False, **common)
     seen = []
 

@@ -61,7 +61,8 @@ def discrete_posterior_mean(x_t: Tensor, a: Tensor, sigma: Tensor, probs: Tensor
     and sigma (B,) the scales at each example's noise level (float64): (B, *D) in x_t's dtype, from a float64 softmax
     over the K levels of each dimension."""
     levels = grid_levels(probs.numel(), device=x_t.device)  # (K,)
-    a = a.view(-1, *([1] * x_t.ndim))  # (B, 1, ..., 1, 1)
+    # (B, 1, ..., 1, 1), or (B, *D, 1) for a multivariate schedule's per-dimension scales
+    a = a.unsqueeze(-1) if a.ndim == x_t.ndim else a.view(-1, *([1] * x_t.ndim))
     var = sigma.pow(2).view_as(a)
     residual = x_t.double().unsqueeze(-1) - a * levels  # (B, *D, K)
     logits = torch.log(probs.to(x_t.device)) - residual**2 / (2.0 * var)

@@ -102,8 +102,9 @@ def standard_normal_kl_nats(x0: Tensor, signal_sq: Tensor, log_noise_sq: Tensor)
     if a2.ndim and not per_dim:
         a2 = a2.view(-1, *([1] * (x0.ndim - 1)))
     constant = -signal_sq - log_noise_sq
-    constant = sum_flat(constant) if per_dim else constant * x0[0].numel()  # summed over dims, float64
-    return 0.5 * (sum_flat(a2 * x0**2) + constant.to(x0.dtype))
+    if per_dim:  # summed over the dimensions in float64
+        return 0.5 * (sum_flat(a2 * x0**2) + sum_flat(constant).to(x0.dtype))
+    return 0.5 * (sum_flat(a2 * x0**2) + constant.to(x0.dtype) * x0[0].numel())
 
 
 def nats_to_bits_per_dim(nats_per_dim: Tensor | float) -> Tensor | float:

@@ -53,9 +53,18 @@ def flow_image(x_T: Tensor, signal: float, noise: float, *, mean: float, std: fl
     return mean + std * (x_T - signal * mean) / math.sqrt(signal**2 * std**2 + noise**2)
 
 
+def _one_noise_level(schedule: NoiseSchedule) -> None:
+    if schedule.multivariate:
+        raise ValueError(
+            f"the Gaussian oracle's closed forms take one noise level per step; schedule '{schedule.name}' has one per "
+            "dimension (its bound is tested against the oracle in continuous time, tests/test_multivariate.py)"
+        )
+
+
 def marginal_prior_kl(schedule: NoiseSchedule, mean: float, std: float) -> float:
     """KL(q(x_T) || N(0, 1)) per dim for Gaussian data: q(x_T) = N(sqrt(alpha_bar_T) m, alpha_bar_T s^2 + 1 - alpha_bar_T).
     With the true reverse kernels, -ELBO exceeds the NLL by exactly this (in expectation over the data)."""
+    _one_noise_level(schedule)
     ab = float(schedule.alpha_bar[-1])
     var, mu = ab * std**2 + 1.0 - ab, math.sqrt(ab) * mean
     return 0.5 * (var + mu**2 - 1.0 - math.log(var))
@@ -102,6 +111,7 @@ def oracle_expected_terms(
       variances set by ``decoder_variance``)
     - true NLL: (log(2 pi s^2) + 1) / 2
     """
+    _one_noise_level(schedule)
     T = schedule.T
     ab_T = float(schedule.alpha_bar[T])
     prior = 0.5 * (ab_T * (mean**2 + std**2 - 1.0) - math.log1p(-ab_T))

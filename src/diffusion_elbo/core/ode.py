@@ -104,12 +104,19 @@ def dequantize(
         y = x0.to(torch.float64) + (u - 0.5) * delta
         log_q = torch.full((x0.shape[0],), -dims * math.log(delta), dtype=torch.float64, device=x0.device)
         return y.to(x0.dtype), log_q
-    scale = torch.as_tensor(noise_scale, dtype=torch.float64, device=u.device)  # () or (*D)
-    tau = delta / (2.0 * scale)
+    if isinstance(noise_scale, Tensor):  # one scale per dimension, (*D)
+        scale = noise_scale.to(device=u.device, dtype=torch.float64)
+        tau, log_scale = delta / (2.0 * scale), torch.log(scale)
+    else:
+        scale, tau, log_scale = (
+            noise_scale,
+            torch.tensor(delta / (2.0 * noise_scale), dtype=torch.float64),
+            math.log(noise_scale),
+        )
     lo, z = torch.special.ndtr(-tau), torch.special.ndtr(tau) - torch.special.ndtr(-tau)
     eta = torch.minimum(torch.maximum(torch.special.ndtri(lo + u * z), -tau), tau)  # (B, *D), inside the bin
     y = x0.to(torch.float64) + scale * eta
-    log_q_dim = -0.5 * eta**2 - 0.5 * LOG_2PI - torch.log(z) - torch.log(scale)
+    log_q_dim = -0.5 * eta**2 - 0.5 * LOG_2PI - torch.log(z) - log_scale
     return y.to(x0.dtype), log_q_dim.flatten(1).sum(dim=1)
 
 

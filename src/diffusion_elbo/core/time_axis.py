@@ -421,6 +421,12 @@ class ContinuousTime(TimeAxis):
         self.aux_logsnr = CosineLogSNR(*logsnr.reference) if self.aux_weight and not self.multivariate else None
         self.low_discrepancy = objective.timestep_sampling is TimestepSampling.LOW_DISCREPANCY
         self.variance_gradient = bool(variance_gradient) and timesteps is None and bound
+        if self.multivariate and logsnr.endpoints()[0][0].numel() != num_dims:
+            shape = tuple(logsnr.endpoints()[0].shape[1:])
+            raise ValueError(
+                f"schedule={logsnr.name} has one gamma per dimension of shape {shape}, but the data has {num_dims} "
+                "dimensions: set schedule.event_shape to the data's shape (e.g. [channels, size, size])"
+            )
         if self.variance_gradient and self.multivariate:
             raise ValueError(
                 f"schedule={logsnr.name} has one gamma per dimension, so the bound depends on its shape, which must train "
@@ -585,7 +591,7 @@ class ContinuousTime(TimeAxis):
         gamma = log_snr.gamma.detach()
         snr = torch.exp(-gamma.double())
         scale = (self.objective.snr_weight(snr) / snr).to(gamma.dtype)  # exactly 1 for L_simple
-        return (scale * self._noise_mse(denoise, x0, eps, gamma)).mean()
+        return self._noise_mse(denoise, x0, eps, gamma, weight=scale).mean()  # (per dimension, multivariate)
 
     def _noise_mse(
         self, denoise: Network, x0: Tensor, eps: Tensor, gamma: Tensor, weight: Tensor | None = None
