@@ -473,8 +473,7 @@ class ContinuousTime(TimeAxis):
     def conditioning(self, gamma: Tensor) -> Tensor:
         """The network's noise-level input, (B,): 1000 (gamma - gamma_lo) / (gamma_hi - gamma_lo); for a multivariate
         schedule's gamma (B, *D), of its mean over the dimensions."""
-        if gamma.ndim > 1:
-            gamma = gamma.flatten(1).mean(dim=1)
+        gamma = mean_level(gamma)
         lo, hi = self.logsnr.reference
         return (gamma - lo) * (CONDITIONING_SCALE / (hi - lo))
 
@@ -580,10 +579,8 @@ class ContinuousTime(TimeAxis):
         """w(gamma(t)) (B,) of the weighted diffusion term (None: the bound), held fixed (detached)."""
         if not self.sigmoid_weight:
             return None
-        gamma = log_snr.gamma.detach()
-        if gamma.ndim > 1:  # a multivariate schedule: the weighting of its mean noise level, the network's input
-            gamma = gamma.flatten(1).mean(dim=1)
-        return sigmoid_weighting(gamma, self.sigmoid_weight, self.sigmoid_bias)
+        # a multivariate schedule: the weighting of its mean noise level, the network's input
+        return sigmoid_weighting(mean_level(log_snr.gamma.detach()), self.sigmoid_weight, self.sigmoid_bias)
 
     def _mse_loss(self, denoise: Network, x0: Tensor, eps: Tensor, log_snr) -> Tensor:
         """The objective's w(SNR) ||x0 - x0_hat||^2 / D = w(SNR) / SNR ||eps - eps_hat||^2 / D at the drawn t (for
@@ -699,6 +696,12 @@ class ContinuousTime(TimeAxis):
             "timesteps": self.timesteps,
             "chain_timesteps": self.chain_span,
         }
+
+
+def mean_level(gamma: Tensor) -> Tensor:
+    """gamma (B,) as it is; a multivariate schedule's (B, *D) averaged over the dimensions, (B,): the one noise level
+    the network is conditioned on."""
+    return gamma.flatten(1).mean(dim=1) if gamma.ndim > 1 else gamma
 
 
 def make_time_axis(schedule: NoiseSchedule | LogSNRSchedule, *, objective: Objective | None,

@@ -44,10 +44,8 @@ from diffusion_elbo.core.parametrization import Parametrization, output_from_x0
 GammaDenoiser = Callable[[Tensor, Tensor], Tensor]
 
 
-def _bcast(values: Tensor, like: Tensor) -> Tensor:
-    if values.ndim == like.ndim:  # (B, *D) or (1, *D): one value per dimension (a multivariate schedule)
-        return values.to(like.dtype)
-    return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+# (B,) -> (B, 1, ..., 1) in like's dtype; (B, *D) or (1, *D) (a multivariate schedule's) kept as they are
+_bcast = NoiseSchedule.broadcast
 
 
 def eps_from_output(parametrization: Parametrization | str, z: Tensor, gamma: Tensor, out: Tensor) -> Tensor:
