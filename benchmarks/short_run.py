@@ -16,6 +16,11 @@ variant's cost alone once, then train every variant for its share of the budget 
     python benchmarks/short_run.py --name vdm_15cpu --calibrate 200 --variant vdm=experiment=digits_vdm ...
     python benchmarks/short_run.py --name vdm_15cpu --cpu-minutes 15 --calibrated --test-bound --variant vdm=...
 
+A variant whose training step is another's computation (only optimizer or learning-rate settings differ) trains that
+one's steps with ``--same-cost LABEL=OTHER``: two calibrations of one computation an hour apart differed by 10% (1.114
+and 1.004 CPU-s per step), more than such a variant's real difference. ``--test-fid`` adds issue 33's sample target: the
+FID against the test split of as many samples as the train split has, beside the floor (the train split against it).
+
 ``--calibrate N`` trains each variant N steps on one thread, alone (it refuses to start a variant while the CPUs are more
 than 20% busy), and keeps its CPU-seconds per training step in ``<name>/calibration.json``; ``--calibrated`` then trains
 each variant round(60 budget / cost) steps and reports those steps' CPU-minutes at that cost, the machine's own
@@ -88,6 +93,27 @@ def checkpoint_fids(ckpt: str, seeds: list[int], num_samples: int = 2000) -> lis
     ]
 
 
+def checkpoint_test_fid(ckpt: str, seed: int) -> dict:
+    """Issue 33's sample-quality target: the classifier FID of as many DDIM-50 samples of the checkpoint (EMA weights)
+    as the train split has, against the test split, beside the real-data floor, the train split itself against the
+    test split (the same set sizes, so the same small-sample bias)."""
+    from diffusion_elbo.checkpoints import load_for_eval
+    from diffusion_elbo.core.samplers import DDIMSampler
+    from diffusion_elbo.fid import compute_fid, make_fid, split_fid
+
+    loaded = load_for_eval(ckpt)
+    dm = loaded.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    fid = make_fid(dm, cache_dir=ROOT / "data" / "cache", reference_split="test")
+    n = len(dm.split("train"))
+    model = compute_fid(
+        loaded.module, fid, num_samples=n, rank=0, world_size=1, sampler=DDIMSampler(steps=50), batch_size=256,
+        seed=seed,
+    )  # fmt: skip
+    return {"fid_test": model, "fid_floor": split_fid(fid, dm, "train"), "fid_test_samples": n, "fid_test_seed": seed}
+
+
 def _last_logged(run_dir: Path, key: str) -> float | None:
     """The last value of ``key`` in the run's CSV log."""
     files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
@@ -132,6 +158,8 @@ def _job(
     cpu_minutes: float | None = None,
     test_examples: int | None = 0,
     fid_samples: int = 2000,
+    earlier: dict | None = None,
+    test_fid: bool = False,
 ) -> dict:
     # a run to a CPU budget has its own folder: another budget is another run, never a longer or shorter one reused
     run_dir = runs_dir / (f"{label}-s{seed}" + ("" if cpu_minutes is None else f"-cpu{cpu_minutes:g}"))
@@ -187,9 +215,24 @@ def _job(
         "fid_seeds": list(fid_seeds),
         "val_elbo_bpd": _last_logged(run_dir, "val/elbo_bpd"),
     }
+    earlier = earlier or {}  # this checkpoint's numbers from an earlier invocation: kept, not recomputed
     if test_examples != 0:  # 0: no test bound; None: the whole split
-        row.update(test_bound(ckpt, env, test_examples))
+        keys = ("test_elbo_bpd", "test_elbo_bpd_se", "test_examples", "test_own_bound_bpd")
+        row.update({k: earlier[k] for k in keys if k in earlier} if "test_elbo_bpd" in earlier else
+                   test_bound(ckpt, env, test_examples))  # fmt: skip
+    if test_fid:
+        if "fid_test" in earlier:
+            row.update({k: earlier[k] for k in ("fid_test", "fid_floor", "fid_test_samples", "fid_test_seed")})
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--fid-test-of", str(ckpt), "--fid-seeds",
+                   str(fid_seeds[0])]  # fmt: skip
+            done = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+            row.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return row
+
+
+def _test_fid(row: dict) -> str:
+    return f"{row['fid_test']:.3f} ({row['fid_floor']:.3f})" if "fid_test" in row else "-"
 
 
 def _busy_fraction(seconds: float = 3.0) -> float:
@@ -270,12 +313,30 @@ def main() -> None:
         action="store_true",
         help="with --cpu-minutes: train each variant the steps its calibrated cost buys (no budget callback)",
     )
+    p.add_argument(
+        "--test-fid",
+        action="store_true",
+        help="also the FID against the test split of as many samples as the train split has (first sampling seed), "
+        "beside the real-data floor (the train split against the test split)",
+    )
+    p.add_argument(
+        "--same-cost",
+        action="append",
+        default=[],
+        metavar="LABEL=OTHER",
+        help="with --calibrated: LABEL's training step is OTHER's computation (only optimizer or learning-rate "
+        "settings differ), so it trains OTHER's steps; its own calibration then measures the calibration's noise",
+    )
     p.add_argument("--test-examples", type=int, help=argparse.SUPPRESS)  # a smoke test's first N test examples
     p.add_argument("--fid-samples", type=int, default=2000, help=argparse.SUPPRESS)  # a smoke test's few samples
     p.add_argument("--fid", help=argparse.SUPPRESS)  # internal: print the FIDs of this checkpoint as JSON
+    p.add_argument("--fid-test-of", help=argparse.SUPPRESS)  # internal: print its FID against the test split as JSON
     args = p.parse_args()
     if args.fid:
         print(json.dumps(checkpoint_fids(args.fid, args.fid_seeds, args.fid_samples)))
+        return
+    if args.fid_test_of:
+        print(json.dumps(checkpoint_test_fid(args.fid_test_of, args.fid_seeds[0])))
         return
     if not args.name or not args.variant:
         p.error("--name and at least one --variant are required")
@@ -297,6 +358,7 @@ def main() -> None:
         return
     steps_of = {label: args.steps for label, _ in variants}  # each variant's step count (a cap under a CPU budget)
     budget = args.cpu_minutes
+    same = dict(spec.split("=", 1) for spec in args.same_cost)
     if args.calibrated:
         if args.cpu_minutes is None:
             p.error("--calibrated needs --cpu-minutes")
@@ -304,7 +366,9 @@ def main() -> None:
         for label, overrides in variants:
             if costs.get(label, {}).get("overrides") != overrides:  # (before the val interval is added below)
                 p.error(f"variant {label} has no calibration with these overrides: run --calibrate first")
-            steps_of[label] = round(60 * args.cpu_minutes / costs[label]["cpu_seconds_per_step"])
+            if same.get(label, label) not in costs:
+                p.error(f"--same-cost {label}={same[label]}: {same[label]} has no calibration")
+            steps_of[label] = round(60 * args.cpu_minutes / costs[same.get(label, label)]["cpu_seconds_per_step"])
         budget = None  # the steps carry the budget; the run's own CPU time is not the machine's alone
         # the val bound at the last step (the one the variants are chosen on)
         variants = [(label, [*o, f"trainer.val_check_interval={steps_of[label]}"]) for label, o in variants]
@@ -319,13 +383,16 @@ def main() -> None:
         for seed in args.seeds:
             done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == steps_of[label]
                     and r.get("cpu_budget_minutes") == budget]  # fmt: skip
-            complete = not args.test_bound or (done and "test_elbo_bpd" in done[0])
+            complete = (not args.test_bound or (done and "test_elbo_bpd" in done[0])) and (
+                not args.test_fid or (done and "fid_test" in done[0])
+            )
             if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds and complete:
                 continue
-            known = {}
-            if done and done[0]["overrides"] == overrides:  # trained, some sampling seeds missing
+            known, earlier = {}, None
+            if done and done[0]["overrides"] == overrides:  # trained, some numbers missing
                 known = dict(zip(done[0].get("fid_seeds", [0]), done[0].get("fids", [done[0]["fid"]]), strict=True))
-            todo.append((label, overrides, seed, known))
+                earlier = done[0]
+            todo.append((label, overrides, seed, known, earlier))
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
             pool.submit(
@@ -341,13 +408,17 @@ def main() -> None:
                 budget,
                 (args.test_examples or None) if args.test_bound else 0,
                 args.fid_samples,
+                earlier,
+                args.test_fid,
             )
-            for label, overrides, seed, known in todo
+            for label, overrides, seed, known, earlier in todo
         ]
         for f in futures:
             row = f.result()
             if args.calibrated:  # the CPU time these steps take on the machine alone, at the calibrated cost
-                cost = json.loads(calibration_path.read_text())[row["label"]]["cpu_seconds_per_step"]
+                costed = same.get(row["label"], row["label"])
+                cost = json.loads(calibration_path.read_text())[costed]["cpu_seconds_per_step"]
+                row["cost_of"] = costed
                 row["cpu_minutes_alone"] = row["steps_trained"] * cost / 60
             kept = [r for r in kept if not (r["label"] == row["label"] and r["seed"] == row["seed"])] + [row]
             kept_path.write_text(json.dumps(kept, indent=1) + "\n")
@@ -357,8 +428,9 @@ def main() -> None:
     rows = sorted((r for r in kept if r["label"] in order), key=lambda r: (order.index(r["label"]), r["seed"]))
     lines = [
         f"| variant | overrides | training seeds | steps | CPU-minutes | FID ({args.fid_samples} samples, DDIM 50) | "
-        "FID per training seed | val -ELBO (bits/dim) | test -ELBO (bits/dim) | train minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "FID per training seed | val -ELBO (bits/dim) | test -ELBO (bits/dim) | train minutes |"
+        + (" FID against the test split (floor) |" if args.test_fid else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.test_fid else ""),
     ]
     for label, overrides in variants:
         mine = [r for r in rows if r["label"] == label]
@@ -377,6 +449,7 @@ def main() -> None:
         lines.append(
             f"| {label} | `{' '.join(overrides) or '(none)'}` | {len(mine)} | {steps} | {cpu} | {fid} | {per_seed} | "
             f"{f'{mean(vals):.3f}' if vals else '-'} | {test} | {mean(r['train_minutes'] for r in mine):.1f} |"
+            + (f" {', '.join(_test_fid(r) for r in mine)} |" if args.test_fid else "")
         )
     m = machine()
     (out / "table.json").write_text(
@@ -392,12 +465,25 @@ def main() -> None:
             f"{args.cpu_minutes:g} CPU-minutes of training steps each, as steps at each variant's cost measured alone "
             f"on one thread ({calibration_path.name}); CPU-minutes: those steps at that cost"
         )
+        if same:
+            length += (
+                " (" + ", ".join(f"{k} at {v}'s" for k, v in same.items()) + ": the same computation per step, only "
+                "optimizer settings differ; their own calibrations measure its noise)"
+            )
     caption = (
         f"{length}, each run on {threads} thread(s) with {args.jobs} at a time. "
         "FID: classifier features, 2000 DDIM-50 samples of the EMA weights against the train split (lower is "
         f"better), computed for the sampling seeds {args.fid_seeds} of each run; mean ± std over all (training "
         "seed, sampling seed) draws. val -ELBO: the 180 val digits at the last step. test -ELBO: the exact T-step "
-        "bound of the last checkpoint on the test split (± its standard error over examples). " + args.caption
+        "bound of the last checkpoint on the test split (± its standard error over examples). "
+        + (
+            "FID against the test split: as many DDIM-50 samples as the train split has (sampling seed "
+            f"{args.fid_seeds[0]}) against the 180 test digits, and in brackets the real-data floor, the train split "
+            "itself against the test split (issue 33's target: at most the floor). "
+            if args.test_fid
+            else ""
+        )
+        + args.caption
     )
     (out / "table.md").write_text("\n".join([f"# {args.name}", "", f"{machine_line(m)} {caption}", "", *lines]) + "\n")
     print("\n".join(lines))

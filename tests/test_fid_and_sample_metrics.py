@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffusion_elbo.data import DigitsDataModule
-from diffusion_elbo.fid import load_or_train_classifier, make_fid, train_classifier
+from diffusion_elbo.fid import load_or_train_classifier, make_fid, split_fid, train_classifier
 from diffusion_elbo.sample_metrics import energy_distance_with_se, sliced_wasserstein_with_se
 
 STEPS = 300  # a quick classifier for the property tests; the default (3000 steps) is checked below
@@ -44,6 +44,18 @@ def test_identical_sets_give_near_zero_and_shifted_sets_more(cache_dir, digits):
     shifted = fid.compute()
     assert abs(same) < 1e-3
     assert shifted > 1.0 and shifted > 1000 * abs(same)
+
+
+def test_the_train_test_floor_is_symmetric_and_a_split_against_itself_is_zero(tmp_path, digits):
+    # the real-data floor of issue 33: the train split against the test split's statistics. The Frechet distance is
+    # symmetric, so it equals the test split against the train split's, each reference from its own cache file
+    against_test = make_fid(digits, cache_dir=tmp_path, classifier_steps=STEPS, reference_split="test")
+    against_train = make_fid(digits, cache_dir=tmp_path, classifier_steps=STEPS)
+    floor = split_fid(against_test, digits, "train")
+    assert floor > 0.05  # 180 test digits are not the 1,437 training digits
+    assert split_fid(against_train, digits, "test") == pytest.approx(floor, rel=1e-3)
+    assert abs(split_fid(against_test, digits, "test")) < 1e-3
+    assert sorted(p.name.endswith("-test.pt") for p in tmp_path.glob("reference-*")) == [False, True]
 
 
 def test_reference_statistics_and_classifier_are_cached(cache_dir, digits):

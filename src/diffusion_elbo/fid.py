@@ -277,8 +277,9 @@ def make_fid(
     classifier_steps: int = 3000,
     device: torch.device | str = "cpu",
     rank: int = 0,
+    reference_split: str = "train",
 ) -> FIDSetup:
-    """An FID metric with the real-data statistics of the train split already in it.
+    """An FID metric with the real-data statistics of ``reference_split`` (the train split by default) already in it.
 
     Under DDP pass the global ``rank``: the metric sums its states over ranks when it computes, so only
     rank 0 keeps the reference statistics (each rank holding them would count the real data N times).
@@ -291,19 +292,34 @@ def make_fid(
             trained = load_or_train_classifier(datamodule, cache_dir, seed=seed, steps=classifier_steps, device=device)
             metric = classifier_fid_metric(trained.model, datamodule.data_shape).to(device)
             reference = trained.path.with_name(trained.path.stem.replace("classifier-", "reference-") + ".pt")
+            if reference_split != "train":  # (the train split's file keeps its name: existing caches stay valid)
+                reference = reference.with_name(f"{reference.stem}-{reference_split}.pt")
             accuracy_value = trained.test_accuracy
         elif features == "inception":
             metric = inception_fid_metric(weights_path).to(device)
-            reference = Path(cache_dir) / f"reference-inception-{_dataset_key(datamodule, 0)}.pt"
+            suffix = "" if reference_split == "train" else f"-{reference_split}"
+            reference = Path(cache_dir) / f"reference-inception-{_dataset_key(datamodule, 0)}{suffix}.pt"
             accuracy_value = None
         else:
             raise ValueError(f"fid.features={features!r} is not an option; choose classifier or inception")
         fid = FIDSetup(metric=metric, features=features, classifier_accuracy=accuracy_value)
-        load_or_compute_reference(fid, datamodule, cache_path=reference)
+        load_or_compute_reference(fid, datamodule, cache_path=reference, split=reference_split)
         if rank != 0:
             for name in REAL_STATES:
                 getattr(metric, name).zero_()
         return fid
+
+
+def split_fid(fid: FIDSetup, datamodule: DiffusionDataModule, split: str, batch_size: int = 512) -> float:
+    """The FID of a data split's own images against the metric's reference: the real-data floor. With the test split as
+    the reference and the train split here, it is what a model's samples (as many as the train split has, against the
+    same reference) would score if they were fresh draws as good as the training digits themselves."""
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    fid.reset_fake()
+    for x, _ in DataLoader(datamodule.split(split), batch_size=batch_size):
+        fid.update(x)
+    return fid.compute()
 
 
 def compute_fid(
