@@ -2,6 +2,7 @@
 
     python benchmarks/ode_likelihood.py oracle
     python benchmarks/ode_likelihood.py checkpoints --table digits10k --ckpt fixed-10k=<ckpt> [--ckpt ...] [--render-only]
+        [--variances small analytic]
 
 ``oracle``: the Bayes-optimal models, whose likelihood is known: Gaussian data (mean 0.5, std 0.8, 16 dims, 1000 test
 points) at linear and cosine T = 1000, where the ODE must give the true NLL; and i.i.d. 17-level data (``discrete_toy``,
@@ -75,19 +76,22 @@ def oracle_table() -> None:
     _write("oracle", rows, header + "\n".join(lines), "Bayes-optimal models, 1000 test points, bits/dim (paired).")
 
 
-def checkpoints_table(table: str, ckpts: list[str], render_only: bool = False) -> None:
-    """``render_only``: the table from the kept metrics.json files of an earlier run, nothing re-evaluated."""
+def checkpoints_table(
+    table: str, ckpts: list[str], render_only: bool = False, variances: tuple[str, ...] = ("small", "analytic")
+) -> None:
+    """``render_only``: the table from the kept metrics.json files of an earlier run, nothing re-evaluated;
+    ``variances``: the reverse variances whose bound is shown (learned_range is added where the model learned it)."""
     rows = []
     for spec in ckpts:
         label, path = spec.split("=", 1)
         from diffusion_elbo.checkpoints import read_checkpoint
 
         trained = read_checkpoint(path)["diffusion_elbo_config"].get("variance", "small")
-        variances = ["small", "analytic"] + (["learned_range"] if trained == "learned_range" else [])
+        shown_variances = list(dict.fromkeys([*variances] + (["learned_range"] if trained == "learned_range" else [])))
         runs = [
             # the ODE (which does not depend on the variance) once per checkpoint, beside its first bound
             (variance, variance, ["both" if i == 0 else "elbo"])
-            for i, variance in enumerate(variances)
+            for i, variance in enumerate(shown_variances)
         ]
         # and again under the tighter truncated-normal dequantization (the ELBO does not change)
         runs.append(("ode-truncated_normal", "(ODE, truncated-normal)", ["ode", "truncated_normal"]))
@@ -135,11 +139,18 @@ def main() -> None:
     c.add_argument("--table", required=True)
     c.add_argument("--ckpt", action="append", required=True, help="label=path/to.ckpt")
     c.add_argument("--render-only", action="store_true", help="remake the table from the kept metrics.json files")
+    c.add_argument(
+        "--variances",
+        nargs="+",
+        default=["small", "analytic"],
+        choices=["small", "large", "analytic", "learned_range"],
+        help="the reverse variances to bound with (--render-only: the ones the table was made with)",
+    )
     args = parser.parse_args()
     if args.command == "oracle":
         oracle_table()
     else:
-        checkpoints_table(args.table, args.ckpt, args.render_only)
+        checkpoints_table(args.table, args.ckpt, args.render_only, tuple(args.variances))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from statistics import mean, stdev
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "short_run"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,6 +142,7 @@ def test_bound(ckpt: Path, env: dict, num_examples: int | None) -> dict:
         "test_elbo_bpd": metrics["bpd"],
         "test_elbo_bpd_se": metrics["bpd_se"],
         "test_examples": metrics["num_examples"],
+        "test_examples_asked": num_examples,  # None: the whole split
     }
     if "continuous" in metrics:
         row["test_own_bound_bpd"] = metrics["continuous"]["bpd"]
@@ -176,15 +179,24 @@ def _job(
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():  # (a calibrated run's folder is named by label and seed only)
+        trained_for = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+        if trained_for != steps:
+            raise SystemExit(
+                f"{run_dir} is a run of {trained_for} steps, this table asks {steps} (another budget or calibration): "
+                "move that folder away or pass another --runs-dir"
+            )
     finished = run_dir / "train_metrics.json"
     spent = _last_logged(run_dir, "train/cpu_minutes") if finished.is_file() else None
     if finished.is_file() and (
         json.loads(finished.read_text()).get("global_step") == steps
         or (cpu_minutes is not None and spent is not None and spent >= cpu_minutes)
     ):
-        # trained by an earlier invocation that stopped before its eval: keep it, time it from its log
-        train_s = finished.stat().st_mtime - (run_dir / ".hydra" / "config.yaml").stat().st_mtime
+        # trained by an earlier invocation: keep it, with that invocation's timing or else one from its files
+        train_s = (earlier or {}).get("train_minutes", 0) * 60 or finished.stat().st_mtime - config.stat().st_mtime
     else:
+        known, earlier = {}, None  # numbers of an earlier checkpoint are not this one's
         if (run_dir / "checkpoints" / "last.ckpt").is_file():  # an interrupted invocation's run: resume it
             train.insert(-1, "ckpt_path=last")  # (before hydra.run.dir, which the recorded command leaves out)
         start = time.perf_counter()
@@ -217,11 +229,11 @@ def _job(
     }
     earlier = earlier or {}  # this checkpoint's numbers from an earlier invocation: kept, not recomputed
     if test_examples != 0:  # 0: no test bound; None: the whole split
-        keys = ("test_elbo_bpd", "test_elbo_bpd_se", "test_examples", "test_own_bound_bpd")
-        row.update({k: earlier[k] for k in keys if k in earlier} if "test_elbo_bpd" in earlier else
+        keys = ("test_elbo_bpd", "test_elbo_bpd_se", "test_examples", "test_examples_asked", "test_own_bound_bpd")
+        row.update({k: earlier[k] for k in keys if k in earlier} if _has_test_bound(earlier, test_examples) else
                    test_bound(ckpt, env, test_examples))  # fmt: skip
     if test_fid:
-        if "fid_test" in earlier:
+        if _has_test_fid(earlier, fid_seeds):
             row.update({k: earlier[k] for k in ("fid_test", "fid_floor", "fid_test_samples", "fid_test_seed")})
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--fid-test-of", str(ckpt), "--fid-seeds",
@@ -229,6 +241,17 @@ def _job(
             done = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
             row.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return row
+
+
+def _has_test_bound(row: dict, test_examples: int | None) -> bool:
+    """Whether ``row`` holds the test bound on that many examples (None: the whole split, as ``src/eval.py`` ran it)."""
+    if "test_elbo_bpd" not in row:
+        return False
+    return row.get("test_examples_asked") == test_examples  # (rows from before the key: the whole split)
+
+
+def _has_test_fid(row: dict, fid_seeds: list[int]) -> bool:
+    return "fid_test" in row and row.get("fid_test_seed") == fid_seeds[0]
 
 
 def _test_fid(row: dict) -> str:
@@ -358,7 +381,17 @@ def main() -> None:
         return
     steps_of = {label: args.steps for label, _ in variants}  # each variant's step count (a cap under a CPU budget)
     budget = args.cpu_minutes
-    same = dict(spec.split("=", 1) for spec in args.same_cost)
+    same = {}
+    labels = {label: overrides for label, overrides in variants}
+    for spec in args.same_cost:
+        label, eq, other = spec.partition("=")
+        if not eq or label not in labels or other not in labels:
+            p.error(f"--same-cost {spec}: give LABEL=OTHER, two of this table's variants ({', '.join(labels)})")
+        if not set(labels[other]) <= set(labels[label]):
+            p.error(f"--same-cost {spec}: {label} must be {other}'s overrides plus optimizer settings")
+        same[label] = other
+    if same and not args.calibrated:
+        p.error("--same-cost needs --calibrated (it sets a variant's steps from another's calibrated cost)")
     if args.calibrated:
         if args.cpu_minutes is None:
             p.error("--calibrated needs --cpu-minutes")
@@ -383,8 +416,9 @@ def main() -> None:
         for seed in args.seeds:
             done = [r for r in kept if r["label"] == label and r["seed"] == seed and r["steps"] == steps_of[label]
                     and r.get("cpu_budget_minutes") == budget]  # fmt: skip
-            complete = (not args.test_bound or (done and "test_elbo_bpd" in done[0])) and (
-                not args.test_fid or (done and "fid_test" in done[0])
+            test_examples = args.test_examples or None
+            complete = (not args.test_bound or (done and _has_test_bound(done[0], test_examples))) and (
+                not args.test_fid or (done and _has_test_fid(done[0], args.fid_seeds))
             )
             if done and done[0]["overrides"] == overrides and done[0].get("fid_seeds") == args.fid_seeds and complete:
                 continue
@@ -478,7 +512,7 @@ def main() -> None:
         "bound of the last checkpoint on the test split (± its standard error over examples). "
         + (
             "FID against the test split: as many DDIM-50 samples as the train split has (sampling seed "
-            f"{args.fid_seeds[0]}) against the 180 test digits, and in brackets the real-data floor, the train split "
+            f"{args.fid_seeds[0]}) against the test split, and in brackets the real-data floor, the train split "
             "itself against the test split (issue 33's target: at most the floor). "
             if args.test_fid
             else ""

@@ -226,19 +226,27 @@ def test_the_t_step_bound_of_the_discrete_oracle_on_a_multivariate_chain_is_abov
                         num_bins=bins, generator=torch.Generator().manual_seed(0), max_batch=8192)  # fmt: skip
     gap = result.total - discrete_nll_nats(x0, dm.probs)
     assert float(gap.mean()) > 5 * float(gap.std() / math.sqrt(gap.numel()))
+
     # the dimensions are independent and so is the oracle: the bound is the sum of each dimension's bound on its own
-    # scalar chain (other noise draws: compared in expectation), and each of those is above its dimension's NLL
-    total, var = 0.0, float(result.total.var() / result.total.numel())
-    for i in range(dim):
-        own = NoiseSchedule(betas[:, i].contiguous())
-        alone = exact_elbo(DiscreteOracle(own, num_bins=bins), own, x0[:, i : i + 1], parametrization="eps",
-                           variance="small", num_bins=bins, generator=torch.Generator().manual_seed(3 + i),
-                           max_batch=8192)  # fmt: skip
-        gap_i = alone.total - per_dim[i]
-        assert float(gap_i.mean()) > 3 * float(gap_i.std() / math.sqrt(gap_i.numel())), i
-        total += float(alone.total.mean())
-        var += float(alone.total.var() / alone.total.numel())
-    assert abs(float(result.total.mean()) - total) < 4 * math.sqrt(var), (float(result.total.mean()), total)
+    # scalar chain, each above its dimension's NLL. Paired over the examples (only the noise draws differ); this
+    # catches gross errors only (a noise draw moves an example's bound by nats): which dimension reads which schedule
+    # is pinned by the Gaussian closed forms per dimension above
+    def summed(columns_betas):
+        out = torch.zeros(x0.shape[0], dtype=torch.float64)
+        for i, b in enumerate(columns_betas):
+            own = NoiseSchedule(b.contiguous())
+            alone = exact_elbo(DiscreteOracle(own, num_bins=bins), own, x0[:, i : i + 1], parametrization="eps",
+                               variance="small", num_bins=bins, generator=torch.Generator().manual_seed(3 + i),
+                               max_batch=8192)  # fmt: skip
+            gap_i = alone.total - per_dim[i]
+            assert float(gap_i.mean()) > 3 * float(gap_i.std() / math.sqrt(gap_i.numel())), i
+            out += alone.total
+        return out
+
+    def z(diff):
+        return abs(float(diff.mean())) / float(diff.std() / math.sqrt(diff.numel()))
+
+    assert z(result.total - summed(betas.unbind(1))) < 4
 
 
 def test_the_bound_is_tight_for_the_optimal_denoiser_whatever_the_shapes_and_depends_on_them_otherwise():

@@ -313,7 +313,8 @@ def make_fid(
 def split_fid(fid: FIDSetup, datamodule: DiffusionDataModule, split: str, batch_size: int = 512) -> float:
     """The FID of a data split's own images against the metric's reference: the real-data floor. With the test split as
     the reference and the train split here, it is what a model's samples (as many as the train split has, against the
-    same reference) would score if they were fresh draws as good as the training digits themselves."""
+    same reference) would score if they were fresh draws as good as the training digits themselves. One process: the
+    whole split goes into this metric (under DDP call it on rank 0 with a metric built for rank 0)."""
     datamodule.setup("fit")
     datamodule.setup("test")
     fid.reset_fake()
