@@ -40,6 +40,41 @@ def test_experiment_presets_compose_and_build(experiment):
         assert cfg.callbacks.ema.decay == 0.9999 and cfg.lr_scheduler.warmup_steps == 5000
 
 
+def _leaves(node, prefix=""):
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(node, resolve=False) if not isinstance(node, dict) else node
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_15_cpu_minute_preset_is_the_vdm_preset_with_a_short_warmup_and_its_calibrated_steps():
+    """experiment=digits_vdm_15cpu is experiment=digits_vdm plus the overrides its yaml states, nothing else; its steps
+    are what the lever table trained (15 CPU-minutes at the VDM preset's calibrated cost, benchmarks/short_run)."""
+    import json
+
+    short, long = (_leaves(compose_with([f"experiment={name}"])) for name in ("digits_vdm_15cpu", "digits_vdm"))
+    differ = {k: (long.get(k), short.get(k)) for k in short.keys() | long.keys() if short.get(k) != long.get(k)}
+    assert differ == {
+        "lr_scheduler.warmup_steps": (500, 50),
+        "trainer.max_steps": (10000, 808),
+        "trainer.val_check_interval": (1000, 808),
+    }
+    table = Path(__file__).resolve().parents[1] / "benchmarks" / "short_run" / "vdm_15cpu"
+    cost = json.loads((table / "calibration.json").read_text())["vdm"]
+    assert cost["overrides"] == ["experiment=digits_vdm"]
+    assert round(60 * 15 / cost["cpu_seconds_per_step"]) == 808
+    rows = {r["label"]: r for r in json.loads((table / "runs.json").read_text())}
+    assert rows["warmup50"]["overrides"] == ["experiment=digits_vdm", "lr_scheduler.warmup_steps=50",
+                                             "trainer.val_check_interval=808"]  # fmt: skip
+    assert rows["warmup50"]["steps_trained"] == 808
+
+
 @pytest.mark.parametrize(
     "group", ["schedule", "loss", "optimizer", "lr_scheduler", "sampler", "trainer", "logger", "callbacks", "augment"]
 )
