@@ -17,7 +17,7 @@ variant's cost alone once, then train every variant for its share of the budget 
     python benchmarks/short_run.py --name vdm_15cpu --cpu-minutes 15 --calibrated --test-bound --variant vdm=...
 
 A variant whose training step is another's computation (only optimizer or learning-rate settings differ) trains that
-one's steps with ``--same-cost LABEL=OTHER``: two calibrations of one computation an hour apart differed by 10% (1.114
+one's steps with ``--same-cost LABEL=OTHER``: two calibrations of one computation hours apart differed by 10% (1.114
 and 1.004 CPU-s per step), more than such a variant's real difference. ``--test-fid`` adds issue 33's sample target: the
 FID against the test split of as many samples as the train split has, beside the floor (the train split against it).
 
