@@ -40,17 +40,13 @@ def test_experiment_presets_compose_and_build(experiment):
         assert cfg.callbacks.ema.decay == 0.9999 and cfg.lr_scheduler.warmup_steps == 5000
 
 
-def _leaves(node, prefix=""):
+def _leaves(cfg) -> dict:
+    """The composed config as ``{"model.model_channels": 16, ...}`` (unresolved interpolations kept as written)."""
     from omegaconf import OmegaConf
 
-    tree = OmegaConf.to_container(node, resolve=False) if not isinstance(node, dict) else node
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    from diffusion_elbo.resume import _flatten
+
+    return _flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
 def test_the_15_cpu_minute_preset_is_the_vdm_preset_narrower_with_a_short_warmup_and_its_calibrated_steps():
