@@ -3,9 +3,18 @@ EMA) against the run's own fixed EMA, at one training step.
 
     python benchmarks/posthoc_ema.py --run <run dir trained with callbacks=posthoc_ema> --step 3000 --label default-3k
 
+or, to choose a width on the val split by the bound alone (no FID) as of the run's last step, then measure it on test:
+
+    python benchmarks/posthoc_ema.py --run <run> --label <name>-val --split val --num-samples 0
+    python benchmarks/posthoc_ema.py --run <run> --label <name>-test --sigma-rel <the best> --seeds 1
+
+``--decay 0.99 ...`` adds classic EMAs (the EMA callback's, with its warm-up) to the widths: the one setting to put in
+a recipe's ``callbacks.ema.decay`` when a post-hoc choice wins.
+
 It is the post-hoc job itself (``src/posthoc_ema.py`` with ``evaluate.enabled``): each ``--sigma-rel`` is rebuilt
-from the snapshots as of ``--step`` into a checkpoint, and each of them and the run's own ``step_<N>.ckpt`` (its fixed
-EMA) get the exact T-step bound on the whole test split and the classifier FID of ``--num-samples`` DDIM-50 samples
+from the snapshots as of ``--step`` (default: the last snapshot) into a checkpoint, and each of them and the run's own
+``step_<N>.ckpt`` (``last.ckpt`` without ``--step``: its fixed EMA) get the exact T-step bound on the whole ``--split``
+(test) and the classifier FID of ``--num-samples`` DDIM-50 samples
 from each of ``--seeds`` seeds. Every checkpoint sees the same examples with the same noise and the same x_T per seed,
 so each width is also given as a paired difference from the fixed EMA (bound: mean and standard error of the
 per-example differences; FID: mean and sd of the per-seed differences). Writes benchmarks/posthoc_ema/<label>.json
@@ -31,10 +40,12 @@ from run import machine  # noqa: E402  (benchmarks/run.py: machine description)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--step", type=int, help="rebuild as of this step (default: the run's last snapshot)")
+    parser.add_argument("--split", choices=["val", "test"], default="test", help="where the bound is measured")
     parser.add_argument("--label", required=True)
-    parser.add_argument("--sigma-rel", type=float, nargs="+", default=[0.03, 0.05, 0.08, 0.1, 0.14, 0.2])
-    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--sigma-rel", type=float, nargs="*", default=[0.03, 0.05, 0.08, 0.1, 0.14, 0.2])
+    parser.add_argument("--decay", type=float, nargs="*", default=[], help="also classic EMA decays (with warm-up)")
+    parser.add_argument("--num-samples", type=int, default=2000, help="FID samples per seed (0: no FID)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
     parser.add_argument("--report-only", action="store_true", help="write the result from the job's folder as it is")
@@ -49,11 +60,11 @@ def main() -> None:
         {
             "run_dir": args.run,
             "sigma_rel": args.sigma_rel,
-            "decay": None,
+            "decay": args.decay or None,
             "step": args.step,
             "evaluate": {
                 "enabled": True,
-                "split": "test",
+                "split": args.split,
                 "num_examples": None,
                 "fid_samples": args.num_samples,
                 "fid_seeds": args.seeds,
@@ -70,13 +81,15 @@ def main() -> None:
         row["residual"] = fits.get(label, {}).get("residual")
     widths = {k: v for k, v in rows.items() if k != "run"}
     complete = sorted(rows) == sorted(["run", *fits])
+    keys = ("bpd", "fid") if args.num_samples else ("bpd",)
     best = {  # of the widths asked for: none while the table is partial
-        key: min(widths, key=lambda k, key=key: widths[k][key]) for key in ("bpd", "fid") if complete and widths
+        key: min(widths, key=lambda k, key=key: widths[k][key]) for key in keys if complete and widths
     }
     result = {
         "machine": machine(),
         "run": args.run,
-        "step": args.step,
+        "step": args.step if args.step is not None else next(iter(fits.values()))["step"],
+        "split": args.split,
         "fid": {"samples": args.num_samples, "seeds": args.seeds, "sampler": "DDIM-50"},
         "complete": complete,
         "rows": rows,
@@ -99,12 +112,13 @@ def table(result: dict) -> str:
     """The result as a markdown table: each checkpoint's bound and FID, and its paired difference from the fixed EMA."""
     fid = result["fid"]
     lines = [
-        f"Step {result['step']} of `{result['run']}`: the exact bound on the test split (bits/dim ± SE) and the "
+        f"Step {result['step']} of `{result['run']}`: the exact bound on the {result.get('split', 'test')} split "
+        "(bits/dim ± SE) and the "
         f"classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} seeds); the "
         "differences are paired (the same examples and noise, the same x_T per seed).",
         *([] if result.get("complete", True) else ["", "**Partial**: the rows below are those evaluated so far."]),
         "",
-        "| EMA | fit residual | test bound | bound - fixed EMA | FID | FID - fixed EMA |",
+        f"| EMA | fit residual | {result.get('split', 'test')} bound | bound - fixed EMA | FID | FID - fixed EMA |",
         "|---|---|---|---|---|---|",
     ]
     for label, row in result["rows"].items():
