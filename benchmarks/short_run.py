@@ -16,6 +16,12 @@ variant's cost alone once, then train every variant for its share of the budget 
     python benchmarks/short_run.py --name vdm_15cpu --calibrate 200 --variant vdm=experiment=digits_vdm ...
     python benchmarks/short_run.py --name vdm_15cpu --cpu-minutes 15 --calibrated --test-bound --variant vdm=...
 
+Calibrations drift between days; ``--anchor LABEL`` with ``--calibrate`` measures LABEL (calibrated before) again first
+and scales the sitting's costs by its earlier cost over today's, so variants calibrated on different days share one
+scale (the entry keeps ``measured_cpu_seconds_per_step`` and the anchor's two costs):
+
+    python benchmarks/short_run.py --name vdm_15cpu --calibrate 150 --anchor narrow --variant depth1=...
+
 A variant whose training step is another's computation (only optimizer or learning-rate settings differ) trains that
 one's steps with ``--same-cost LABEL=OTHER``: two calibrations of one computation hours apart differed by 10% (1.114
 and 1.004 CPU-s per step), more than such a variant's real difference. ``--test-fid`` adds issue 33's sample target: the
@@ -272,11 +278,32 @@ def _busy_fraction(seconds: float = 3.0) -> float:
     return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def calibrate(variants: list[tuple[str, list[str]]], steps: int, runs_dir: Path, path: Path) -> None:
+def anchored(entry: dict, anchor: str, table_cost: float, same_sitting: float) -> dict:
+    """``entry`` (a calibration) put on the scale of the table's earlier calibrations: its measured cost times the
+    anchor variant's table cost over the anchor's cost measured in the same sitting. Two calibrations of one
+    computation on different days differed by up to 10%, more than the variants being compared; the ratio of two
+    costs measured in one sitting is what carries over."""
+    measured = entry.get("measured_cpu_seconds_per_step", entry["cpu_seconds_per_step"])
+    return {
+        **entry,
+        "measured_cpu_seconds_per_step": measured,
+        "anchor": {"label": anchor, "table_cpu_seconds_per_step": table_cost, "same_sitting": same_sitting},
+        "cpu_seconds_per_step": measured * table_cost / same_sitting,
+    }
+
+
+def calibrate(variants: list[tuple[str, list[str]]], steps: int, runs_dir: Path, path: Path,
+              anchor: str | None = None) -> None:  # fmt: skip
     """Each variant's CPU-seconds per training step: ``steps`` steps on one thread with the machine otherwise idle
-    (refused while the 1-minute load average is above 0.5), read from the run's own ``train/cpu_minutes``."""
+    (refused while the CPUs are more than 20% busy), read from the run's own ``train/cpu_minutes``. With ``anchor``
+    (a variant calibrated before), that variant is measured again first and every cost of this sitting is scaled
+    by its earlier cost over today's (:func:`anchored`)."""
     costs = json.loads(path.read_text()) if path.is_file() else {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if anchor is not None:
+        if anchor not in costs:
+            raise SystemExit(f"--anchor {anchor}: it has no earlier calibration in {path}")
+        variants = [(f"{anchor}@anchor", costs[anchor]["overrides"]), *variants]
     for label, overrides in variants:
         load = _busy_fraction()
         if load > 0.2:
@@ -295,6 +322,9 @@ def calibrate(variants: list[tuple[str, list[str]]], steps: int, runs_dir: Path,
             "busy_fraction_before": load,
             "machine": machine(),
         }
+        if anchor is not None and label != f"{anchor}@anchor":
+            same_sitting = costs[f"{anchor}@anchor"]["cpu_seconds_per_step"]
+            costs[label] = anchored(costs[label], anchor, costs[anchor]["cpu_seconds_per_step"], same_sitting)
         path.write_text(json.dumps(costs, indent=1) + "\n")
         print(f"{label}: {costs[label]['cpu_seconds_per_step']:.3f} CPU-s per step", flush=True)
 
@@ -330,6 +360,12 @@ def main() -> None:
         type=int,
         metavar="STEPS",
         help="measure each variant's CPU-seconds per training step alone (STEPS steps, one thread) and stop",
+    )
+    p.add_argument(
+        "--anchor",
+        metavar="LABEL",
+        help="with --calibrate: measure this already calibrated variant again first and scale the sitting's costs by "
+        "its earlier cost over today's (calibrations drift by up to 10%% between days; ratios within a sitting hold)",
     )
     p.add_argument(
         "--calibrated",
@@ -377,7 +413,7 @@ def main() -> None:
         variants.append((label, [o for o in rest.split(",") if o]))
     calibration_path = out / "calibration.json"
     if args.calibrate:
-        calibrate(variants, args.calibrate, runs_dir, calibration_path)
+        calibrate(variants, args.calibrate, runs_dir, calibration_path, args.anchor)
         return
     steps_of = {label: args.steps for label, _ in variants}  # each variant's step count (a cap under a CPU budget)
     budget = args.cpu_minutes
