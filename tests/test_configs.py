@@ -279,3 +279,30 @@ def test_a_renamed_key_names_its_new_name_before_anything_runs(tmp_path, script,
     assert result.returncode == 2
     assert f"error: {override.split('=')[0]} is now {new}" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_calibrations_of_another_sitting_are_put_on_the_table_scale_by_their_anchor():
+    """short_run --anchor: a cost measured in a later sitting is scaled by the anchor variant's table cost over its
+    cost in that sitting, so its ratio to the anchor is the ratio measured side by side; re-anchoring starts from the
+    measured cost, not the scaled one. Every anchored entry of the committed calibration follows that rule."""
+    import json
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    from short_run import anchored
+
+    entry = {"overrides": ["model.num_res_blocks=1"], "cpu_seconds_per_step": 0.30}
+    scaled = anchored(entry, "narrow", table_cost=0.48, same_sitting=0.45)
+    assert scaled["cpu_seconds_per_step"] / 0.48 == pytest.approx(0.30 / 0.45)
+    assert anchored(scaled, "narrow", 0.48, 0.45) == scaled  # from the measured cost again
+    costs = json.loads((bench / "short_run" / "vdm_15cpu" / "calibration.json").read_text())
+    anchored_entries = {label: c for label, c in costs.items() if "anchor" in c}
+    assert anchored_entries  # the table has levers calibrated in a later sitting
+    for c in anchored_entries.values():
+        a = c["anchor"]
+        assert a["table_cpu_seconds_per_step"] == costs[a["label"]]["cpu_seconds_per_step"]
+        assert a["same_sitting"] == costs[f"{a['label']}@anchor"]["cpu_seconds_per_step"]
+        assert c["cpu_seconds_per_step"] == pytest.approx(
+            c["measured_cpu_seconds_per_step"] * a["table_cpu_seconds_per_step"] / a["same_sitting"]
+        )
