@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import shutil
@@ -262,6 +263,19 @@ def _has_test_fid(row: dict, fid_seeds: list[int]) -> bool:
 
 def _test_fid(row: dict) -> str:
     return f"{row['fid_test']:.3f} ({row['fid_floor']:.3f})" if "fid_test" in row else "-"
+
+
+def _record(path: Path, row: dict) -> list[dict]:
+    """Add ``row`` to runs.json (replacing its variant and seed's), read again under a lock: another invocation on the
+    same table (the other core's variants) may have added rows since this one started. Returns the rows."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = json.loads(path.read_text()) if path.is_file() else []
+        kept = [r for r in kept if not (r["label"] == row["label"] and r["seed"] == row["seed"])] + [row]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(kept, indent=1) + "\n")
+        tmp.replace(path)
+    return kept
 
 
 def _busy_fraction(seconds: float = 3.0) -> float:
@@ -490,8 +504,7 @@ def main() -> None:
                 cost = json.loads(calibration_path.read_text())[costed]["cpu_seconds_per_step"]
                 row["cost_of"] = costed
                 row["cpu_minutes_alone"] = row["steps_trained"] * cost / 60
-            kept = [r for r in kept if not (r["label"] == row["label"] and r["seed"] == row["seed"])] + [row]
-            kept_path.write_text(json.dumps(kept, indent=1) + "\n")
+            kept = _record(kept_path, row)
             print(f"{row['label']} seed {row['seed']}: FID {row['fid']:.3f}, val {row['val_elbo_bpd']}", flush=True)
 
     order = [label for label, _ in variants]
