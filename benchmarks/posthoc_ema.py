@@ -110,25 +110,35 @@ def main() -> None:
 
 def table(result: dict) -> str:
     """The result as a markdown table: each checkpoint's bound and FID, and its paired difference from the fixed EMA."""
-    fid = result["fid"]
+    fid, split = result["fid"], result.get("split", "test")
+    with_fid = bool(fid["samples"])
     lines = [
-        f"Step {result['step']} of `{result['run']}`: the exact bound on the {result.get('split', 'test')} split "
-        "(bits/dim ± SE) and the "
-        f"classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} seeds); the "
-        "differences are paired (the same examples and noise, the same x_T per seed).",
+        f"Step {result['step']} of `{result['run']}`: the exact bound on the {split} split (bits/dim ± SE)"
+        + (
+            f" and the classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} "
+            "seeds); the differences are paired (the same examples and noise, the same x_T per seed)."
+            if with_fid
+            else "; the differences are paired (the same examples and noise)."
+        ),
         *([] if result.get("complete", True) else ["", "**Partial**: the rows below are those evaluated so far."]),
         "",
-        f"| EMA | fit residual | {result.get('split', 'test')} bound | bound - fixed EMA | FID | FID - fixed EMA |",
-        "|---|---|---|---|---|---|",
+        f"| EMA | fit residual | {split} bound | bound - fixed EMA |"
+        + (" FID | FID - fixed EMA |" if with_fid else ""),
+        "|---|---|---|---|" + ("---|---|" if with_fid else ""),
     ]
     for label, row in result["rows"].items():
-        name = "the run's fixed EMA" if label == "run" else label.replace("sigma_rel_", "sigma_rel ")
+        name = (
+            "the run's fixed EMA"
+            if label == "run"
+            else label.replace("sigma_rel_", "sigma_rel ").replace("decay_", "decay ")
+        )
         residual = "" if row.get("residual") is None else f"{100 * row['residual']:.1f}%"
         diff = "" if "bpd_minus_run" not in row else f"{row['bpd_minus_run']:+.4f} ± {row['bpd_minus_run_se']:.4f}"
         fid_value = "" if "fid" not in row else f"{row['fid']:.3f} ± {row.get('fid_sd', 0.0):.3f}"
         fid_diff = "" if "fid_minus_run" not in row else f"{row['fid_minus_run']:+.3f} ± {row['fid_minus_run_sd']:.3f}"
         lines.append(
-            f"| {name} | {residual} | {row['bpd']:.4f} ± {row['bpd_se']:.4f} | {diff} | {fid_value} | {fid_diff} |"
+            f"| {name} | {residual} | {row['bpd']:.4f} ± {row['bpd_se']:.4f} | {diff} |"
+            + (f" {fid_value} | {fid_diff} |" if with_fid else "")
         )
     return "\n".join(lines) + "\n"
 
