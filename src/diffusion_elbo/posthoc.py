@@ -263,26 +263,31 @@ def compose_eval(overrides: list[str]) -> DictConfig:
 
 
 def plot_widths(results: dict, path: Path) -> Path:
-    """The bound (with its standard error) and the FID of each rebuilt sigma_rel, the run's own checkpoint dashed."""
+    """Each rebuilt sigma_rel's bound and FID as its paired difference from the run's own checkpoint (zero, dashed),
+    with the paired standard error (bound) or sd over seeds (FID); the values themselves where nothing is paired. A
+    panel for the FID only where there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     widths = sorted((float(k.removeprefix("sigma_rel_")), v) for k, v in results.items() if k.startswith("sigma_rel_"))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    for ax, key, name in ((axes[0], "bpd", "bound (bits/dim)"), (axes[1], "fid", "classifier FID")):
-        # the bound's standard error over examples; the FID's sd over sampling seeds
-        values = [
-            (s, v[key], v.get(f"{key}_se", v.get(f"{key}_sd")) or 0.0) for s, v in widths if v.get(key) is not None
-        ]
-        if values:
-            ax.errorbar(
-                [x for x, _, _ in values], [y for _, y, _ in values], yerr=[e for _, _, e in values], marker="o"
-            )
-        if results.get("run", {}).get(key) is not None:
+    panels = [(key, name) for key, name in (("bpd", "bound (bits/dim)"), ("fid", "classifier FID"))
+              if any(v.get(key) is not None for _, v in widths)]  # fmt: skip
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), dpi=100, squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels, strict=False):
+        paired = all(f"{key}_minus_run" in v for _, v in widths)
+        value = f"{key}_minus_run" if paired else key
+        spread = (f"{key}_minus_run_se" if key == "bpd" else f"{key}_minus_run_sd") if paired else None
+        points = [(s, v[value], (v.get(spread) if spread else v.get(f"{key}_se", v.get(f"{key}_sd"))) or 0.0)
+                  for s, v in widths if v.get(value) is not None]  # fmt: skip
+        ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=[e for _, _, e in points], marker="o")
+        if paired:
+            ax.axhline(0.0, color="gray", linestyle="--", label="the run's own checkpoint")
+            name = f"{name}: rebuilt - run's (paired)"
+        elif results.get("run", {}).get(key) is not None:
             ax.axhline(results["run"][key], color="gray", linestyle="--", label="the run's own checkpoint")
-            ax.legend()
+        ax.legend()
         ax.set_xlabel("sigma_rel")
         ax.set_ylabel(name)
     fig.suptitle("post-hoc EMA: the rebuilt average against its width")
