@@ -433,10 +433,17 @@ def main() -> None:
     budget = args.cpu_minutes
     same = {}
     labels = {label: overrides for label, overrides in variants}
+    calibrated_overrides = {  # OTHER need not be trained in this invocation: its calibration names its overrides
+        k: c["overrides"]
+        for k, c in (json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}).items()
+    }
     for spec in args.same_cost:
         label, eq, other = spec.partition("=")
+        if other not in labels and other in calibrated_overrides:
+            labels[other] = calibrated_overrides[other]
         if not eq or label not in labels or other not in labels:
-            p.error(f"--same-cost {spec}: give LABEL=OTHER, two of this table's variants ({', '.join(labels)})")
+            p.error(f"--same-cost {spec}: give LABEL=OTHER, a variant of this table and a variant of it or of its "
+                    f"calibration ({', '.join(labels)})")  # fmt: skip
         if not set(labels[other]) <= set(labels[label]):
             p.error(f"--same-cost {spec}: {label} must be {other}'s overrides plus optimizer settings")
         same[label] = other
