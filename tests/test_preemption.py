@@ -25,6 +25,7 @@ def test_a_signal_to_every_ddp_process_stops_all_at_one_step_then_resumes(tmp_pa
     assert result.exit_s < 30 and not result.leftover, result
     assert len(result.stop_steps) == 2 and len(set(result.stop_steps)) == 1, result  # both ranks, the same step
     assert result.last_ckpt_step == result.stop_steps[0] == result.logged_steps, result
+    assert (run_dir / "train.log").read_text().count(": saved ") == 1  # rank 0's line alone, not one per rank
     if signum == signal.SIGTERM:
         return
     # resumed as printed, to 5 steps more: the loss curve has no gap and no repeat

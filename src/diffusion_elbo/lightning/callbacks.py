@@ -565,6 +565,8 @@ class LastCheckpoint(L.Callback):
         for cb in trainer.checkpoint_callbacks:  # so ModelCheckpoint knows last.ckpt is current
             if isinstance(cb, ModelCheckpoint) and cb.save_last:
                 cb.last_model_path = str(path)
+        if not trainer.is_global_zero:  # saving is a collective; one line per run says so
+            return
         if stopped:  # a run cut short: say how to go on
             log.warning("%s: saved %s at step %d; resume with: %s", why, path, trainer.global_step, self.resume_hint)
         else:
