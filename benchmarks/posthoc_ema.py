@@ -97,7 +97,7 @@ def main() -> None:
             key: {
                 "checkpoint": label,
                 "gain_over_fixed_ema": -rows[label][f"{key}_minus_run"],
-                "spread": rows[label][f"{key}_minus_run_se" if key == "bpd" else f"{key}_minus_run_sd"],
+                "spread": rows[label].get(f"{key}_minus_run_se" if key == "bpd" else f"{key}_minus_run_sd"),
             }
             for key, label in best.items()
             if f"{key}_minus_run" in rows[label]
@@ -115,8 +115,9 @@ def table(result: dict) -> str:
     lines = [
         f"Step {result['step']} of `{result['run']}`: the exact bound on the {split} split (bits/dim ± SE)"
         + (
-            f" and the classifier FID ({fid['sampler']}, {fid['samples']} samples, mean ± sd over {fid['seeds']} "
-            "seeds); the differences are paired (the same examples and noise, the same x_T per seed)."
+            f" and the classifier FID ({fid['sampler']}, {fid['samples']} samples, "
+            + (f"mean ± sd over {fid['seeds']} seeds" if fid["seeds"] > 1 else "one sampling seed")
+            + "); the differences are paired (the same examples and noise, the same x_T per seed)."
             if with_fid
             else "; the differences are paired (the same examples and noise)."
         ),
@@ -134,8 +135,10 @@ def table(result: dict) -> str:
         )
         residual = "" if row.get("residual") is None else f"{100 * row['residual']:.1f}%"
         diff = "" if "bpd_minus_run" not in row else f"{row['bpd_minus_run']:+.4f} ± {row['bpd_minus_run_se']:.4f}"
-        fid_value = "" if "fid" not in row else f"{row['fid']:.3f} ± {row.get('fid_sd', 0.0):.3f}"
-        fid_diff = "" if "fid_minus_run" not in row else f"{row['fid_minus_run']:+.3f} ± {row['fid_minus_run_sd']:.3f}"
+        fid_value = "" if "fid" not in row else f"{row['fid']:.3f}" + (f" ± {row['fid_sd']:.3f}" if "fid_sd" in row else "")
+        fid_diff = "" if "fid_minus_run" not in row else f"{row['fid_minus_run']:+.3f}" + (
+            f" ± {row['fid_minus_run_sd']:.3f}" if "fid_minus_run_sd" in row else ""
+        )
         lines.append(
             f"| {name} | {residual} | {row['bpd']:.4f} ± {row['bpd_se']:.4f} | {diff} |"
             + (f" {fid_value} | {fid_diff} |" if with_fid else "")

@@ -261,6 +261,20 @@ def test_an_earlier_row_is_kept_only_for_the_same_checkpoint_settings_and_per_ex
     assert not kept_row(row, ["seed=0"], "abc", csv)
 
 
+def test_the_fid_is_paired_by_seed_with_an_sd_from_two_seeds_and_a_difference_from_one():
+    """:func:`posthoc.paired_fid`: the mean and sd of the per-seed differences (not the difference of the means' sd);
+    one seed still pairs (the same x_T), without an sd; no FID on either side, no difference."""
+    from diffusion_elbo.posthoc import paired_fid
+
+    two = paired_fid({"fid": 1.2, "fids": [1.0, 1.4]}, {"fid": 0.9, "fids": [0.8, 1.0]})
+    assert two["fid_minus_run"] == pytest.approx(0.3)
+    assert two["fid_minus_run_sd"] == pytest.approx(0.1 * math.sqrt(2))  # d = 0.2, 0.4
+    assert paired_fid({"fid": 8.285}, {"fid": 7.115}) == {"fid_minus_run": pytest.approx(1.17)}
+    assert paired_fid({"bpd": 2.0}, {"fid": 7.1}) == {} and paired_fid({"fid": 7.1}, {"fid": None}) == {}
+    with pytest.raises(ValueError):  # a seed missing on one side is not paired with another seed's x_T
+        paired_fid({"fids": [1.0, 1.4]}, {"fid": 0.9})
+
+
 def test_resuming_never_picks_a_rebuilt_posthoc_checkpoint(tmp_path):
     """src/train.py's resume takes the run's newest checkpoint; a post-hoc EMA's file holds averaged weights at the
     same step, so it is never a candidate, even where last.ckpt is unreadable."""

@@ -161,9 +161,7 @@ def evaluate_widths(
         if key != "run" and "run" in results:
             diff, se = paired_difference(folders[key] / "per_example.csv", folders["run"] / "per_example.csv")
             results[key].update({"bpd_minus_run": diff, "bpd_minus_run_se": se})
-            if "fids" in results[key] and "fids" in results["run"]:
-                d = [a - b for a, b in zip(results[key]["fids"], results["run"]["fids"], strict=True)]
-                results[key].update({"fid_minus_run": statistics.mean(d), "fid_minus_run_sd": statistics.stdev(d)})
+            results[key].update(paired_fid(results[key], results["run"]))
         # after each checkpoint, with the earlier job's rows of those still to come: a stop loses neither
         pending = {k: previous[k] for k in keys if k in previous and k not in results}
         write_metrics({**results, **pending}, output_dir, name="evaluation.json")
@@ -172,6 +170,21 @@ def evaluate_widths(
     if OmegaConf.select(cfg, "wandb.enabled", default=False) and checkpoints:
         log_widths_to_wandb(results, png, checkpoints[0][1].parent.parent, train_config, step, cfg.wandb.mode)
     return results
+
+
+def paired_fid(row: dict, run: dict) -> dict:
+    """``row``'s FID minus ``run``'s, paired by sampling seed (the same seed gives both the same x_T): the mean of the
+    per-seed differences (``fid_minus_run``) and, from two seeds on, their sd (``fid_minus_run_sd``); {} where either
+    has no FID. A row's seeds are its ``fids``, or its one ``fid`` where one seed was drawn."""
+
+    def seeds(r: dict) -> list[float] | None:
+        return list(r["fids"]) if "fids" in r else [r["fid"]] if r.get("fid") is not None else None
+
+    mine, theirs = seeds(row), seeds(run)
+    if not (mine and theirs):
+        return {}
+    d = [a - b for a, b in zip(mine, theirs, strict=True)]
+    return {"fid_minus_run": statistics.mean(d), **({"fid_minus_run_sd": statistics.stdev(d)} if len(d) > 1 else {})}
 
 
 def file_sha256(path: Path) -> str:
