@@ -135,9 +135,14 @@ def table(result: dict) -> str:
         )
         residual = "" if row.get("residual") is None else f"{100 * row['residual']:.1f}%"
         diff = "" if "bpd_minus_run" not in row else f"{row['bpd_minus_run']:+.4f} ± {row['bpd_minus_run_se']:.4f}"
-        fid_value = "" if "fid" not in row else f"{row['fid']:.3f}" + (f" ± {row['fid_sd']:.3f}" if "fid_sd" in row else "")
-        fid_diff = "" if "fid_minus_run" not in row else f"{row['fid_minus_run']:+.3f}" + (
-            f" ± {row['fid_minus_run_sd']:.3f}" if "fid_minus_run_sd" in row else ""
+        fid_value = (
+            "" if "fid" not in row else f"{row['fid']:.3f}" + (f" ± {row['fid_sd']:.3f}" if "fid_sd" in row else "")
+        )
+        fid_diff = (
+            ""
+            if "fid_minus_run" not in row
+            else f"{row['fid_minus_run']:+.3f}"
+            + (f" ± {row['fid_minus_run_sd']:.3f}" if "fid_minus_run_sd" in row else "")
         )
         lines.append(
             f"| {name} | {residual} | {row['bpd']:.4f} ± {row['bpd_se']:.4f} | {diff} |"
