@@ -429,14 +429,13 @@ def main() -> None:
     if args.calibrate:
         calibrate(variants, args.calibrate, runs_dir, calibration_path, args.anchor)
         return
+    calibration = json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}
     steps_of = {label: args.steps for label, _ in variants}  # each variant's step count (a cap under a CPU budget)
     budget = args.cpu_minutes
     same = {}
     labels = {label: overrides for label, overrides in variants}
-    calibrated_overrides = {  # OTHER need not be trained in this invocation: its calibration names its overrides
-        k: c["overrides"]
-        for k, c in (json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}).items()
-    }
+    # OTHER need not be trained in this invocation: its calibration names its overrides
+    calibrated_overrides = {k: c["overrides"] for k, c in calibration.items()}
     for spec in args.same_cost:
         label, eq, other = spec.partition("=")
         if other not in labels and other in calibrated_overrides:
@@ -452,13 +451,12 @@ def main() -> None:
     if args.calibrated:
         if args.cpu_minutes is None:
             p.error("--calibrated needs --cpu-minutes")
-        costs = json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}
         for label, overrides in variants:
-            if costs.get(label, {}).get("overrides") != overrides:  # (before the val interval is added below)
+            if calibration.get(label, {}).get("overrides") != overrides:  # (before the val interval is added below)
                 p.error(f"variant {label} has no calibration with these overrides: run --calibrate first")
-            if same.get(label, label) not in costs:
+            if same.get(label, label) not in calibration:
                 p.error(f"--same-cost {label}={same[label]}: {same[label]} has no calibration")
-            steps_of[label] = round(60 * args.cpu_minutes / costs[same.get(label, label)]["cpu_seconds_per_step"])
+            steps_of[label] = round(60 * args.cpu_minutes / calibration[same.get(label, label)]["cpu_seconds_per_step"])
         budget = None  # the steps carry the budget; the run's own CPU time is not the machine's alone
         # the val bound at the last step (the one the variants are chosen on)
         variants = [(label, [*o, f"trainer.val_check_interval={steps_of[label]}"]) for label, o in variants]
@@ -508,7 +506,7 @@ def main() -> None:
             row = f.result()
             if args.calibrated:  # the CPU time these steps take on the machine alone, at the calibrated cost
                 costed = same.get(row["label"], row["label"])
-                cost = json.loads(calibration_path.read_text())[costed]["cpu_seconds_per_step"]
+                cost = calibration[costed]["cpu_seconds_per_step"]
                 row["cost_of"] = costed
                 row["cpu_minutes_alone"] = row["steps_trained"] * cost / 60
             kept = _record(kept_path, row)
