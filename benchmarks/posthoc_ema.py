@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"))
     parser.add_argument("--report-only", action="store_true", help="write the result from the job's folder as it is")
     args = parser.parse_args()
+    # the job's progress (a line per checkpoint, the eval's every 30 s) in the terminal or log, as src/posthoc_ema.py
+    # shows it: a table takes hours
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
     from diffusion_elbo.posthoc import run_posthoc_ema
 
@@ -85,8 +89,9 @@ def main() -> None:
     best = {  # of the widths asked for: none while the table is partial
         key: min(widths, key=lambda k, key=key: widths[k][key]) for key in keys if complete and widths
     }
-    result = {
-        "machine": machine(),
+    earlier = out_dir / f"{args.label}.json"
+    result = {  # a report of an earlier evaluation keeps the machine (date, threads) that evaluated it
+        "machine": json.loads(earlier.read_text())["machine"] if args.report_only and earlier.is_file() else machine(),
         "run": args.run,
         "step": args.step if args.step is not None else next(iter(fits.values()))["step"],
         "split": args.split,
