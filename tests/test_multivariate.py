@@ -398,3 +398,37 @@ def test_the_ode_likelihood_of_the_optimal_denoiser_is_the_true_nll_on_a_multiva
     # as for the scalar chains (test_ode_likelihood): the mean within 1e-3 bits/dim, each example within 0.02 nats
     assert abs(float((result.nll - nll).mean())) / (2 * math.log(2)) < 1e-3
     torch.testing.assert_close(result.nll, nll, atol=2e-2, rtol=0)
+
+
+def test_the_plots_of_a_many_dimensional_schedule_draw_its_spread_over_the_dimensions(tmp_path):
+    """Up to MAX_DIMENSION_LINES dimensions, a line each; a CIFAR-shaped schedule's 3072 are drawn as the median with
+    the 10-90% and min-max bands (a line each took seconds per panel and showed a solid band); both PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from diffusion_elbo.visualize import MAX_DIMENSION_LINES, plot_curves, save_logsnr_plot, save_schedule_plot
+
+    x = np.linspace(0.0, 1.0, 11)
+    rng = np.random.default_rng(0)
+    few, many = rng.random((11, MAX_DIMENSION_LINES)), rng.random((11, 3072))
+    _, (ax_few, ax_many, ax_one) = plt.subplots(1, 3)
+    plot_curves(ax_few, x, few)
+    plot_curves(ax_many, x, many, log=True)
+    plot_curves(ax_one, x, many[:, 0])
+    assert len(ax_few.lines) == MAX_DIMENSION_LINES and not ax_few.collections
+    assert len(ax_many.lines) == 1 and len(ax_many.collections) == 2 and ax_many.get_yscale() == "log"
+    np.testing.assert_allclose(ax_many.lines[0].get_ydata(), np.median(many, axis=1))
+    assert len(ax_one.lines) == 1
+    plt.close("all")
+
+    schedule = MultivariateLearnedLogSNR((3, 32, 32))
+    chain = schedule.discretize(100)
+    assert save_schedule_plot(chain, tmp_path / "schedule.png").stat().st_size > 0
+    t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    with torch.no_grad():
+        out = schedule(t)
+    gamma, slope = out.gamma.flatten(1).numpy(), out.slope.flatten(1).numpy()
+    assert save_logsnr_plot(t.numpy(), gamma, slope=slope, path=tmp_path / "logsnr.png", title="t").stat().st_size > 0

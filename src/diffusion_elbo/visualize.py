@@ -109,20 +109,42 @@ def save_profile_plot(profile: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+# a multivariate schedule with more dimensions than this is drawn as its spread over them, not one line each: a CIFAR
+# schedule's 3072 lines took seconds per panel and showed a solid band
+MAX_DIMENSION_LINES = 64
+
+
+def plot_curves(ax, x, y, *, log: bool = False) -> None:
+    """Curves y (N,) or (N, D) against x (N,) on ``ax`` (``log``: a log y axis): one line, one thin line per
+    dimension up to :data:`MAX_DIMENSION_LINES` dimensions, and beyond that their median with the 10-90% and
+    min-max bands over the dimensions at each x."""
+    y = np.asarray(y)
+    if log:
+        ax.set_yscale("log")
+    if y.ndim == 1 or y.shape[1] <= MAX_DIMENSION_LINES:
+        ax.plot(x, y, **({"linewidth": 0.5, "alpha": 0.5} if y.ndim > 1 else {}))
+        return
+    low, p10, median, p90, high = np.quantile(y, [0.0, 0.1, 0.5, 0.9, 1.0], axis=1)
+    ax.fill_between(x, low, high, alpha=0.2, linewidth=0, label=f"min-max of {y.shape[1]} dims")
+    ax.fill_between(x, p10, p90, alpha=0.4, linewidth=0, label="10-90%")
+    ax.plot(x, median, label="median")
+    ax.legend(fontsize="x-small")
+
+
 def save_schedule_plot(schedule, path: str | Path) -> Path:
-    """alpha_bar(t), log SNR(t) and beta_t of a schedule (a multivariate schedule's: one thin line per dimension)."""
+    """alpha_bar(t), log SNR(t) and beta_t of a schedule (a multivariate schedule's: a line per dimension, or their
+    spread, :func:`plot_curves`)."""
     plt, fig, (ax1, ax2, ax3) = _figure(3, width=3.4)
-    t = range(1, schedule.T + 1)
-    style = {"linewidth": 0.5, "alpha": 0.5} if schedule.multivariate else {}
+    t = np.arange(1, schedule.T + 1)
 
     def curves(table):  # (T,) or (T, *D) -> (T,) or (T, D)
         return table.flatten(1).cpu().numpy() if table.ndim > 1 else table.cpu().numpy()
 
-    ax1.plot(t, curves(schedule.alpha_bar[1:]), **style)
+    plot_curves(ax1, t, curves(schedule.alpha_bar[1:]))
     ax1.set_title("alpha_bar(t)")
-    ax2.plot(t, curves(schedule.log_snr()), **style)
+    plot_curves(ax2, t, curves(schedule.log_snr()))
     ax2.set_title("log SNR(t)")
-    ax3.semilogy(t, curves(schedule.betas[1:]), **style)
+    plot_curves(ax3, t, curves(schedule.betas[1:]), log=True)
     ax3.set_title("beta_t")
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel("t")
@@ -136,12 +158,11 @@ def save_schedule_plot(schedule, path: str | Path) -> Path:
 
 def save_logsnr_plot(t, gamma, *, slope, path: str | Path, title: str) -> Path:
     """gamma(t) = -log SNR(t) and gamma'(t) of a continuous-time schedule, from arrays over a grid of t in [0, 1]:
-    (N,), or (N, D) for a multivariate schedule (one thin line per dimension)."""
+    (N,), or (N, D) for a multivariate schedule (a line per dimension, or their spread: :func:`plot_curves`)."""
     plt, fig, (ax1, ax2) = _figure(2, width=3.4)
-    style = {"linewidth": 0.5, "alpha": 0.5} if getattr(gamma, "ndim", 1) > 1 else {}
-    ax1.plot(t, gamma, **style)
+    plot_curves(ax1, t, gamma)
     ax1.set_title("gamma(t) = -log SNR(t)")
-    ax2.semilogy(t, slope, **style)
+    plot_curves(ax2, t, slope, log=True)
     ax2.set_title("gamma'(t)")
     for ax in (ax1, ax2):
         ax.set_xlabel("t")
