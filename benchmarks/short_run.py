@@ -516,7 +516,7 @@ def main() -> None:
     rows = sorted((r for r in kept if r["label"] in order), key=lambda r: (order.index(r["label"]), r["seed"]))
     lines = [
         f"| variant | overrides | training seeds | steps | CPU-minutes | FID ({args.fid_samples} samples, DDIM 50) | "
-        "FID per training seed | val -ELBO (bits/dim) | test -ELBO (bits/dim) | train minutes |"
+        "FID per training seed | val -ELBO (bits/dim) | test -ELBO (bits/dim) | wall minutes |"
         + (" FID against the test split (floor) |" if args.test_fid else ""),
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.test_fid else ""),
     ]
@@ -559,7 +559,8 @@ def main() -> None:
                 "optimizer settings differ; their own calibrations measure its noise)"
             )
     caption = (
-        f"{length}, each run on {threads} thread(s) with {args.jobs} at a time. "
+        f"{length}, each run on {threads} thread(s) with {args.jobs} at a time. wall minutes: the training job's "
+        "wall time (the whole `src/train.py` job, validation included), which other work on the machine lengthens. "
         "FID: classifier features, 2000 DDIM-50 samples of the EMA weights against the train split (lower is "
         f"better), computed for the sampling seeds {args.fid_seeds} of each run; mean ± std over all (training "
         "seed, sampling seed) draws. val -ELBO: the 180 val digits at the last step. test -ELBO: the exact T-step "
