@@ -75,22 +75,62 @@ def test_stratified_split_is_disjoint_covers_all_and_balances_classes() -> None:
     assert torch.bincount(labels[test], minlength=4).tolist() == [5, 5, 5, 5]
 
 
-def test_flip_with_seeded_generator_is_reproducible_and_mirrors() -> None:
+def test_the_flip_is_a_function_of_seed_epoch_and_index_that_mirrors_half_the_examples() -> None:
+    """The coin of (seed, epoch, index): the same for the same three (also after pickling, for spawned workers), about
+    half of the examples flipped in each epoch, and other examples flipped in another epoch or under another seed."""
     x = torch.arange(12.0).view(1, 3, 4)
-    flips = [RandomHorizontalFlip(torch.Generator().manual_seed(5)) for _ in range(2)]
-    outs = [[flip(x) for _ in range(32)] for flip in flips]
-    for a, b in zip(*outs, strict=True):
-        assert torch.equal(a, b)
-        assert torch.equal(a, x) or torch.equal(a, x.flip(-1))
-    assert any(torch.equal(a, x) for a in outs[0]) and any(torch.equal(a, x.flip(-1)) for a in outs[0])
-
-
-def test_flip_survives_pickling_for_spawned_workers_with_its_generator_state() -> None:
-    flip = RandomHorizontalFlip(torch.Generator().manual_seed(7))
-    flip(torch.zeros(1, 2, 2))  # advance the state
+    flip = RandomHorizontalFlip(5)
     clone = pickle.loads(pickle.dumps(flip))
-    x = torch.arange(6.0).view(1, 2, 3)
-    assert all(torch.equal(flip(x), clone(x)) for _ in range(16))
+    coins = torch.tensor([[flip.flips(i, e) for i in range(2000)] for e in range(3)])  # (epochs, examples)
+    assert coins.tolist() == [[clone.flips(i, e) for i in range(2000)] for e in range(3)]
+    assert 0.45 < coins.float().mean() < 0.55  # fair: 0.5 within 4.5 sd of 2000 x 3 coins
+    assert 0.4 < (coins[0] != coins[1]).float().mean() < 0.6  # the epochs' coins independent
+    assert 0.4 < (coins[0] != torch.tensor([RandomHorizontalFlip(6).flips(i) for i in range(2000)])).float().mean() < 0.6
+    for i in range(8):
+        assert torch.equal(flip(x, i, 1), x.flip(-1) if flip.flips(i, 1) else x)
+        assert flip.flips(i) == flip.flips(i, 0)
+
+
+def test_flipped_training_batches_are_the_same_resumed_mid_epoch_in_workers_and_on_two_processes() -> None:
+    """A run's training batches with random flips: after a resume at batch 3 of epoch 1 the loader gives the rest of
+    that epoch as the uninterrupted run read it (a generator's flips restarted from its seed there), with two worker
+    processes the same batches, and the two ranks of a 2-process run the flips that one process gives the same
+    examples in the same epoch."""
+    from diffusion_elbo.data.base import EpochIndex, EpochSampler
+
+    def module(**kwargs) -> DigitsDataModule:
+        dm = DigitsDataModule(seed=0, batch_size=16, **kwargs)
+        dm.setup()
+        return dm
+
+    def epoch_batches(dm: DigitsDataModule, epoch: int, resume_batches: int | None = None) -> list[torch.Tensor]:
+        if resume_batches is not None:
+            dm.load_state_dict({"train_epoch": epoch, "train_batches": resume_batches})
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    whole, plain = module(random_flip=True), module()
+    uninterrupted = epoch_batches(whole, 1)
+    # the batches are the epoch's examples, each mirrored where its coin says (some are)
+    sampler = EpochSampler(whole.train_set, seed=0)
+    sampler.set_epoch(1)
+    keys = list(sampler)[:16]
+    assert all(isinstance(k, EpochIndex) and k.epoch == 1 for k in keys)
+    expected = [plain.train_set[k.index][0].flip(-1) if whole.train_set.flip.flips(*k) else plain.train_set[k.index][0]
+                for k in keys]  # fmt: skip
+    assert torch.equal(uninterrupted[0], torch.stack(expected))
+    assert 0 < sum(whole.train_set.flip.flips(*k) for k in keys) < 16
+    resumed = epoch_batches(module(random_flip=True), 1, resume_batches=3)
+    assert len(resumed) == len(uninterrupted) - 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:], strict=True))
+    in_workers = epoch_batches(module(random_flip=True, num_workers=2), 1)
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, uninterrupted, strict=True))
+    one = {k.index: whole.train_set[k][0] for k in EpochSampler(whole.train_set, seed=0)}  # epoch 0, one process
+    for rank in (0, 1):
+        shard = list(EpochSampler(whole.train_set, num_replicas=2, rank=rank, seed=0))
+        assert all(torch.equal(whole.train_set[k][0], one[k.index]) for k in shard)
+    assert isinstance(next(iter(EpochSampler(plain.train_set, seed=0))), int)  # no flips: plain indices
 
 
 # ------------------------------------------------------------------------------------------------ digits

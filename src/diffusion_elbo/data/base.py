@@ -41,6 +41,20 @@ class IndexedDataset(Dataset):
         return IndexedBatch(x0, y, index)
 
 
+class EpochIndex(NamedTuple):
+    """A training example's key as :class:`EpochSampler` gives it to a dataset that asks for it (``epoch_keyed``):
+    its index and the epoch it is read in, so a random augmentation can be a function of the two alone."""
+
+    index: int
+    epoch: int
+
+
+def index_and_epoch(key: int | EpochIndex) -> tuple[int, int]:
+    """(index, epoch) of a dataset key: an :class:`EpochIndex`, or a plain index (read outside the training order, as
+    epoch 0 reads it)."""
+    return (int(key.index), int(key.epoch)) if isinstance(key, EpochIndex) else (int(key), 0)
+
+
 class ShardSampler(DistributedSampler):
     """Rank r of W reads examples r, r + W, r + 2W, ... in order: every example once over all ranks, with no padding
     (DistributedSampler repeats examples to even out the shards, which changes a mean over them). A subclass of
@@ -63,7 +77,11 @@ class EpochSampler(DistributedSampler):
     example; the last ones repeat to even the shards). It draws nothing from torch's global generator, so the order
     depends on the seed and the epoch alone. :meth:`resume_at` makes the next pass over that epoch start after the
     examples already trained on, so a run resumed from a checkpoint reads the rest of the epoch in the order the
-    uninterrupted run would have. A DistributedSampler, so Lightning uses it as it is (and calls ``set_epoch``)."""
+    uninterrupted run would have. A DistributedSampler, so Lightning uses it as it is (and calls ``set_epoch``).
+
+    A dataset with a true ``epoch_keyed`` attribute (one with random flips) gets :class:`EpochIndex` keys instead of
+    indices: its augmentation is then a function of (index, epoch), the same in a resumed run, in any worker and on
+    any number of processes."""
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -81,6 +99,8 @@ class EpochSampler(DistributedSampler):
             self._resume = None
             if epoch == self.epoch:  # Lightning moved on to the next epoch otherwise (the saved one had ended)
                 indices = indices[skip:]
+        if getattr(self.dataset, "epoch_keyed", False):
+            return iter([EpochIndex(i, self.epoch) for i in indices])
         return iter(indices)
 
 

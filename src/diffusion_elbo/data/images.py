@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from diffusion_elbo.core.distributions import quantize
-from diffusion_elbo.data.base import DiffusionDataModule
+from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex, index_and_epoch
 
 
 def levels_to_unit(levels: Tensor, max_level: int, num_bins: int | None = None) -> Tensor:
@@ -94,34 +94,34 @@ def split_indices(
     return tuple(torch.from_numpy(np.sort(part)).to(torch.long) for part in (train, val, test))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele et al. 2014): a 64-bit integer -> a well-mixed 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 class RandomHorizontalFlip:
     """Flip (..., W) tensors left-right with probability 1/2 (the CIFAR-10 augmentation of Ho et al. 2020).
 
-    The coin comes from ``generator`` in the main process; inside a DataLoader worker it comes from
-    the worker's default generator, which PyTorch seeds with base_seed + worker_id, so workers do not
-    repeat each other's flips (a forked copy of ``generator`` would be the same in every worker).
-    """
+    The coin of example ``index`` in ``epoch`` is a hash of (seed, epoch, index) (SplitMix64's top bit): no generator
+    state, so the flips are the same in a run resumed mid-epoch, in any DataLoader worker and on any number of DDP
+    processes (a generator's coins followed the order of the reads: a resumed run drew the start of the stream
+    again, and each worker its own stream)."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
 
-    # A DataLoader with the "spawn" start method pickles the dataset; torch ships a pickled Generator's
-    # state through shared memory, which fails in some containers, so pickle the state as plain bytes.
-    def __getstate__(self) -> dict:
-        state = None if self.generator is None else self.generator.get_state().numpy().tobytes()
-        return {"generator_state": state}
+    def flips(self, index: int, epoch: int = 0) -> bool:
+        h = _splitmix64(_splitmix64(_splitmix64(self.seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+        return bool(h >> 63)
 
-    def __setstate__(self, state: dict) -> None:
-        self.generator = None
-        if state["generator_state"] is not None:
-            self.generator = torch.Generator()
-            self.generator.set_state(torch.frombuffer(bytearray(state["generator_state"]), dtype=torch.uint8))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        generator = self.generator if get_worker_info() is None else None
-        if bool(torch.rand((), generator=generator) < 0.5):
-            return x.flip(-1)
-        return x
+    def __call__(self, x: Tensor, index: int, epoch: int = 0) -> Tensor:
+        return x.flip(-1) if self.flips(index, epoch) else x
 
 
 class LevelImageDataset(Dataset):
@@ -156,17 +156,23 @@ class LevelImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    @property
+    def epoch_keyed(self) -> bool:
+        """Whether the training order should key examples by (index, epoch) (:class:`EpochIndex`): with flips."""
+        return self.flip is not None
+
+    def __getitem__(self, key: int | EpochIndex) -> tuple[Tensor, Tensor]:
+        index, epoch = index_and_epoch(key)
         x0 = levels_to_unit(self.images[index], self.max_level, self.num_bins)  # (C, H, W)
         if self.flip is not None:
-            x0 = self.flip(x0)
+            x0 = self.flip(x0, index, epoch)
         return x0, self.labels[index]
 
 
 def flip_for(random_flip: bool, seed: int) -> RandomHorizontalFlip | None:
-    """The training-split flip of a data module: a generator seeded from ``data.seed``, or None."""
-    # seed + 1: a stream distinct from the one that drew the split, so the two are not coupled
-    return RandomHorizontalFlip(torch.Generator().manual_seed(seed + 1)) if random_flip else None
+    """The training-split flip of a data module, its coins keyed by ``data.seed``, or None."""
+    # seed + 1: coins distinct from the draws of the split, so the two are not coupled
+    return RandomHorizontalFlip(seed + 1) if random_flip else None
 
 
 def download_file(url: str, path: Path, timeout_s: float = 10.0) -> None:
