@@ -85,7 +85,9 @@ def test_the_flip_is_a_function_of_seed_epoch_and_index_that_mirrors_half_the_ex
     assert coins.tolist() == [[clone.flips(i, e) for i in range(2000)] for e in range(3)]
     assert 0.45 < coins.float().mean() < 0.55  # fair: 0.5 within 4.5 sd of 2000 x 3 coins
     assert 0.4 < (coins[0] != coins[1]).float().mean() < 0.6  # the epochs' coins independent
-    assert 0.4 < (coins[0] != torch.tensor([RandomHorizontalFlip(6).flips(i) for i in range(2000)])).float().mean() < 0.6
+    assert (
+        0.4 < (coins[0] != torch.tensor([RandomHorizontalFlip(6).flips(i) for i in range(2000)])).float().mean() < 0.6
+    )
     for i in range(8):
         assert torch.equal(flip(x, i, 1), x.flip(-1) if flip.flips(i, 1) else x)
         assert flip.flips(i) == flip.flips(i, 0)
