@@ -122,3 +122,23 @@ def test_a_run_trained_with_augmentation_is_evaluated_and_sampled_on_the_data_it
     assert math.isfinite(metrics["bpd"]) and metrics["bpd"] > 0 and metrics["num_examples"] == 4
     samples = loaded.module.sample(6, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (6, 1, 8, 8) and bool(torch.isfinite(samples).all())
+
+
+def test_flipping_the_data_and_augmenting_with_flips_is_warned_with_the_fix(caplog):
+    """``data.random_flip`` with ``augment.xflip``: every image is already there both ways, so the flip label tells
+    the network nothing; the warning names both settings. Either one alone is silent."""
+    from types import SimpleNamespace
+
+    from diffusion_elbo.data import DigitsDataModule
+    from diffusion_elbo.training import warn_if_flipped_twice
+
+    def warned(random_flip: bool, augmentation) -> bool:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="diffusion_elbo.training"):
+            warn_if_flipped_twice(SimpleNamespace(augmentation=augmentation), DigitsDataModule(random_flip=random_flip))
+        return any("data.random_flip=false" in r.message and "augment.xflip=false" in r.message for r in caplog.records)
+
+    assert warned(True, GeometricAugmentation(xflip=True))
+    assert not warned(False, GeometricAugmentation(xflip=True))
+    assert not warned(True, GeometricAugmentation(xflip=False))
+    assert not warned(True, None)

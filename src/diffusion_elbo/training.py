@@ -150,6 +150,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def warn_if_flipped_twice(module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """A warning when the data are flipped at random (``data.random_flip``) and the augmentation flips with a label
+    (``augment.xflip``): the flipped data already hold every image both ways, so the label of the augmentation's flip
+    tells the network nothing and that share of the training is spent on no augmentation (EDM turns the dataset's
+    flips off when it augments)."""
+    augmentation = getattr(module, "augmentation", None)
+    if getattr(datamodule, "random_flip", False) and getattr(augmentation, "xflip", False):
+        log.warning(
+            "data.random_flip=true and augment.xflip=true both mirror the training images: with the data already "
+            "flipped at random, the augmentation's flip label carries nothing; set data.random_flip=false (EDM's "
+            "choice with augmentation) or augment.xflip=false"
+        )
+
+
 def warn_if_processes_exceed_cores(trainer: L.Trainer) -> None:
     """A warning when ``trainer.devices`` CPU processes outnumber the cores: each then gets less than one core, every
     step waits for the slowest, and the run is slower than on fewer processes (it would otherwise start silently)."""
@@ -328,6 +342,7 @@ def _train(cfg: DictConfig, output_dir: str) -> dict[str, float | str]:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     module, datamodule = build_module(cfg)
+    warn_if_flipped_twice(module, datamodule)
     ckpt_path = check_checkpoint_fits(module, cfg.ckpt_path, output_dir, cfg=cfg)
     callbacks = build_callbacks(cfg)
     if ckpt_path is not None:  # this job's optimizer settings over those Lightning restores from the checkpoint
