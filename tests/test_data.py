@@ -75,34 +75,40 @@ def test_stratified_split_is_disjoint_covers_all_and_balances_classes() -> None:
     assert torch.bincount(labels[test], minlength=4).tolist() == [5, 5, 5, 5]
 
 
-def test_the_flip_is_a_function_of_seed_epoch_and_index_that_mirrors_half_the_examples() -> None:
-    """The coin of (seed, epoch, index): the same for the same three (also after pickling, for spawned workers), about
-    half of the examples flipped in each epoch, and other examples flipped in another epoch or under another seed."""
+def test_the_flip_is_a_function_of_the_read_that_mirrors_half_the_examples() -> None:
+    """The coin of a read (example, epoch, the run's seed) and the flip's seed: the same for the same (also after
+    pickling, for spawned workers), about half of the examples flipped, and other examples flipped in another epoch,
+    under another run seed or another flip seed. A plain index reads as epoch 0 of seed 0."""
+    from diffusion_elbo.data.base import EpochIndex
+
     x = torch.arange(12.0).view(1, 3, 4)
     flip = RandomHorizontalFlip(5)
     clone = pickle.loads(pickle.dumps(flip))
-    coins = torch.tensor([[flip.flips(i, e) for i in range(2000)] for e in range(3)])  # (epochs, examples)
-    assert coins.tolist() == [[clone.flips(i, e) for i in range(2000)] for e in range(3)]
-    assert 0.45 < coins.float().mean() < 0.55  # fair: 0.5 within 4.5 sd of 2000 x 3 coins
-    assert 0.4 < (coins[0] != coins[1]).float().mean() < 0.6  # the epochs' coins independent
-    assert (
-        0.4 < (coins[0] != torch.tensor([RandomHorizontalFlip(6).flips(i) for i in range(2000)])).float().mean() < 0.6
-    )
+
+    def coins(f, epoch=0, seed=0):
+        return torch.tensor([f.flips(EpochIndex(i, epoch, seed)) for i in range(2000)])
+
+    base = coins(flip)
+    assert torch.equal(base, coins(clone)) and torch.equal(base, torch.tensor([flip.flips(i) for i in range(2000)]))
+    assert 0.45 < base.float().mean() < 0.55  # fair: 0.5 within 4.5 sd of 2000 coins
+    for other in (coins(flip, epoch=1), coins(flip, seed=1), coins(RandomHorizontalFlip(6))):
+        assert 0.4 < (base != other).float().mean() < 0.6  # independent coins
     for i in range(8):
-        assert torch.equal(flip(x, i, 1), x.flip(-1) if flip.flips(i, 1) else x)
-        assert flip.flips(i) == flip.flips(i, 0)
+        read = EpochIndex(i, 1, 2)
+        assert torch.equal(flip(x, read), x.flip(-1) if flip.flips(read) else x)
 
 
 def test_flipped_training_batches_are_the_same_resumed_mid_epoch_in_workers_and_on_two_processes() -> None:
     """A run's training batches with random flips: after a resume at batch 3 of epoch 1 the loader gives the rest of
     that epoch as the uninterrupted run read it (a generator's flips restarted from its seed there), with two worker
     processes the same batches, and the two ranks of a 2-process run the flips that one process gives the same
-    examples in the same epoch."""
+    examples in the same epoch; the reads carry the run's seed."""
     from diffusion_elbo.data.base import EpochIndex, EpochSampler
 
     def module(**kwargs) -> DigitsDataModule:
         dm = DigitsDataModule(seed=0, batch_size=16, **kwargs)
         dm.setup()
+        dm.order_seed = 3  # the run's seed (src/train.py sets it)
         return dm
 
     def epoch_batches(dm: DigitsDataModule, epoch: int, resume_batches: int | None = None) -> list[torch.Tensor]:
@@ -112,27 +118,53 @@ def test_flipped_training_batches_are_the_same_resumed_mid_epoch_in_workers_and_
         loader.sampler.set_epoch(epoch)
         return [x for x, _ in loader]
 
+    def sampler(dm: DigitsDataModule, epoch: int, **shard) -> list[EpochIndex]:
+        order = EpochSampler(dm.train_set, seed=dm.order_seed, **shard)
+        order.set_epoch(epoch)
+        return list(order)
+
     whole, plain = module(random_flip=True), module()
+    flip = whole.train_set.flip
     uninterrupted = epoch_batches(whole, 1)
     # the batches are the epoch's examples, each mirrored where its coin says (some are)
-    sampler = EpochSampler(whole.train_set, seed=0)
-    sampler.set_epoch(1)
-    keys = list(sampler)[:16]
-    assert all(isinstance(k, EpochIndex) and k.epoch == 1 for k in keys)
-    expected = [plain.train_set[k.index][0].flip(-1) if whole.train_set.flip.flips(*k) else plain.train_set[k.index][0]
-                for k in keys]  # fmt: skip
+    keys = sampler(whole, 1)[:16]
+    assert all(isinstance(k, EpochIndex) and (k.epoch, k.seed) == (1, 3) for k in keys)
+    expected = [plain.train_set[k.index][0].flip(-1) if flip.flips(k) else plain.train_set[k.index][0] for k in keys]
     assert torch.equal(uninterrupted[0], torch.stack(expected))
-    assert 0 < sum(whole.train_set.flip.flips(*k) for k in keys) < 16
+    assert 0 < sum(flip.flips(k) for k in keys) < 16
     resumed = epoch_batches(module(random_flip=True), 1, resume_batches=3)
     assert len(resumed) == len(uninterrupted) - 3
     assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:], strict=True))
     in_workers = epoch_batches(module(random_flip=True, num_workers=2), 1)
     assert all(torch.equal(a, b) for a, b in zip(in_workers, uninterrupted, strict=True))
-    one = {k.index: whole.train_set[k][0] for k in EpochSampler(whole.train_set, seed=0)}  # epoch 0, one process
+    one = {k.index: whole.train_set[k][0] for k in sampler(whole, 1)}  # epoch 1, one process
     for rank in (0, 1):
-        shard = list(EpochSampler(whole.train_set, num_replicas=2, rank=rank, seed=0))
+        shard = sampler(whole, 1, num_replicas=2, rank=rank)
         assert all(torch.equal(whole.train_set[k][0], one[k.index]) for k in shard)
-    assert isinstance(next(iter(EpochSampler(plain.train_set, seed=0))), int)  # no flips: plain indices
+    assert isinstance(sampler(plain, 1)[0], int)  # no flips: plain indices
+
+
+def test_the_fid_classifier_sees_other_flips_each_pass_and_its_cache_key_says_so(tmp_path: Path) -> None:
+    """The feature classifier reads a flipping train split pass by pass (epoch keys), so an image is not shown in one
+    fixed orientation; its cache key differs from the unflipped data's (and digits' key, without flips, is the one
+    cached before)."""
+    from diffusion_elbo.fid import PassKeyed, _dataset_key
+
+    write_fake_cifar(tmp_path)
+    plain, flipped = (
+        CIFAR10DataModule(root=str(tmp_path), download=False, num_val=5, random_flip=flip, seed=0)
+        for flip in (False, True)
+    )
+    for dm in (plain, flipped):
+        dm.setup()
+    assert _dataset_key(plain, 0) != _dataset_key(flipped, 0)
+    reads = PassKeyed(flipped.train_set)
+    first = [reads[i][0] for i in range(len(reads))]
+    reads.epoch = 1
+    second = [reads[i][0] for i in range(len(reads))]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(first, second, strict=True))
+    assert _dataset_key(DigitsDataModule(seed=0), 0) == "digits-4988b2d41f4c"
 
 
 # ------------------------------------------------------------------------------------------------ digits

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from diffusion_elbo.core.samplers import Sampler
-from diffusion_elbo.data.base import DiffusionDataModule
+from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex
 from diffusion_elbo.models.classifier import FeatureClassifier
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,25 @@ def _dataset_key(datamodule: DiffusionDataModule, seed: int, steps: int = 3000) 
         "classifier_steps": steps,
         "version": CLASSIFIER_VERSION,
     }
+    if getattr(datamodule.split("train"), "epoch_keyed", False):  # flipped data, other flips each pass (2026-12-06)
+        parts["flips"] = "per pass"
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     return f"{parts['data'].removesuffix('DataModule').lower()}-{digest}"
+
+
+class PassKeyed(Dataset):
+    """A training split with random flips read as epoch ``epoch`` of training reads it
+    (:class:`~diffusion_elbo.data.base.EpochIndex` keys), so that the classifier sees other flips on each pass (a plain
+    index reads one fixed flip of each image)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.epoch = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return self.dataset[EpochIndex(int(index), self.epoch)]
 
 
 def _labels(dataset) -> Tensor:
@@ -119,10 +136,14 @@ def train_classifier(
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
-        step = 0
+        reads = PassKeyed(train_set) if getattr(train_set, "epoch_keyed", False) else train_set
+        loader = DataLoader(reads, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+        step = passes = 0
         model.train()
         while step < steps:
+            if isinstance(reads, PassKeyed):  # random flips: each pass its own
+                reads.epoch = passes
+            passes += 1
             for x, y in loader:
                 loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)

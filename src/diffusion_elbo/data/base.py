@@ -43,16 +43,17 @@ class IndexedDataset(Dataset):
 
 class EpochIndex(NamedTuple):
     """A training example's key as :class:`EpochSampler` gives it to a dataset that asks for it (``epoch_keyed``):
-    its index and the epoch it is read in, so a random augmentation can be a function of the two alone."""
+    its index, the epoch it is read in and the seed of the training order (the run's ``seed``), so a random
+    augmentation can be a function of the three alone."""
 
     index: int
-    epoch: int
+    epoch: int = 0
+    seed: int = 0
 
 
-def index_and_epoch(key: int | EpochIndex) -> tuple[int, int]:
-    """(index, epoch) of a dataset key: an :class:`EpochIndex`, or a plain index (read outside the training order, as
-    epoch 0 reads it)."""
-    return (int(key.index), int(key.epoch)) if isinstance(key, EpochIndex) else (int(key), 0)
+def as_epoch_index(key: int | EpochIndex) -> EpochIndex:
+    """A dataset key as an :class:`EpochIndex`; a plain index (read outside the training order) is epoch 0 of seed 0."""
+    return key if isinstance(key, EpochIndex) else EpochIndex(int(key))
 
 
 class ShardSampler(DistributedSampler):
@@ -80,8 +81,8 @@ class EpochSampler(DistributedSampler):
     uninterrupted run would have. A DistributedSampler, so Lightning uses it as it is (and calls ``set_epoch``).
 
     A dataset with a true ``epoch_keyed`` attribute (one with random flips) gets :class:`EpochIndex` keys instead of
-    indices: its augmentation is then a function of (index, epoch), the same in a resumed run, in any worker and on
-    any number of processes."""
+    indices: its augmentation is then a function of (index, epoch, seed), the same in a resumed run, in any worker and
+    on any number of processes."""
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -100,7 +101,7 @@ class EpochSampler(DistributedSampler):
             if epoch == self.epoch:  # Lightning moved on to the next epoch otherwise (the saved one had ended)
                 indices = indices[skip:]
         if getattr(self.dataset, "epoch_keyed", False):
-            return iter([EpochIndex(i, self.epoch) for i in indices])
+            return iter([EpochIndex(i, self.epoch, self.seed) for i in indices])
         return iter(indices)
 
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex, index_and_epoch
+from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex, as_epoch_index
 from diffusion_elbo.data.images import (
     RandomHorizontalFlip,
     check_num_bins,
@@ -110,15 +110,14 @@ class ImageFileDataset(Dataset):
 
     @property
     def epoch_keyed(self) -> bool:
-        """Whether the training order should key examples by (index, epoch) (:class:`EpochIndex`): with flips."""
+        """Whether the training order should key examples by (index, epoch, seed) (:class:`EpochIndex`): with flips."""
         return self.flip is not None
 
     def __getitem__(self, key: int | EpochIndex) -> tuple[Tensor, Tensor]:
-        index, epoch = index_and_epoch(key)
-        levels = load_image(self.paths[index], self.channels, self.image_size)
+        levels = load_image(self.paths[as_epoch_index(key).index], self.channels, self.image_size)
         x0 = levels_to_unit(levels, 255, self.num_bins)
         if self.flip is not None:
-            x0 = self.flip(x0, index, epoch)
+            x0 = self.flip(x0, key)
         return x0, torch.tensor(-1, dtype=torch.long)
 
 

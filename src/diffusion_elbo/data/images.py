@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion_elbo.core.distributions import quantize
-from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex, index_and_epoch
+from diffusion_elbo.data.base import DiffusionDataModule, EpochIndex, as_epoch_index
 
 
 def levels_to_unit(levels: Tensor, max_level: int, num_bins: int | None = None) -> Tensor:
@@ -108,20 +108,24 @@ def _splitmix64(x: int) -> int:
 class RandomHorizontalFlip:
     """Flip (..., W) tensors left-right with probability 1/2 (the CIFAR-10 augmentation of Ho et al. 2020).
 
-    The coin of example ``index`` in ``epoch`` is a hash of (seed, epoch, index) (SplitMix64's top bit): no generator
-    state, so the flips are the same in a run resumed mid-epoch, in any DataLoader worker and on any number of DDP
-    processes (a generator's coins followed the order of the reads: a resumed run drew the start of the stream
-    again, and each worker its own stream)."""
+    The coin of a read (:class:`~diffusion_elbo.data.base.EpochIndex`: example, epoch, the run's seed) is a hash of
+    those and this flip's own seed (SplitMix64's top bit): no generator state, so the flips are the same in a run
+    resumed mid-epoch, in any DataLoader worker and on any number of DDP processes, and differ between epochs and
+    between runs of other seeds (a generator's coins followed the order of the reads: a resumed run drew the start of
+    the stream again, and each worker its own stream). A plain index reads as epoch 0 of seed 0."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
-    def flips(self, index: int, epoch: int = 0) -> bool:
-        h = _splitmix64(_splitmix64(_splitmix64(self.seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    def flips(self, key: int | EpochIndex) -> bool:
+        read = as_epoch_index(key)
+        h = _splitmix64(self.seed & _MASK64)
+        for part in (read.seed, read.epoch, read.index):
+            h = _splitmix64(h ^ (int(part) & _MASK64))
         return bool(h >> 63)
 
-    def __call__(self, x: Tensor, index: int, epoch: int = 0) -> Tensor:
-        return x.flip(-1) if self.flips(index, epoch) else x
+    def __call__(self, x: Tensor, key: int | EpochIndex) -> Tensor:
+        return x.flip(-1) if self.flips(key) else x
 
 
 class LevelImageDataset(Dataset):
@@ -158,14 +162,14 @@ class LevelImageDataset(Dataset):
 
     @property
     def epoch_keyed(self) -> bool:
-        """Whether the training order should key examples by (index, epoch) (:class:`EpochIndex`): with flips."""
+        """Whether the training order should key examples by (index, epoch, seed) (:class:`EpochIndex`): with flips."""
         return self.flip is not None
 
     def __getitem__(self, key: int | EpochIndex) -> tuple[Tensor, Tensor]:
-        index, epoch = index_and_epoch(key)
+        index = as_epoch_index(key).index
         x0 = levels_to_unit(self.images[index], self.max_level, self.num_bins)  # (C, H, W)
         if self.flip is not None:
-            x0 = self.flip(x0, index, epoch)
+            x0 = self.flip(x0, key)
         return x0, self.labels[index]
 
 
