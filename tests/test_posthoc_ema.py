@@ -179,6 +179,37 @@ def test_the_callback_writes_snapshots_that_a_resumed_run_continues_exactly(tmp_
         PostHocEMA(snapshot_every=0)
 
 
+def test_the_ema_callback_with_sigma_rel_is_the_power_function_ema_the_snapshots_keep(tmp_path):
+    """``callbacks.ema.sigma_rel``: its update is EDM2's power-function EMA, whose average of theta_1..theta_T is the
+    closed-form profile's weighted sum (the classic decay's is :func:`ema_profile`'s); trained beside the post-hoc
+    callback, its final average is that callback's stored average of the same width. A width out of range is refused
+    naming the setting."""
+    from diffusion_elbo.core.posthoc_ema import ema_profile
+    from diffusion_elbo.lightning.callbacks import EMA, ema_multi_avg_fn
+
+    thetas = torch.randn(30, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gamma = gamma_from_sigma_rel(0.1)
+    for update, profile in ((ema_multi_avg_fn(0.999, True, gamma), power_profile(30, gamma)),
+                            (ema_multi_avg_fn(0.9, True), ema_profile(30, 0.9))):  # fmt: skip
+        average = thetas[0].clone()  # AveragedModel's first update copies theta_1, then n = 1, 2, ... updates
+        for n in range(1, 30):
+            update([average], [thetas[n]], torch.tensor(n))
+        torch.testing.assert_close(average, profile.to(thetas) @ thetas)
+
+    L.seed_everything(0, verbose=False)
+    model = _Tiny()
+    trainer = L.Trainer(max_steps=14, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[PostHocEMA(sigma_rels=[0.1], snapshot_every=7), EMA(sigma_rel=0.1)])  # fmt: skip
+    trainer.fit(model)
+    snapshots, states = read_snapshots(tmp_path / "checkpoints" / "posthoc_ema")
+    assert [s.step for s in snapshots] == [7, 14]
+    for key, value in model.state_dict().items():  # the EMA callback put its average into the model at the end
+        torch.testing.assert_close(value, states[-1][key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"callbacks.ema.sigma_rel: sigma_rel=0.3 must be in"):
+        EMA(sigma_rel=0.3)
+
+
 def test_the_job_writes_a_checkpoint_per_width_whose_weights_are_the_rebuilt_average(tmp_path):
     """``src/posthoc_ema.py``'s job on a run's snapshots: a stored width comes back as the stored average itself, a
     width in between as the combination, each in a copy of last.ckpt; reconstruction.json has the fit of each."""

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_elbo.cli import UserError
+from diffusion_elbo.core.posthoc_ema import gamma_from_sigma_rel, power_ema_decay
 from diffusion_elbo.core.samplers import AncestralSampler, DDIMSampler, Sampler
 from diffusion_elbo.core.time_axis import ContinuousTime
 from diffusion_elbo.fid import compute_fid
@@ -28,15 +29,21 @@ from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_p
 log = logging.getLogger(__name__)
 
 
-def ema_multi_avg_fn(decay: float, warmup: bool = True):
+def ema_multi_avg_fn(decay: float, warmup: bool = True, gamma: float | None = None):
     """EMA update for all parameters in one fused ``foreach`` lerp. With ``warmup`` the decay after n updates is
     min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random initial weights
-    (the warm-up used by tensorflow's ExponentialMovingAverage with num_updates, and many diffusion codebases)."""
+    (the warm-up used by tensorflow's ExponentialMovingAverage with num_updates, and many diffusion codebases).
+    With ``gamma``, the power-function EMA instead (EDM2 eq. 118-121): the decay of update t is
+    (1 - 1/t)^(gamma + 1) (:func:`~diffusion_elbo.core.posthoc_ema.power_ema_decay`), an average of a fixed width
+    relative to the run's length at every step (``decay`` and ``warmup`` unused)."""
 
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
-        effective = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        n = int(num_averaged)  # the updates averaged so far: this is update t = n + 1 (the first copies theta_1)
+        if gamma is not None:
+            effective = power_ema_decay(n + 1, gamma)
+        else:
+            effective = min(decay, (1 + n) / (10 + n)) if warmup else decay
         torch._foreach_lerp_(ema_params, params, 1.0 - effective)
 
     return update
@@ -47,17 +54,33 @@ class EMA(WeightAveraging):
     :class:`WeightAveraging`: validation, sampling and checkpoints' ``state_dict`` use the EMA weights,
     and the raw weights are kept in the checkpoint to resume training.
 
+    ``sigma_rel``: EDM2's power-function EMA of that relative width instead of ``decay`` (0.05 to 0.28868; the width
+    post-hoc EMA rebuilds, docs/posthoc_ema.md), the same share of the run at every step; the classic decay's
+    warm-up caps its width at sigma_rel 0.09 until 9 / (1 - decay) updates.
+
     Differences from Lightning's ``EMAWeightAveraging``: one fused ``foreach`` update for all parameters, a
     warm-up of the decay, and buffers are not averaged (our buffers are constant schedule tables).
     """
 
     def __init__(
-        self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1, start_step: int = 0
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        update_every_n_steps: int = 1,
+        start_step: int = 0,
+        sigma_rel: float | None = None,
     ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"callbacks.ema.decay must be in (0, 1); got {decay}")
-        super().__init__(use_buffers=False, multi_avg_fn=ema_multi_avg_fn(decay, warmup))
+        gamma = None
+        if sigma_rel is not None:
+            try:
+                gamma = gamma_from_sigma_rel(float(sigma_rel))
+            except ValueError as error:
+                raise ValueError(f"callbacks.ema.sigma_rel: {error}; or null for the classic decay") from None
+        super().__init__(use_buffers=False, multi_avg_fn=ema_multi_avg_fn(decay, warmup, gamma))
         self.decay = decay
+        self.sigma_rel = None if sigma_rel is None else float(sigma_rel)
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
 
