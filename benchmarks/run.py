@@ -130,7 +130,7 @@ def bare_steps(steps: int, overrides: list[str]) -> tuple[list[float], list[floa
     """The same work without Lightning: same UNet, data, AdamW, loss, clipping, LR warm-up and EMA."""
     from torch.optim.swa_utils import AveragedModel
 
-    from diffusion_elbo.lightning.callbacks import ema_multi_avg_fn
+    from hydra.utils import instantiate
 
     cfg = compose_train([*overrides, "logger=csv"])
     L.seed_everything(int(cfg.seed), workers=True)
@@ -139,7 +139,7 @@ def bare_steps(steps: int, overrides: list[str]) -> tuple[list[float], list[floa
     net, schedule = module.net.to(device).train(), module.schedule.to(device)
     optimizer = module.optimizer_factory(params=net.parameters())
     scheduler = module.lr_scheduler_factory(optimizer=optimizer)
-    ema = AveragedModel(net, multi_avg_fn=ema_multi_avg_fn(cfg.callbacks.ema.decay), use_buffers=False)
+    ema = AveragedModel(net, multi_avg_fn=instantiate(cfg.callbacks.ema).update_fn, use_buffers=False)
     generator = torch.Generator(device=device).manual_seed(0)
     datamodule.setup("fit")
     times, waits, done, last = [], [], 0, None

@@ -8,7 +8,7 @@ Or at equal CPU time, with the exact test bound (issue 33: levers of the VDM pre
         --variant vdm=experiment=digits_vdm --variant augment=experiment=digits_vdm,augment=geometric
 
     python benchmarks/short_run.py --name default_3k --steps 3000 --jobs 2 \\
-        --variant default= --variant lr1e-3=optimizer.lr=1e-3 --variant ema0.995=callbacks.ema.decay=0.995
+        --variant default= --variant lr1e-3=optimizer.lr=1e-3 --variant ema0.995=callbacks.ema.decay=0.995,callbacks.ema.sigma_rel=null
 
 On a machine that cannot be kept free for the whole table (``--jobs 1`` and nothing else for every run), measure each
 variant's cost alone once, then train every variant for its share of the budget in steps, on a busy machine if need be:

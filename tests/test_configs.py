@@ -135,7 +135,15 @@ def test_validate_config_lists_every_problem():
     "overrides, problem",
     [
         (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be int (Trainer's argument max_steps: int)"),
-        (["callbacks.ema.decay=high"], "callbacks.ema.decay='high' must be float (EMA's argument decay: float)"),
+        (["callbacks.ema.decay=high"], "callbacks.ema.decay='high' must be float or null (EMA's argument decay: float "
+         "or null)"),
+        # the EMA is a classic decay or a power-function EMA (the default's sigma_rel 0.14): one of the two
+        (["callbacks.ema.decay=0.99"], "callbacks.ema.decay=0.99 and sigma_rel=0.14 are both set: the EMA is a classic "
+         "decay or a power-function EMA of a relative width, not both; add callbacks.ema.sigma_rel=null to use decay "
+         "0.99"),
+        (["callbacks.ema.sigma_rel=null"], "callbacks.ema.decay=null and sigma_rel=null: the EMA needs one of them"),
+        (["callbacks.ema.sigma_rel=0.5"], "callbacks.ema.sigma_rel=0.5 must be in (0, 1/sqrt(12)"),
+        (["experiment=digits_vdm", "callbacks.ema.decay=1.5"], "callbacks.ema.decay=1.5 must be in (0, 1)"),
         (["+trainer.max_step=5"], "trainer.max_step is not an argument of Trainer: did you mean trainer.max_steps=...?"),
         (["+callbacks.ema.decy=0.9"], "callbacks.ema.decy is not an argument of EMA: did you mean callbacks.ema.decay"),
         (["data=mnist"], "never reaches; it runs at [28, 14, 7]: the model does not fit the data; with data=mnist use "

@@ -206,7 +206,7 @@ def test_the_ema_callback_with_sigma_rel_is_the_power_function_ema_the_snapshots
     assert [s.step for s in snapshots] == [7, 14]
     for key, value in model.state_dict().items():  # the EMA callback put its average into the model at the end
         torch.testing.assert_close(value, states[-1][key], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"callbacks.ema.sigma_rel: sigma_rel=0.3 must be in"):
+    with pytest.raises(ValueError, match=r"sigma_rel=0.3 must be in"):
         EMA(sigma_rel=0.3)
 
 

@@ -72,7 +72,7 @@ def test_short_run_logs_finite_loss_and_all_elbo_terms(tmp_path, overrides):
 
 
 def test_image_runs_write_sample_grids_and_eval_reloads_ema_weights(tmp_path):
-    cfg = compose_train(tmp_path, ["schedule.timesteps=100", "callbacks.ema.decay=0.5"])
+    cfg = compose_train(tmp_path, ["schedule.timesteps=100", "callbacks.ema.decay=0.5", "callbacks.ema.sigma_rel=null"])
     train(cfg, str(tmp_path))
     grids = sorted((tmp_path / "samples").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_0000003.png", "step_0000006.png"]

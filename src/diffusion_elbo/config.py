@@ -131,7 +131,8 @@ def validate_config(cfg: DictConfig, extra: Iterable[str] = ()) -> None:
         problems.append(f"split={split!r} is not a data split; choose one of train | val | test")
     problems.extend(_constructor_problems(cfg, "trainer"))
     for name in OmegaConf.select(cfg, "callbacks", default=None) or {}:
-        problems.extend(_constructor_problems(cfg, f"callbacks.{name}"))
+        key = f"callbacks.{name}"
+        problems.extend(object_problems(cfg, key) if key in BUILT_CALLBACKS else _constructor_problems(cfg, key))
     problems.extend(_unet_problems(cfg))
     problems.extend(_environment_problems(cfg))
     problems.extend(wandb_mode_problems(cfg))
@@ -374,6 +375,10 @@ def constructor_parameters(target: str) -> tuple[str, dict[str, inspect.Paramete
 
 # the nodes that build one object of an extension point by ``_target_`` (the sample grid's sampler is ``${sampler}``)
 OBJECT_NODES = ("loss", "sampler", "augment", "fid.sampler", "callbacks.fid.sampler", "callbacks.toy2d_metrics.sampler")
+# callbacks built once at the check, as the objects are, for the checks of their values their constructors make (the
+# EMA: one of decay and sigma_rel, each in range); the others, whose constructors touch files or data, only against
+# their signatures
+BUILT_CALLBACKS = ("callbacks.ema",)
 
 
 def _schedule_name(cfg: DictConfig) -> str | None:

@@ -29,7 +29,7 @@ from diffusion_elbo.visualize import log_image, save_logsnr_plot, save_profile_p
 log = logging.getLogger(__name__)
 
 
-def ema_multi_avg_fn(decay: float, warmup: bool = True, gamma: float | None = None):
+def ema_multi_avg_fn(decay: float | None, warmup: bool = True, gamma: float | None = None):
     """EMA update for all parameters in one fused ``foreach`` lerp. With ``warmup`` the decay after n updates is
     min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the random initial weights
     (the warm-up used by tensorflow's ExponentialMovingAverage with num_updates, and many diffusion codebases).
@@ -54,9 +54,14 @@ class EMA(WeightAveraging):
     :class:`WeightAveraging`: validation, sampling and checkpoints' ``state_dict`` use the EMA weights,
     and the raw weights are kept in the checkpoint to resume training.
 
-    ``sigma_rel``: EDM2's power-function EMA of that relative width instead of ``decay`` (0.05 to 0.28868; the width
-    post-hoc EMA rebuilds, docs/posthoc_ema.md), the same share of the run at every step; the classic decay's
-    warm-up caps its width at sigma_rel 0.09 until 9 / (1 - decay) updates.
+    The average is one of two kinds, so exactly one of ``decay`` and ``sigma_rel`` is given (the other null):
+
+    - ``decay``: the classic EMA, theta_ema <- decay * theta_ema + (1 - decay) * theta, with ``warmup`` capping the
+      decay at (1 + n) / (10 + n) after n updates; that cap holds its width at sigma_rel 0.09 until 9 / (1 - decay)
+      updates (9k for 0.999).
+    - ``sigma_rel``: EDM2's power-function EMA of that relative width (0.05 to 0.28868; the width post-hoc EMA
+      rebuilds, docs/posthoc_ema.md), the same share of the run at every step. The default recipe's, 0.14, was
+      chosen post hoc on its 10k-step run (benchmarks/posthoc_ema/default-10k.md).
 
     Differences from Lightning's ``EMAWeightAveraging``: one fused ``foreach`` update for all parameters, a
     warm-up of the decay, and buffers are not averaged (our buffers are constant schedule tables).
@@ -64,21 +69,34 @@ class EMA(WeightAveraging):
 
     def __init__(
         self,
-        decay: float = 0.999,
+        decay: float | None = None,
         warmup: bool = True,
         update_every_n_steps: int = 1,
         start_step: int = 0,
         sigma_rel: float | None = None,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"callbacks.ema.decay must be in (0, 1); got {decay}")
+        if decay is not None and sigma_rel is not None:
+            raise ValueError(
+                f"decay={decay} and sigma_rel={sigma_rel} are both set: the EMA is a classic decay or a power-function "
+                f"EMA of a relative width, not both; add callbacks.ema.sigma_rel=null to use decay {decay} (or "
+                f"callbacks.ema.decay=null to use sigma_rel {sigma_rel})"
+            )
+        if decay is None and sigma_rel is None:
+            raise ValueError(
+                "decay=null and sigma_rel=null: the EMA needs one of them, e.g. callbacks.ema.sigma_rel=0.14 (the "
+                "default) or callbacks.ema.decay=0.999"
+            )
         gamma = None
         if sigma_rel is not None:
             try:
                 gamma = gamma_from_sigma_rel(float(sigma_rel))
             except ValueError as error:
-                raise ValueError(f"callbacks.ema.sigma_rel: {error}; or null for the classic decay") from None
-        super().__init__(use_buffers=False, multi_avg_fn=ema_multi_avg_fn(decay, warmup, gamma))
+                raise ValueError(f"{error}; or null for the classic decay") from None
+        elif not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay} must be in (0, 1)")
+        # the update, also for loops without Lightning (benchmarks/run.py): AveragedModel(net, multi_avg_fn=update_fn)
+        self.update_fn = ema_multi_avg_fn(decay, warmup, gamma)
+        super().__init__(use_buffers=False, multi_avg_fn=self.update_fn)
         self.decay = decay
         self.sigma_rel = None if sigma_rel is None else float(sigma_rel)
         self.update_every_n_steps = update_every_n_steps
