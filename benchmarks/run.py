@@ -128,9 +128,8 @@ def lightning_steps(steps: int, overrides: list[str], all_callbacks: bool = Fals
 
 def bare_steps(steps: int, overrides: list[str]) -> tuple[list[float], list[float]]:
     """The same work without Lightning: same UNet, data, AdamW, loss, clipping, LR warm-up and EMA."""
-    from torch.optim.swa_utils import AveragedModel
-
     from hydra.utils import instantiate
+    from torch.optim.swa_utils import AveragedModel
 
     cfg = compose_train([*overrides, "logger=csv"])
     L.seed_everything(int(cfg.seed), workers=True)
